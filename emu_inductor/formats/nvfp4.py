@@ -1,0 +1,170 @@
+"""NVFP4 recipes: each reference library's own block-scale formula, element multiplier,
+zero-block rule and dequantization product, kept apart (they disagree bit for bit on
+bf16 data; see docs/formats.md).
+
+Notation: `x` is the input in fp32, `amax_b` the block's max |x|, `g` the recipe's
+global scale in its *native direction* (see `RECIPES[name].global_direction`):
+  "quantize"   g ~ 448*6/amax  (vLLM, TransformerEngine, compressed-tensors)
+  "dequantize" g ~ amax/(448*6) (ModelOpt `weight_scale_2`, torchao `per_tensor_scale`)
+`s` is the fp32 value of the E4M3 block scale.
+
+  recipe              block scale s = e4m3(...)                zero block  y (into E2M1 RNE)    dequant
+  vllm (default)      clamp(g*(amax_b*f32(1/6)), +-448)        s = 0       x*(g/s), 0 if s=0     q*(s/g)
+  vllm_ref            same                                     s = 0       x*rcp(s*rcp(g))       q*(s/g)
+  te                  min(amax_b*(g*f32(1/6)), 448)            s = 0       x*min(1/(s*(1/g)),MAX) q*(s*(1/g))
+  compressed_tensors  clamp(g*(amax_b/6 in x's dtype), +-448)  s = 0.125   x/(s/g)              q*(s/g)
+  modelopt            amax_b/(6*g), no clamp (saturated here)  s = 1.0     x/(s*g)              q*(s*g)
+  torchao             clamp((amax_b/6)/g, 2^-6, 448)           s = 2^-6    x*((1/g)/s)          q*(g*s)
+rcp(t) = 1/(t + (t==0)*1e8) is vLLM's graph-capture-safe zero guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from .elements import round_to_element
+from .spec import E2M1, E4M3
+
+__all__ = ["RECIPES", "NVFP4Recipe", "get_recipe", "default_global_scale"]
+
+# Format facts, read from the specs: E2M1's and E4M3's largest values, E4M3's smallest
+# normal (torchao's block-scale floor), and 448*6 = 2688 (global scale = 2688 / amax).
+E2M1_MAX = E2M1.max_normal
+E4M3_MAX = E4M3.max_normal
+E4M3_MIN_NORMAL = E4M3.min_normal
+GLOBAL_SCALE_NUMERATOR = E4M3_MAX * E2M1_MAX
+_SIXTH = 1.0 / E2M1_MAX  # used as an fp32 multiplier, never a division by 6 (vLLM, TE)
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _e4m3(s: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to E4M3 values (RNE, subnormals, saturating at 448), as fp32."""
+    return round_to_element(s, E4M3)
+
+
+def _vllm_rcp(t: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (t + (t == 0).to(t.dtype) * 1e8)
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Recipe:
+    name: str
+    global_direction: str  # "quantize" or "dequantize"
+    # (amax_b in fp32, amax_b in the input dtype, g) -> fp32 E4M3 block-scale values
+    block_scale: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # (x fp32, s, g) -> y, the values rounded to E2M1 (after a +-6 clamp)
+    scale_elements: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # (s, g) -> per-block factor multiplied onto the E2M1 values
+    dequant_factor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _vllm_block(a32, a_x, g):
+    return _e4m3(torch.clamp(g * (a32 * _SIXTH), -E4M3_MAX, E4M3_MAX))
+
+
+def _vllm_mul(x, s, g):
+    return x * torch.where(s == 0, torch.zeros_like(s), g / s)
+
+
+def _vllm_ref_mul(x, s, g):
+    return x * _vllm_rcp(s * _vllm_rcp(g))
+
+
+def _s_over_g(s, g):
+    return s / g
+
+
+def _te_block(a32, a_x, g):
+    return _e4m3(torch.clamp(a32 * (g * _SIXTH), max=E4M3_MAX))
+
+
+def _te_mul(x, s, g):
+    return x * torch.clamp(1.0 / (s * (1.0 / g)), max=_F32_MAX)
+
+
+def _te_deq(s, g):
+    return s * (1.0 / g)
+
+
+def _ct_block(a32, a_x, g):
+    # amax_b / 6.0 runs in the observed (input) dtype, then promotes against fp32 g.
+    s = _e4m3(torch.clamp(g * (a_x / E2M1_MAX).to(torch.float32), -E4M3_MAX, E4M3_MAX))
+    return torch.where(s == 0, torch.full_like(s, 0.125), s)
+
+
+def _ct_mul(x, s, g):
+    return x / (s / g)
+
+
+def _modelopt_block(a32, a_x, g):
+    s = a32 / (E2M1_MAX * g)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    # ModelOpt casts without a clamp; with its own global scale s <= 448 anyway. A
+    # caller-supplied global could push it higher: saturate (torch >= 2.13 semantics).
+    return _e4m3(s)
+
+
+def _modelopt_mul(x, s, g):
+    # A non-zero block scale that rounds to E4M3 zero makes ModelOpt divide by 0: x != 0
+    # gives +-inf (codes +-6, dequantized to 0), and x == 0 gives 0/0 = NaN, which its
+    # searchsorted encoder maps to code 0x7 (+6, also dequantized to 0). Left as NaN here,
+    # fake_quantize would return NaN where dequantize(quantize(x)) reads a zero code.
+    # Use +-inf (sign of x, as everywhere in emu_inductor) so the element saturates.
+    d = s * g
+    inf = torch.copysign(torch.full_like(x, float("inf")), x)
+    return torch.where((d == 0) & (x == 0), inf, x / d)
+
+
+def _modelopt_deq(s, g):
+    return s * g
+
+
+def _torchao_block(a32, a_x, g):
+    return _e4m3(torch.clamp((a32 / E2M1_MAX) / g, min=E4M3_MIN_NORMAL, max=E4M3_MAX))
+
+
+def _torchao_mul(x, s, g):
+    return x * ((1.0 / g) / s)
+
+
+def _torchao_deq(s, g):
+    return g * s
+
+
+RECIPES: dict[str, NVFP4Recipe] = {
+    r.name: r
+    for r in (
+        NVFP4Recipe("vllm", "quantize", _vllm_block, _vllm_mul, _s_over_g),
+        NVFP4Recipe("vllm_ref", "quantize", _vllm_block, _vllm_ref_mul, _s_over_g),
+        NVFP4Recipe("te", "quantize", _te_block, _te_mul, _te_deq),
+        NVFP4Recipe("compressed_tensors", "quantize", _ct_block, _ct_mul, _s_over_g),
+        NVFP4Recipe("modelopt", "dequantize", _modelopt_block, _modelopt_mul, _modelopt_deq),
+        NVFP4Recipe("torchao", "dequantize", _torchao_block, _torchao_mul, _torchao_deq),
+    )
+}
+
+
+def get_recipe(recipe: "str | NVFP4Recipe | None") -> NVFP4Recipe:
+    if recipe is None:
+        return RECIPES["vllm"]
+    if isinstance(recipe, NVFP4Recipe):
+        return recipe
+    if isinstance(recipe, str) and recipe in RECIPES:
+        return RECIPES[recipe]
+    raise ValueError(f"recipe: unknown NVFP4 recipe {recipe!r}; expected one of {sorted(RECIPES)}")
+
+
+def default_global_scale(amax: torch.Tensor, recipe: "str | NVFP4Recipe | None" = None) -> torch.Tensor:
+    """The recipe's own per-tensor global scale from a tensor amax, as fp32.
+
+    quantize direction: 448*6/amax; dequantize direction: amax/(448*6). A zero or
+    non-finite amax gives 1.0 (TransformerEngine's guard) so nothing divides by zero.
+    """
+    r = get_recipe(recipe)
+    amax = amax.to(torch.float32)
+    g = GLOBAL_SCALE_NUMERATOR / amax if r.global_direction == "quantize" else amax / GLOBAL_SCALE_NUMERATOR
+    ok = torch.isfinite(g) & (g > 0)
+    return torch.where(ok, g, torch.ones_like(g))

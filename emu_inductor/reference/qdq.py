@@ -1,0 +1,71 @@
+"""Activation fake-quantization and weight dequantization as the emulation does them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..formats import BlockFormat, decode, e8m0_decode, fake_quantize, round_to_element, unpack
+from ..formats import E4M3
+from .schemes import ActQuant
+
+__all__ = ["act_fake_quantize", "fp8_tensor_fake_quantize", "dequantize_weight"]
+
+_FP8_MAX = E4M3.max_normal
+_FP8_MIN_SCALE = 1.0 / (_FP8_MAX * 512.0)  # vLLM's dynamic-fp8 floor, so all-zero input gives 0
+
+
+def fp8_tensor_fake_quantize(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-tensor E4M3 QDQ (vLLM `scaled_fp8_quant` + dequant): dynamic when scale is None
+    (s = max(amax/448, 1/(448*512)) in fp32), `q = e4m3(clamp(x * (1/s), +-448))`,
+    `out = (q * s).to(x.dtype)`."""
+    if scale is None:
+        s = torch.clamp(x.abs().amax().to(torch.float32) / _FP8_MAX, min=_FP8_MIN_SCALE)
+    else:
+        s = scale.to(torch.float32)
+    q = round_to_element(x.to(torch.float32) * (1.0 / s), E4M3)
+    return (q * s).to(x.dtype)
+
+
+def act_fake_quantize(x: torch.Tensor, act: Optional[ActQuant], global_scale=None) -> torch.Tensor:
+    """Fake-quantize activations per row along the last dim; identity for weight-only."""
+    if act is None:
+        return x
+    if act.kind == "fp8_tensor":
+        return fp8_tensor_fake_quantize(x, global_scale)
+    return fake_quantize(
+        x, act.fmt, scale_mode=act.scale_mode, recipe=act.recipe, rounding=act.rounding,
+        global_scale=global_scale if act.fmt.has_global_scale else None,
+    )
+
+
+def dequantize_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    fmt: BlockFormat,
+    *,
+    alpha: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.bfloat16,
+    fp6_layout: str = "quark",
+) -> torch.Tensor:
+    """Packed weights [..., N, K*bits/8] with block scales [..., N, K/block] -> [..., N, K].
+
+    NVFP4 follows vLLM's `dequantize_to_dtype`: `dtype(e2m1 * (fp32(e4m3) * alpha))`,
+    the scale-times-alpha product formed first; `alpha` is the dequantize-direction
+    global scale (ModelOpt `weight_scale_2`, 1/compressed-tensors `weight_global_scale`),
+    one value per leading index (per expert) or per expert and output row ([E, N]).
+    MX: `dtype(value * 2^(u-127))`, exact.
+    """
+    codes = unpack(w, fmt.pack_bits, fp6_layout=fp6_layout)
+    v = decode(codes, fmt.element)
+    vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
+    if fmt.is_mx:
+        s = e8m0_decode(scale)
+    else:
+        s = decode(scale.view(torch.uint8), E4M3)
+        if alpha is not None:
+            a = alpha.to(torch.float32)
+            a = a.reshape(*a.shape, *([1] * (s.dim() - a.dim())))
+            s = s * a
+    return (vb * s.unsqueeze(-1)).reshape(v.shape).to(dtype)

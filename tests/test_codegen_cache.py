@@ -1,0 +1,77 @@
+"""The per-user kernel file cache: private directory, env override, hash-verified import,
+real files for tracebacks; autotune pinning."""
+
+import inspect
+import os
+import stat
+
+import pytest
+
+from emu_inductor.codegen import cache, autotune
+from emu_inductor.codegen.kernel_spec import KernelSpec
+from emu_inductor.codegen.launcher import get_module
+from emu_inductor.codegen.template import render
+from emu_inductor.ops.spec import OpSpec
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    d = tmp_path / "c"
+    monkeypatch.setenv("EMU_INDUCTOR_CACHE_DIR", str(d))
+    monkeypatch.setattr(cache, "_modules", {})
+    monkeypatch.setattr(cache, "_dir", None)
+    return d
+
+
+def test_private_dir_and_real_file(fresh_cache):
+    src = "X = 1\n"
+    mod = cache.load_module("t", src)
+    assert mod.X == 1
+    st = os.stat(fresh_cache)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+    assert os.path.dirname(mod.__file__) == str(fresh_cache / "kernels")
+    assert os.path.basename(mod.__file__) == f"t_{cache.content_digest(src)[:40]}.py"
+
+
+def test_tampered_file_is_not_imported(fresh_cache):
+    src = "X = 1\n"
+    path = cache.load_module("t", src).__file__
+    with open(path, "w") as f:
+        f.write("X = 666\n")
+    cache._modules.clear()
+    assert cache.load_module("t", src).X == 1  # rewritten from the rendered source
+    with open(path) as f:
+        assert f.read() == src
+
+
+def test_shared_dir_is_refused(tmp_path, monkeypatch):
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    monkeypatch.setenv("EMU_INDUCTOR_CACHE_DIR", str(d))
+    monkeypatch.setattr(cache, "_dir", None)
+    assert cache.cache_dir() != str(d)
+    assert stat.S_IMODE(os.stat(cache.cache_dir()).st_mode) == 0o700
+
+
+def test_generated_kernels_live_in_files(fresh_cache):
+    ks = KernelSpec(OpSpec.from_scheme("w_mxfp4_a_mxfp4"), "bf16", interpret=True)
+    mod = get_module(ks)
+    with open(mod.__file__) as f:
+        assert f.read() == render(ks)
+    fn = getattr(mod.gemm_act_kernel, "fn", mod.gemm_act_kernel)
+    assert inspect.getsourcefile(fn) == mod.__file__
+
+
+def test_pin_config(monkeypatch):
+    autotune.pin_config(BM=32, BN=64, BK=64)
+    try:
+        assert autotune.pinned_config() == autotune.TileConfig(32, 64, 64)
+    finally:
+        autotune.pin_config(None)
+    monkeypatch.setenv("EMU_INDUCTOR_KERNEL_CONFIG", "BM=64,BN=128,BK=64,num_warps=8,num_stages=3")
+    assert autotune.pinned_config() == autotune.TileConfig(64, 128, 64, 8, 3)
+    monkeypatch.setenv("EMU_INDUCTOR_KERNEL_CONFIG", "BM=x")
+    with pytest.raises(ValueError, match="EMU_INDUCTOR_KERNEL_CONFIG"):
+        autotune.pinned_config()
+    assert autotune.token_bucket(1) == 1 and autotune.token_bucket(33) == 64 and autotune.token_bucket(10**6) == 8192

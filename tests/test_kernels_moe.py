@@ -1,0 +1,241 @@
+"""Fused MoE kernels (generated Triton, run under the interpreter on CPU) against the
+eager reference: every scheme x activation x router-weight placement x expert_map.
+
+Checks per case: the kernel's fake-QDQ'd GEMM1 input (a debug output) is bit-identical
+to the reference act_fake_quantize; its activation output C2 is within one bf16 ulp of
+the reference activation of the reference GEMM1 (transcendentals may differ by an ulp);
+its A2 is bit-identical to the reference QDQ of its own C2; the final output is within
+fp32-accumulation tolerance of emu_inductor.reference (in practice bit-identical).
+"""
+
+import functools
+
+import pytest
+import torch
+
+from emu_inductor.codegen.launcher import moe_align, moe_triton
+from emu_inductor.ops.spec import OpSpec
+from emu_inductor.reference import moe_emulated
+from emu_inductor.reference.activations import ACTIVATIONS, apply_activation, is_gated
+from emu_inductor.reference.moe import dequantize_experts
+from emu_inductor.reference.modules import QuantizedExperts
+from emu_inductor.reference.qdq import act_fake_quantize
+from emu_inductor.reference.schemes import SCHEMES
+
+E, H, I = 4, 64, 32
+
+
+@functools.lru_cache(maxsize=None)
+def _experts(scheme: str, activation: str, big: bool = False):
+    g = torch.Generator().manual_seed(hash((scheme, activation)) % 2**31)
+    n1 = 2 * I if is_gated(activation) else I
+    w13 = torch.randn(E, n1, H, generator=g).to(torch.bfloat16) * (4.0 if big else 0.2)
+    w2 = torch.randn(E, H, I, generator=g).to(torch.bfloat16) * 0.2
+    qe = QuantizedExperts.from_float(w13, w2, scheme=scheme, activation=activation)
+    if qe.a1_global_scale is not None:  # realistic NVFP4 activation global scales
+        qe.a1_global_scale.fill_(2688.0 / 4.0)
+        qe.a2_global_scale.fill_(2688.0 / (400.0 if big else 8.0))
+    return qe
+
+
+def _run(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None):
+    spec = OpSpec.from_scheme(scheme, activation=activation, router_weight_on_input=rw_in)
+    res = moe_triton(x, qe.w13, qe.w13_scale, qe.w13_alpha, qe.w2, qe.w2_scale, qe.w2_alpha, tw, ids,
+                     qe.a1_global_scale, qe.a2_global_scale, emap, spec, debug=True, reduction=reduction)
+    ref = moe_emulated(x, qe.w13, qe.w2, tw, ids, scheme=scheme, w13_scale=qe.w13_scale, w2_scale=qe.w2_scale,
+                       w13_alpha=qe.w13_alpha, w2_alpha=qe.w2_alpha, a1_global_scale=qe.a1_global_scale,
+                       a2_global_scale=qe.a2_global_scale, activation=activation,
+                       apply_router_weight_on_input=rw_in, expert_map=emap)
+    return res, ref
+
+
+def _bf16_ulp_close(a, b):
+    """|a - b| <= one bf16 ulp of max(|a|, |b|) elementwise (a, b on the bf16 grid), or
+    |a - b| <= 2^-20: GELU's 0.5*g*(1+erf(g/sqrt2)) cancels catastrophically for g << 0,
+    so a one-ulp fp32 erf difference between Triton and torch moves tiny results (|y| <
+    1e-4) by more than a bf16 ulp of themselves."""
+    m = torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126)
+    ulp = torch.pow(2.0, torch.floor(torch.log2(m)) - 7)
+    d = (a - b).abs()
+    return bool(((d <= ulp) | (d <= 2.0**-20)).all())
+
+
+def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, exact_out=False):
+    res, ref = _run(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, reduction=reduction)
+    sch = SCHEMES[scheme]
+    k = ids.shape[1]
+    valid = res["valid"]
+    # A1: bit-identical to the reference QDQ of the (router-weighted) input rows
+    x_rows = x.repeat_interleave(k, dim=0)
+    if rw_in:
+        x_rows = x_rows * tw.reshape(-1).to(x.dtype).unsqueeze(-1)
+    a1_ref = act_fake_quantize(x_rows, sch.act, qe.a1_global_scale).float()
+    assert torch.equal(res["a1"][valid], a1_ref[valid]), "A1 differs from the reference QDQ"
+    # C2 within one bf16 ulp of the reference activation of the reference GEMM1
+    if valid.any():
+        local = (emap.long()[ids.reshape(-1).long()] if emap is not None else ids.reshape(-1).long())
+        W13 = dequantize_experts(qe.w13, qe.w13_scale, sch.weight_fmt, qe.w13_alpha, x.dtype)
+        c1 = torch.einsum("rk,rnk->rn", a1_ref, W13[local.clamp(min=0)].float()).to(x.dtype)
+        c2_ref = apply_activation(c1, activation).float()
+        assert _bf16_ulp_close(res["c2"][valid], c2_ref[valid]), "C2 differs by more than one bf16 ulp"
+        # A2: bit-identical to the reference QDQ of the kernel's own C2
+        if res["a2"] is not None:
+            c2k = res["c2"][valid].to(x.dtype)
+            a2_ref = act_fake_quantize(c2k, sch.act, qe.a2_global_scale).float()
+            assert torch.equal(res["a2"][valid], a2_ref), "A2 differs from the reference QDQ of the kernel's C2"
+    out = res["out"]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if exact_out:
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * max(1.0, ref.abs().max().item()))
+    return res, ref
+
+
+def _inputs(T, k, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, H, generator=g) * scale).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    tw = torch.softmax(torch.randn(T, k, generator=g), -1)
+    return x, tw, ids
+
+
+@pytest.mark.parametrize("emap_on", [False, True], ids=["nomap", "emap"])
+@pytest.mark.parametrize("rw_in", [False, True], ids=["rw_out", "rw_in"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_moe_matrix(scheme, activation, rw_in, emap_on):
+    qe = _experts(scheme, activation)
+    k = 1 if rw_in else 2
+    x, tw, ids = _inputs(7, k, seed=1)
+    emap = None
+    if emap_on:  # 6 global experts, global 1 and 4 not on this rank
+        emap = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32)
+        g = torch.Generator().manual_seed(2)
+        ids = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(7)]).to(torch.int32)
+    # deterministic reduction: the reference's own summation order, so bit-identical
+    _check(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, exact_out=True)
+
+
+EDGE_SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8", "nvfp4_w4a16"]
+
+
+@pytest.mark.parametrize("scheme", EDGE_SCHEMES)
+def test_routing_edge_cases(scheme):
+    qe = _experts(scheme, "silu")
+    x, tw, _ = _inputs(9, 2, seed=3)
+    # expert 0: 1 row, expert 1: none, expert 2: 10 rows (odd 9 + pad), expert 3: 7
+    ids = torch.tensor([[0, 2]] + [[2, 3]] * 7 + [[2, 2]], dtype=torch.int32)
+    _check(qe, scheme, "silu", x, tw, ids, exact_out=True)
+    # every token on one expert, atomic reduction (tolerance only)
+    ids = torch.full((9, 2), 3, dtype=torch.int32)
+    _check(qe, scheme, "silu", x, tw, ids, reduction="atomic")
+    # one token
+    _check(qe, scheme, "silu", x[:1], tw[:1], ids[:1], exact_out=True)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8", "w_mxfp6_e3m2_a_mxfp6_e3m2"])
+def test_saturating_magnitudes(scheme):
+    qe = _experts(scheme, "silu", big=True)
+    x, tw, ids = _inputs(5, 2, seed=4, scale=300.0)
+    _check(qe, scheme, "silu", x, tw, ids, exact_out=True)
+
+
+def test_gate_up_alpha_and_atomic():
+    qe = _experts("nvfp4_w4a4", "silu")
+    x, tw, ids = _inputs(6, 2, seed=5)
+    qe2 = QuantizedExperts(qe.w13, qe.w13_scale, qe.w2, qe.w2_scale, scheme="nvfp4_w4a4",
+                           w13_alpha=torch.stack([qe.w13_alpha, qe.w13_alpha * 2], 1), w2_alpha=qe.w2_alpha,
+                           a1_global_scale=qe.a1_global_scale, a2_global_scale=qe.a2_global_scale)
+    _check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, exact_out=True)
+    _check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, reduction="atomic")
+
+
+def test_align_no_sync_layout():
+    ids = torch.tensor([[3, 0], [3, 1], [3, 0]], dtype=torch.int32)
+    sorted_ids, bexp, pos = moe_align(ids, None, 4, 4)
+    R = 6
+    assert bexp.shape[0] == 2 + 4  # cdiv(R, BM) + min(E, R): shapes only
+    # expert 0 rows 1, 5; expert 1 row 3; expert 3 rows 0, 2, 4; padding = R
+    assert sorted_ids.tolist()[:12] == [1, 5, R, R, 3, R, R, R, 0, 2, 4, R]
+    assert bexp.tolist() == [0, 1, 3, 4, 4, 4]
+    assert pos.tolist() == [8, 0, 9, 4, 10, 1]
+
+
+def _args(scheme="nvfp4_w4a4"):
+    qe = _experts(scheme, "silu")
+    x, tw, ids = _inputs(4, 2)
+    return dict(hidden_states=x, w13=qe.w13, w13_scale=qe.w13_scale, w13_alpha=qe.w13_alpha, w2=qe.w2,
+                w2_scale=qe.w2_scale, w2_alpha=qe.w2_alpha, topk_weights=tw, topk_ids=ids,
+                a1_global_scale=qe.a1_global_scale, a2_global_scale=qe.a2_global_scale, expert_map=None)
+
+
+@pytest.mark.parametrize("arg,bad,name", [
+    ("hidden_states", lambda a: a.to(torch.int32), "hidden_states"),
+    ("w13", lambda a: a[:, :-1], "w13"),
+    ("w2_scale", lambda a: a.view(torch.uint8), "w2_scale"),
+    ("topk_ids", lambda a: a.to(torch.float32), "topk_ids"),
+    ("topk_ids", lambda a: a + 10, "topk_ids"),
+    ("topk_weights", lambda a: a[:, :1], "topk_weights"),
+    ("expert_map", lambda a: torch.tensor([0, 1, 2, 9], dtype=torch.int32), "expert_map"),
+    ("a1_global_scale", lambda a: None, "a1_global_scale"),
+    ("w13_alpha", lambda a: a.to(torch.float64), "w13_alpha"),
+    ("w2", lambda a: a.to("meta"), "w2"),
+])
+def test_bad_inputs_are_value_errors(arg, bad, name):
+    kw = _args()
+    kw[arg] = bad(kw[arg])
+    spec = OpSpec.from_scheme("nvfp4_w4a4")
+    with pytest.raises(ValueError, match=name):
+        moe_triton(*kw.values(), spec)
+
+
+def test_op_dispatches_to_triton_under_interpreter():
+    import emu_inductor.ops.library as lib
+
+    kw = _args("w_mxfp4_a_mxfp4")
+    assert lib.select_backend(torch.device("cpu")) == "triton"
+    spec = OpSpec.from_scheme("w_mxfp4_a_mxfp4")
+    out = torch.ops.mxemu.moe(*kw.values(), spec.to_str())
+    ref = lib._REFERENCE["moe"](*kw.values(), spec)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("BM", [4, 16])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_align_triton_kernel_matches_torch(BM, with_map):
+    """The one-program Triton routing prep builds exactly the torch path's layout (stable
+    order, padding, block table, positions), out-of-range ids and -1 map entries included."""
+    g = torch.Generator().manual_seed(BM + with_map)
+    E_, ng = 5, 8
+    for T, k in ((1, 2), (7, 3), (40, 2)):
+        ids = torch.randint(-1 if not with_map else 0, ng if with_map else E_ + 1, (T, k), generator=g).to(torch.int32)
+        emap = torch.tensor([0, -1, 1, 2, 4, -1, 3, 7], dtype=torch.int32) if with_map else None
+        a = moe_align(ids, emap, E_, BM, impl="torch")
+        b = moe_align(ids, emap, E_, BM, impl="triton")
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("scheme,activation,rw_in", [
+    ("nvfp4_w4a4", "silu", False), ("nvfp4_w4a4", "swigluoai", True), ("w_mxfp4_a_mxfp4", "gelu_no_mul", False),
+    ("w_mxfp4_a_fp8", "silu", True), ("w_mxfp6_e3m2_a_mxfp6_e3m2", "silu", False), ("nvfp4_w4a16", "silu", False)])
+def test_prequant_and_dequant_workspace_paths_bit_identical(scheme, activation, rw_in):
+    """The fast paths change no value: A1 fake-quantized once (prequant_kernel) or per N tile in
+    the GEMM (prequant=False), weights dequantized in registers or once into a workspace
+    (config wdq=1) give bit-identical A1, C2, A2 and outputs."""
+    from emu_inductor.codegen.autotune import TileConfig
+
+    qe = _experts(scheme, activation)
+    k = 1 if rw_in else 2
+    x, tw, ids = _inputs(9, k, seed=7)
+    spec = OpSpec.from_scheme(scheme, activation=activation, router_weight_on_input=rw_in)
+    args = (x, qe.w13, qe.w13_scale, qe.w13_alpha, qe.w2, qe.w2_scale, qe.w2_alpha, tw, ids,
+            qe.a1_global_scale, qe.a2_global_scale, None, spec)
+    base = moe_triton(*args, debug=True, prequant=False)
+    for kw in (dict(prequant=True), dict(config=TileConfig(16, 32, 64, 4, 1, wdq=1)),
+               dict(prequant=True, config=TileConfig(16, 64, 64, 4, 1, wdq=1))):
+        other = moe_triton(*args, debug=True, **kw)
+        for name in ("out", "a1", "c2", "a2"):
+            if base[name] is not None:
+                assert torch.equal(base[name].nan_to_num(7.0), other[name].nan_to_num(7.0)), (kw, name)
