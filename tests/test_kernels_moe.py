@@ -5,10 +5,11 @@ Checks per case: the kernel's fake-QDQ'd GEMM1 input (a debug output) is bit-ide
 to the reference act_fake_quantize; its activation output C2 is within one bf16 ulp of
 the reference activation of the reference GEMM1 (transcendentals may differ by an ulp);
 its A2 is bit-identical to the reference QDQ of its own C2; the final output is within
-fp32-accumulation tolerance of emu_inductor.reference (in practice bit-identical).
+fp32-accumulation tolerance of emu_inductor.reference, and bit-identical whenever C2 matched.
 """
 
 import functools
+import zlib
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ E, H, I = 4, 64, 32
 
 @functools.lru_cache(maxsize=None)
 def _experts(scheme: str, activation: str, big: bool = False):
-    g = torch.Generator().manual_seed(hash((scheme, activation)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{scheme}/{activation}".encode()))  # stable across processes (str hash is salted)
     n1 = 2 * I if is_gated(activation) else I
     w13 = torch.randn(E, n1, H, generator=g).to(torch.bfloat16) * (4.0 if big else 0.2)
     w2 = torch.randn(E, H, I, generator=g).to(torch.bfloat16) * 0.2
@@ -49,15 +50,16 @@ def _run(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reductio
     return res, ref
 
 
-def _bf16_ulp_close(a, b):
-    """|a - b| <= one bf16 ulp of max(|a|, |b|) elementwise (a, b on the bf16 grid), or
+def _bf16_ulp_close(a, b, ulps=1):
+    """|a - b| <= `ulps` bf16 ulps of max(|a|, |b|) elementwise (a, b on the bf16 grid), or
     |a - b| <= 2^-20: GELU's 0.5*g*(1+erf(g/sqrt2)) cancels catastrophically for g << 0,
     so a one-ulp fp32 erf difference between Triton and torch moves tiny results (|y| <
-    1e-4) by more than a bf16 ulp of themselves."""
+    1e-4) by more than a bf16 ulp of themselves. Gated activations get two ulps: a
+    one-ulp flip of act(g) in bf16 is scaled by `up` and rounded again in the product."""
     m = torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126)
     ulp = torch.pow(2.0, torch.floor(torch.log2(m)) - 7)
     d = (a - b).abs()
-    return bool(((d <= ulp) | (d <= 2.0**-20)).all())
+    return bool(((d <= ulps * ulp) | (d <= 2.0**-20)).all())
 
 
 def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, exact_out=False):
@@ -71,13 +73,14 @@ def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduct
         x_rows = x_rows * tw.reshape(-1).to(x.dtype).unsqueeze(-1)
     a1_ref = act_fake_quantize(x_rows, sch.act, qe.a1_global_scale).float()
     assert torch.equal(res["a1"][valid], a1_ref[valid]), "A1 differs from the reference QDQ"
-    # C2 within one bf16 ulp of the reference activation of the reference GEMM1
+    # C2 within one bf16 ulp (two if gated) of the reference activation of the reference GEMM1
     if valid.any():
         local = (emap.long()[ids.reshape(-1).long()] if emap is not None else ids.reshape(-1).long())
         W13 = dequantize_experts(qe.w13, qe.w13_scale, sch.weight_fmt, qe.w13_alpha, x.dtype)
         c1 = torch.einsum("rk,rnk->rn", a1_ref, W13[local.clamp(min=0)].float()).to(x.dtype)
         c2_ref = apply_activation(c1, activation).float()
-        assert _bf16_ulp_close(res["c2"][valid], c2_ref[valid]), "C2 differs by more than one bf16 ulp"
+        ulps = 2 if is_gated(activation) else 1
+        assert _bf16_ulp_close(res["c2"][valid], c2_ref[valid], ulps), f"C2 differs by more than {ulps} bf16 ulp(s)"
         # A2: bit-identical to the reference QDQ of the kernel's own C2
         if res["a2"] is not None:
             c2k = res["c2"][valid].to(x.dtype)
@@ -85,6 +88,11 @@ def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduct
             assert torch.equal(res["a2"][valid], a2_ref), "A2 differs from the reference QDQ of the kernel's C2"
     out = res["out"]
     assert out.dtype == ref.dtype and out.shape == ref.shape
+    if exact_out and valid.any() and not torch.equal(res["c2"][valid], c2_ref[valid]):
+        # a one-ulp transcendental difference in C2 (Triton's vs torch's erf/exp; torch's
+        # vectorised CPU erf depends on the host ISA) legitimately propagates to the
+        # output, so bit-exactness is only owed when C2 itself matched bit for bit
+        exact_out = False
     if exact_out:
         assert torch.equal(out, ref)
     else:
