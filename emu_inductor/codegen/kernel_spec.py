@@ -55,6 +55,13 @@ class KernelSpec:
     a1_static: bool = False  # fp8_tensor: static a1 scale given (else dynamic amax)
     a2_static: bool = False
     interpret: bool = False
+    # per-expert GEMM biases (mxemu::moe / grouped_mm with bias): bias1 adds w13_bias[e] to
+    # GEMM1's fp32 accumulator (gemm_act_kernel), bias2 makes gemm_out_kernel's bias
+    # per expert ([E, NOUT], row e) instead of linear's one [NOUT] row. Left out of the
+    # JSON (and so of the generated source and its digest) when False: bias-less kernels
+    # render exactly as before these fields existed.
+    bias1: bool = False
+    bias2: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp16", "fp32"):
@@ -72,6 +79,9 @@ class KernelSpec:
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["op"] = dataclasses.asdict(self.op)
+        for k in ("bias1", "bias2"):
+            if not d[k]:
+                del d[k]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
@@ -79,4 +89,5 @@ class KernelSpec:
 
     def short_name(self) -> str:
         tag = "interp" if self.interpret else "gpu"
-        return f"{self.op.short_name()}_{self.dtype}_{tag}".replace("-", "_").replace(".", "_")
+        bias = ("_b13" if self.bias1 else "") + ("_b2" if self.bias2 else "")
+        return f"{self.op.short_name()}_{self.dtype}{bias}_{tag}".replace("-", "_").replace(".", "_")

@@ -46,11 +46,12 @@ def get_module(kspec: KernelSpec):
 
 
 def kernel_spec_for(spec: OpSpec, dtype: torch.dtype, alpha1="none", alpha2="none", a1_static=False,
-                    a2_static=False, device: Optional[torch.device] = None) -> KernelSpec:
+                    a2_static=False, device: Optional[torch.device] = None, bias1: bool = False,
+                    bias2: bool = False) -> KernelSpec:
     interp = interpreting() or (device is not None and device.type == "cpu")
     fp8 = spec.act_kind == "fp8_tensor"
     return KernelSpec(spec, KernelSpec.dtype_name(dtype), alpha1, alpha2, bool(a1_static and fp8),
-                      bool(a2_static and fp8), interp)
+                      bool(a2_static and fp8), interp, bool(bias1), bool(bias2))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -177,18 +178,18 @@ def _check_ids_cpu(topk_ids, n_global, expert_map, E):
 
 
 def check_moe_inputs(x, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
-                     a1_gs, a2_gs, expert_map, spec: OpSpec):
+                     a1_gs, a2_gs, expert_map, spec: OpSpec, w13_bias=None, w2_bias=None):
     from ..reference.moe import check_moe_args
 
     _check_dev(x.device, w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, w2=w2, w2_scale=w2_scale,
                w2_alpha=w2_alpha, topk_weights=topk_weights, topk_ids=topk_ids, a1_global_scale=a1_gs,
-               a2_global_scale=a2_gs, expert_map=expert_map)
+               a2_global_scale=a2_gs, expert_map=expert_map, w13_bias=w13_bias, w2_bias=w2_bias)
     # shapes and dtypes (the reference's checker; its value checks run on CPU tensors only)
     T, H, E, I = check_moe_args(
         x, w13, w2, topk_weights, topk_ids, spec.scheme(), w13_scale=w13_scale, w2_scale=w2_scale,
         w13_alpha=w13_alpha, w2_alpha=w2_alpha, activation=spec.activation,
         apply_router_weight_on_input=spec.router_weight_on_input, expert_map=expert_map,
-        a1_global_scale=a1_gs, a2_global_scale=a2_gs)
+        a1_global_scale=a1_gs, a2_global_scale=a2_gs, w13_bias=w13_bias, w2_bias=w2_bias)
     return T, H, E, I
 
 
@@ -198,7 +199,8 @@ def check_moe_inputs(x, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_
 def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
                a1_global_scale, a2_global_scale, expert_map, spec: OpSpec, *, reduction: Optional[str] = None,
                config: Optional[TileConfig] = None, debug: bool = False, validate: bool = True,
-               prequant: Optional[bool] = None):
+               prequant: Optional[bool] = None, w13_bias: Optional[torch.Tensor] = None,
+               w2_bias: Optional[torch.Tensor] = None):
     """The fused MoE: routing prep, GEMM1 (+QDQ_a1, dequant, activation, QDQ_a2), GEMM2
     (dequant, router weight, reduction). reduction: "atomic" (fp32 atomics) or
     "deterministic" (per-slot rows, then a fixed-order fp32 sum, the reference's order);
@@ -212,11 +214,16 @@ def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
     weights once into an activation-dtype workspace (dequant_kernel, one GEMM at a time,
     E*max(2I*H, H*I) elements) and run the GEMMs on it; bit-identical, for large token
     counts (opt-in: EMU_INDUCTOR_MOE_WDQ=1 lets autotune pick it; skipped when the
-    workspace exceeds EMU_INDUCTOR_DEQUANT_WS_MAX_MB, default 4096; unverified on GPU)."""
+    workspace exceeds EMU_INDUCTOR_DEQUANT_WS_MAX_MB, default 4096; unverified on GPU).
+
+    w13_bias [E, N1] / w2_bias [E, H] (activation dtype, optional): per-expert biases added
+    to GEMM1's / GEMM2's fp32 accumulators before their one rounding (kernel spec flags
+    bias1 / bias2; bias-less calls run the unchanged bias-less kernels)."""
     x = hidden_states
     if validate:
         T, H, E, I = check_moe_inputs(x, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights,
-                                      topk_ids, a1_global_scale, a2_global_scale, expert_map, spec)
+                                      topk_ids, a1_global_scale, a2_global_scale, expert_map, spec,
+                                      w13_bias=w13_bias, w2_bias=w2_bias)
     else:
         (T, H), E = x.shape, w13.shape[0]
         I = FORMATS[spec.weight_fmt].logical_size(w2.shape[2])
@@ -234,7 +241,10 @@ def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
     N1 = w13.shape[1]
     fp8 = spec.act_kind == "fp8_tensor"
     kspec = kernel_spec_for(spec, dtype, alpha_mode_of(w13_alpha, E, N1), alpha_mode_of(w2_alpha, E, H),
-                            a1_global_scale is not None, a2_global_scale is not None, dev)
+                            a1_global_scale is not None, a2_global_scale is not None, dev,
+                            bias1=w13_bias is not None, bias2=w2_bias is not None)
+    b13 = w13_bias.contiguous() if w13_bias is not None else None
+    b2 = w2_bias.contiguous() if w2_bias is not None else None
     mod = get_module(kspec)
     x = x.contiguous()
     topk_w = topk_weights.contiguous()
@@ -286,6 +296,7 @@ def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
         mod.gemm_act_kernel[grid1](
             a_src, a_src.stride(0), w1a, s1a, w13_alpha if w13_alpha is not None else dummy,
             sorted_ids, block_expert, topk_w, gs1, gs2, a2ws, a2ws.stride(0), dbg_a, dbg_c, amax2,
+            *((b13,) if b13 is not None else ()),  # b1_ptr exists only in bias1 kernels
             I, H, R, E, N1, w1s[0], w1s[1], w13_scale.stride(0), w13_scale.stride(1),
             TOPK=top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=fp8 and not kspec.a2_static,
             PREQ=prequant, WDQ=wdq, BM=cfg1.BM, BN=cfg1.BN, BK=cfg1.BK, **_launch_kw(cfg1))
@@ -303,9 +314,10 @@ def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
         grid2 = (nblocks, _cdiv(H, cfg.BN))
         mod.gemm_out_kernel[grid2](
             a2ws, a2ws.stride(0), w2a, _scale_u8(w2_scale), w2_alpha if w2_alpha is not None else dummy,
-            sorted_ids, block_expert, topk_w, gs2_static if gs2_static is not None else amax2, dummy,
+            sorted_ids, block_expert, topk_w, gs2_static if gs2_static is not None else amax2,
+            b2 if b2 is not None else dummy,
             out, out.stride(0), H, I, R, E, H, w2s[0], w2s[1], w2_scale.stride(0), w2_scale.stride(1),
-            TOPK=top_k, A_INDEX=2, QDQ_A=fp8, STATIC_A=kspec.a2_static, HAS_BIAS=False,
+            TOPK=top_k, A_INDEX=2, QDQ_A=fp8, STATIC_A=kspec.a2_static, HAS_BIAS=b2 is not None,
             STORE=1 if atomic else 0, MUL_W=not spec.router_weight_on_input, WDQ=wdq,
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
         del w2a
@@ -380,12 +392,13 @@ def _bencher(run):
 
 
 def _gemm_rows(a, w, w_scale, w_alpha, sorted_ids, block_expert, R, a_gs, spec: OpSpec, bias, out, cfg, dev,
-               alpha_mode):
+               alpha_mode, expert_bias: bool = False):
+    """expert_bias: `bias` is [E, N] (one row per expert, grouped_mm) rather than linear's [N]."""
     E, N = w.shape[0], w.shape[1]
     K = a.shape[1]
     fp8 = spec.act_kind == "fp8_tensor"
     kspec = kernel_spec_for(spec, a.dtype, alpha2=alpha_mode, a1_static=a_gs is not None,
-                            a2_static=a_gs is not None, device=dev)
+                            a2_static=a_gs is not None, device=dev, bias2=expert_bias and bias is not None)
     mod = get_module(kspec)
     dummy = _dummy(dev)
     if fp8:
@@ -419,9 +432,10 @@ def _check_weight2(name, w, scale, fmt, K, lead):
               f"{fmt.scale.storage_dtype} {(*w.shape[:-1], K // fmt.block_size)}")
 
 
-def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec, *, config=None):
-    """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T over expert-sorted rows (offs: int32 group
-    ends); rows at or past offs[-1] are zeros."""
+def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec, *, config=None, bias=None):
+    """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T (+ bias[g(r)], [E, N], on the fp32
+    accumulator) over expert-sorted rows (offs: int32 group ends); rows at or past
+    offs[-1] are zeros."""
     fmt = FORMATS[spec.weight_fmt]
     if a.dim() != 2 or a.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         _fail("a", f"{a.dtype} {tuple(a.shape)}", "a 2-d bf16/fp16/fp32 tensor")
@@ -429,6 +443,11 @@ def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec
     if offs.dim() != 1 or offs.shape[0] != w.shape[0] or offs.dtype not in (torch.int32, torch.int64):
         _fail("offs", f"{offs.dtype} {tuple(offs.shape)}", f"1-d int32 [E={w.shape[0]}]")
     _check_dev(a.device, w=w, w_scale=w_scale, w_alpha=w_alpha, offs=offs, a_global_scale=a_global_scale)
+    if bias is not None:
+        from ..ops.library import check_bias
+
+        check_bias("bias", bias, a, (w.shape[0], w.shape[1]))
+        bias = bias.contiguous()
     dev = a.device
     E, N = w.shape[0], w.shape[1]
     Ra = a.shape[0]
@@ -441,8 +460,8 @@ def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec
 
     def run(cfg):
         sorted_ids, block_expert, _ = moe_align(key.reshape(-1, 1), None, E, cfg.BM)
-        return _gemm_rows(a, w, w_scale, w_alpha, sorted_ids, block_expert, Ra, a_global_scale, spec, None,
-                          out.zero_() if False else out, cfg, dev, alpha_mode)
+        return _gemm_rows(a, w, w_scale, w_alpha, sorted_ids, block_expert, Ra, a_global_scale, spec, bias,
+                          out, cfg, dev, alpha_mode, expert_bias=True)
 
     cfg = config or _gemm_cfg("grouped_mm", spec, a.dtype, dev, N, a.shape[1], Ra, E, run)
     return run(cfg)

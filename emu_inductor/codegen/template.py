@@ -400,6 +400,14 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
         epi_q = ""
     amax = ("if AMAX_OUT:\n    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(omask, tl.abs(c2), 0.0), axis=1), axis=0))"
             if op.act_kind == "fp8_tensor" else "")
+    bias_add = ""
+    if spec.bias1:
+        # per-expert GEMM1 bias (w13_bias [E, NW], indexed by weight row) added to the fp32
+        # accumulators before C1's one rounding (vLLM's HAS_BIAS)
+        bias_add = ("brow = b1_ptr + e.to(tl.int64) * NW\n"
+                    "acc_g = acc_g + tl.load(brow + grow, mask=cmask, other=0.0).to(tl.float32)[None, :]")
+        if gated:
+            bias_add += "\nacc_u = acc_u + tl.load(brow + urow, mask=cmask, other=0.0).to(tl.float32)[None, :]"
     body = f"""pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
 e = tl.load(bexp_ptr + pid_m)
@@ -428,6 +436,7 @@ for k0 in range(0, K, BK):
         wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
     acc_g = _dot(ao, tl.trans(wg), acc_g)
 {_ind(up_dot)}
+{bias_add}
 cg = _rnd(acc_g)
 {up_epi}
 c2 = _act(cg, cu)
@@ -440,7 +449,7 @@ tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)"""
     body = "\n".join(l for l in body.split("\n") if l.strip())
     return f"""@triton.jit(do_not_specialize=["R"])
 def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
-                    out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,
+                    out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""}
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, WDQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -477,7 +486,7 @@ for k0 in range(0, K, BK):
         w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
     acc = _dot(_opnd(a), tl.trans(w), acc)
 if HAS_BIAS:
-    c = _rnd(acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
+    c = _rnd(acc + tl.load(bias_ptr + {"e.to(tl.int64) * NOUT + " if spec.bias2 else ""}cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
 else:
     c = _rnd(acc)
 omask = rmask[:, None] & cmask[None, :]

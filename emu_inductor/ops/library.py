@@ -83,20 +83,54 @@ def _impl(op: str, device: torch.device) -> Callable:
 # --- op definitions -------------------------------------------------------------------
 
 
+def check_bias(name: str, bias: Optional[Tensor], like: Tensor, shape: tuple) -> None:
+    """An optional per-expert GEMM bias: a tensor of the activation dtype, `shape`, on the
+    activations' device; ValueError naming `name` otherwise (shapes only, no device sync)."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {list(shape)} or None, got {type(bias).__name__}")
+    if bias.dtype != like.dtype:
+        raise ValueError(f"{name}: expected dtype {like.dtype} (the activation dtype), got {bias.dtype}")
+    if tuple(bias.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(bias.shape)}")
+    if bias.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device} like the activations, got {bias.device}")
+
+
+def _check_moe_biases(hidden_states, w13, w13_bias, w2_bias) -> None:
+    if w13_bias is None and w2_bias is None:
+        return
+    E = w13.shape[0] if w13.dim() == 3 else -1
+    check_bias("w13_bias", w13_bias, hidden_states, (E, w13.shape[1] if w13.dim() == 3 else -1))
+    check_bias("w2_bias", w2_bias, hidden_states, (E, hidden_states.shape[-1]))
+
+
+def _bias_kwargs(**biases) -> dict:
+    # only calls with a bias pass the keywords: implementations registered before biases
+    # existed keep working for bias-less calls
+    return biases if any(b is not None for b in biases.values()) else {}
+
+
 @torch.library.custom_op("mxemu::moe", mutates_args=())
 def moe(hidden_states: Tensor, w13: Tensor, w13_scale: Tensor, w13_alpha: Optional[Tensor], w2: Tensor,
         w2_scale: Tensor, w2_alpha: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
         a1_global_scale: Optional[Tensor], a2_global_scale: Optional[Tensor], expert_map: Optional[Tensor],
-        spec: str) -> Tensor:
-    """Whole emulated MoE layer (both GEMMs, activation, QDQs, top-k combine)."""
+        spec: str, w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None) -> Tensor:
+    """Whole emulated MoE layer (both GEMMs, activation, QDQs, top-k combine). Optional
+    per-expert biases w13_bias [E, N1] / w2_bias [E, H] in the activation dtype are added
+    to each GEMM's fp32 accumulator before its one rounding (vLLM's HAS_BIAS)."""
+    _check_moe_biases(hidden_states, w13, w13_bias, w2_bias)
     return _impl("moe", hidden_states.device)(
         hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
-        a1_global_scale, a2_global_scale, expert_map, OpSpec.from_str(spec))
+        a1_global_scale, a2_global_scale, expert_map, OpSpec.from_str(spec),
+        **_bias_kwargs(w13_bias=w13_bias, w2_bias=w2_bias))
 
 
 @moe.register_fake
 def _moe_fake(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
-              a1_global_scale, a2_global_scale, expert_map, spec):
+              a1_global_scale, a2_global_scale, expert_map, spec, w13_bias=None, w2_bias=None):
+    _check_moe_biases(hidden_states, w13, w13_bias, w2_bias)  # (a meta bias dispatches here)
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -114,11 +148,16 @@ def _linear_fake(x, weight, weight_scale, alpha, input_global_scale, bias, spec)
 
 @torch.library.custom_op("mxemu::grouped_mm", mutates_args=())
 def grouped_mm(a: Tensor, w: Tensor, w_scale: Tensor, w_alpha: Optional[Tensor], offs: Tensor,
-               a_global_scale: Optional[Tensor], spec: str) -> Tensor:
-    """One grouped GEMM over expert-sorted rows with fused activation QDQ and weight dequant."""
-    return _impl("grouped_mm", a.device)(a, w, w_scale, w_alpha, offs, a_global_scale, OpSpec.from_str(spec))
+               a_global_scale: Optional[Tensor], spec: str, bias: Optional[Tensor] = None) -> Tensor:
+    """One grouped GEMM over expert-sorted rows with fused activation QDQ and weight dequant;
+    optional per-expert bias [E, N] (activation dtype) added to the fp32 accumulator."""
+    check_bias("bias", bias, a, (w.shape[0], w.shape[1]) if w.dim() == 3 else (-1, -1))
+    return _impl("grouped_mm", a.device)(a, w, w_scale, w_alpha, offs, a_global_scale, OpSpec.from_str(spec),
+                                          **_bias_kwargs(bias=bias))
 
 
 @grouped_mm.register_fake
-def _grouped_mm_fake(a, w, w_scale, w_alpha, offs, a_global_scale, spec):
+def _grouped_mm_fake(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias=None):
+    if bias is not None:
+        check_bias("bias", bias, a, (w.shape[0], w.shape[1]) if w.dim() == 3 else (-1, -1))
     return a.new_empty(a.shape[0], w.shape[1])

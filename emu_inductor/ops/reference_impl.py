@@ -15,14 +15,14 @@ __all__ = ["moe_reference", "linear_reference", "grouped_mm_reference"]
 
 
 def moe_reference(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
-                  a1_global_scale, a2_global_scale, expert_map, spec: OpSpec):
+                  a1_global_scale, a2_global_scale, expert_map, spec: OpSpec, w13_bias=None, w2_bias=None):
     style = "grouped_mm" if hidden_states.dtype == torch.bfloat16 else "bmm"
     return moe_emulated(
         hidden_states, w13, w2, topk_weights, topk_ids, scheme=spec.scheme(), w13_scale=w13_scale,
         w2_scale=w2_scale, w13_alpha=w13_alpha, w2_alpha=w2_alpha, a1_global_scale=a1_global_scale,
         a2_global_scale=a2_global_scale, activation=spec.activation,
         apply_router_weight_on_input=spec.router_weight_on_input, expert_map=expert_map,
-        gemm_style=style, fp6_layout=spec.fp6_layout, validate=False,
+        gemm_style=style, fp6_layout=spec.fp6_layout, validate=False, w13_bias=w13_bias, w2_bias=w2_bias,
     )
 
 
@@ -34,15 +34,20 @@ def linear_reference(x, weight, weight_scale, alpha, input_global_scale, bias, s
     return torch.nn.functional.linear(a, w, bias)
 
 
-def grouped_mm_reference(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec):
-    """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T with g(r) the group whose offs range holds r;
-    rows at or past offs[-1] are zeros."""
+def grouped_mm_reference(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec, bias=None):
+    """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T (+ bias[g(r)] on the fp32 accumulator) with
+    g(r) the group whose offs range holds r; rows at or past offs[-1] are zeros."""
     scheme = spec.scheme()
     W = dequantize_experts(w, w_scale, scheme.weight_fmt, w_alpha, a.dtype, spec.fp6_layout)
     aq = act_fake_quantize(a, scheme.act, a_global_scale)
     rows = torch.arange(a.shape[0], device=a.device)
     g = torch.searchsorted(offs.to(torch.int64), rows, right=True)  # group of each row; E if past the end
     E = w.shape[0]
-    wg = W[g.clamp(max=E - 1)]
-    y = torch.bmm(aq.unsqueeze(1), wg.transpose(-2, -1)).squeeze(1)
+    gc = g.clamp(max=E - 1)
+    if bias is not None:
+        y = torch.bmm(aq.float().unsqueeze(1), W.float()[gc].transpose(-2, -1)).squeeze(1)
+        y = (y + bias.float()[gc]).to(a.dtype)
+    else:
+        wg = W[gc]
+        y = torch.bmm(aq.unsqueeze(1), wg.transpose(-2, -1)).squeeze(1)
     return torch.where((g < E).unsqueeze(-1), y, torch.zeros_like(y))

@@ -6,12 +6,18 @@ Per (token t, slot k) with local expert e = expert_map[topk_ids[t, k]] (skipped 
     C2  = act(C1)                              eager roundings of the activation
     A2  = QDQ_a2(C2)
     C3  = dtype(fp32 sum_K A2 * W2[e])         GEMM2
+          (optional per-expert biases, vLLM's HAS_BIAS: C1 = dtype(fp32 acc + fp32(b13[e])),
+           C3 = dtype(fp32 acc + fp32(b2[e])); still one rounding per GEMM)
     out[t] = dtype(sum_k fp32(w[t, k]) * fp32(C3))   (no weight if applied on input)
 Weights are dequantized to `dtype` first (exactly as vLLM's emulation does); the GEMMs are
 written in one of three styles users write, all computing the same rows:
     "grouped_mm"  sort rows by expert, torch._grouped_mm with int32 offsets (bf16 only)
     "bmm"         gather each row's expert weight and bmm
     "loop"        a Python loop over experts with masks (Dynamo unrolls it; small E)
+With biases, the grouped_mm style extends K (torch._grouped_mm has no fp32 output for
+bf16 operands): activations get a ones column and BIAS_PAD - 1 zero columns, weights
+the bias column and zero columns (`grouped_bias_operands`), so the fp32 accumulator
+holds sum_K a*w + 1*b before the single cast; 16-byte strides are kept.
 Differences to vLLM, on purpose: the router weight multiplies the rounded GEMM2 output
 and slots are summed in fp32 (vLLM multiplies the fp32 accumulator and, for top-k 2..4,
 sums in bf16); both are within one bf16 rounding.
@@ -27,7 +33,7 @@ from .activations import apply_activation, check_activation, is_gated
 from .qdq import act_fake_quantize, dequantize_weight
 from .schemes import Scheme, get_scheme
 
-__all__ = ["moe_emulated", "dequantize_experts", "GEMM_STYLES", "check_moe_args"]
+__all__ = ["moe_emulated", "dequantize_experts", "GEMM_STYLES", "check_moe_args", "grouped_bias_operands", "BIAS_PAD"]
 
 GEMM_STYLES = ("grouped_mm", "bmm", "loop")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -67,7 +73,7 @@ def _check_weight(name, w, scale, fmt, E, N, K, alpha, alpha_name):
 
 def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Scheme, *, w13_scale, w2_scale,
                    w13_alpha, w2_alpha, activation, apply_router_weight_on_input, expert_map,
-                   a1_global_scale, a2_global_scale):
+                   a1_global_scale, a2_global_scale, w13_bias=None, w2_bias=None):
     """Validate shapes and dtypes; every error names the offending argument."""
     check_activation(activation)
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
@@ -109,6 +115,17 @@ def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Schem
         if expert_map is not None and expert_map.numel():
             if int(expert_map.max()) >= E or int(expert_map.min()) < -1:
                 _fail("expert_map", f"values in [{int(expert_map.min())}, {int(expert_map.max())}]", f"-1 or 0..{E - 1}")
+    for name, b, shape in (("w13_bias", w13_bias, (E, N1)), ("w2_bias", w2_bias, (E, H))):
+        if b is None:
+            continue
+        if not isinstance(b, torch.Tensor):
+            _fail(name, type(b).__name__, f"a tensor {list(shape)} or None")
+        if b.dtype != hidden_states.dtype:
+            _fail(name, b.dtype, f"dtype {hidden_states.dtype} like hidden_states (the activation dtype)")
+        if tuple(b.shape) != shape:
+            _fail(name, f"shape {tuple(b.shape)}", f"shape {shape} ([E, {'N1' if name == 'w13_bias' else 'H'}])")
+        if b.device != hidden_states.device:
+            _fail(name, f"a tensor on {b.device}", f"a tensor on {hidden_states.device} like hidden_states")
     act = scheme.act
     if act is not None and act.kind == "block" and act.fmt.has_global_scale:
         for name, g in (("a1_global_scale", a1_global_scale), ("a2_global_scale", a2_global_scale)):
@@ -142,21 +159,50 @@ def sort_by_expert(key: torch.Tensor, E: int):
     return order, torch.cumsum(counts[:E], 0, dtype=torch.int32)
 
 
-def _expert_gemm(a_rows: torch.Tensor, w: torch.Tensor, key: torch.Tensor, E: int, style: str) -> torch.Tensor:
-    """Row r of the result is a_rows[r] @ w[key[r]].T (rows with key == E give zeros)."""
+#: Columns the grouped_mm-style bias adds to K: one ones/bias column and BIAS_PAD - 1
+#: zero columns (keeps K + BIAS_PAD a multiple of 8: 16-byte bf16 strides).
+BIAS_PAD = 8
+
+
+def grouped_bias_operands(a_rows: torch.Tensor, w: torch.Tensor, bias: torch.Tensor):
+    """K-extended GEMM operands whose product is a_rows @ w.T + bias, accumulated in fp32
+    before the one cast: [a | 1 | 0...] and [w | bias | 0...] (bias * 1.0 is exact)."""
+    R = a_rows.shape[0]
+    pad = BIAS_PAD - 1
+    a_ext = torch.cat([a_rows, a_rows.new_ones(R, 1), a_rows.new_zeros(R, pad)], dim=1)
+    w_ext = torch.cat([w, bias.unsqueeze(-1), w.new_zeros(w.shape[0], w.shape[1], pad)], dim=2)
+    return a_ext, w_ext
+
+
+def _expert_gemm(a_rows: torch.Tensor, w: torch.Tensor, key: torch.Tensor, E: int, style: str,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Row r of the result is a_rows[r] @ w[key[r]].T (+ bias[key[r]], added to the fp32
+    accumulator before the one rounding); rows with key == E give zeros."""
     valid = (key < E).unsqueeze(-1)
+    dtype = a_rows.dtype
     if style == "grouped_mm":
+        if bias is not None:
+            a_rows, w = grouped_bias_operands(a_rows, w, bias)
         order, offs = sort_by_expert(key, E)
         y_sorted = torch._grouped_mm(a_rows[order], w.transpose(-2, -1), offs=offs)
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted
     elif style == "bmm":
-        wg = w[key.clamp(max=E - 1)]  # [R, N, K]
-        y = torch.bmm(a_rows.unsqueeze(1), wg.transpose(-2, -1)).squeeze(1)
+        if bias is not None:  # fp32 gather + bmm (products of the dtype's values are exact in fp32)
+            kc = key.clamp(max=E - 1)
+            y = torch.bmm(a_rows.float().unsqueeze(1), w.float()[kc].transpose(-2, -1)).squeeze(1)
+            y = (y + bias.float()[kc]).to(dtype)
+        else:
+            wg = w[key.clamp(max=E - 1)]  # [R, N, K]
+            y = torch.bmm(a_rows.unsqueeze(1), wg.transpose(-2, -1)).squeeze(1)
     else:  # loop
         y = a_rows.new_zeros(a_rows.shape[0], w.shape[1])
         for e in range(E):
-            y = torch.where((key == e).unsqueeze(-1), a_rows @ w[e].t(), y)
+            if bias is not None:
+                ye = (a_rows.float() @ w[e].float().t() + bias[e].float()).to(dtype)
+            else:
+                ye = a_rows @ w[e].t()
+            y = torch.where((key == e).unsqueeze(-1), ye, y)
     return torch.where(valid, y, torch.zeros_like(y))
 
 
@@ -180,6 +226,8 @@ def moe_emulated(
     gemm_style: str = "grouped_mm",
     fp6_layout: str = "quark",
     validate: bool = True,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Emulated quantized MoE forward; see the module docstring for the exact numerics.
 
@@ -188,6 +236,8 @@ def moe_emulated(
     NVFP4: w13_alpha / w2_alpha are dequantize-direction per-expert global scales ([E],
     or [E, 2] for separate gate/up); a1/a2_global_scale the per-layer activation global
     scales (quantize direction). `a_fp8` schemes take optional static a1/a2 scales.
+    w13_bias [E, N1] / w2_bias [E, H] (activation dtype, optional): per-expert GEMM biases
+    added to the fp32 accumulator before the GEMM's one rounding (vLLM's HAS_BIAS).
     """
     scheme = get_scheme(scheme)
     if gemm_style not in GEMM_STYLES:
@@ -197,7 +247,8 @@ def moe_emulated(
             hidden_states, w13, w2, topk_weights, topk_ids, scheme, w13_scale=w13_scale, w2_scale=w2_scale,
             w13_alpha=w13_alpha, w2_alpha=w2_alpha, activation=activation,
             apply_router_weight_on_input=apply_router_weight_on_input, expert_map=expert_map,
-            a1_global_scale=a1_global_scale, a2_global_scale=a2_global_scale,
+            a1_global_scale=a1_global_scale, a2_global_scale=a2_global_scale, w13_bias=w13_bias,
+            w2_bias=w2_bias,
         )
     else:
         (T, H), E = hidden_states.shape, w13.shape[0]
@@ -220,10 +271,10 @@ def moe_emulated(
     if apply_router_weight_on_input:
         x_rows = x_rows * w_flat.to(dtype).unsqueeze(-1)
     a1 = act_fake_quantize(x_rows, scheme.act, a1_global_scale)
-    c1 = _expert_gemm(a1, W13, key, E, gemm_style)
+    c1 = _expert_gemm(a1, W13, key, E, gemm_style, w13_bias)
     c2 = apply_activation(c1, activation)
     a2 = act_fake_quantize(c2, scheme.act, a2_global_scale)
-    c3 = _expert_gemm(a2, W2, key, E, gemm_style)
+    c3 = _expert_gemm(a2, W2, key, E, gemm_style, w2_bias)
     c3 = c3.reshape(T, top_k, H).to(torch.float32)
     if not apply_router_weight_on_input:
         c3 = c3 * topk_weights.to(torch.float32).unsqueeze(-1)
