@@ -10,11 +10,25 @@ optionally with the activation QDQ in front, becomes one `mxemu::grouped_mm`:
 
 A single grouped GEMM (a partial match) keeps this fused form.
 
+Biased form (per-expert GEMM bias, `reference.moe.grouped_bias_operands`, GPT-OSS): K is
+extended by a ones column + zero columns in the activations and the bias column + zero
+columns in the weights, so the bf16 grouped GEMM's fp32 accumulator adds the bias before
+its one rounding:
+
+    _grouped_mm(cat([QDQ(a), ONES, ZA], 1)[order], cat([DEQ(w), bias.unsqueeze(-1), ZW], 2)
+                .transpose(-2, -1), offs)
+ -> mxemu::grouped_mm(a[order], w, w_scale, w_alpha, offs, a_gs, spec, bias)
+
+The check proves the padding (`_bias_pad_reason`): ONES is a constant full(1) [R, 1] and
+ZA / ZW constant full(0) blocks [R, p] / [E, N, p] of the activation dtype, the bias
+[E, N] of the activation dtype; anything else stays as written (explain() says why).
+
 Stage 2, family "moe": the MoE structure around two stage-1 GEMMs (routing prep ->
 GEMM1 -> activation -> GEMM2 -> top-k combine, as `emu_inductor.patterns.moe` writes
 it) becomes one `mxemu::moe`. The two GEMMs' spec strings are KeywordArgs: one pattern
 per (activation, router weight on input, expert_map) serves every scheme; the check
-requires both GEMMs to use the same scheme.
+requires both GEMMs to use the same scheme. With biased stage-1 GEMMs (both carrying a
+per-expert bias) the same structure becomes `mxemu::moe(..., w13_bias, w2_bias)`.
 """
 
 from __future__ import annotations
@@ -141,6 +155,71 @@ def _grouped_check(deq, q, act_dtypes=(torch.bfloat16,)):
     return check
 
 
+def _full_value(node, what: str, dtype, shape, sym_shape=True):
+    """(None, reason) unless `node` is a constant aten.full of `dtype` and `shape`; returns
+    (fill value, None)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target is not aten.full.default:
+        target = getattr(node, "target", None) if isinstance(node, torch.fx.Node) else type(node).__name__
+        return None, f"{what} is not a constant torch.full block (it is {target}); its values are unknown"
+    val = mx.fake(node)
+    if val is None or val.dtype != dtype:
+        return None, f"{what} is {getattr(val, 'dtype', None)}, expected {dtype} like the activations"
+    if val.dim() != len(shape) or not all(mx.sym_eq(a, b) for a, b in zip(val.shape, shape) if b is not None):
+        return None, f"{what} has shape {tuple(val.shape)}, expected {tuple('*' if b is None else b for b in shape)}"
+    fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+    if isinstance(fill, torch.fx.Node) or not isinstance(fill, (int, float, bool)):
+        return None, f"{what} has a non-constant fill value"
+    return fill, None
+
+
+def _bias_pad_reason(match) -> Optional[str]:
+    """The K extension really adds exactly `bias` to every row's accumulator: a ones column
+    at the position of the bias column, zero blocks of one width after both, activation dtype."""
+    kw = match.kwargs
+    a, w, bias = _val(match, "x"), _val(match, "w"), _val(match, "bias")
+    if a is None or w is None or bias is None:
+        return "biased grouped GEMM operands have no metadata"
+    dt = a.dtype
+    R, E, N = a.shape[0], w.shape[0], w.shape[1]
+    if kw.get("bias_dim") not in (-1, 2):
+        return f"bias is unsqueezed at dim {kw.get('bias_dim')!r}, expected the last (K) dim"
+    if not isinstance(bias, torch.Tensor) or bias.dtype != dt:
+        return f"bias is {getattr(bias, 'dtype', None)}, expected {dt} like the activations"
+    if bias.dim() != 2 or not mx.sym_eq(bias.shape[0], E) or not mx.sym_eq(bias.shape[1], N):
+        return f"bias has shape {tuple(bias.shape)}, expected [E={E}, N={N}]"
+    one, r = _full_value(kw.get("a_one"), "activation ones column", dt, (R, 1))
+    if r:
+        return r
+    if one != 1:
+        return f"activation pad column is full({one!r}), expected full(1): the bias would be scaled"
+    zpa = mx.fake(kw.get("a_pad"))
+    p = zpa.shape[1] if isinstance(zpa, torch.Tensor) and zpa.dim() == 2 else None
+    if p is None:
+        return "activation zero padding is not [R, p]"
+    zero, r = _full_value(kw.get("a_pad"), "activation zero padding", dt, (R, p))
+    if r:
+        return r
+    if zero != 0:
+        return f"activation padding is full({zero!r}), expected zeros"
+    zero, r = _full_value(kw.get("w_pad"), "weight zero padding", dt, (E, N, p))
+    if r:
+        return r
+    if zero != 0:
+        return f"weight padding is full({zero!r}), expected zeros"
+    return None
+
+
+def _bias_forms(apat, gather: bool, dpat) -> tuple[pm.PatternExpr, pm.PatternExpr]:
+    """(activation operand, weight operand) of the K-extended grouped GEMM."""
+    acat = pm.CallFunction(aten.cat.default, [apat, pm.KeywordArg("a_one"), pm.KeywordArg("a_pad")], 1)
+    if gather:
+        acat = pm.CallFunction(aten.index.Tensor, acat, [pm.KeywordArg("order")])
+    wcat = pm.CallFunction(aten.cat.default, [dpat, pm.CallFunction(aten.unsqueeze.default, pm.KeywordArg("bias"),
+                                                                     pm.KeywordArg("bias_dim")),
+                                              pm.KeywordArg("w_pad")], 2)
+    return acat, pm.CallFunction(aten.permute.default, wcat, [0, 2, 1])
+
+
 def _register_grouped(pm_pass, deq, dpat, q, qpat, *, reasons=(), spec_fn=None, fp6_layout="quark") -> int:
     """_grouped_mm(QDQ(a)[order] | QDQ(a) | a, DEQ.transpose(-2, -1), offs) -> mxemu::grouped_mm."""
     wt = pm.CallFunction(aten.permute.default, dpat, [0, 2, 1])
@@ -162,28 +241,43 @@ def _register_grouped(pm_pass, deq, dpat, q, qpat, *, reasons=(), spec_fn=None, 
                 return r
         return base_check(match)
 
+    def bias_check(match):
+        return _bias_pad_reason(match) or check(match)
+
+    # biased (K-extended) forms: the activation is gathered after the cat, so the
+    # weight-only variant has an explicit gather too
+    a_in = qpat if q is not None else pm.KeywordArg("x")
+    bias_forms = [("_bias_gather", a_in, True), ("_bias", a_in, False)]
+    variants = [(suffix, apat, gather, False) for suffix, apat, gather in forms] + [
+        (suffix, apat, gather, True) for suffix, apat, gather in bias_forms]
     n = 0
-    for suffix, apat, gather in forms:
-        pat = pm.CallFunction(aten._grouped_mm.default, apat, wt, pm.KeywordArg("offs"))
+    for suffix, apat, gather, biased in variants:
+        if biased:
+            aop, wop = _bias_forms(apat, gather, dpat)
+            pat = pm.CallFunction(aten._grouped_mm.default, aop, wop, pm.KeywordArg("offs"))
+        else:
+            pat = pm.CallFunction(aten._grouped_mm.default, apat, wt, pm.KeywordArg("offs"))
 
         def replace(match, gather=gather):
             kw = match.kwargs
             sp = spec_fn(match) if spec_fn is not None else spec
             args = [kw["x"], kw.get("order"), kw["w"], kw["w_scale"], kw.get("w_alpha"), kw["offs"],
-                    kw.get("a_gs")]
+                    kw.get("a_gs"), kw.get("bias")]
             where = [a is not None for a in args]
 
             def repl(*vals):
                 it = iter(vals)
-                x, order, w, s, alpha, offs, gs = [next(it) if p else None for p in where]
+                x, order, w, s, alpha, offs, gs, bias = [next(it) if p else None for p in where]
                 if order is not None:
                     x = x[order]
+                if bias is not None:
+                    return torch.ops.mxemu.grouped_mm(x, _weight_arg(w), s, alpha, offs, gs, sp, bias)
                 return torch.ops.mxemu.grouped_mm(x, _weight_arg(w), s, alpha, offs, gs, sp)
 
             match.replace_by_example(repl, [a for a in args if a is not None])
 
-        mx.register_family_pattern(pat, pm_pass, family="grouped_mm", name=base + suffix, check=check,
-                                   replace=replace)
+        mx.register_family_pattern(pat, pm_pass, family="grouped_mm", name=base + suffix,
+                                   check=bias_check if biased else check, replace=replace)
         n += 1
     return n
 
@@ -297,10 +391,10 @@ MOE_ACTIVATIONS = ("silu", "gelu", "swigluoai", "silu_no_mul", "gelu_no_mul", "r
 _SPEC1 = OpSpec("nvfp4", "block", "nvfp4", None, "vllm").to_str()
 _SPEC2 = OpSpec("nvfp4", "block", "nvfp4", None, "vllm_ref").to_str()
 _MOE_ARGS = ["hidden_states", "topk_weights", "topk_ids", "expert_map", "w13", "w13_scale", "w13_alpha", "a1_gs",
-             "w2", "w2_scale", "w2_alpha", "a2_gs"]
+             "w2", "w2_scale", "w2_alpha", "a2_gs", "w13_bias", "w2_bias"]
 
 
-def _moe_example(activation, with_map):
+def _moe_example(activation, with_map, bias=False):
     from ..reference.activations import is_gated
 
     E, H, I, T, k = TRACE_NUM_EXPERTS, 32, 16, 4, 2
@@ -314,25 +408,31 @@ def _moe_example(activation, with_map):
     w2, s2 = torch.zeros(E, H, I // 2, dtype=u8), torch.ones(E, H, I // 16).to(torch.float8_e4m3fn)
     one = torch.ones(E)
     g = torch.ones(())
-    return [x, tw, ids, emap, w13, s13, one, g, w2, s2, one.clone(), g.clone()]
+    b13 = torch.zeros(E, N1, dtype=torch.bfloat16) if bias else None
+    b2 = torch.zeros(E, H, dtype=torch.bfloat16) if bias else None
+    return [x, tw, ids, emap, w13, s13, one, g, w2, s2, one.clone(), g.clone(), b13, b2]
 
 
 @functools.lru_cache(maxsize=None)
-def moe_structure_pattern(activation: str, rwoi: bool, with_map: bool) -> pm.PatternExpr:
+def moe_structure_pattern(activation: str, rwoi: bool, with_map: bool, bias: bool = False) -> pm.PatternExpr:
     with mx.tracing_context():
-        args = _moe_example(activation, with_map)
+        args = _moe_example(activation, with_map, bias)
         names = [n for n, a in zip(_MOE_ARGS, args) if a is not None]
         present = [a for a in args if a is not None]
 
         def fn(*vals):
             it = iter(vals)
             full = [next(it) if a is not None else None for a in args]
-            x, tw, ids, emap, w13, s13, a13, g1, w2, s2, a2, g2 = full
+            x, tw, ids, emap, w13, s13, a13, g1, w2, s2, a2, g2, b13, b2 = full
 
             def gemm1(a, offs):
+                if b13 is not None:
+                    return torch.ops.mxemu.grouped_mm(a, w13, s13, a13, offs, g1, _SPEC1, b13)
                 return torch.ops.mxemu.grouped_mm(a, w13, s13, a13, offs, g1, _SPEC1)
 
             def gemm2(a, offs):
+                if b2 is not None:
+                    return torch.ops.mxemu.grouped_mm(a, w2, s2, a2, offs, g2, _SPEC2, b2)
                 return torch.ops.mxemu.grouped_mm(a, w2, s2, a2, offs, g2, _SPEC2)
 
             return moe_grouped_structure(x, tw, ids, emap, gemm1, gemm2, E=TRACE_NUM_EXPERTS,
@@ -346,7 +446,20 @@ def moe_structure_pattern(activation: str, rwoi: bool, with_map: bool) -> pm.Pat
     return mx.relax_users(pat)
 
 
-def _moe_check(activation, rwoi, with_map):
+def _moe_bias_reason(match) -> Optional[str]:
+    x, w13 = _val(match, "hidden_states"), _val(match, "w13")
+    for name, n_rows in (("w13_bias", w13.shape[1]), ("w2_bias", x.shape[-1])):
+        b = _val(match, name)
+        if not isinstance(b, torch.Tensor):
+            return f"{name} has no metadata"
+        if b.dtype != x.dtype:
+            return f"{name} is {b.dtype}, expected {x.dtype} like hidden_states"
+        if b.dim() != 2 or not mx.sym_eq(b.shape[0], w13.shape[0]) or not mx.sym_eq(b.shape[1], n_rows):
+            return f"{name} has shape {tuple(b.shape)}, expected [E={w13.shape[0]}, {n_rows}]"
+    return None
+
+
+def _moe_check(activation, rwoi, with_map, bias=False):
     def check(match):
         kw = match.kwargs
         s1, s2 = kw.get("spec1"), kw.get("spec2")
@@ -377,43 +490,50 @@ def _moe_check(activation, rwoi, with_map):
         fmt_k = o1.scheme().weight_fmt
         if not mx.sym_eq(fmt_k.logical_size(w13.shape[-1]), x.shape[-1]):
             return "w13's K does not match the hidden size"
+        if bias:
+            return _moe_bias_reason(match)
         return None
     return check
 
 
 def register_moe_patterns(pm_pass, activations=MOE_ACTIVATIONS, rwoi_activations=("silu",)) -> int:
     n = 0
-    for activation in activations:
-        for rwoi in ((False, True) if activation in rwoi_activations else (False,)):
-            for with_map in (False, True):
-                try:
-                    pat = moe_structure_pattern(activation, rwoi, with_map)
-                except Exception as e:
-                    log.warning("mxemu moe: no structure pattern for %s/%s/%s: %r", activation, rwoi, with_map, e)
-                    continue
+    combos = [(a, rwoi, with_map, bias) for bias in (False, True) for a in activations
+              for rwoi in ((False, True) if a in rwoi_activations else (False,)) for with_map in (False, True)]
+    for activation, rwoi, with_map, bias in combos:
+        try:
+            pat = moe_structure_pattern(activation, rwoi, with_map, bias)
+        except Exception as e:
+            log.warning("mxemu moe: no structure pattern for %s/%s/%s/%s: %r", activation, rwoi, with_map,
+                        bias, e)
+            continue
 
-                def replace(match, activation=activation, rwoi=rwoi, with_map=with_map):
-                    kw = match.kwargs
-                    o = OpSpec.from_str(kw["spec1"])
-                    import dataclasses
+        def replace(match, activation=activation, rwoi=rwoi, with_map=with_map):
+            kw = match.kwargs
+            o = OpSpec.from_str(kw["spec1"])
+            import dataclasses
 
-                    spec = dataclasses.replace(o, activation=activation, router_weight_on_input=rwoi).to_str()
-                    names = ["hidden_states", "w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha",
-                             "topk_weights", "topk_ids", "a1_gs", "a2_gs", "expert_map"]
-                    args = [kw.get(nm) for nm in names]
-                    where = [a is not None for a in args]
+            spec = dataclasses.replace(o, activation=activation, router_weight_on_input=rwoi).to_str()
+            names = ["hidden_states", "w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha",
+                     "topk_weights", "topk_ids", "a1_gs", "a2_gs", "expert_map", "w13_bias", "w2_bias"]
+            args = [kw.get(nm) for nm in names]
+            where = [a is not None for a in args]
 
-                    def repl(*vals):
-                        it = iter(vals)
-                        x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em = [next(it) if p else None for p in where]
-                        return torch.ops.mxemu.moe(x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, spec)
+            def repl(*vals):
+                it = iter(vals)
+                x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, b13, b2 = [
+                    next(it) if p else None for p in where]
+                if b13 is not None or b2 is not None:
+                    return torch.ops.mxemu.moe(x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, spec,
+                                               b13, b2)
+                return torch.ops.mxemu.moe(x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, spec)
 
-                    match.replace_by_example(repl, [a for a in args if a is not None])
+            match.replace_by_example(repl, [a for a in args if a is not None])
 
-                name = f"{activation}{'_rwoi' if rwoi else ''}{'_expert_map' if with_map else ''}"
-                mx.register_family_pattern(pat, pm_pass, family="moe", name=name,
-                                           check=_moe_check(activation, rwoi, with_map), replace=replace)
-                n += 1
+        name = f"{activation}{'_rwoi' if rwoi else ''}{'_expert_map' if with_map else ''}{'_bias' if bias else ''}"
+        mx.register_family_pattern(pat, pm_pass, family="moe", name=name,
+                                   check=_moe_check(activation, rwoi, with_map, bias), replace=replace)
+        n += 1
     return n
 
 
