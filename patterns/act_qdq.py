@@ -23,7 +23,7 @@ from ..formats import FORMATS
 from ..reference.qdq import act_fake_quantize
 from ..reference.schemes import ActQuant
 
-__all__ = ["QDQStyle", "qdq_styles", "vllm_ref_nvfp4_quant_dequant"]
+__all__ = ["QDQStyle", "qdq_styles", "fp8_static_styles", "vllm_torch_styles", "vllm_ref_nvfp4_quant_dequant"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,13 @@ def qdq_styles() -> list[QDQStyle]:
     a = ActQuant("fp8_tensor")
     out.append(QDQStyle("reference", a, _reference(a), False))
     return out
+
+
+def fp8_static_styles() -> list[QDQStyle]:
+    """Per-tensor E4M3 QDQ with a static (calibrated) scale, vLLM's `input_scale`:
+    `(e4m3(clamp(x * (1/s))) * s).to(x.dtype)` with s a graph input."""
+    a = ActQuant("fp8_tensor")
+    return [QDQStyle("reference_static", a, _reference(a), True)]
 
 
 def vllm_torch_styles() -> list[QDQStyle]:

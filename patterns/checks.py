@@ -70,12 +70,14 @@ def check_weight(w, scale, alpha, fmt: BlockFormat, eq: Eq, *, batched: bool, K=
     return None
 
 
-def check_activation_input(x, eq: Eq, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> Optional[str]:
+def check_activation_input(x, eq: Eq, dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                           ndim: Optional[int] = 2) -> Optional[str]:
+    """dtype and rank of a GEMM's activation (ndim=None: any rank)."""
     if x is None:
         return "activation has no metadata"
     if x.dtype not in dtypes:
         return f"activation dtype {x.dtype} not supported"
-    if x.dim() != 2:
+    if ndim is not None and x.dim() != ndim:
         return f"activation is {x.dim()}-d, expected [rows, K]"
     return None
 

@@ -79,6 +79,9 @@ def test_linear_canonical(scheme):
     x = torch.randn(T, 128).bfloat16()
     out, code = _compile_run(m, x)
     assert counters["mxemu"]["linear"] == 1, dict(counters["mxemu"])
+    fired = [k for k in counters["mxemu_patterns"] if k.startswith("linear.")]
+    if sch.act is not None:  # the activation QDQ went inside the fused op (static fp8 scale too)
+        assert len(fired) == 1 and not fired[0].endswith("a16"), fired
     FileCheck().check("torch.ops.mxemu.linear").check_not("extern_kernels.mm").run(code)
     spec = re.search(r'\{"act_fmt".*?\}', code).group(0)
     a = sch.act
@@ -101,6 +104,60 @@ def test_linear_bias_fp16_fp32():
         out, code = _compile_run(m, x)
         assert counters["mxemu"]["linear"] == 1, (dt, dict(counters["mxemu"]))
         _assert_close(out, _eager(m, x))
+
+
+ND_SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8", "w_mxfp6_e3m2_a_mxfp6_e3m2",
+              ("nvfp4_w4a4", {"recipe": "vllm_ref"})]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("scheme", ND_SCHEMES, ids=lambda s: s if isinstance(s, str) else f"{s[0]}-{list(s[1].values())[0]}")
+def test_linear_nd_activation_fuses_with_its_qdq(scheme, bias):
+    """[B, S, K] activations (what transformers hands a linear): F.linear flattens the
+    QDQ'd tensor to [B*S, K] before mm; the activation QDQ still goes inside the fused op."""
+    torch.manual_seed(2)
+    m = QuantizedLinear.from_float(torch.randn(48, 128).bfloat16(), scheme=_scheme(scheme),
+                                   input_global_scale=torch.tensor(2688.0 / 4.0),
+                                   bias=torch.randn(48).bfloat16() if bias else None)
+    x = torch.randn(2, 3, 128).bfloat16()
+    out, code = _compile_run(m, x)
+    assert counters["mxemu"]["linear"] == 1, dict(counters["mxemu"])
+    fired = [k for k in counters["mxemu_patterns"] if k.startswith("linear.")]
+    assert len(fired) == 1 and fired[0].endswith("_nd_bias" if bias else "_nd"), fired
+    FileCheck().check("torch.ops.mxemu.linear").check_not("extern_kernels.mm").run(code)
+    assert out.shape == (2, 3, 48)
+    _assert_close(out, _eager(m, x))
+    x2 = torch.randn(2, 3, 128).bfloat16() * 3  # fresh inputs through the same compiled model
+    with torch.no_grad():
+        _assert_close(_last_compiled(x2), _eager(m, x2))
+
+
+class RegroupingLinear(torch.nn.Module):
+    """Near miss of the N-d form: the QDQ runs along a last dim of 32, then a view merges
+    pairs of rows into K = 64 (not the [prod(lead), K] flatten the fused op assumes)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        a = act_fake_quantize(x, self.inner.scheme.act, self.inner.input_global_scale)
+        w = dequantize_weight(self.inner.weight, self.inner.weight_scale, self.inner.scheme.weight_fmt,
+                              alpha=self.inner.alpha, dtype=x.dtype)
+        return torch.nn.functional.linear(a.reshape(-1, 64), w)
+
+
+def test_linear_nd_regrouping_view_keeps_its_qdq_outside():
+    torch.manual_seed(3)
+    inner = QuantizedLinear.from_float(torch.randn(16, 64).bfloat16(), scheme="nvfp4_w4a4",
+                                       input_global_scale=torch.tensor(2688.0 / 4.0))
+    m = RegroupingLinear(inner)
+    x = torch.randn(2, 4, 32).bfloat16()
+    out, _ = _compile_run(m, x)
+    fired = [k for k in counters["mxemu_patterns"] if k.startswith("linear.")]
+    assert not any("_nd" in k for k in fired), fired  # at most the weight-only dequant-GEMM
+    assert any("not [prod(leading dims), K]" in r or "expected >= 3-d" in r for r in _reasons()), _reasons()
+    _assert_close(out, _eager(m, x))
 
 
 # --- whole MoE layer, canonical style (moe_emulated, gemm_style="grouped_mm") ----------------------

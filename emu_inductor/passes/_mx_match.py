@@ -64,6 +64,37 @@ class _AnyShape:
 
 ANY = _AnyShape()
 
+
+class _IdentityPermMarker:
+    """Sentinel for a traced identity permutation (moveaxis(x, -1, -1) in a QDQ)."""
+
+    def __repr__(self):
+        return "IDENTITY_PERM"
+
+
+IDENTITY_PERM = _IdentityPermMarker()
+
+
+class IdentityDims(pm.PatternExpr):
+    """Matches a permutation argument that is the identity of any rank ([0, 1], [0, 1, 2]).
+
+    The QDQ pieces are traced on 2-d inputs, where `moveaxis(x, -1, -1)` leaves
+    `permute(x, [0, 1])`; the same code on a [B, S, K] activation leaves [0, 1, 2]. Matching
+    "the identity" instead of the traced literal lets one trace serve every rank, while a
+    real reordering (which would move the block axis) still fails the match."""
+
+    def _match(self, node, ctx):
+        if isinstance(node, (list, tuple)) and all(isinstance(d, int) for d in node) and \
+                list(node) == list(range(len(node))):
+            return pm.Match(ctx, self)
+        return pm.FailedMatch("permutation {} is not the identity", node)
+
+    def __repr__(self):
+        return "IdentityDims()"
+
+    def pretty_print(self, pp):
+        return "IdentityDims()"
+
 # op -> positions (ints) or kwarg names of size arguments
 _SHAPE_ARGS: dict[Any, tuple] = {
     aten.reshape.default: (1,),
@@ -139,6 +170,10 @@ def _sentinelise(gm: torch.fx.GraphModule) -> None:
             if pos < len(args):
                 args[pos] = ANY
                 changed = True
+        if n.target is aten.permute.default and len(args) > 1 and isinstance(args[1], (list, tuple)) and \
+                list(args[1]) == list(range(len(args[1]))):
+            args[1] = IDENTITY_PERM
+            changed = True
         for pos in _SIZE_SCALAR_ARGS.get(n.target, ()):
             if pos < len(args):
                 args[pos] = ANY
@@ -193,6 +228,7 @@ def build_pattern(fn: Callable, args: Sequence[Any], argnames: Sequence[str],
                            scalar_workaround=scalar_workaround)
     _free_constant_users(pat, gm)
     runtime_float_consts(pat)
+    replace_literal(pat, IDENTITY_PERM, IdentityDims)
     if marker is not None:
         replace_nodes_kwarg(pat, marker, dtype_kwarg[1])
     if isinstance(pat, pm.CallFunction):
@@ -224,11 +260,16 @@ def relax_users(pattern: pm.PatternExpr) -> pm.PatternExpr:
 
 def replace_nodes_kwarg(pattern: pm.PatternExpr, value: Any, name: str) -> pm.PatternExpr:
     """Turn every literal argument equal to `value` into KeywordArg(name) (e.g. a spec string)."""
+    return replace_literal(pattern, value, lambda: pm.KeywordArg(name))
+
+
+def replace_literal(pattern: pm.PatternExpr, value: Any, make: Callable[[], pm.PatternExpr]) -> pm.PatternExpr:
+    """Turn every literal argument equal to `value` into the pattern `make()`."""
     seen = set()
 
     def sub(a):
         if a is value or (isinstance(a, str) and isinstance(value, str) and a == value):
-            return pm.KeywordArg(name)
+            return make()
         if isinstance(a, (list, tuple)):
             return type(a)(sub(x) for x in a)
         if isinstance(a, pm.PatternExpr):

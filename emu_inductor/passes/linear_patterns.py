@@ -23,7 +23,7 @@ from torch._inductor import pattern_matcher as pm
 
 from ..patterns import checks
 from ..patterns import opaque as _opaque
-from ..patterns.act_qdq import QDQStyle, act_compatible, qdq_styles, vllm_torch_styles
+from ..patterns.act_qdq import QDQStyle, act_compatible, fp8_static_styles, qdq_styles, vllm_torch_styles
 from ..patterns.dequant import E2M1_LUT, DequantStyle, dequant_styles, example_weight
 from ..ops import library as _ops_library  # noqa: F401  (registers torch.ops.mxemu.*)
 from ..ops.spec import OpSpec
@@ -194,6 +194,30 @@ def _weight_reason(match, deq: DequantStyle, K) -> Optional[str]:
         (lut_reason(match) if deq.extra_inputs else None)
 
 
+def _flatten_reason(match, x) -> Optional[str]:
+    """For the N-d form mm(view(QDQ(x), shape), W.T): x is >= 3-d and the view only merges
+    its leading dims ([prod(lead), K]). Any other view (one that regroups K) would let a
+    block straddle rows, which the fused op cannot reproduce, so it is left alone."""
+    if x is None:
+        return "activation has no metadata"
+    r = checks.check_activation_input(x, mx.sym_eq, ndim=None)
+    if r:
+        return r
+    if x.dim() < 3:
+        return f"activation is {x.dim()}-d, expected >= 3-d before the flattening view"
+    mm = match.output_node()
+    view = mm.args[1] if mm.target == aten.addmm.default else mm.args[0]
+    out = mx.fake(view)
+    lead = 1
+    for d in x.shape[:-1]:
+        lead = lead * d
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not mx.sym_eq(out.shape[1], x.shape[-1]) or \
+            not mx.sym_eq(out.shape[0], lead):
+        return (f"the view between the activation QDQ and mm reshapes {tuple(x.shape)} to "
+                f"{tuple(getattr(out, 'shape', ()))}, not [prod(leading dims), K]")
+    return None
+
+
 def _weight_arg(w):
     return w.view(torch.uint8) if w.dtype != torch.uint8 else w
 
@@ -300,7 +324,7 @@ class LinearPatterns:
     def __init__(self, pass_dict: Optional[pm.PatternMatcherPass] = None, *, styles=None, qdqs=None):
         self.pass_dict = pass_dict if pass_dict is not None else pm.PatternMatcherPass(pass_name="mxemu_linear")
         self.styles = styles if styles is not None else dequant_styles(batched=False)
-        self.qdqs = qdqs if qdqs is not None else qdq_styles() + vllm_torch_styles()
+        self.qdqs = qdqs if qdqs is not None else qdq_styles() + fp8_static_styles() + vllm_torch_styles()
         self._dtypes: set = set()
 
     def ensure(self, dtypes) -> None:
@@ -406,9 +430,9 @@ class LinearPatterns:
         wt = pm.CallFunction(aten.permute.default, dpat, [1, 0])
         has_gs = q is not None and q.has_global_scale
 
-        def check(match, deq=deq, q=q):
+        def check(match, deq=deq, q=q, nd=False):
             x = _val(match, "x")
-            r = checks.check_activation_input(x, mx.sym_eq)
+            r = _flatten_reason(match, x) if nd else checks.check_activation_input(x, mx.sym_eq)
             if r:
                 return r
             adt = match.kwargs.get("act_dtype")
@@ -425,7 +449,7 @@ class LinearPatterns:
                 r = checks.check_global_scale(_val(match, "a_gs"), mx.sym_eq)
             return r
 
-        def make_replace(with_bias):
+        def make_replace(with_bias, flatten=False):
             def replace(match):
                 kw = match.kwargs
                 args = [kw["x"], kw["w"], kw["w_scale"], kw.get("w_alpha"), kw.get("a_gs"), kw.get("bias")]
@@ -437,6 +461,8 @@ class LinearPatterns:
                     it = iter(vals)
                     full = [next(it) if p else None for p in where]
                     x, w, s, alpha, gs, bias = full
+                    if flatten:  # the view the user's graph applied after the QDQ, now before it
+                        x = x.reshape(-1, x.shape[-1])
                     return torch.ops.mxemu.linear(x, _weight_arg(w), s, alpha, gs, bias, sp)
 
                 match.replace_by_example(repl, present)
@@ -448,6 +474,20 @@ class LinearPatterns:
         addmm_pat = pm.CallFunction(aten.addmm.default, pm.KeywordArg("bias"), qpat, wt)
         mx.register_family_pattern(addmm_pat, self.pass_dict, family=FAMILY, name=name + "_bias", check=check,
                                    replace=make_replace(True))
+        if q is None:
+            return  # weight-only: x is any tensor, the 2-d rule above already sees the view
+        # N-d activations ([B, S, K], what F.linear gets inside transformers): the
+        # decomposition flattens the QDQ'd tensor with a view to [B*S, K] before mm. The
+        # QDQ pieces are shape-agnostic, so the same piece matches the N-d QDQ; the check
+        # proves the view only merges leading dims (last dim kept = K), under which QDQ
+        # along the last dim commutes with the flatten (blocks never cross rows).
+        flat = pm.CallFunction([aten.reshape.default, aten.view.default], qpat, pm.Ignored())
+        check_nd = functools.partial(check, nd=True)
+        mx.register_family_pattern(pm.CallFunction(aten.mm.default, flat, wt), self.pass_dict, family=FAMILY,
+                                   name=name + "_nd", check=check_nd, replace=make_replace(False, flatten=True))
+        mx.register_family_pattern(pm.CallFunction(aten.addmm.default, pm.KeywordArg("bias"), flat, wt),
+                                   self.pass_dict, family=FAMILY, name=name + "_nd_bias", check=check_nd,
+                                   replace=make_replace(True, flatten=True))
 
     def _register_opaque(self, dtype, first: bool):
         """Declared opaque ops (emu_inductor.register_dequant_op / register_qdq_op) as
