@@ -35,7 +35,8 @@ class VllmGlobalLutLinear(torch.nn.Module):
         return x @ w.t()
 
 
-def test_module_global_lut_fuses_guarded():
+@pytest.mark.parametrize("dynamic", [None, True], ids=["static", "dynamic"])
+def test_module_global_lut_fuses_guarded(dynamic):
     torch.manual_seed(0)
     ql = QuantizedLinear.from_float(torch.randn(32, 64).bfloat16(), scheme="nvfp4_w4a16")
     m = VllmGlobalLutLinear(ql)
@@ -45,7 +46,7 @@ def test_module_global_lut_fuses_guarded():
     torch._dynamo.reset()
     counters.clear()
     _mx_match.RECORDS.clear()
-    cm = torch.compile(m, backend="mxemu")
+    cm = torch.compile(m, backend="mxemu", dynamic=dynamic)  # dynamic=True: the LUT's length is symbolic
     with fresh_cache(), torch.no_grad():
         out, code = run_and_get_code(cm, x)
         code = "\n".join(code)

@@ -518,6 +518,18 @@ def sym_eq(a, b) -> bool:
         return False
 
 
+def guard_eq(a, b) -> bool:
+    """a == b, specialising a symbolic size to its current value when that is what it is:
+    the comparison installs a shape-env guard (Dynamo checks it on every call and recompiles
+    when it fails), so use it only for sizes that are constants in practice (a LUT's 8)."""
+    if sym_eq(a, b):
+        return True
+    try:
+        return bool(a == b)  # SymBool -> guard on the hint's answer
+    except Exception:  # pragma: no cover - no hint: cannot decide, leave the graph alone
+        return False
+
+
 # --- recording for explain() -----------------------------------------------------------------
 
 RECORDS: list[dict] = []

@@ -164,7 +164,10 @@ def lut_reason(match, name="w_lut") -> Optional[str]:
     if node.op != "placeholder":
         return "LUT values are not known at compile time (cannot prove it is the E2M1 table)"
     fv = mx.fake(node)
-    if not isinstance(fv, torch.Tensor) or fv.dtype != torch.float32 or fv.dim() != 1 or \
+    if isinstance(fv, torch.Tensor) and fv.dtype == torch.float32 and fv.dim() == 1 and \
+            isinstance(fv.shape[0], torch.SymInt) and mx.guard_eq(fv.shape[0], 8):
+        pass  # dynamic=True made its length symbolic: now guarded to be 8 (recompile otherwise)
+    elif not isinstance(fv, torch.Tensor) or fv.dtype != torch.float32 or fv.dim() != 1 or \
             not isinstance(fv.shape[0], int) or fv.shape[0] != 8:
         return (f"LUT graph input {node.name} is {getattr(fv, 'dtype', None)} "
                 f"{tuple(getattr(fv, 'shape', ()))}, expected a float32 [8] E2M1 table")
