@@ -155,7 +155,7 @@ def _grouped_check(deq, q, act_dtypes=(torch.bfloat16,)):
     return check
 
 
-def _full_value(node, what: str, dtype, shape, sym_shape=True):
+def _full_value(node, what: str, dtype, shape):
     """(None, reason) unless `node` is a constant aten.full of `dtype` and `shape`; returns
     (fill value, None)."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target is not aten.full.default:
