@@ -145,8 +145,21 @@ def wdq_enabled() -> bool:
     """The dequantized-weight workspace path is opt-in (EMU_INDUCTOR_MOE_WDQ=1): it is
     bit-identical under the interpreter, but its first H100 check (2026 v2 run) gave wrong
     outputs for block-QDQ schemes and swigluoai/gelu epilogues; the v3 check showed BM=64
-    tiles without wdq exact, so the fault is in the wdq path; see docs/kernels.md."""
-    return os.environ.get("EMU_INDUCTOR_MOE_WDQ", "0") not in ("", "0", "false")
+    tiles without wdq exact, so the fault is in the wdq path; see docs/kernels.md.
+    Turning it on warns once per process: results may be wrong on a GPU."""
+    on = os.environ.get("EMU_INDUCTOR_MOE_WDQ", "0") not in ("", "0", "false")
+    global _WDQ_WARNED
+    if on and not _WDQ_WARNED:
+        _WDQ_WARNED = True
+        import warnings
+
+        warnings.warn("EMU_INDUCTOR_MOE_WDQ is set: the dequantized-workspace MoE path gave WRONG outputs on "
+                      "an H100 for block-QDQ schemes (bit-exact only under the interpreter); use it to "
+                      "benchmark, not for results. See docs/kernels.md.", RuntimeWarning, stacklevel=2)
+    return on
+
+
+_WDQ_WARNED = False
 
 
 def _autotune_enabled(device: torch.device) -> bool:
