@@ -197,6 +197,28 @@ def test_moe_canonical(scheme):
         _assert_close(_last_compiled(*fresh), _eager(m, *fresh))
 
 
+@pytest.mark.parametrize("static_a2", [False, True], ids=["a2_dynamic", "a2_static"])
+def test_moe_fp8_static_input_scale(static_a2):
+    """vLLM's w_mxfp4_a_fp8: GEMM1's per-tensor fp8 QDQ uses the checkpoint's static
+    input_scale, GEMM2's a dynamic one (spec, bug B3); both static is the other option.
+    The whole layer is one mxemu::moe with the static scale passed through."""
+    m = _experts("w_mxfp4_a_fp8")
+    m.a1_global_scale = torch.tensor(0.011)
+    if static_a2:
+        m.a2_global_scale = torch.tensor(0.004)
+    args = _route(T)
+    out, code = _compile_run(m, *args)
+    c = counters["mxemu"]
+    assert c["grouped_mm"] == 2 and c["moe"] == 1, dict(c)
+    fired = [k for k in counters["mxemu_patterns"] if k.startswith("grouped_mm.")]
+    assert not any(k.endswith("a16") for k in fired), fired  # the QDQ went inside, not left to Inductor
+    FileCheck().check("torch.ops.mxemu.moe").check_not("_grouped_mm(").run(code)
+    _assert_close(out, _eager(m, *args))
+    fresh = _route(T, seed=7)
+    with torch.no_grad():
+        _assert_close(_last_compiled(*fresh), _eager(m, *fresh))
+
+
 def test_moe_activation_expert_map_variants():
     for act, emap in (("gelu", None), ("swigluoai", None), ("silu_no_mul", None),
                       ("silu", torch.tensor([0, -1, 1, 2, 3, -1], dtype=torch.int32))):

@@ -144,6 +144,9 @@ def test_near_miss_left_alone_and_explained(kind, reason, monkeypatch):
     left = [c for c in report.left_alone if c.family == "grouped_mm"]
     # both GEMMs (several scheme variants may match each structurally) and the reason
     assert len({c.node for c in left}) == 2 and all(reason in c.reason for c in left), str(report)
-    assert len(outs) == 1 and torch.equal(outs[0], ref)
+    # left to stock Inductor: bit-identical on torch 2.13; torch 2.11's CPU lowering of the
+    # unfused K-extended grouped GEMM differs from eager by a bf16 ulp here
+    assert len(outs) == 1
+    torch.testing.assert_close(outs[0].float(), ref.float(), atol=2e-2, rtol=1e-2)
     if kind == "ones_col_is_two":
         assert not torch.equal(ref, plain)  # the near-miss really computes something else

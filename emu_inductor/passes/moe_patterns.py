@@ -43,7 +43,7 @@ from torch._inductor import pattern_matcher as pm
 from ..ops import library as _ops_library  # noqa: F401  (registers torch.ops.mxemu.*)
 from ..ops.spec import OpSpec
 from ..patterns import checks
-from ..patterns.act_qdq import qdq_styles
+from ..patterns.act_qdq import fp8_static_styles, qdq_styles
 from ..patterns.dequant import DequantStyle, dequant_styles, example_weight
 from ..patterns.moe import TRACE_NUM_EXPERTS, moe_grouped_structure
 from . import _mx_match as mx
@@ -335,7 +335,7 @@ def _register_bmm(pm_pass, deq, dpat, q, qpat) -> int:
 
 def register_grouped_mm_patterns(pm_pass, dtypes=(torch.bfloat16,)) -> int:
     n = 0
-    qdqs = qdq_styles()
+    qdqs = qdq_styles() + fp8_static_styles()  # static fp8: vLLM w_mxfp4_a_fp8 GEMM1 (input_scale)
     odeqs = [(opaque_dequant_style(d, True), opaque_dequant_piece(d), d) for d in _opaque.dequant_ops()]
     oqdqs = [(opaque_qdq_style(q), opaque_qdq_piece(q), q) for q in _opaque.qdq_ops()]
     for dtype in dtypes:
