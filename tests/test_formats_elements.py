@@ -274,10 +274,18 @@ def test_random_fp32_vs_ml_dtypes(elem):
     assert_same_f32(got, want, f"{elem.name} saturate=True")
 
 
+# Whether this torch's eager float8_e4m3fn cast saturates overflow (2.13) or returns NaN
+# (2.11, the GPU machine's version). emu_inductor never relies on it (bit arithmetic only);
+# only the oracle checks below depend on it.
+_TORCH_E4M3_SATURATES = torch.tensor([1e9]).to(torch.float8_e4m3fn).float().item() == 448.0
+
+
 @pytest.mark.parametrize("elem", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 def test_random_fp32_vs_torch_float8(elem):
     x = _random_inputs(elem, seed=1)
     x = x[~np.isnan(x)]
+    if elem is E4M3 and not _TORCH_E4M3_SATURATES:
+        x = x[np.abs(x) < 464.0]  # older torch casts overflow to NaN: compare the finite range only
     want = f32(x).to(elem.torch_dtype).to(torch.float32)
     # torch 2.13 eager: float8_e4m3fn casts saturate (Inf too); e5m2 overflows to Inf.
     got = round_to_element(f32(x), elem, saturate=(elem is E4M3))
@@ -342,7 +350,10 @@ def test_oracle_behaviour():
     assert e4[0] == 448.0 and np.isnan(e4[1:]).all()
     assert ml_cast(np.array([61440.0], np.float32), "e5m2")[0] == np.inf
     t = torch.tensor([464.0, 480.0, 1e9, float("inf"), -float("inf")])
-    assert t.to(torch.float8_e4m3fn).float().tolist() == [448.0, 448.0, 448.0, 448.0, -448.0]
+    if _TORCH_E4M3_SATURATES:  # torch 2.13 (CI); 2.11's CPU cast gives NaN past 448 (+half ulp)
+        assert t.to(torch.float8_e4m3fn).float().tolist() == [448.0, 448.0, 448.0, 448.0, -448.0]
+    else:
+        assert torch.isnan(t.to(torch.float8_e4m3fn).float()[1:]).all()
     assert torch.tensor([61440.0]).to(torch.float8_e5m2).float().item() == float("inf")
 
 

@@ -497,3 +497,20 @@ def test_debug_logging(dummies, caplog):
     text = caplog.text
     assert "mxemu pass on graph" in text and "uuid mxemu-" in text
     assert "candidate FUSED" in text and "candidate left alone" in text
+
+
+def test_pattern_tracing_runs_no_generated_kernels(monkeypatch):
+    """Search patterns are traced on example tensors; the mxemu ops inside the stage-2
+    structure must run the reference there, not generate/interpret Triton kernels."""
+    from emu_inductor.codegen import cache
+    from emu_inductor.ops import library
+    from emu_inductor.passes import _mx_match
+    from emu_inductor.passes.moe_patterns import moe_structure_pattern
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with _mx_match.tracing_context():
+        assert library.select_backend(torch.device("cpu")) == "reference"
+    before = set(cache.generated_files())
+    moe_structure_pattern.cache_clear()
+    moe_structure_pattern("silu", False, False, True)
+    assert set(cache.generated_files()) == before

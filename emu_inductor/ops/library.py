@@ -10,8 +10,10 @@ EMU_INDUCTOR_KERNEL_BACKEND=reference|triton overrides the choice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -55,7 +57,25 @@ def _load_triton_backend() -> bool:
     return "triton" in _BACKENDS
 
 
+_PATTERN_TRACING = threading.local()
+
+
+@contextlib.contextmanager
+def pattern_tracing():
+    """While the passes trace their search patterns on example tensors, the mxemu ops run
+    the eager reference: only the graph's structure is kept, so there is no point in
+    generating, loading and (on CPU) interpreting Triton kernels for the examples."""
+    prev = getattr(_PATTERN_TRACING, "on", False)
+    _PATTERN_TRACING.on = True
+    try:
+        yield
+    finally:
+        _PATTERN_TRACING.on = prev
+
+
 def select_backend(device: torch.device) -> str:
+    if getattr(_PATTERN_TRACING, "on", False):
+        return "reference"
     forced = os.environ.get("EMU_INDUCTOR_KERNEL_BACKEND")
     if forced:
         if forced not in ("reference", "triton"):

@@ -142,9 +142,11 @@ def tracing_context():
     """Outside any compile's fake mode, with is_compiling() True (skips eager checks)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    from ..ops.library import pattern_tracing
+
     with torch._guards.tracing(None), unset_fake_temporarily(), mock.patch(
         "torch.compiler.is_compiling", return_value=True
-    ):
+    ), pattern_tracing():
         yield
 
 
