@@ -39,14 +39,16 @@ def _experts(scheme: str, activation: str, big: bool = False):
     return qe
 
 
-def _run(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None):
+def _run(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, w13_bias=None,
+         w2_bias=None):
     spec = OpSpec.from_scheme(scheme, activation=activation, router_weight_on_input=rw_in)
     res = moe_triton(x, qe.w13, qe.w13_scale, qe.w13_alpha, qe.w2, qe.w2_scale, qe.w2_alpha, tw, ids,
-                     qe.a1_global_scale, qe.a2_global_scale, emap, spec, debug=True, reduction=reduction)
+                     qe.a1_global_scale, qe.a2_global_scale, emap, spec, debug=True, reduction=reduction,
+                     w13_bias=w13_bias, w2_bias=w2_bias)
     ref = moe_emulated(x, qe.w13, qe.w2, tw, ids, scheme=scheme, w13_scale=qe.w13_scale, w2_scale=qe.w2_scale,
                        w13_alpha=qe.w13_alpha, w2_alpha=qe.w2_alpha, a1_global_scale=qe.a1_global_scale,
                        a2_global_scale=qe.a2_global_scale, activation=activation,
-                       apply_router_weight_on_input=rw_in, expert_map=emap)
+                       apply_router_weight_on_input=rw_in, expert_map=emap, w13_bias=w13_bias, w2_bias=w2_bias)
     return res, ref
 
 
@@ -62,8 +64,12 @@ def _bf16_ulp_close(a, b, ulps=1):
     return bool(((d <= ulps * ulp) | (d <= 2.0**-20)).all())
 
 
-def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, exact_out=False):
-    res, ref = _run(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, reduction=reduction)
+def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, exact_out=False,
+           w13_bias=None, w2_bias=None):
+    """Also the oracle of tests/test_kernels_moe_bias.py: with per-expert biases the
+    reference GEMM1 adds w13_bias[e] to the fp32 accumulator before C1's rounding."""
+    res, ref = _run(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, reduction=reduction,
+                    w13_bias=w13_bias, w2_bias=w2_bias)
     sch = SCHEMES[scheme]
     k = ids.shape[1]
     valid = res["valid"]
@@ -77,7 +83,10 @@ def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduct
     if valid.any():
         local = (emap.long()[ids.reshape(-1).long()] if emap is not None else ids.reshape(-1).long())
         W13 = dequantize_experts(qe.w13, qe.w13_scale, sch.weight_fmt, qe.w13_alpha, x.dtype)
-        c1 = torch.einsum("rk,rnk->rn", a1_ref, W13[local.clamp(min=0)].float()).to(x.dtype)
+        acc = torch.einsum("rk,rnk->rn", a1_ref, W13[local.clamp(min=0)].float())
+        if w13_bias is not None:
+            acc = acc + w13_bias.float()[local.clamp(min=0)]
+        c1 = acc.to(x.dtype)
         c2_ref = apply_activation(c1, activation).float()
         ulps = 2 if is_gated(activation) else 1
         assert _bf16_ulp_close(res["c2"][valid], c2_ref[valid], ulps), f"C2 differs by more than {ulps} bf16 ulp(s)"

@@ -14,13 +14,14 @@ import zlib
 
 import pytest
 import torch
+from test_kernels_moe import _check as moe_matrix_check  # the same oracle and tolerances
 
 from emu_inductor.codegen.launcher import grouped_mm_triton, moe_triton
 from emu_inductor.ops import library as _lib  # noqa: F401  (registers torch.ops.mxemu.*)
 from emu_inductor.ops.reference_impl import grouped_mm_reference
 from emu_inductor.ops.spec import OpSpec
 from emu_inductor.reference import moe_emulated
-from emu_inductor.reference.activations import apply_activation, is_gated
+from emu_inductor.reference.activations import is_gated
 from emu_inductor.reference.modules import QuantizedExperts
 from emu_inductor.reference.moe import dequantize_experts, grouped_bias_operands, sort_by_expert
 from emu_inductor.reference.qdq import act_fake_quantize
@@ -70,51 +71,19 @@ def _kernel(qe, scheme, activation, x, tw, ids, b13, b2, rw_in=False, emap=None,
                       qe.a1_global_scale, qe.a2_global_scale, emap, spec, w13_bias=b13, w2_bias=b2, **kw)
 
 
-def _bf16_ulp_close(a, b, ulps=1):
-    m = torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126)
-    ulp = torch.pow(2.0, torch.floor(torch.log2(m)) - 7)
-    d = (a - b).abs()
-    return bool(((d <= ulps * ulp) | (d <= 2.0**-20)).all())
-
-
 def _check(scheme, activation, b13_on=True, b2_on=True, rw_in=False, emap=None, T=7, seed=1, reduction=None):
+    """tests/test_kernels_moe.py's checks (A1 bit-identical, C2 within its ulps of the
+    reference biased GEMM1's activation, A2 bit-identical, output bit-identical with the
+    deterministic reduction whenever C2 matched) on the biased experts."""
     qe, b13, b2 = _experts(scheme, activation)
-    b13 = b13 if b13_on else None
-    b2 = b2 if b2_on else None
     k = 1 if rw_in else 2
     x, tw, ids = _inputs(T, k, seed)
     if emap is not None:
         g = torch.Generator().manual_seed(seed + 1)
         ids = torch.stack([torch.randperm(emap.shape[0], generator=g)[:k] for _ in range(T)]).to(torch.int32)
-    res = _kernel(qe, scheme, activation, x, tw, ids, b13, b2, rw_in, emap, debug=True, reduction=reduction)
-    ref = _ref(qe, scheme, activation, x, tw, ids, b13, b2, rw_in, emap)
-    sch = SCHEMES[scheme]
-    valid = res["valid"]
-    x_rows = x.repeat_interleave(k, dim=0)
-    if rw_in:
-        x_rows = x_rows * tw.reshape(-1).to(x.dtype).unsqueeze(-1)
-    a1_ref = act_fake_quantize(x_rows, sch.act, qe.a1_global_scale).float()
-    assert torch.equal(res["a1"][valid], a1_ref[valid]), "A1 differs from the reference QDQ"
-    local = emap.long()[ids.reshape(-1).long()] if emap is not None else ids.reshape(-1).long()
-    lc = local.clamp(min=0)
-    W13 = dequantize_experts(qe.w13, qe.w13_scale, sch.weight_fmt, qe.w13_alpha, x.dtype)
-    acc = torch.einsum("rk,rnk->rn", a1_ref, W13[lc].float())
-    if b13 is not None:
-        acc = acc + b13.float()[lc]
-    c2_ref = apply_activation(acc.to(x.dtype), activation).float()
-    ulps = 2 if is_gated(activation) else 1
-    assert _bf16_ulp_close(res["c2"][valid], c2_ref[valid], ulps), f"C2 differs by more than {ulps} bf16 ulp(s)"
-    if res["a2"] is not None:
-        a2_ref = act_fake_quantize(res["c2"][valid].to(x.dtype), sch.act, qe.a2_global_scale).float()
-        assert torch.equal(res["a2"][valid], a2_ref), "A2 differs from the reference QDQ of the kernel's C2"
-    out = res["out"]
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    exact = reduction != "atomic" and torch.equal(res["c2"][valid], c2_ref[valid])
-    if exact:
-        assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} outputs differ"
-    else:
-        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * max(1.0, ref.abs().max().item()))
-    return res, ref
+    return moe_matrix_check(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, reduction=reduction,
+                            exact_out=reduction != "atomic", w13_bias=b13 if b13_on else None,
+                            w2_bias=b2 if b2_on else None)
 
 
 @pytest.mark.parametrize("activation", ["swigluoai", "silu"])

@@ -31,13 +31,13 @@ def _backend():
     return "mxemu" if "mxemu" in torch._dynamo.list_backends() else backend.mxemu
 
 
-def _greedy(fwd, prompt):
-    """20 greedy tokens by full recomputation in a fixed [1, 28] buffer; returns the
-    sequence and the logits of every step's last real position."""
-    buf = torch.zeros(1, PROMPT + NEW, dtype=torch.long)
+def _greedy(fwd, prompt, new=NEW):
+    """`new` greedy tokens by full recomputation in a fixed [1, PROMPT + new] buffer;
+    returns the sequence and the logits of every step's last real position."""
+    buf = torch.zeros(1, PROMPT + new, dtype=torch.long)
     buf[:, :PROMPT] = prompt
     step_logits = []
-    for s in range(NEW):
+    for s in range(new):
         pos = PROMPT + s - 1
         logits = fwd(buf, use_cache=False).logits
         step_logits.append(logits[:, : pos + 1].clone())

@@ -15,11 +15,7 @@ pytest.importorskip("transformers")
 
 from emu_inductor.models import quantize_model, quantized_modules  # noqa: E402
 from emu_inductor.models.tiny import tiny_model  # noqa: E402
-
-
-def _backend():
-    backend = pytest.importorskip("emu_inductor.backend")
-    return "mxemu" if "mxemu" in torch._dynamo.list_backends() else backend.mxemu
+from test_models_compile import _backend  # noqa: E402
 
 
 @pytest.mark.slow

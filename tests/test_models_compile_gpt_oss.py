@@ -14,7 +14,6 @@ used). On a 2-core CPU the compile alone takes ~2 minutes and every compiled ste
 
 import os
 
-
 import pytest
 import torch
 
@@ -22,20 +21,9 @@ pytest.importorskip("transformers")
 
 from emu_inductor.models import quantize_model, quantized_modules  # noqa: E402
 from emu_inductor.models.tiny import tiny_model  # noqa: E402
+from test_models_compile import PROMPT, _backend, _greedy  # noqa: E402  (the Qwen3 test's decoding)
 
-PROMPT, NEW = 8, int(os.environ.get("EMU_INDUCTOR_TEST_GREEDY", "5"))
-
-
-def _greedy(fwd, prompt):
-    buf = torch.zeros(1, PROMPT + NEW, dtype=torch.long)
-    buf[:, :PROMPT] = prompt
-    step_logits = []
-    for s in range(NEW):
-        pos = PROMPT + s - 1
-        logits = fwd(buf, use_cache=False).logits
-        step_logits.append(logits[:, : pos + 1].clone())
-        buf[:, pos + 1] = logits[:, pos].argmax(-1)
-    return buf, step_logits
+NEW = int(os.environ.get("EMU_INDUCTOR_TEST_GREEDY", "5"))
 
 
 @pytest.mark.slow
@@ -51,13 +39,13 @@ def test_gpt_oss_compiled_matches_eager():
     assert all(b.experts.w13_bias is not None and b.experts.w2_bias is not None for b in blocks)
     prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref_seq, ref_logits = _greedy(m, prompt)
+        ref_seq, ref_logits = _greedy(m, prompt, NEW)
         torch._dynamo.reset()
         counters.clear()
         try:
             with torch._inductor.utils.fresh_cache():  # an FX-graph-cache hit would skip the pass
-                cm = torch.compile(m, backend="mxemu")
-                seq, logits = _greedy(cm, prompt)
+                cm = torch.compile(m, backend=_backend())
+                seq, logits = _greedy(cm, prompt, NEW)
         finally:
             torch._dynamo.reset()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

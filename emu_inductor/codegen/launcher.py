@@ -444,7 +444,7 @@ def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec
         _fail("offs", f"{offs.dtype} {tuple(offs.shape)}", f"1-d int32 [E={w.shape[0]}]")
     _check_dev(a.device, w=w, w_scale=w_scale, w_alpha=w_alpha, offs=offs, a_global_scale=a_global_scale)
     if bias is not None:
-        from ..ops.library import check_bias
+        from ..reference.moe import check_bias
 
         check_bias("bias", bias, a, (w.shape[0], w.shape[1]))
         bias = bias.contiguous()

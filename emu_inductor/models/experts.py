@@ -26,7 +26,7 @@ import torch
 
 from ..formats import default_global_scale
 from ..reference import QuantizedExperts, apply_activation, moe_emulated
-from ..reference.moe import _expert_gemm, dequantize_experts
+from ..reference.moe import dequantize_experts, expert_gemm
 
 __all__ = ["moe_emulated_with_bias", "BiasedQuantizedExperts"]
 
@@ -72,7 +72,7 @@ class BiasedQuantizedExperts(QuantizedExperts):
         W13 = dequantize_experts(self.w13, self.w13_scale, fmt, self.w13_alpha, dt)
         key = topk_ids.reshape(-1).long()
         x_rows = hidden_states.repeat_interleave(topk_ids.shape[1], 0)
-        c1 = _expert_gemm(x_rows, W13, key, W13.shape[0], "bmm", self.w13_bias)
+        c1 = expert_gemm(x_rows, W13, key, W13.shape[0], "bmm", self.w13_bias)
         c2 = apply_activation(c1, self.activation)
         for buf, t in ((self.a1_global_scale, hidden_states), (self.a2_global_scale, c2)):
             amax = t.abs().amax().float()

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..reference.moe import check_bias
 from .reference_impl import grouped_mm_reference, linear_reference, moe_reference
 from .spec import OpSpec
 
@@ -101,21 +102,6 @@ def _impl(op: str, device: torch.device) -> Callable:
 
 
 # --- op definitions -------------------------------------------------------------------
-
-
-def check_bias(name: str, bias: Optional[Tensor], like: Tensor, shape: tuple) -> None:
-    """An optional per-expert GEMM bias: a tensor of the activation dtype, `shape`, on the
-    activations' device; ValueError naming `name` otherwise (shapes only, no device sync)."""
-    if bias is None:
-        return
-    if not isinstance(bias, Tensor):
-        raise ValueError(f"{name}: expected a tensor of shape {list(shape)} or None, got {type(bias).__name__}")
-    if bias.dtype != like.dtype:
-        raise ValueError(f"{name}: expected dtype {like.dtype} (the activation dtype), got {bias.dtype}")
-    if tuple(bias.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(bias.shape)}")
-    if bias.device != like.device:
-        raise ValueError(f"{name}: expected a tensor on {like.device} like the activations, got {bias.device}")
 
 
 def _check_moe_biases(hidden_states, w13, w13_bias, w2_bias) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import act_fake_quantize, dequantize_weight, moe_emulated
-from ..reference.moe import dequantize_experts
+from ..reference.moe import dequantize_experts, expert_gemm
 from .spec import OpSpec
 
 __all__ = ["moe_reference", "linear_reference", "grouped_mm_reference"]
@@ -42,12 +42,5 @@ def grouped_mm_reference(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpS
     aq = act_fake_quantize(a, scheme.act, a_global_scale)
     rows = torch.arange(a.shape[0], device=a.device)
     g = torch.searchsorted(offs.to(torch.int64), rows, right=True)  # group of each row; E if past the end
-    E = w.shape[0]
-    gc = g.clamp(max=E - 1)
-    if bias is not None:
-        y = torch.bmm(aq.float().unsqueeze(1), W.float()[gc].transpose(-2, -1)).squeeze(1)
-        y = (y + bias.float()[gc]).to(a.dtype)
-    else:
-        wg = W[gc]
-        y = torch.bmm(aq.unsqueeze(1), wg.transpose(-2, -1)).squeeze(1)
-    return torch.where((g < E).unsqueeze(-1), y, torch.zeros_like(y))
+    # the reference's own bmm-style expert GEMM (bias on the fp32 accumulator; key E -> zeros)
+    return expert_gemm(aq, W, g, w.shape[0], "bmm", bias)

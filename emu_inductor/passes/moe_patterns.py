@@ -172,6 +172,17 @@ def _full_value(node, what: str, dtype, shape):
     return fill, None
 
 
+def _bias_reason(name: str, b, dtype, E, N) -> Optional[str]:
+    """A per-expert bias operand is [E, N] in the activation dtype (sizes may be symbolic)."""
+    if not isinstance(b, torch.Tensor):
+        return f"{name} has no tensor metadata"
+    if b.dtype != dtype:
+        return f"{name} is {b.dtype}, expected {dtype} like the activations"
+    if b.dim() != 2 or not mx.sym_eq(b.shape[0], E) or not mx.sym_eq(b.shape[1], N):
+        return f"{name} has shape {tuple(b.shape)}, expected [E={E}, N={N}]"
+    return None
+
+
 def _bias_pad_reason(match) -> Optional[str]:
     """The K extension really adds exactly `bias` to every row's accumulator: a ones column
     at the position of the bias column, zero blocks of one width after both, activation dtype."""
@@ -183,10 +194,9 @@ def _bias_pad_reason(match) -> Optional[str]:
     R, E, N = a.shape[0], w.shape[0], w.shape[1]
     if kw.get("bias_dim") not in (-1, 2):
         return f"bias is unsqueezed at dim {kw.get('bias_dim')!r}, expected the last (K) dim"
-    if not isinstance(bias, torch.Tensor) or bias.dtype != dt:
-        return f"bias is {getattr(bias, 'dtype', None)}, expected {dt} like the activations"
-    if bias.dim() != 2 or not mx.sym_eq(bias.shape[0], E) or not mx.sym_eq(bias.shape[1], N):
-        return f"bias has shape {tuple(bias.shape)}, expected [E={E}, N={N}]"
+    r = _bias_reason("bias", bias, dt, E, N)
+    if r:
+        return r
     one, r = _full_value(kw.get("a_one"), "activation ones column", dt, (R, 1))
     if r:
         return r
@@ -448,15 +458,9 @@ def moe_structure_pattern(activation: str, rwoi: bool, with_map: bool, bias: boo
 
 def _moe_bias_reason(match) -> Optional[str]:
     x, w13 = _val(match, "hidden_states"), _val(match, "w13")
-    for name, n_rows in (("w13_bias", w13.shape[1]), ("w2_bias", x.shape[-1])):
-        b = _val(match, name)
-        if not isinstance(b, torch.Tensor):
-            return f"{name} has no metadata"
-        if b.dtype != x.dtype:
-            return f"{name} is {b.dtype}, expected {x.dtype} like hidden_states"
-        if b.dim() != 2 or not mx.sym_eq(b.shape[0], w13.shape[0]) or not mx.sym_eq(b.shape[1], n_rows):
-            return f"{name} has shape {tuple(b.shape)}, expected [E={w13.shape[0]}, {n_rows}]"
-    return None
+    E = w13.shape[0]
+    return _bias_reason("w13_bias", _val(match, "w13_bias"), x.dtype, E, w13.shape[1]) or \
+        _bias_reason("w2_bias", _val(match, "w2_bias"), x.dtype, E, x.shape[-1])
 
 
 def _moe_check(activation, rwoi, with_map, bias=False):

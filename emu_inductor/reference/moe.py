@@ -33,7 +33,8 @@ from .activations import apply_activation, check_activation, is_gated
 from .qdq import act_fake_quantize, dequantize_weight
 from .schemes import Scheme, get_scheme
 
-__all__ = ["moe_emulated", "dequantize_experts", "GEMM_STYLES", "check_moe_args", "grouped_bias_operands", "BIAS_PAD"]
+__all__ = ["moe_emulated", "dequantize_experts", "GEMM_STYLES", "check_moe_args", "check_bias", "expert_gemm",
+           "grouped_bias_operands", "BIAS_PAD"]
 
 GEMM_STYLES = ("grouped_mm", "bmm", "loop")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,6 +70,22 @@ def _check_weight(name, w, scale, fmt, E, N, K, alpha, alpha_name):
         if not torch.compiler.is_compiling() and alpha.device.type == "cpu":
             if not bool(torch.all(torch.isfinite(alpha) & (alpha > 0))):
                 _fail(alpha_name, "non-finite or non-positive values", "finite positive global scales")
+
+
+def check_bias(name: str, bias: Optional[torch.Tensor], like: torch.Tensor, shape: tuple) -> None:
+    """An optional per-expert GEMM bias: a tensor of the activation dtype (`like`'s), of
+    `shape`, on `like`'s device; ValueError naming `name` otherwise (metadata only, no sync).
+    The one bias check: the reference, the mxemu ops and the kernel launchers call it."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        _fail(name, type(bias).__name__, f"a tensor of shape {list(shape)} or None")
+    if bias.dtype != like.dtype:
+        _fail(name, bias.dtype, f"dtype {like.dtype} (the activation dtype)")
+    if tuple(bias.shape) != tuple(shape):
+        _fail(name, f"shape {list(bias.shape)}", f"shape {list(shape)}")
+    if bias.device != like.device:
+        _fail(name, f"a tensor on {bias.device}", f"a tensor on {like.device} like the activations")
 
 
 def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Scheme, *, w13_scale, w2_scale,
@@ -115,17 +132,8 @@ def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Schem
         if expert_map is not None and expert_map.numel():
             if int(expert_map.max()) >= E or int(expert_map.min()) < -1:
                 _fail("expert_map", f"values in [{int(expert_map.min())}, {int(expert_map.max())}]", f"-1 or 0..{E - 1}")
-    for name, b, shape in (("w13_bias", w13_bias, (E, N1)), ("w2_bias", w2_bias, (E, H))):
-        if b is None:
-            continue
-        if not isinstance(b, torch.Tensor):
-            _fail(name, type(b).__name__, f"a tensor {list(shape)} or None")
-        if b.dtype != hidden_states.dtype:
-            _fail(name, b.dtype, f"dtype {hidden_states.dtype} like hidden_states (the activation dtype)")
-        if tuple(b.shape) != shape:
-            _fail(name, f"shape {tuple(b.shape)}", f"shape {shape} ([E, {'N1' if name == 'w13_bias' else 'H'}])")
-        if b.device != hidden_states.device:
-            _fail(name, f"a tensor on {b.device}", f"a tensor on {hidden_states.device} like hidden_states")
+    check_bias("w13_bias", w13_bias, hidden_states, (E, N1))
+    check_bias("w2_bias", w2_bias, hidden_states, (E, H))
     act = scheme.act
     if act is not None and act.kind == "block" and act.fmt.has_global_scale:
         for name, g in (("a1_global_scale", a1_global_scale), ("a2_global_scale", a2_global_scale)):
@@ -174,7 +182,7 @@ def grouped_bias_operands(a_rows: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     return a_ext, w_ext
 
 
-def _expert_gemm(a_rows: torch.Tensor, w: torch.Tensor, key: torch.Tensor, E: int, style: str,
+def expert_gemm(a_rows: torch.Tensor, w: torch.Tensor, key: torch.Tensor, E: int, style: str,
                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Row r of the result is a_rows[r] @ w[key[r]].T (+ bias[key[r]], added to the fp32
     accumulator before the one rounding); rows with key == E give zeros."""
@@ -271,10 +279,10 @@ def moe_emulated(
     if apply_router_weight_on_input:
         x_rows = x_rows * w_flat.to(dtype).unsqueeze(-1)
     a1 = act_fake_quantize(x_rows, scheme.act, a1_global_scale)
-    c1 = _expert_gemm(a1, W13, key, E, gemm_style, w13_bias)
+    c1 = expert_gemm(a1, W13, key, E, gemm_style, w13_bias)
     c2 = apply_activation(c1, activation)
     a2 = act_fake_quantize(c2, scheme.act, a2_global_scale)
-    c3 = _expert_gemm(a2, W2, key, E, gemm_style, w2_bias)
+    c3 = expert_gemm(a2, W2, key, E, gemm_style, w2_bias)
     c3 = c3.reshape(T, top_k, H).to(torch.float32)
     if not apply_router_weight_on_input:
         c3 = c3 * topk_weights.to(torch.float32).unsqueeze(-1)
