@@ -28,15 +28,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from emu_inductor.codegen.autotune import TileConfig, candidates  # noqa: E402
-from emu_inductor.codegen.launcher import moe_triton  # noqa: E402
-from emu_inductor.ops.spec import OpSpec  # noqa: E402
+from emu_inductor.kernels.tiles import TileConfig, candidates  # noqa: E402
+from emu_inductor.ops.triton_impl import moe_triton  # noqa: E402
+from emu_inductor.spec import OpSpec  # noqa: E402
 from emu_inductor.reference import moe_emulated  # noqa: E402
 from emu_inductor.reference.activations import apply_activation  # noqa: E402
 from emu_inductor.reference.moe import dequantize_experts  # noqa: E402
 from emu_inductor.reference.modules import QuantizedExperts  # noqa: E402
 from emu_inductor.reference.qdq import act_fake_quantize  # noqa: E402
-from emu_inductor.reference.schemes import SCHEMES  # noqa: E402
+from emu_inductor.spec import SCHEMES  # noqa: E402
 
 SHAPES = {"Qwen3-30B-A3B": (128, 8, 2048, 768), "gpt-oss-20b": (32, 4, 2880, 2880),
           "Mixtral-8x7B": (8, 2, 4096, 14336), "DeepSeek-V3": (256, 8, 7168, 2048)}
@@ -321,7 +321,7 @@ def bench_all(dev, out_dir, budget, bw, flops, result, with_ref=False):
                     row["pct_mem_roofline"] = 100 * t_mem / t
                     row["pct_flop_roofline"] = 100 * t_fl / t
                     row["pct_roofline"] = 100 * max(t_mem, t_fl) / t
-                    from emu_inductor.codegen import autotune as _at
+                    from emu_inductor.kernels import autotune as _at
 
                     row["config"] = next((v.to_dict() for kk_, v in _at._mem.items()
                                           if f"|T{_at.token_bucket(T)}|" in kk_ and f"|E{E}|H{H}|I{I}|" in kk_
@@ -384,8 +384,8 @@ def bench_all(dev, out_dir, budget, bw, flops, result, with_ref=False):
 
 
 def _spec_digest(scheme):
-    from emu_inductor.codegen.launcher import kernel_spec_for
-    from emu_inductor.codegen.kernel_spec import alpha_mode_of  # noqa: F401
+    from emu_inductor.kernels.launch import kernel_spec_for
+    from emu_inductor.kernels.kernel_spec import alpha_mode_of  # noqa: F401
 
     nv = SCHEMES[scheme].weight_fmt.has_global_scale
     ks = kernel_spec_for(OpSpec.from_scheme(scheme), torch.bfloat16, "expert" if nv else "none",

@@ -8,11 +8,13 @@ generated kernel files, max error against eager, and eager vs compiled time.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Optional
 
 import torch
 
+from .kernels import cache as kernel_cache
 from .reference import EmulatedMoE, QuantizedExperts, get_scheme
 
 __all__ = ["DemoConfig", "build_default_model", "run_demo"]
@@ -132,9 +134,7 @@ def _compiled_part(cfg, model, x, y_eager, out) -> dict:
     if variants:
         out(f"    pattern variants: {variants}")
     try:
-        from .codegen import cache as _cache
-
-        files = _cache.generated_files()
+        files = kernel_cache.generated_files()
         for f in files[-6:]:
             out(f"    generated kernel: {f}")
     except Exception:
@@ -147,6 +147,4 @@ def _compiled_part(cfg, model, x, y_eager, out) -> dict:
 
 
 def _interp() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -7,11 +7,11 @@ import stat
 
 import pytest
 
-from emu_inductor.codegen import cache, autotune
-from emu_inductor.codegen.kernel_spec import KernelSpec
-from emu_inductor.codegen.launcher import get_module
-from emu_inductor.codegen.template import render
-from emu_inductor.ops.spec import OpSpec
+from emu_inductor.kernels import cache, autotune
+from emu_inductor.kernels.kernel_spec import KernelSpec
+from emu_inductor.kernels.launch import get_module
+from emu_inductor.kernels.render import render
+from emu_inductor.spec import OpSpec
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_pin_config(monkeypatch):
 
 def test_wdq_opt_in_warns_that_it_is_unverified(monkeypatch):
     """The dequantized-workspace path is known wrong on the GPU: turning it on must say so."""
-    from emu_inductor.codegen import autotune
+    from emu_inductor.kernels import autotune
 
     monkeypatch.setattr(autotune, "_WDQ_WARNED", False)
     monkeypatch.delenv("EMU_INDUCTOR_MOE_WDQ", raising=False)

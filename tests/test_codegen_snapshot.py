@@ -9,10 +9,10 @@ import os
 import expecttest
 import pytest
 
-from emu_inductor.codegen import KernelSpec, render
-from emu_inductor.ops.spec import OpSpec
+from emu_inductor.kernels import KernelSpec, render
+from emu_inductor.spec import OpSpec
 from emu_inductor.reference.activations import ACTIVATIONS
-from emu_inductor.reference.schemes import SCHEMES
+from emu_inductor.spec.schemes import SCHEMES
 
 SNAP = os.path.join(os.path.dirname(__file__), "snapshots", "codegen")
 

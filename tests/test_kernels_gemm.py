@@ -4,11 +4,11 @@ against the reference implementations, for every scheme."""
 import pytest
 import torch
 
-from emu_inductor.codegen.launcher import grouped_mm_triton, linear_triton
+from emu_inductor.ops.triton_impl import grouped_mm_triton, linear_triton
 from emu_inductor.ops.reference_impl import grouped_mm_reference, linear_reference
-from emu_inductor.ops.spec import OpSpec
+from emu_inductor.spec import OpSpec
 from emu_inductor.reference.modules import quantize_weight
-from emu_inductor.reference.schemes import SCHEMES
+from emu_inductor.spec.schemes import SCHEMES
 
 
 def _close(out, ref):

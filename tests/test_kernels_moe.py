@@ -14,14 +14,15 @@ import zlib
 import pytest
 import torch
 
-from emu_inductor.codegen.launcher import moe_align, moe_triton
-from emu_inductor.ops.spec import OpSpec
+from emu_inductor.kernels.launch import moe_align
+from emu_inductor.ops.triton_impl import moe_triton
+from emu_inductor.spec import OpSpec
 from emu_inductor.reference import moe_emulated
 from emu_inductor.reference.activations import ACTIVATIONS, apply_activation, is_gated
 from emu_inductor.reference.moe import dequantize_experts
 from emu_inductor.reference.modules import QuantizedExperts
 from emu_inductor.reference.qdq import act_fake_quantize
-from emu_inductor.reference.schemes import SCHEMES
+from emu_inductor.spec.schemes import SCHEMES
 
 E, H, I = 4, 64, 32
 
@@ -241,7 +242,7 @@ def test_prequant_and_dequant_workspace_paths_bit_identical(scheme, activation, 
     """The fast paths change no value: A1 fake-quantized once (prequant_kernel) or per N tile in
     the GEMM (prequant=False), weights dequantized in registers or once into a workspace
     (config wdq=1) give bit-identical A1, C2, A2 and outputs."""
-    from emu_inductor.codegen.autotune import TileConfig
+    from emu_inductor.kernels.tiles import TileConfig
 
     qe = _experts(scheme, activation)
     k = 1 if rw_in else 2

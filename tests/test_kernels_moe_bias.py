@@ -16,16 +16,16 @@ import pytest
 import torch
 from test_kernels_moe import _check as moe_matrix_check  # the same oracle and tolerances
 
-from emu_inductor.codegen.launcher import grouped_mm_triton, moe_triton
+from emu_inductor.ops.triton_impl import grouped_mm_triton, moe_triton
 from emu_inductor.ops import library as _lib  # noqa: F401  (registers torch.ops.mxemu.*)
 from emu_inductor.ops.reference_impl import grouped_mm_reference
-from emu_inductor.ops.spec import OpSpec
+from emu_inductor.spec import OpSpec
 from emu_inductor.reference import moe_emulated
 from emu_inductor.reference.activations import is_gated
 from emu_inductor.reference.modules import QuantizedExperts
 from emu_inductor.reference.moe import dequantize_experts, grouped_bias_operands, sort_by_expert
 from emu_inductor.reference.qdq import act_fake_quantize
-from emu_inductor.reference.schemes import SCHEMES
+from emu_inductor.spec.schemes import SCHEMES
 
 E, H, I = 4, 64, 32
 BIAS_SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8", "nvfp4_w4a16"]

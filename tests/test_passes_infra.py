@@ -502,7 +502,7 @@ def test_debug_logging(dummies, caplog):
 def test_pattern_tracing_runs_no_generated_kernels(monkeypatch):
     """Search patterns are traced on example tensors; the mxemu ops inside the stage-2
     structure must run the reference there, not generate/interpret Triton kernels."""
-    from emu_inductor.codegen import cache
+    from emu_inductor.kernels import cache
     from emu_inductor.ops import library
     from emu_inductor.passes import _mx_match
     from emu_inductor.passes.moe_patterns import moe_structure_pattern

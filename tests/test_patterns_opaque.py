@@ -20,7 +20,7 @@ from emu_inductor.patterns import moe as moe_structure
 from emu_inductor.patterns import opaque
 from emu_inductor.reference import QuantizedExperts, QuantizedLinear
 from emu_inductor.reference.qdq import act_fake_quantize, dequantize_weight
-from emu_inductor.reference.schemes import ActQuant
+from emu_inductor.spec.schemes import ActQuant
 
 
 # vLLM-style wrappers (e.g. of AMD Quark's dq_mxfp4 / qdq_mxfp4): opaque to Dynamo

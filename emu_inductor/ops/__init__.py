@@ -1,7 +1,15 @@
-"""Fused ops (layer 4): `torch.ops.mxemu.{moe, linear, grouped_mm}` and their backends."""
+"""Fused ops: `torch.ops.mxemu.{moe, linear, grouped_mm}`, their dispatch to a backend
+("triton": emu_inductor.kernels, "reference": the eager emulation) and all argument
+validation at the op boundary (layer: imports formats, spec, reference, kernels).
+
+library         the torch.library custom ops, fake implementations, backend dispatch
+validate        argument checks (ValueError naming the argument; no device sync)
+reference_impl  the ops computed by the eager reference
+triton_impl     the ops computed by the generated kernels (imported lazily)
+"""
 
 from . import library
+from ..spec.opspec import OpSpec
 from .library import OP_NAMES, register_backend_impl, select_backend
-from .spec import OpSpec
 
 __all__ = ["OpSpec", "OP_NAMES", "register_backend_impl", "select_backend", "library"]

@@ -19,9 +19,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..reference.moe import check_bias
+from ..spec.opspec import OpSpec
 from .reference_impl import grouped_mm_reference, linear_reference, moe_reference
-from .spec import OpSpec
+from .validate import check_grouped_bias, check_moe_biases
 
 __all__ = ["register_backend_impl", "select_backend", "OP_NAMES"]
 
@@ -50,6 +50,7 @@ def _load_triton_backend() -> bool:
     if "triton" in _BACKENDS:
         return True
     try:
+        # lazy: Triton is optional at run time (missing or broken -> the reference)
         from . import triton_impl  # noqa: F401  (registers itself)
     except Exception as e:  # a missing/broken Triton must not break the user's model
         _log_once(("triton-import",), "emu_inductor: Triton kernels unavailable (%s); using the reference", e,
@@ -104,14 +105,6 @@ def _impl(op: str, device: torch.device) -> Callable:
 # --- op definitions -------------------------------------------------------------------
 
 
-def _check_moe_biases(hidden_states, w13, w13_bias, w2_bias) -> None:
-    if w13_bias is None and w2_bias is None:
-        return
-    E = w13.shape[0] if w13.dim() == 3 else -1
-    check_bias("w13_bias", w13_bias, hidden_states, (E, w13.shape[1] if w13.dim() == 3 else -1))
-    check_bias("w2_bias", w2_bias, hidden_states, (E, hidden_states.shape[-1]))
-
-
 def _bias_kwargs(**biases) -> dict:
     # only calls with a bias pass the keywords: implementations registered before biases
     # existed keep working for bias-less calls
@@ -126,7 +119,7 @@ def moe(hidden_states: Tensor, w13: Tensor, w13_scale: Tensor, w13_alpha: Option
     """Whole emulated MoE layer (both GEMMs, activation, QDQs, top-k combine). Optional
     per-expert biases w13_bias [E, N1] / w2_bias [E, H] in the activation dtype are added
     to each GEMM's fp32 accumulator before its one rounding (vLLM's HAS_BIAS)."""
-    _check_moe_biases(hidden_states, w13, w13_bias, w2_bias)
+    check_moe_biases(hidden_states, w13, w13_bias, w2_bias)
     return _impl("moe", hidden_states.device)(
         hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
         a1_global_scale, a2_global_scale, expert_map, OpSpec.from_str(spec),
@@ -136,7 +129,7 @@ def moe(hidden_states: Tensor, w13: Tensor, w13_scale: Tensor, w13_alpha: Option
 @moe.register_fake
 def _moe_fake(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
               a1_global_scale, a2_global_scale, expert_map, spec, w13_bias=None, w2_bias=None):
-    _check_moe_biases(hidden_states, w13, w13_bias, w2_bias)  # (a meta bias dispatches here)
+    check_moe_biases(hidden_states, w13, w13_bias, w2_bias)  # (a meta bias dispatches here)
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -157,7 +150,7 @@ def grouped_mm(a: Tensor, w: Tensor, w_scale: Tensor, w_alpha: Optional[Tensor],
                a_global_scale: Optional[Tensor], spec: str, bias: Optional[Tensor] = None) -> Tensor:
     """One grouped GEMM over expert-sorted rows with fused activation QDQ and weight dequant;
     optional per-expert bias [E, N] (activation dtype) added to the fp32 accumulator."""
-    check_bias("bias", bias, a, (w.shape[0], w.shape[1]) if w.dim() == 3 else (-1, -1))
+    check_grouped_bias(a, w, bias)
     return _impl("grouped_mm", a.device)(a, w, w_scale, w_alpha, offs, a_global_scale, OpSpec.from_str(spec),
                                           **_bias_kwargs(bias=bias))
 
@@ -165,5 +158,5 @@ def grouped_mm(a: Tensor, w: Tensor, w_scale: Tensor, w_alpha: Optional[Tensor],
 @grouped_mm.register_fake
 def _grouped_mm_fake(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias=None):
     if bias is not None:
-        check_bias("bias", bias, a, (w.shape[0], w.shape[1]) if w.dim() == 3 else (-1, -1))
+        check_grouped_bias(a, w, bias)
     return a.new_empty(a.shape[0], w.shape[1])

@@ -9,7 +9,7 @@ import torch
 
 from ..reference import act_fake_quantize, dequantize_weight, moe_emulated
 from ..reference.moe import dequantize_experts, expert_gemm
-from .spec import OpSpec
+from ..spec.opspec import OpSpec
 
 __all__ = ["moe_reference", "linear_reference", "grouped_mm_reference"]
 

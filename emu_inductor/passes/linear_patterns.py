@@ -26,7 +26,7 @@ from ..patterns import opaque as _opaque
 from ..patterns.act_qdq import QDQStyle, act_compatible, fp8_static_styles, qdq_styles, vllm_torch_styles
 from ..patterns.dequant import E2M1_LUT, DequantStyle, dequant_styles, example_weight
 from ..ops import library as _ops_library  # noqa: F401  (registers torch.ops.mxemu.*)
-from ..ops.spec import OpSpec
+from ..spec.opspec import OpSpec
 from . import _mx_match as mx
 
 log = logging.getLogger("emu_inductor.passes.linear")

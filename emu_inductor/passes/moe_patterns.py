@@ -41,7 +41,7 @@ import torch
 from torch._inductor import pattern_matcher as pm
 
 from ..ops import library as _ops_library  # noqa: F401  (registers torch.ops.mxemu.*)
-from ..ops.spec import OpSpec
+from ..spec.opspec import OpSpec
 from ..patterns import checks
 from ..patterns.act_qdq import fp8_static_styles, qdq_styles
 from ..patterns.dequant import DequantStyle, dequant_styles, example_weight

@@ -2,11 +2,8 @@
 
 Eager bf16 rounds every intermediate, which is what vLLM's CUDA kernels do for
 SiLU-and-mul (`bf16(bf16(silu(g)) * up)`); fused kernels reproduce these roundings.
-Gated activations take the GEMM1 output [..., 2I] and return [..., I]:
-  silu / gelu: gate = first half, up = second half (vLLM SILU / GELU)
-  swigluoai:   gate/up interleaved (even/odd columns), g = min(g, 7), u = clamp(u, +-7),
-               (u + 1) * g * sigmoid(1.702 g)   (gpt-oss, vLLM SWIGLUOAI)
-`*_no_mul` variants apply the function elementwise and keep the width.
+The names, which are gated, and swigluoai's constants are `emu_inductor.spec.activations`
+(the kernels read them there too); this module holds the eager functions.
 """
 
 from __future__ import annotations
@@ -14,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "apply_activation", "is_gated", "SWIGLUOAI_ALPHA", "SWIGLUOAI_LIMIT"]
+from ..spec.activations import ACTIVATION_NAMES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, check_activation, is_gated
 
-SWIGLUOAI_ALPHA = 1.702
-SWIGLUOAI_LIMIT = 7.0
+__all__ = ["ACTIVATIONS", "apply_activation", "is_gated", "check_activation", "SWIGLUOAI_ALPHA", "SWIGLUOAI_LIMIT"]
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -45,14 +41,8 @@ ACTIVATIONS = {
     "relu2_no_mul": lambda x: torch.square(F.relu(x)),
 }
 
-
-def is_gated(activation: str) -> bool:
-    return not activation.endswith("_no_mul")
-
-
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+if tuple(ACTIVATIONS) != ACTIVATION_NAMES:  # one list of names: spec's
+    raise AssertionError(f"reference ACTIVATIONS {tuple(ACTIVATIONS)} != spec ACTIVATION_NAMES {ACTIVATION_NAMES}")
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:

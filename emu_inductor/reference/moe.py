@@ -31,10 +31,10 @@ import torch
 
 from .activations import apply_activation, check_activation, is_gated
 from .qdq import act_fake_quantize, dequantize_weight
-from .schemes import Scheme, get_scheme
+from ..spec.schemes import Scheme, get_scheme
 
 __all__ = ["moe_emulated", "dequantize_experts", "GEMM_STYLES", "check_moe_args", "check_bias", "expert_gemm",
-           "grouped_bias_operands", "BIAS_PAD"]
+           "grouped_bias_operands", "BIAS_PAD", "check_act_scale"]
 
 GEMM_STYLES = ("grouped_mm", "bmm", "loop")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -88,12 +88,34 @@ def check_bias(name: str, bias: Optional[torch.Tensor], like: torch.Tensor, shap
         _fail(name, f"a tensor on {bias.device}", f"a tensor on {like.device} like the activations")
 
 
+def check_act_scale(name: str, g, *, required: bool = False, why: str = "") -> None:
+    """An activation scale argument (NVFP4 global scale, static fp8 scale): None (unless
+    `required`) or one float32 value, finite and positive. TypeError for a Python number
+    (the fused ops take tensors), ValueError naming `name` otherwise. The value check
+    needs the data: only in eager and on the CPU (no device sync), like the formats'."""
+    if g is None:
+        if required:
+            _fail(name, None, "a float32 tensor" + (f": {why}" if why else ""))
+        return
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name}: expected a float32 tensor (e.g. torch.tensor([{g!r}])), got {type(g).__name__}")
+    if g.dtype != torch.float32 or g.numel() != 1:
+        _fail(name, f"{g.dtype} with {g.numel()} elements", "one float32 value (quantize direction)")
+    if not torch.compiler.is_compiling() and g.device.type == "cpu":
+        if not bool(torch.isfinite(g).all() & (g > 0).all()):
+            _fail(name, g.item(), "a finite positive scale")
+
+
 def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Scheme, *, w13_scale, w2_scale,
                    w13_alpha, w2_alpha, activation, apply_router_weight_on_input, expert_map,
                    a1_global_scale, a2_global_scale, w13_bias=None, w2_bias=None):
     """Validate shapes and dtypes; every error names the offending argument."""
     check_activation(activation)
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+    for name, t in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights),
+                    ("topk_ids", topk_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if hidden_states.dim() != 2:
         _fail("hidden_states", getattr(hidden_states, "shape", type(hidden_states).__name__), "a 2-d [T, H] tensor")
     if hidden_states.dtype not in _ACT_DTYPES:
         _fail("hidden_states", hidden_states.dtype, "bfloat16, float16 or float32")
@@ -106,6 +128,12 @@ def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Schem
     E = w13.shape[0]
     if w2.shape[0] != E:
         _fail("w2", f"{w2.shape[0]} experts", f"{E} experts, as in w13")
+    # The weights agree on the hidden size (w13's K, w2's N) but the activations do not:
+    # the activations are what is wrong.
+    H_w = w2.shape[1]
+    if H != H_w and fmt.logical_size(w13.shape[2]) == H_w:
+        _fail("hidden_states", f"hidden size {H} (shape {tuple(hidden_states.shape)})",
+              f"hidden size {H_w}, as in w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} ({fmt.name})")
     I = fmt.logical_size(w2.shape[2])
     N1 = 2 * I if is_gated(activation) else I
     _check_weight("w13", w13, w13_scale, fmt, E, N1, H, w13_alpha, "w13_alpha")
@@ -135,12 +163,11 @@ def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Schem
     check_bias("w13_bias", w13_bias, hidden_states, (E, N1))
     check_bias("w2_bias", w2_bias, hidden_states, (E, H))
     act = scheme.act
-    if act is not None and act.kind == "block" and act.fmt.has_global_scale:
+    needs_gs = act is not None and act.kind == "block" and act.fmt.has_global_scale
+    if act is not None:
         for name, g in (("a1_global_scale", a1_global_scale), ("a2_global_scale", a2_global_scale)):
-            if g is None:
-                _fail(name, None, f"a float32 tensor: {scheme.name} quantizes activations with a static global scale")
-            if g.dtype != torch.float32 or g.numel() != 1:
-                _fail(name, f"{g.dtype} with {g.numel()} elements", "one float32 value (quantize direction)")
+            check_act_scale(name, g, required=needs_gs,
+                            why=f"{scheme.name} quantizes activations with a static global scale")
     return T, H, E, I
 
 
@@ -260,8 +287,10 @@ def moe_emulated(
         )
     else:
         (T, H), E = hidden_states.shape, w13.shape[0]
-    if gemm_style == "grouped_mm" and hidden_states.dtype != torch.bfloat16:
-        _fail("gemm_style", "'grouped_mm' with " + str(hidden_states.dtype), "bfloat16 activations (torch._grouped_mm)")
+    if gemm_style == "grouped_mm" and getattr(hidden_states, "dtype", None) != torch.bfloat16:
+        _fail("hidden_states", getattr(hidden_states, "dtype", type(hidden_states).__name__),
+              "bfloat16 with gemm_style='grouped_mm' (torch._grouped_mm takes bf16 only); "
+              "use gemm_style='bmm' or 'loop' for float16 / float32")
     dtype = hidden_states.dtype
     fmt = scheme.weight_fmt
     top_k = topk_ids.shape[1]

@@ -8,7 +8,7 @@ import torch
 
 from ..formats import BlockFormat, decode, e8m0_decode, fake_quantize, round_to_element, unpack
 from ..formats import E4M3
-from .schemes import ActQuant
+from ..spec.schemes import ActQuant
 
 __all__ = ["act_fake_quantize", "fp8_tensor_fake_quantize", "dequantize_weight"]
 

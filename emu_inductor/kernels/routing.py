@@ -1,5 +1,5 @@
 """One-launch routing prep for small token counts (decode): a single Triton program builds
-what `launcher.moe_align` builds with ~15 torch launches (histogram, block prefix sum,
+what `launch.moe_align` builds with ~15 torch launches (histogram, block prefix sum,
 stable scatter, block -> expert table, row -> position map).
 
 Not scheme-specific, so it is written by hand rather than rendered. One program (a CTA)

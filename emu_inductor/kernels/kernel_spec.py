@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.spec import OpSpec
+from ..spec.opspec import OpSpec
 
 __all__ = ["KernelSpec", "ALPHA_MODES", "alpha_mode_of"]
 

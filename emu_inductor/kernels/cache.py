@@ -27,7 +27,7 @@ from types import ModuleType
 
 __all__ = ["cache_dir", "load_module", "content_digest", "generated_files"]
 
-log = logging.getLogger("emu_inductor.codegen")
+log = logging.getLogger("emu_inductor.kernels")
 
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}

@@ -12,8 +12,8 @@ import json
 from typing import Optional
 
 from ..formats import FORMATS
-from ..reference import ACTIVATIONS
-from ..reference.schemes import ActQuant, Scheme, get_scheme
+from .activations import ACTIVATION_NAMES
+from .schemes import ActQuant, Scheme, get_scheme
 
 __all__ = ["OpSpec"]
 
@@ -37,7 +37,7 @@ class OpSpec:
             raise ValueError(f"act_kind: expected none, block or fp8_tensor, got {self.act_kind!r}")
         if self.act_kind == "block" and self.act_fmt not in FORMATS:
             raise ValueError(f"act_fmt: unknown format {self.act_fmt!r}")
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"activation: unknown activation {self.activation!r}")
 
     # -- conversions ---------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Tile configs: a heuristic table per regime, autotuning over a small set, a disk cache,
-and a way to pin a config.
+"""Choosing a tile config: pinned, else cached (memory, then disk), else autotuned over
+the candidates of `tiles`, else the heuristic; plus the opt-in wdq switch.
 
-Regimes are keyed by the token count, bucketed to the next power of two, so a varying
-token count maps onto a handful of configs (the kernels take the row count as a
+Regimes are keyed by the token count, bucketed to the next power of two (`tiles.token_bucket`),
+so a varying token count maps onto a handful of configs (the kernels take the row count as a
 non-specialised runtime argument: no recompiles within a bucket).
 
 Pinning: `pin_config(BM=.., BN=.., BK=.., num_warps=.., num_stages=..)` (or `None` to
@@ -13,34 +13,22 @@ for CUDA devices, never under CUDA-graph capture, never in the interpreter).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import threading
+import warnings
 from typing import Callable, Optional
 
 import torch
 
 from .cache import cache_dir
+from .tiles import TileConfig, candidates, heuristic, interpreter_config, token_bucket
 
 __all__ = ["TileConfig", "pin_config", "pinned_config", "select_config", "token_bucket", "candidates",
-           "interpreter_config"]
+           "interpreter_config", "heuristic", "wdq_enabled"]
 
-log = logging.getLogger("emu_inductor.codegen")
-
-
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    BM: int = 16
-    BN: int = 64
-    BK: int = 128
-    num_warps: int = 4
-    num_stages: int = 3
-    wdq: int = 0  # MoE: 1 = dequantize every expert's weights once into a workspace, then plain GEMMs
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
+log = logging.getLogger("emu_inductor.kernels")
 
 
 _pinned: Optional[TileConfig] = None
@@ -75,51 +63,6 @@ def pinned_config() -> Optional[TileConfig]:
     return _pinned or _env_config()
 
 
-def token_bucket(T: int) -> int:
-    b = 1
-    while b < T and b < 8192:
-        b *= 2
-    return b
-
-
-def _pow2_at_least(n: int, lo: int, hi: int) -> int:
-    b = lo
-    while b < n and b < hi:
-        b *= 2
-    return b
-
-
-def interpreter_config(N: int, K: int, rows: int) -> TileConfig:
-    """Big tiles that cover tiny test problems (the interpreter costs ~ms per program)."""
-    return TileConfig(BM=_pow2_at_least(min(rows, 64), 16, 64), BN=_pow2_at_least(N, 32, 128),
-                      BK=_pow2_at_least(K, 32, 128), num_warps=4, num_stages=1)
-
-
-def candidates(rows_per_expert: float, allow_wdq: bool = False) -> list[TileConfig]:
-    """Small per-regime sets. Decode (<= 16 rows per expert): the weight stream and its
-    in-register dequant dominate, so more programs (narrow N tiles), more warps per tile
-    and deeper pipelines; large: big tiles, and (allow_wdq) the dequantized-workspace
-    path whose GEMMs are plain bf16 tiles."""
-    if rows_per_expert <= 16:
-        return [TileConfig(16, 32, 256, 4, 4), TileConfig(16, 64, 128, 4, 4), TileConfig(16, 32, 128, 4, 4),
-                TileConfig(16, 64, 256, 8, 3), TileConfig(16, 128, 128, 8, 3)]
-    if rows_per_expert <= 64:
-        c = [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),
-             TileConfig(32, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3)]
-        if allow_wdq and rows_per_expert > 32:
-            c.append(TileConfig(64, 128, 64, 4, 4, wdq=1))
-        return c
-    c = [TileConfig(64, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 128, 8, 3)]
-    if allow_wdq:
-        c = [TileConfig(128, 128, 64, 8, 3, wdq=1), TileConfig(128, 128, 64, 8, 4, wdq=1),
-             TileConfig(64, 128, 64, 4, 4, wdq=1)] + c
-    return c
-
-
-def heuristic(rows_per_expert: float, allow_wdq: bool = False) -> TileConfig:
-    return candidates(rows_per_expert, allow_wdq)[0]
-
-
 def _disk_path() -> str:
     return os.path.join(cache_dir(), "autotune.json")
 
@@ -151,8 +94,6 @@ def wdq_enabled() -> bool:
     global _WDQ_WARNED
     if on and not _WDQ_WARNED:
         _WDQ_WARNED = True
-        import warnings
-
         warnings.warn("EMU_INDUCTOR_MOE_WDQ is set: the dequantized-workspace MoE path gave WRONG outputs on "
                       "an H100 for block-QDQ schemes (bit-exact only under the interpreter); use it to "
                       "benchmark, not for results. See docs/kernels.md.", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,18 @@
+"""Generated Triton kernels for the mxemu ops (layer: imports formats, spec; never ops).
+
+kernel_spec KernelSpec: an OpSpec plus the call facts that change the generated code
+render      renders Triton source from a KernelSpec (one template family, every scheme)
+cache       per-user, hash-verified file cache of rendered modules (EMU_INDUCTOR_CACHE_DIR)
+tiles       TileConfig and the tile strategy (candidates per token-count regime)
+autotune    choosing a config: pinned, cached, autotuned, heuristic
+routing     the one-program Triton routing prep kernel (decode sizes)
+launch      routing prep and the fused MoE / grouped GEMM / linear pipelines, taking
+            validated arguments as small dataclasses (ops validates at the op boundary)
+"""
+
+from .autotune import pin_config
+from .kernel_spec import KernelSpec
+from .render import render
+from .tiles import TileConfig
+
+__all__ = ["KernelSpec", "TileConfig", "pin_config", "render"]

@@ -1,0 +1,565 @@
+"""Launchers: routing prep, workspaces and the generated kernels for mxemu::moe, linear,
+grouped_mm.
+
+Arguments arrive validated (by `emu_inductor.ops`, at the op boundary) and grouped in
+small dataclasses: `GemmWeights` (one GEMM's packed weights, scales, global scale, bias),
+`Routing` (top-k weights and ids, expert map), `ActScales` (activation global / static
+fp8 scales as the op got them); per launch the pipeline derives `BlockRouting` (rows
+sorted and padded per expert), `KernelScales` (the fp32 scale operands the kernels read)
+and `MoEWorkspaces` (intermediate and debug buffers).
+
+No host synchronisation anywhere: every grid is sized from shapes only (at most
+cdiv(T*k, BM) + min(E, T*k) row blocks); the routing prep is device-side torch ops
+(stable argsort, index_add, cumsum, searchsorted, index_put); blocks past the last
+expert read a sentinel expert id and exit. Safe under CUDA-graph capture (autotuning
+never runs while capturing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+import triton.testing
+
+from ..formats import FORMATS
+from ..spec.opspec import OpSpec
+from .autotune import select_config, wdq_enabled
+from .cache import load_module
+from .kernel_spec import KernelSpec, alpha_mode_of
+from .render import render
+from .routing import moe_align_kernel
+from .tiles import TileConfig, interpreter_config, token_bucket
+
+__all__ = ["GemmWeights", "Routing", "ActScales", "BlockRouting", "KernelScales", "MoEWorkspaces", "moe_align",
+           "launch_moe", "launch_linear", "launch_grouped_mm", "get_module", "kernel_spec_for", "interpreting"]
+
+log = logging.getLogger("emu_inductor.kernels")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _module_for(kspec: KernelSpec):
+    return load_module(kspec.short_name(), render(kspec))
+
+
+def get_module(kspec: KernelSpec):
+    """The imported generated module for `kspec` (rendered, cached on disk, verified)."""
+    return _module_for(kspec)
+
+
+def kernel_spec_for(spec: OpSpec, dtype: torch.dtype, alpha1="none", alpha2="none", a1_static=False,
+                    a2_static=False, device: Optional[torch.device] = None, bias1: bool = False,
+                    bias2: bool = False) -> KernelSpec:
+    interp = interpreting() or (device is not None and device.type == "cpu")
+    fp8 = spec.act_kind == "fp8_tensor"
+    return KernelSpec(spec, KernelSpec.dtype_name(dtype), alpha1, alpha2, bool(a1_static and fp8),
+                      bool(a2_static and fp8), interp, bool(bias1), bool(bias2))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# one-program Triton routing prep while R * next_pow2(E) stays under this (decode sizes)
+ROUTING_KERNEL_MAX_WORK = 1 << 16
+
+
+def _routing_impl(R: int, E: int) -> str:
+    forced = os.environ.get("EMU_INDUCTOR_ROUTING", "")
+    if forced in ("torch", "triton"):
+        return forced
+    return "triton" if R * _np2(E) <= ROUTING_KERNEL_MAX_WORK else "torch"
+
+
+def _moe_align_triton(topk_ids, expert_map, E: int, BM: int):
+    dev = topk_ids.device
+    R = topk_ids.numel()
+    max_blocks = _cdiv(R, BM) + min(E, R)
+    P = max_blocks * BM
+    ids = topk_ids.reshape(-1)
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.to(torch.int64)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    pos_of_id = torch.empty(R, dtype=torch.int64, device=dev)
+    BE = max(16, _np2(E))
+    BR = max(16, min(_np2(R), 8192 // BE))
+    BF = max(16, 8192 // BE)
+    emap = expert_map.contiguous() if expert_map is not None else ids
+    moe_align_kernel[(1,)](ids.contiguous(), emap, sorted_ids, block_expert, pos_of_id, R, E,
+                           expert_map.shape[0] if expert_map is not None else E, P, max_blocks,
+                           HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
+                           **({} if interpreting() else {"num_warps": 4}))
+    return sorted_ids, block_expert, pos_of_id
+
+
+def moe_align(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], E: int, BM: int,
+              impl: Optional[str] = None):
+    """Sort (token, slot) rows by local expert and pad every expert to a multiple of BM.
+
+    Returns (sorted_ids int32 [P], block_expert int32 [P // BM], pos_of_id int64 [R]):
+    sorted_ids holds row ids r = t * top_k + k, or the sentinel R in padding; block b
+    belongs to expert block_expert[b], or E past the last used block; pos_of_id[r] is the
+    padded position of row r (P for rows whose expert is -1 / not local). Ids outside
+    [0, E_global) and map entries outside [-1, E) are treated as not local.
+    """
+    dev = topk_ids.device
+    R = topk_ids.numel()
+    if (impl or _routing_impl(R, E)) == "triton" and R > 0:
+        return _moe_align_triton(topk_ids, expert_map, E, BM)
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    if expert_map is not None:
+        ng = expert_map.shape[0]
+        ok = (ids >= 0) & (ids < ng)
+        local = torch.where(ok, expert_map.to(torch.int64)[ids.clamp(0, max(ng - 1, 0))], -1)
+    else:
+        local = ids
+    key = torch.where((local >= 0) & (local < E), local, E)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).index_add_(0, key, torch.ones_like(key))
+    nblk = (counts[:E] + BM - 1) // BM
+    blk_end = torch.cumsum(nblk, 0)
+    max_blocks = _cdiv(R, BM) + min(E, R)
+    P = max_blocks * BM
+    blk_start = torch.cat([blk_end - nblk, blk_end.new_full((1,), max_blocks)])
+    cnt_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(key, stable=True)
+    skey = key[order]
+    rank = torch.arange(R, device=dev) - cnt_start[skey]
+    pos = torch.where(skey < E, blk_start[skey] * BM + rank, P)
+    sorted_ids = torch.full((P + 1,), R, dtype=torch.int32, device=dev)
+    sorted_ids[pos] = order.to(torch.int32)
+    block_expert = torch.searchsorted(blk_end, torch.arange(max_blocks, device=dev), right=True).to(torch.int32)
+    pos_of_id = torch.empty(R, dtype=torch.int64, device=dev)
+    pos_of_id[order] = pos
+    return sorted_ids[:P], block_expert, pos_of_id
+
+
+def _dummy(dev, dtype=torch.float32):
+    return torch.zeros(1, dtype=dtype, device=dev)
+
+
+def _scale_u8(scale: torch.Tensor) -> torch.Tensor:
+    return scale.view(torch.uint8) if scale.dtype != torch.uint8 else scale
+
+
+def _launch_kw(cfg: TileConfig) -> dict:
+    if interpreting():
+        return {}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+# --- launch arguments ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmWeights:
+    """One GEMM's weights: packed codes [E, N, Kp] (or [N, Kp]), block scales, the NVFP4
+    dequantize-direction global scale (None for MX) and an optional bias (activation dtype)."""
+
+    w: torch.Tensor
+    scale: torch.Tensor
+    alpha: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Which experts each token goes to: topk_weights / topk_ids [T, k] and the optional
+    global -> local expert map (-1: not on this rank)."""
+
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    expert_map: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ActScales:
+    """Activation scales as the op received them: NVFP4 global scales (quantize direction)
+    or static per-tensor fp8 scales, for the GEMM1 input (a1) and the GEMM2 input (a2)."""
+
+    a1: Optional[torch.Tensor] = None
+    a2: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRouting:
+    """`moe_align`'s result for one BM: sorted_ids [P], block_expert [P // BM], pos_of_id [R]."""
+
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    pos_of_id: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+    @property
+    def padded_rows(self) -> int:
+        return self.sorted_ids.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelScales:
+    """The fp32 scale operands of one MoE launch: gs1 (a1 global scale, fp8 static scale or
+    dynamic amax), gs2 (a2 global scale), gs2_static (static fp8 a2 scale or None) and amax2
+    (GEMM1's amax output for dynamic fp8 a2; a dummy otherwise)."""
+
+    gs1: torch.Tensor
+    gs2: torch.Tensor
+    gs2_static: Optional[torch.Tensor]
+    amax2: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEWorkspaces:
+    """Buffers between the two GEMMs: a2 (QDQ'd activation rows [P, I]) and, with debug,
+    the kernel's fp32 a1 [P, H] and c2 [P, I] rows (dummies otherwise)."""
+
+    a2: torch.Tensor
+    dbg_a: torch.Tensor
+    dbg_c: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _MoEPlan:
+    """Everything fixed for one mxemu::moe call (shapes, spec, rendered module); `_moe_run`
+    executes it for one tile config."""
+
+    x: torch.Tensor
+    w13: GemmWeights
+    w2: GemmWeights
+    routing: Routing
+    scales: ActScales
+    spec: OpSpec
+    kspec: KernelSpec
+    mod: object
+    T: int
+    H: int
+    E: int
+    I: int
+    N1: int
+    top_k: int
+    reduction: str
+    prequant: bool
+    wdq_ok: bool
+
+    @property
+    def R(self) -> int:
+        return self.T * self.top_k
+
+
+# --- MoE ---------------------------------------------------------------------------------------
+
+
+def launch_moe(hidden_states, w13: GemmWeights, w2: GemmWeights, routing: Routing, scales: ActScales,
+               spec: OpSpec, *, reduction: Optional[str] = None, config: Optional[TileConfig] = None,
+               debug: bool = False, prequant: Optional[bool] = None):
+    """The fused MoE on validated arguments: routing prep, GEMM1 (+QDQ_a1, dequant,
+    activation, QDQ_a2), GEMM2 (dequant, router weight, reduction). See
+    `emu_inductor.ops.triton_impl.moe_triton` for the options."""
+    x = hidden_states
+    (T, H), E = x.shape, w13.w.shape[0]
+    I = FORMATS[spec.weight_fmt].logical_size(w2.w.shape[2])
+    dev, dtype = x.device, x.dtype
+    top_k = routing.topk_ids.shape[1]
+    reduction = reduction or os.environ.get("EMU_INDUCTOR_MOE_REDUCTION") or (
+        "deterministic" if interpreting() else "atomic")
+    if reduction not in ("atomic", "deterministic"):
+        raise ValueError(f"reduction: expected 'atomic' or 'deterministic', got {reduction!r}")
+    if T * top_k == 0:
+        return x.new_zeros(x.shape) if not debug else {"out": x.new_zeros(x.shape)}
+    N1 = w13.w.shape[1]
+    kspec = kernel_spec_for(spec, dtype, alpha_mode_of(w13.alpha, E, N1), alpha_mode_of(w2.alpha, E, H),
+                            scales.a1 is not None, scales.a2 is not None, dev,
+                            bias1=w13.bias is not None, bias2=w2.bias is not None)
+    if w13.bias is not None:
+        w13 = dataclasses.replace(w13, bias=w13.bias.contiguous())
+    if w2.bias is not None:
+        w2 = dataclasses.replace(w2, bias=w2.bias.contiguous())
+    routing = dataclasses.replace(routing, topk_weights=routing.topk_weights.contiguous())
+    if prequant is None:
+        prequant = spec.act_kind != "none"
+    plan = _MoEPlan(x=x.contiguous(), w13=w13, w2=w2, routing=routing, scales=scales, spec=spec, kspec=kspec,
+                    mod=get_module(kspec), T=T, H=H, E=E, I=I, N1=N1, top_k=top_k, reduction=reduction,
+                    prequant=bool(prequant) and spec.act_kind != "none",
+                    wdq_ok=_dequant_ws_ok(E, max(N1 * H, H * I), dtype))
+    run = functools.partial(_moe_run, plan)
+    if config is None:
+        config = _moe_config(plan, run)
+    return run(config, debug)
+
+
+def _moe_config(plan: _MoEPlan, run) -> TileConfig:
+    rows_per_expert = plan.R / max(1, min(plan.E, plan.R))
+    if plan.kspec.interpret:
+        c1 = interpreter_config(plan.I, plan.H, rows_per_expert)
+        c2 = interpreter_config(plan.H, plan.I, rows_per_expert)
+        return TileConfig(c1.BM, max(c1.BN, 32), max(c1.BK, c2.BK), 4, 1)
+    key = (f"moe|{plan.kspec.digest()}|E{plan.E}|H{plan.H}|I{plan.I}|k{plan.top_k}|T{token_bucket(plan.T)}|"
+           f"{plan.reduction}|pq{int(plan.prequant)}")
+    return select_config(key, plan.x.device, rows_per_expert, bench=_bencher(run),
+                         allow_wdq=plan.wdq_ok and wdq_enabled())
+
+
+def _moe_run(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
+    wdq = bool(cfg.wdq) and plan.wdq_ok
+    blocks = BlockRouting(*moe_align(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM))
+    dummy = _dummy(plan.x.device)
+    scales = _kernel_scales(plan, dummy)
+    ws = _moe_workspaces(plan, blocks.padded_rows, dbg, dummy)
+    a_src, a_index = _moe_prequant(plan, scales) if plan.prequant else (plan.x, 0)
+    _moe_gemm1(plan, cfg, blocks, scales, ws, a_src, a_index, wdq, dbg, dummy)
+    del a_src
+    out = _moe_gemm2(plan, cfg, blocks, scales, ws, wdq, dummy)
+    y = _moe_combine(plan, out)
+    if not dbg:
+        return y
+    return _moe_debug_rows(plan, blocks, ws, y)
+
+
+def _kernel_scales(plan: _MoEPlan, dummy) -> KernelScales:
+    a1, a2 = plan.scales.a1, plan.scales.a2
+    dev = plan.x.device
+    if plan.spec.act_kind == "fp8_tensor":
+        if plan.kspec.a1_static:
+            gs1 = a1.reshape(1).to(torch.float32)
+        else:
+            x = plan.x
+            xr = x * plan.routing.topk_weights.reshape(-1, 1).to(x.dtype) if plan.spec.router_weight_on_input else x
+            gs1 = xr.abs().amax().to(torch.float32).reshape(1)
+        gs2_static = a2.reshape(1).to(torch.float32) if plan.kspec.a2_static else None
+        amax2 = torch.zeros(1, dtype=torch.float32, device=dev)
+        return KernelScales(gs1, dummy, gs2_static, amax2)
+    gs1 = a1.reshape(1).to(torch.float32) if a1 is not None else dummy
+    gs2 = a2.reshape(1).to(torch.float32) if a2 is not None else dummy
+    return KernelScales(gs1, gs2, None, dummy)
+
+
+def _moe_workspaces(plan: _MoEPlan, P: int, dbg: bool, dummy) -> MoEWorkspaces:
+    dev, dtype = plan.x.device, plan.x.dtype
+    return MoEWorkspaces(
+        a2=torch.empty((P, plan.I), dtype=dtype, device=dev),
+        dbg_a=torch.zeros((P, plan.H), dtype=torch.float32, device=dev) if dbg else dummy,
+        dbg_c=torch.zeros((P, plan.I), dtype=torch.float32, device=dev) if dbg else dummy)
+
+
+def _moe_prequant(plan: _MoEPlan, scales: KernelScales):
+    """Fake-quantize the GEMM1 input rows once ([T, H], or [T*k, H] with the router weight on
+    the input): returns (rows, A_INDEX of gemm_act_kernel)."""
+    x, H = plan.x, plan.H
+    rw = bool(plan.spec.router_weight_on_input)
+    M = plan.R if rw else plan.T
+    a_src = torch.empty((M, H), dtype=x.dtype, device=x.device)
+    qbk = _qdq_bk(H, plan.spec)
+    plan.mod.prequant_kernel[(_cdiv(M, 16), _cdiv(H, qbk))](
+        x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H,
+        TOPK=plan.top_k if rw else 1, RW=rw, BM=16, BK=qbk, **({} if interpreting() else {"num_warps": 4}))
+    return a_src, 1 if rw else 0
+
+
+def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: KernelScales, ws: MoEWorkspaces,
+               a_src, a_index: int, wdq: bool, dbg: bool, dummy) -> None:
+    w13 = plan.w13
+    w1a, s1a = w13.w, _scale_u8(w13.scale)
+    w1s = (w13.w.stride(0), w13.w.stride(1))
+    if wdq:
+        w1a = _dequant_all(plan.mod, w13.w, w13.scale, w13.alpha, plan.N1, plan.H, 1, plan.x.dtype, dummy)
+        w1s = (w1a.stride(0), w1a.stride(1))
+    fp8 = plan.spec.act_kind == "fp8_tensor"
+    grid1 = (blocks.num_blocks, _cdiv(plan.I, cfg.BN))
+    plan.mod.gemm_act_kernel[grid1](
+        a_src, a_src.stride(0), w1a, s1a, w13.alpha if w13.alpha is not None else dummy,
+        blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights, scales.gs1, scales.gs2, ws.a2,
+        ws.a2.stride(0), ws.dbg_a, ws.dbg_c, scales.amax2,
+        *((w13.bias,) if w13.bias is not None else ()),  # b1_ptr exists only in bias1 kernels
+        plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
+        TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=fp8 and not plan.kspec.a2_static,
+        PREQ=plan.prequant, WDQ=wdq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+
+
+def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: KernelScales, ws: MoEWorkspaces,
+               wdq: bool, dummy) -> torch.Tensor:
+    w2, H, I = plan.w2, plan.H, plan.I
+    dev, dtype = plan.x.device, plan.x.dtype
+    w2a = w2.w
+    w2s = (w2.w.stride(0), w2.w.stride(1))
+    if wdq:
+        w2a = _dequant_all(plan.mod, w2.w, w2.scale, w2.alpha, H, I, 2, dtype, dummy)
+        w2s = (w2a.stride(0), w2a.stride(1))
+    atomic = plan.reduction == "atomic"
+    if atomic:
+        out = torch.zeros((plan.T, H), dtype=torch.float32, device=dev)
+    else:
+        out = torch.zeros((plan.R, H), dtype=dtype, device=dev)
+    grid2 = (blocks.num_blocks, _cdiv(H, cfg.BN))
+    plan.mod.gemm_out_kernel[grid2](
+        ws.a2, ws.a2.stride(0), w2a, _scale_u8(w2.scale), w2.alpha if w2.alpha is not None else dummy,
+        blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights,
+        scales.gs2_static if scales.gs2_static is not None else scales.amax2,
+        w2.bias if w2.bias is not None else dummy,
+        out, out.stride(0), H, I, plan.R, plan.E, H, w2s[0], w2s[1], w2.scale.stride(0), w2.scale.stride(1),
+        TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
+        HAS_BIAS=w2.bias is not None, STORE=1 if atomic else 0, MUL_W=not plan.spec.router_weight_on_input,
+        WDQ=wdq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+    return out
+
+
+def _moe_combine(plan: _MoEPlan, out: torch.Tensor) -> torch.Tensor:
+    """atomic: the fp32 [T, H] sum, rounded once; deterministic: the per-slot rows summed in
+    fp32 in the reference's order (router weight applied here unless it went on the input)."""
+    dtype = plan.x.dtype
+    if plan.reduction == "atomic":
+        return out.to(dtype)
+    c3 = out.view(plan.T, plan.top_k, plan.H).to(torch.float32)
+    if not plan.spec.router_weight_on_input:
+        c3 = c3 * plan.routing.topk_weights.to(torch.float32).unsqueeze(-1)
+    return c3.sum(dim=1).to(dtype)
+
+
+def _moe_debug_rows(plan: _MoEPlan, blocks: BlockRouting, ws: MoEWorkspaces, y: torch.Tensor) -> dict:
+    P = blocks.padded_rows
+    valid = blocks.pos_of_id < P
+    p = blocks.pos_of_id.clamp(max=P - 1)
+    nan = float("nan")
+    fp8 = plan.spec.act_kind == "fp8_tensor"
+    return {"out": y, "valid": valid,
+            "a1": torch.where(valid[:, None], ws.dbg_a[p], nan),
+            "c2": torch.where(valid[:, None], ws.dbg_c[p], nan),
+            "a2": torch.where(valid[:, None], ws.a2[p].to(torch.float32), nan) if not fp8 else None}
+
+
+def _dequant_ws_ok(E: int, per_expert: int, dtype: torch.dtype) -> bool:
+    cap = float(os.environ.get("EMU_INDUCTOR_DEQUANT_WS_MAX_MB", "4096"))
+    return E * per_expert * torch.empty((), dtype=dtype).element_size() <= cap * 2**20
+
+
+def _qdq_bk(K: int, spec: OpSpec) -> int:
+    """A K tile for the standalone QDQ: a multiple of the activation block size."""
+    bs = FORMATS[spec.act_fmt].block_size if spec.act_kind == "block" else 1
+    bk = 128
+    while bk < bs:
+        bk *= 2
+    return bk
+
+
+def _dequant_all(mod, w, w_scale, w_alpha, N: int, K: int, which: int, dtype, dummy):
+    """[E, N, K] activation-dtype copy of every expert's dequantized weights."""
+    E = w.shape[0]
+    ws = torch.empty((E, N, K), dtype=dtype, device=w.device)
+    BN, BK = 64, 128
+    mod.dequant_kernel[(E, _cdiv(N, BN), _cdiv(K, BK))](
+        w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy, ws, N, K, w.stride(0), w.stride(1),
+        w_scale.stride(0), w_scale.stride(1), WHICH=which, BN=BN, BK=BK,
+        **({} if interpreting() else {"num_warps": 4}))
+    return ws
+
+
+def _bencher(run):
+    def bench(cfg):
+        run(cfg)  # compile
+        return triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20)
+
+    return bench
+
+
+# --- grouped GEMM and linear -----------------------------------------------------------------------
+
+
+def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpSpec, out, cfg, alpha_mode,
+               expert_bias: bool = False):
+    """expert_bias: `weights.bias` is [E, N] (one row per expert, grouped_mm) rather than linear's [N]."""
+    w, w_scale, w_alpha, bias = weights.w, weights.scale, weights.alpha, weights.bias
+    E, N = w.shape[0], w.shape[1]
+    K = a.shape[1]
+    dev = a.device
+    fp8 = spec.act_kind == "fp8_tensor"
+    kspec = kernel_spec_for(spec, a.dtype, alpha2=alpha_mode, a1_static=a_gs is not None,
+                            a2_static=a_gs is not None, device=dev, bias2=expert_bias and bias is not None)
+    mod = get_module(kspec)
+    dummy = _dummy(dev)
+    if fp8:
+        gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else a.abs().amax().to(torch.float32).reshape(1)
+    else:
+        gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else dummy
+    grid = (blocks.num_blocks, _cdiv(N, cfg.BN))
+    mod.gemm_out_kernel[grid](
+        a, a.stride(0), w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy,
+        blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
+        out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
+        STORE=0, MUL_W=False, WDQ=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+    return out
+
+
+def _gemm_cfg(kind, spec, dtype, dev, N, K, rows, E, run):
+    if interpreting() or dev.type == "cpu":
+        return interpreter_config(N, K, rows)
+    key = f"{kind}|{spec.to_str()}|{dtype}|E{E}|N{N}|K{K}|T{token_bucket(rows)}"
+    return select_config(key, dev, rows / max(1, E), bench=_bencher(run))
+
+
+def launch_grouped_mm(a, weights: GemmWeights, offs, a_global_scale, spec: OpSpec, *,
+                      config: Optional[TileConfig] = None):
+    """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T (+ bias[g(r)], [E, N], on the fp32
+    accumulator) over expert-sorted rows (offs: int32 group ends); rows at or past
+    offs[-1] are zeros. Arguments validated by the op."""
+    if weights.bias is not None:
+        weights = dataclasses.replace(weights, bias=weights.bias.contiguous())
+    dev = a.device
+    E, N = weights.w.shape[0], weights.w.shape[1]
+    Ra = a.shape[0]
+    a = a.contiguous()
+    out = torch.zeros((Ra, N), dtype=a.dtype, device=dev)
+    if Ra == 0:
+        return out
+    key = torch.searchsorted(offs.to(torch.int64), torch.arange(Ra, device=dev), right=True)
+    alpha_mode = alpha_mode_of(weights.alpha, E, N)
+
+    def run(cfg):
+        blocks = BlockRouting(*moe_align(key.reshape(-1, 1), None, E, cfg.BM))
+        return _gemm_rows(a, weights, blocks, Ra, a_global_scale, spec, out, cfg, alpha_mode, expert_bias=True)
+
+    cfg = config or _gemm_cfg("grouped_mm", spec, a.dtype, dev, N, a.shape[1], Ra, E, run)
+    return run(cfg)
+
+
+def launch_linear(x, weights: GemmWeights, input_global_scale, spec: OpSpec, *, config: Optional[TileConfig] = None):
+    """y = QDQ(x) @ dequant(weight).T + bias: the one-expert case of the same kernel.
+    `weights.alpha` is None, one value or [N] (validated by the op)."""
+    dev = x.device
+    K = x.shape[-1]
+    N = weights.w.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=dev)
+    if M == 0:
+        return out.reshape(*x.shape[:-1], N)
+    alpha = weights.alpha
+    if alpha is None:
+        amode, al = "none", None
+    elif alpha.numel() == 1:
+        amode, al = "scalar", alpha.reshape(1).to(torch.float32)
+    else:
+        amode, al = "row", alpha.to(torch.float32).contiguous()
+    w3 = GemmWeights(weights.w.unsqueeze(0), weights.scale.unsqueeze(0), al, weights.bias)
+
+    def run(cfg):
+        nb = _cdiv(M, cfg.BM)
+        ids = torch.arange(nb * cfg.BM, dtype=torch.int32, device=dev)  # ids >= M are padding
+        bexp = torch.zeros(nb, dtype=torch.int32, device=dev)
+        return _gemm_rows(x2, w3, BlockRouting(ids, bexp, ids), M, input_global_scale, spec, out, cfg, amode)
+
+    cfg = config or _gemm_cfg("linear", spec, x.dtype, dev, N, K, M, 1, run)
+    return run(cfg).reshape(*x.shape[:-1], N)

@@ -1,0 +1,58 @@
+"""Which activation quantization goes with which weight format: the one table.
+
+The named schemes (`spec.schemes.SCHEMES`), the pattern pairing of dequant and QDQ
+styles (`passes.pieces.scheme_pairs`) and the declared opaque QDQ ops all ask this
+module; nothing else keeps a list of pairs.
+
+An activation is named by its element format ("nvfp4", "mxfp4", ...) for block QDQ, or
+"fp8" for one per-tensor E4M3 scale (vLLM's `a_fp8`). NVFP4 activations go only with
+NVFP4 weights, MX activations only with MX weights. The fused kernels implement the MX
+activation scale modes in `FUSED_MX_SCALE_MODES` ("ceil" exists in the reference only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "act_name", "is_compatible"]
+
+#: weight format name -> activation names the fused ops take with it.
+ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
+    "nvfp4": ("nvfp4", "fp8"),
+    "mxfp4": ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8"),
+    "mxfp6_e3m2": ("mxfp6_e3m2", "fp8"),
+    "mxfp6_e2m3": ("mxfp6_e2m3",),
+    "mxfp8_e4m3": ("mxfp8_e4m3",),
+    "mxfp8_e5m2": (),
+}
+
+#: MX activation scale modes the generated kernels implement.
+FUSED_MX_SCALE_MODES = ("even", "floor", "rceil")
+
+
+def act_name(act) -> str:
+    """"fp8" for a per-tensor fp8 ActQuant, else its element format's name."""
+    return "fp8" if act.kind == "fp8_tensor" else act.fmt.name
+
+
+def is_compatible(weight_fmt, act) -> bool:
+    """True when weights in `weight_fmt` (a BlockFormat) and activations quantized as
+    `act` (an ActQuant, None = weight-only) form a pair the fused ops implement."""
+    if act is None:
+        return True
+    if act_name(act) not in ACT_FOR_WEIGHT.get(weight_fmt.name, ()):
+        return False
+    if act.kind == "block":
+        if act.fmt.is_mx != weight_fmt.is_mx:
+            return False
+        if act.fmt.is_mx and act.scale_mode not in FUSED_MX_SCALE_MODES:
+            return False
+    return True
+
+
+def incompatibility(weight_fmt, act) -> Optional[str]:
+    """None, or why the pair is not in the table (for error messages)."""
+    if is_compatible(weight_fmt, act):
+        return None
+    return (f"{act_name(act)} activations (scale mode {getattr(act, 'scale_mode', None)!r}) do not go with "
+            f"{weight_fmt.name} weights; allowed: {ACT_FOR_WEIGHT.get(weight_fmt.name, ())}")
