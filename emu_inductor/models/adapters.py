@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["MoEAdapter", "ADAPTERS", "find_adapter", "ExpertWeights"]
+__all__ = ["MoEAdapter", "ADAPTERS", "find_adapter", "ExpertWeights", "RoutingRecipe"]
 
 
 @dataclasses.dataclass
@@ -77,16 +77,40 @@ def _check_swigluoai(ex: nn.Module) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoutingRecipe:
+    """The routing of a block whose router is a plain `nn.Linear` (the math then lives in
+    the block's forward, which cannot be called on its own): transformers 4.x's
+    Mixtral / Qwen-MoE recipe, softmax over the experts in fp32 -> top-k -> optional
+    renormalization -> weights cast to the hidden states' dtype."""
+
+    top_k: int
+    norm_topk_prob: bool
+
+    def __call__(self, router_logits: torch.Tensor, dtype: torch.dtype):
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(dtype), ids
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEAdapter:
     """How one architecture's MoE block is read and rebuilt.
 
     `block_classes`: HF class names of the sparse block. `router_attr`: the router child
-    (called as `router(x2d) -> (logits, topk_weights, topk_ids)`). `shared`: None,
-    "deepseek" (`shared_experts`) or "qwen2" (`shared_expert` + `shared_expert_gate`).
+    (called as `router(x2d) -> (logits, topk_weights, topk_ids)`, or, with `routing`, a
+    plain Linear giving logits that `routing` turns into weights and ids). `shared`:
+    None, "deepseek" (`shared_experts`) or "qwen2" (`shared_expert` + `shared_expert_gate`).
     `returns_router_scores`: the block returns `(hidden, router_scores)` (GPT-OSS).
+    `layout`: "fused_gate_up" (3-D `gate_up_proj` / `down_proj`; `transposed` None means
+    the experts' own `is_transposed` flag), "gpt_oss", or "expert_list" (a ModuleList of
+    gated MLPs whose Linears are named `expert_names` = (gate, up, down)).
     `checkpoint_names`: per-expert projection names in checkpoints (gate, up, down).
     `checkpoint_block_names`: names the block has in checkpoints besides its module path
     (Mixtral checkpoints say `block_sparse_moe` where transformers 5 says `mlp`).
+    `matched_by`: "class" for the entries of ADAPTERS, "structure" for an adapter that
+    `structure.match_structure` derived from one block.
     """
 
     name: str
@@ -95,15 +119,30 @@ class MoEAdapter:
     router_attr: str = "gate"
     shared: Optional[str] = None
     returns_router_scores: bool = False
-    layout: str = "fused_gate_up"  # or "gpt_oss"
+    layout: str = "fused_gate_up"  # or "gpt_oss", "expert_list"
     checkpoint_names: tuple = ("gate_proj", "up_proj", "down_proj")
     checkpoint_block_names: tuple = ()
+    routing: Optional[RoutingRecipe] = None
+    expert_names: tuple = ()
+    transposed: Optional[bool] = None
+    activation_name: Optional[str] = None  # set by the structural match; else read from the block
+    matched_by: str = "class"
 
     def matches(self, module: nn.Module) -> bool:
         return type(module).__name__ in self.block_classes
 
+    def _is_transposed(self, ex: nn.Module) -> bool:
+        if self.transposed is not None:
+            return self.transposed
+        return bool(getattr(ex, "is_transposed", False))
+
     def expert_weights(self, block: nn.Module) -> ExpertWeights:
         ex = block.experts
+        if self.layout == "expert_list":
+            g, u, d = self.expert_names
+            w13 = torch.stack([torch.cat([getattr(e, g).weight.detach(), getattr(e, u).weight.detach()]) for e in ex])
+            w2 = torch.stack([getattr(e, d).weight.detach() for e in ex])
+            return ExpertWeights(w13, w2, self.activation(block))
         gu, dn = ex.gate_up_proj.detach(), ex.down_proj.detach()
         if self.layout == "gpt_oss":
             _check_swigluoai(ex)
@@ -111,30 +150,43 @@ class MoEAdapter:
             b2 = ex.down_proj_bias.detach() if getattr(ex, "down_proj_bias", None) is not None else None
             return ExpertWeights(gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous(),
                                  "swigluoai", b13, b2)
-        if getattr(ex, "is_transposed", False):
+        if self._is_transposed(ex):
             gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
         if getattr(ex, "has_bias", False):
             raise ValueError(f"{type(ex).__name__}: experts with biases are only supported for GPT-OSS")
-        act = _activation_from_config(block)
+        act = self.activation(block)
         if not getattr(ex, "is_concatenated", True):
             # interleaved gate/up rows -> gate rows then up rows
             gu = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
         return ExpertWeights(gu.contiguous(), dn.contiguous(), act)
 
     def num_experts(self, block: nn.Module) -> int:
-        return int(block.experts.gate_up_proj.shape[0])
+        return self.dims(block)[0]
 
     def dims(self, block: nn.Module) -> tuple:
         """(E, H, I): experts, hidden size, expert intermediate size."""
-        E, a, b = block.experts.gate_up_proj.shape
-        if self.layout == "gpt_oss" or getattr(block.experts, "is_transposed", False):
+        ex = block.experts
+        if self.layout == "expert_list":
+            I, H = getattr(ex[0], self.expert_names[0]).weight.shape
+            return len(ex), int(H), int(I)
+        E, a, b = ex.gate_up_proj.shape
+        if self.layout == "gpt_oss" or self._is_transposed(ex):
             return int(E), int(a), int(b) // 2
         return int(E), int(b), int(a) // 2
+
+    def dtype(self, block: nn.Module) -> torch.dtype:
+        """The experts' weight dtype."""
+        ex = block.experts
+        if self.layout == "expert_list":
+            return getattr(ex[0], self.expert_names[0]).weight.dtype
+        return ex.gate_up_proj.dtype
 
     def activation(self, block: nn.Module) -> str:
         if self.layout == "gpt_oss":
             _check_swigluoai(block.experts)
             return "swigluoai"
+        if self.activation_name is not None:
+            return self.activation_name
         return _activation_from_config(block)
 
 
@@ -152,9 +204,18 @@ ADAPTERS: dict[str, MoEAdapter] = {
 }
 
 
-def find_adapter(module: nn.Module) -> Optional[MoEAdapter]:
-    """The adapter whose block class `module` is, or None."""
+def find_adapter(module: nn.Module, config=None) -> Optional[MoEAdapter]:
+    """The adapter for `module`: the ADAPTERS entry whose block class it is; else, when
+    it holds an `experts` child, the adapter its structure gives (`structure.
+    match_structure`, which raises ValueError naming what it could not recognise);
+    else None. `config`: the model's config, read for the routing recipe of plain-Linear
+    routers."""
     for a in ADAPTERS.values():
         if a.matches(module):
             return a
+    # imported here: structure.py builds MoEAdapter instances and imports this module
+    from .structure import is_candidate, match_structure
+
+    if is_candidate(module):
+        return match_structure(module, config)
     return None

@@ -37,12 +37,27 @@ def _default_gemm_style(dtype: torch.dtype) -> str:
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, MoEAdapter]]:
-    """(qualified name, module, adapter) of every recognized HF sparse MoE block."""
-    out = []
+    """(qualified name, module, adapter) of every sparse MoE block: the known
+    architectures by class (adapters.ADAPTERS), every other module holding `experts` by
+    structure (models.structure). A module holding `experts` that is not recognised
+    raises ValueError naming it and what was missing."""
+    config = getattr(model, "config", None)
+    out, failed, inside = [], [], None
     for name, mod in model.named_modules():
-        a = find_adapter(mod)
+        if inside is not None and name.startswith(inside):
+            continue  # the experts / router of a block already taken
+        try:
+            a = find_adapter(mod, config)
+        except ValueError as exc:
+            failed.append(f"{name or type(model).__name__}: {exc}")
+            inside = name + "."
+            continue
         if a is not None:
             out.append((name, mod, a))
+            inside = name + "."
+    if failed:
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        raise ValueError("model: MoE block not recognised: " + "; ".join(failed[:3]) + more)
     return out
 
 
@@ -60,10 +75,13 @@ def build_block(block: nn.Module, adapter: MoEAdapter, experts: QuantizedExperts
     elif adapter.shared == "qwen2":
         shared_modules["shared_expert"] = block.shared_expert
         shared_modules["shared_expert_gate"] = block.shared_expert_gate
+    # Mixtral calls it `jitter_noise`, PhiMoE `input_jitter_noise` (training only)
+    jitter = getattr(block, "input_jitter_noise", None) or getattr(block, "jitter_noise", None) or 0.0
     return EmulatedMoEBlock(
         architecture=adapter.name, router_attr=adapter.router_attr, router=getattr(block, adapter.router_attr),
         experts=experts, shared=adapter.shared, shared_modules=shared_modules,
         returns_router_scores=adapter.returns_router_scores, original_class=type(block).__name__,
+        routing=adapter.routing, input_jitter_noise=jitter,
     )
 
 
@@ -114,8 +132,10 @@ def quantize_model(model: nn.Module, scheme, *, targets: Targets = ("experts",),
 
     scheme: a name from `emu_inductor.reference.SCHEMES` (nvfp4_w4a4, w_mxfp4_a_mxfp4,
         nvfp4_w4a16, ...) or a Scheme.
-    targets: "experts" (every recognized MoE block: Qwen3-MoE, Qwen2-MoE, Mixtral,
-        DeepSeek-V3, GPT-OSS), "linear" (every nn.Linear not in `ignore`), module names
+    targets: "experts" (every MoE block: Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3,
+        GPT-OSS by class; any other block holding a router and fused or listed gated
+        experts by structure -- OLMoE, PhiMoE, GraniteMoE, Jamba, ...; see
+        models.structure), "linear" (every nn.Linear not in `ignore`), module names
         or "re:<regex>" patterns of nn.Linear modules (these win over `ignore`).
     calibration_data: optional model input (a tensor of input ids, a dict of kwargs, or
         a callable taking the model) run once after the swap to set the NVFP4 activation
@@ -131,8 +151,9 @@ def quantize_model(model: nn.Module, scheme, *, targets: Targets = ("experts",),
         blocks = find_moe_blocks(model)
         if not blocks and not any(t not in ("experts", "moe") for t in targets):
             raise ValueError(
-                f"model: no MoE block of a supported architecture found in {type(model).__name__}; "
-                "supported: Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3, GPT-OSS"
+                f"model: no MoE block found in {type(model).__name__}: no module of a known architecture "
+                "(Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3, GPT-OSS) and no module holding `experts` "
+                "(fused gate_up_proj/down_proj or a ModuleList of gated MLPs) beside a router"
             )
         for name, block, adapter in blocks:
             _set_submodule(model, name, _quantize_block(block, adapter, sch, gemm_style))

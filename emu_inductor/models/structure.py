@@ -1,0 +1,252 @@
+"""Recognize a sparse MoE block by what it holds, not by its class name.
+
+A module qualifies when it has an `experts` child and, beside it, exactly one router:
+
+* experts, either fused -- 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
+  parameters (or [E, H, 2I] / [E, I, H]: the orientation is the experts' own
+  `is_transposed` flag where they have one, else the one the router's hidden size fits;
+  `is_concatenated=False` means gate/up rows interleaved), as transformers 5.x stores
+  OLMoE, PhiMoE, GraniteMoE, Jamba and most others -- or a ModuleList of gated MLPs
+  whose bias-free Linears are `gate_proj`/`up_proj`/`down_proj` or `w1`/`w3`/`w2`
+  (transformers 4.x, many user models), stacked into vLLM's `w13 = [gate; up]`, `w2`;
+* a router: a child whose `weight` is [E, H]. Called once on probe rows at match time:
+  a router that returns `(logits, weights, ids)` (every transformers 5.x router, PhiMoE's
+  sparsemixer included) is kept and called unchanged, so routing stays HF's own bit for
+  bit; one that returns logits only (a plain `nn.Linear`) gets the `RoutingRecipe`
+  (softmax fp32 -> top-k -> renorm -> hidden dtype), its top-k and `norm_topk_prob` read
+  from the block or the model config.
+
+The block's forward is then assumed to be "route the flattened rows, run the experts
+(`down(act(gate(x)) * up(x))` per expert, weighted by the router weights), reshape
+back", which is what the module tree cannot show; anything else the block owns (shared
+experts, gates, extra parameters such as a routing bias) makes the match fail, since
+how the block combines it is not visible in its structure: those need an explicit entry
+in `adapters.ADAPTERS`. Every failure is a ValueError naming the block's class and what
+was missing or not understood.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import MoEAdapter, RoutingRecipe
+from .block import EmulatedMoEBlock
+
+__all__ = ["is_candidate", "match_structure", "GATED_MLP_NAMES"]
+
+# (gate, up, down) Linear names of one expert, transformers' and Mixtral-style.
+GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+_ROUTER_NAMES = ("gate", "router")  # preferred when more than one child has an [E, H] weight
+# Config fields that change a plain-Linear router's math away from RoutingRecipe, with the
+# values that leave it unchanged.
+_ROUTING_CONFIG = {"scoring_func": (None, "softmax"), "topk_method": (None, "greedy"),
+                   "routed_scaling_factor": (None, 1.0), "n_group": (None, 1), "topk_group": (None, 1)}
+
+
+def is_candidate(module: nn.Module) -> bool:
+    """Whether `module` holds an `experts` child (and is not already emulated)."""
+    return isinstance(module._modules.get("experts"), nn.Module) and not isinstance(module, EmulatedMoEBlock)
+
+
+def _members(mod: nn.Module) -> list:
+    return [n for n, _ in mod.named_children()] + [n for n, _ in mod.named_parameters(recurse=False)]
+
+
+def _fused(ex: nn.Module) -> Optional[tuple]:
+    gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+    if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3:
+        return gu, dn
+    return None
+
+
+def _gated_names(cls: str, ex: nn.Module) -> Optional[tuple]:
+    """(gate, up, down) names if `ex` is a ModuleList of gated MLPs; None if it is not a
+    list; ValueError if it is a list whose experts are not gated MLPs."""
+    if not isinstance(ex, nn.ModuleList):
+        return None
+    if len(ex) == 0:
+        raise ValueError(f"{cls}.experts: an empty ModuleList")
+    for names in GATED_MLP_NAMES:
+        if all(isinstance(getattr(ex[0], n, None), nn.Linear) for n in names):
+            break
+    else:
+        raise ValueError(
+            f"{cls}.experts.0 ({type(ex[0]).__name__}): not a gated MLP: expected nn.Linear members "
+            f"{' / '.join('+'.join(n) for n in GATED_MLP_NAMES)}, found {_members(ex[0])}"
+        )
+    g0, _, d0 = (getattr(ex[0], n).weight.shape for n in names)
+    for i, e in enumerate(ex):
+        for n, shape in zip(names, (g0, g0, d0)):
+            lin = getattr(e, n, None)
+            if not isinstance(lin, nn.Linear):
+                raise ValueError(f"{cls}.experts.{i}: missing the nn.Linear {n!r} that experts.0 has")
+            if tuple(lin.weight.shape) != tuple(shape):
+                raise ValueError(f"{cls}.experts.{i}.{n}: weight {tuple(lin.weight.shape)}, experts.0 has {tuple(shape)}")
+            if lin.bias is not None:
+                raise ValueError(f"{cls}.experts.{i}.{n}: has a bias; expert biases are supported only for GPT-OSS")
+    if tuple(d0) != (g0[1], g0[0]):
+        raise ValueError(f"{cls}.experts.0: {names[2]} weight {tuple(d0)} does not fit {names[0]} weight {tuple(g0)}")
+    return names
+
+
+def _activation(cls: str, act: Optional[nn.Module], config) -> str:
+    """The emulation's name for the experts' gated activation."""
+    if act is not None:
+        if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+            return "silu"
+        if isinstance(act, nn.GELU) and act.approximate == "none":
+            return "gelu"
+        if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+            return "gelu"
+        raise ValueError(f"{cls}.experts: activation {type(act).__name__} has no emulated counterpart; "
+                         "supported: SiLU and exact GELU (gated)")
+    name = getattr(config, "hidden_act", None)
+    if name in ("silu", "swish"):
+        return "silu"
+    if name == "gelu":
+        return "gelu"
+    raise ValueError(f"{cls}.experts: no `act_fn` and config.hidden_act={name!r}; "
+                     "supported: SiLU and exact GELU (gated)")
+
+
+def _orientation(cls: str, ex: nn.Module, gu: torch.Tensor, dn: torch.Tensor, H: int) -> bool:
+    """True when the fused experts are stored [E, H, 2I] / [E, I, H] (used as `x @ W`)."""
+    E = gu.shape[0]
+    plain = gu.shape[2] == H and dn.shape[1] == H and gu.shape[1] == 2 * dn.shape[2]
+    trans = gu.shape[1] == H and dn.shape[2] == H and gu.shape[2] == 2 * dn.shape[1]
+    flag = getattr(ex, "is_transposed", None)
+    if flag is not None and (trans if flag else plain):
+        return bool(flag)
+    if plain != trans:
+        return trans
+    raise ValueError(
+        f"{cls}.experts: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} fit neither "
+        f"[E={E}, 2I, H={H}] / [E, H, I] nor [E, H, 2I] / [E, I, H] for the router's hidden size {H}"
+    )
+
+
+def _find_router(cls: str, block: nn.Module, E: int) -> tuple:
+    found = []
+    for n, m in block.named_children():
+        w = getattr(m, "weight", None)
+        if n != "experts" and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == E:
+            found.append((n, m))
+    if len(found) > 1:
+        found = [(n, m) for n, m in found if n in _ROUTER_NAMES]
+    if len(found) != 1:
+        what = "no" if not found else "more than one"
+        raise ValueError(
+            f"{cls}: {what} router: expected one child module beside `experts` with a weight [E={E}, hidden] "
+            f"(an nn.Linear or a router module); children: {[n for n, _ in block.named_children()]}"
+        )
+    return found[0]
+
+
+def _probe_router(cls: str, name: str, router: nn.Module, E: int, H: int) -> Optional[int]:
+    """Call the router on two probe rows (in eval mode: no jitter, no RNG drawn).
+    Returns None when it gives logits only, else the top-k it returns."""
+    w = router.weight
+    rows = torch.zeros(2, H, dtype=w.dtype, device=w.device)
+    was = router.training
+    router.eval()
+    try:
+        with torch.no_grad():
+            out = router(rows)
+    except Exception as exc:  # any failure means: not callable the way the block is replaced
+        raise ValueError(f"{cls}.{name} ({type(router).__name__}): calling the router on [T, {H}] rows "
+                         f"failed ({type(exc).__name__}: {exc}); a router must take the rows alone") from exc
+    finally:
+        router.train(was)
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, E):
+        return None
+    if (isinstance(out, (tuple, list)) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
+            and tuple(out[0].shape) == (2, E) and out[1].dim() == 2 and out[1].shape == out[2].shape
+            and out[1].shape[0] == 2 and not out[2].is_floating_point()):
+        return int(out[1].shape[1])
+    desc = (f"a tensor {tuple(out.shape)}" if isinstance(out, torch.Tensor) else
+            f"{type(out).__name__} of {[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out]}"
+            if isinstance(out, (tuple, list)) else type(out).__name__)
+    raise ValueError(f"{cls}.{name} ({type(router).__name__}): returned {desc}; expected logits [T, E={E}] or "
+                     "(logits [T, E], weights [T, k], integer ids [T, k])")
+
+
+def _recipe(cls: str, block: nn.Module, config, E: int) -> RoutingRecipe:
+    for field, neutral in _ROUTING_CONFIG.items():
+        v = getattr(config, field, None)
+        if v not in neutral:
+            raise ValueError(f"{cls}: the router is a plain Linear and config.{field}={v!r}; only softmax -> "
+                             "top-k (-> renorm) routing is reproduced for plain-Linear routers")
+
+    def read(*names):
+        for src in (block, config):
+            for n in names:
+                v = getattr(src, n, None)
+                if v is not None:
+                    return v
+        return None
+
+    top_k = read("top_k", "num_experts_per_tok")
+    norm = read("norm_topk_prob")
+    missing = [n for n, v in (("top_k / num_experts_per_tok", top_k), ("norm_topk_prob", norm)) if v is None]
+    if missing:
+        raise ValueError(f"{cls}: the router is a plain Linear, so the routing recipe needs {missing} "
+                         "(on the block or the model config), not found")
+    if not 1 <= int(top_k) <= E:
+        raise ValueError(f"{cls}: top_k={top_k} outside 1..{E}")
+    return RoutingRecipe(int(top_k), bool(norm))
+
+
+def match_structure(block: nn.Module, config=None) -> MoEAdapter:
+    """The adapter for a block recognized by structure (see the module docstring);
+    ValueError naming what was missing or unsupported."""
+    cls = type(block).__name__
+    ex = block._modules.get("experts")
+    if not isinstance(ex, nn.Module):
+        raise ValueError(f"{cls}: no `experts` child module")
+    fused = _fused(ex)
+    names = None if fused is not None else _gated_names(cls, ex)
+    if fused is None and names is None:
+        raise ValueError(
+            f"{cls}.experts ({type(ex).__name__}): no recognisable experts: expected 3-D `gate_up_proj` and "
+            f"`down_proj` parameters or a ModuleList of gated MLPs ({' / '.join('+'.join(n) for n in GATED_MLP_NAMES)} "
+            f"Linears); found {_members(ex)}"
+        )
+    E = int(fused[0].shape[0]) if fused is not None else len(ex)
+    rname, router = _find_router(cls, block, E)
+    extra = [n for n in _members(block) if n not in ("experts", rname)]
+    extra += [n for n, _ in block.named_buffers(recurse=False)]
+    if extra:
+        raise ValueError(
+            f"{cls}: members {extra} beside router `{rname}` and `experts`: a block matched by structure is "
+            "replaced by router + experts only, and how it combines these members is not known; "
+            "such a block needs an entry in emu_inductor.models.adapters.ADAPTERS"
+        )
+    H = int(router.weight.shape[1])
+    transposed = None
+    if fused is not None:
+        gu, dn = fused
+        if any(getattr(ex, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias")) or getattr(
+                ex, "has_bias", False):
+            raise ValueError(f"{cls}.experts: expert biases are supported only for GPT-OSS (explicit adapter)")
+        transposed = _orientation(cls, ex, gu, dn, H)
+        act = _activation(cls, getattr(ex, "act_fn", None), config)
+    else:
+        if getattr(ex[0], names[0]).weight.shape[1] != H:
+            raise ValueError(f"{cls}.experts.0.{names[0]}: weight {tuple(getattr(ex[0], names[0]).weight.shape)} "
+                             f"does not take the router's hidden size {H}")
+        acts = {type(getattr(e, "act_fn", None)) for e in ex}
+        if len(acts) != 1:
+            raise ValueError(f"{cls}.experts: the experts' activations differ: {sorted(a.__name__ for a in acts)}")
+        act = _activation(cls, getattr(ex[0], "act_fn", None), config)
+    k = _probe_router(cls, rname, router, E, H)
+    routing = _recipe(cls, block, config, E) if k is None else None
+    return MoEAdapter(
+        name=f"structure:{cls}", model_types=(getattr(config, "model_type", None),), block_classes=(cls,),
+        router_attr=rname, layout="fused_gate_up" if fused is not None else "expert_list",
+        checkpoint_names=names or ("gate_proj", "up_proj", "down_proj"), routing=routing,
+        expert_names=names or (), transposed=transposed, activation_name=act, matched_by="structure",
+    )
