@@ -1,0 +1,318 @@
+"""Activation side: prove that the tensor feeding a GEMM is a known fake-quantization of x.
+
+1. The cone (`candidates.activation_cone`) and its structure (`structure.check_activation_cone`).
+2. Which families to test, from the cone's reductions: last-dim reductions over 16 ->
+   NVFP4, over 32 -> MX, over the whole tensor -> per-tensor fp8. Scalar leaves: at most
+   one is the global (or static fp8) scale -- a graph input or a float32 scalar computed
+   from one (1/input_scale) --, every other must have a known value (then guarded).
+3. Rows are a factor: the cone is evaluated with as many probe rows as the probe blocks
+   need (`resize`); per-tensor cones keep their real (hinted) shape. Each probe set of
+   `probes` is run through the cone and every variant of the family; the first probe
+   block that separates a variant from the cone is kept for explain().
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from ..formats import E2M1, FORMATS
+from . import probes as P
+from .candidates import ActCone, cut
+from .compare import first_difference
+from .extract import extract, real_mode
+from .leaves import known_value, table_hypotheses
+from .resize import plan as make_plan
+from .shapes import concrete_shape
+from .structure import check_activation_cone, constant_nodes, packet_name
+from .variants import ActVariant, act_variants
+from .verdict import ActVerdict, Guard, Rejection
+
+__all__ = ["recognize_activation_uncached"]
+
+_RED = ("aten.amax", "aten.amin", "aten.max", "aten.min", "aten.sum", "aten.argmax", "aten.argmin")
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def _shape(n):
+    try:
+        return concrete_shape(_val(n))
+    except ValueError:
+        return None
+
+
+def _families(cone: ActCone) -> set:
+    fams = set()
+    for n in cone.nodes:
+        if packet_name(n.target) not in _RED:
+            continue
+        v = _val(n.args[0])
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims) or \
+                (isinstance(v, torch.Tensor) and isinstance(dims, (list, tuple)) and len(dims) == v.dim()):
+            fams.add("tensor")
+        elif isinstance(v, torch.Tensor) and v.dim():
+            size = v.shape[-1]
+            if size in (16, 32):
+                fams.add(int(size))
+    return fams or {16, 32, "tensor"}
+
+
+def _is_scalar_float(n) -> bool:
+    v = _val(n)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        return False
+    try:
+        return int(v.numel()) == 1
+    except Exception:
+        return False
+
+
+def _scalar_candidates(cone: ActCone, leaf: Node) -> list:
+    """`leaf` and float32 scalars computed from it alone, leaf first."""
+    out = [leaf]
+    derived = {leaf}
+    for n in cone.nodes:
+        ins = n.all_input_nodes
+        if ins and any(a in derived for a in ins) and all(a in derived or a.op == "get_attr" or (
+                a.op == "call_function" and not any(x.op == "placeholder" for x in a.all_input_nodes)) for a in ins):
+            derived.add(n)
+            if _is_scalar_float(n) and _val(n).dtype == torch.float32:
+                out.append(n)
+    return out
+
+
+class _Hyp:
+    def __init__(self, scalar, consts, guards, cone):
+        self.scalar, self.consts, self.guards, self.cone = scalar, consts, guards, cone
+
+
+def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
+    scalars, others, tables = [], [], []
+    for leaf in cone.leaves[1:]:
+        v = _val(leaf)
+        if isinstance(v, (int, torch.SymInt, float, torch.SymFloat, bool)):
+            continue
+        if leaf.op == "get_attr":
+            others.append(leaf)
+        elif _is_scalar_float(leaf):
+            scalars.append(leaf)
+        elif isinstance(v, torch.Tensor) and v.dim() == 1 and v.is_floating_point():
+            tables.append(leaf)
+        else:
+            others.append(leaf)
+    hyps = []
+    for gs in [None] + scalars:
+        consts, guards, missing = {}, [], None
+        for leaf in others + [s for s in scalars if s is not gs]:
+            kv = known_value(leaf, values)
+            if kv is None:
+                missing = leaf
+                break
+            consts[leaf] = kv
+            if leaf.op == "placeholder":
+                guards.append(Guard(leaf, tuple(kv.detach().float().reshape(-1).tolist()), "constant input"))
+        if missing is not None:
+            continue
+        table_opts = [[]]
+        for t in tables:
+            kv = known_value(t, values)
+            opts = [("its value", kv)] if kv is not None else table_hypotheses(t)
+            table_opts = [prev + [(t, lab, val)] for prev in table_opts for lab, val in opts]
+        for tab in table_opts:
+            c2, g2 = dict(consts), list(guards)
+            for t, lab, val in tab:
+                c2[t] = val
+                g2.append(Guard(t, tuple(val.detach().float().reshape(-1).tolist()), lab))
+            for s in ([None] if gs is None else _scalar_candidates(cone, gs)):
+                sub = cone if s is None or s is gs else cut(cone, [s])
+                if sub is not cone:
+                    sub = ActCone(sub.nodes, [cone.x] + [x for x in sub.leaves if x is not cone.x], cone.output,
+                                  x=cone.x, post=cone.post)
+                hyps.append(_Hyp(s, c2, tuple(g2), sub))
+    if not hyps:
+        return [], "the values of the cone's scalar inputs are unknown at compile time"
+    return hyps, None
+
+
+class _Evaluator:
+    """The cone extracted once per probe shape."""
+
+    def __init__(self, h: _Hyp, x: Node):
+        self.h, self.x = h, x
+        xs = _shape(x)
+        self.lead, self.K = list(xs[:-1]), xs[-1]
+        fmap = {x: {i: f"lead{i}" for i in range(len(self.lead))}}
+        self.plan = make_plan(h.cone.nodes, h.cone.output, fmap)
+        self.resizable = all(self.plan.resizable(f"lead{i}") for i in range(len(self.lead)))
+        self._gms: dict = {}
+        self.dtype = _val(x).dtype
+
+    def _gm(self, lead):
+        key = tuple(lead)
+        if key not in self._gms:
+            new = {f"lead{i}": s for i, s in enumerate(lead)} if self.resizable else None
+            inputs = [self.x] + ([self.h.scalar] if self.h.scalar is not None else [])
+            self._gms[key] = extract(self.h.cone, inputs, self.h.consts, self.plan, new)
+        return self._gms[key]
+
+    def layouts(self, nblocks: int, bs: int) -> list:
+        """Shapes to lay `nblocks` probe blocks into: [(shape, blocks per evaluation)]."""
+        per_row = self.K // bs
+        if self.resizable:
+            rows = -(-nblocks // per_row)
+            lead = [1] * (len(self.lead) - 1) + [rows]
+            return [lead + [self.K]]
+        return [self.lead + [self.K]]
+
+    def run(self, X: torch.Tensor, scalar: Optional[torch.Tensor]):
+        gm = self._gm(list(X.shape[:-1]))
+        args = [X] + ([scalar] if self.h.scalar is not None else [])
+        return gm(*args)
+
+    def scalar_tensor(self, value: float) -> torch.Tensor:
+        v = _val(self.h.scalar)
+        return torch.full(tuple(concrete_shape(v)), value, dtype=v.dtype)
+
+
+def _lay(blocks: torch.Tensor, shape: list, bs: int) -> list:
+    """Split probe blocks [B, bs] into tensors of `shape` (zero blocks pad the last)."""
+    per = math.prod(shape) // bs
+    out = []
+    for i in range(0, blocks.shape[0], per):
+        chunk = blocks[i:i + per]
+        if chunk.shape[0] < per:
+            chunk = torch.cat([chunk, chunk.new_zeros(per - chunk.shape[0], bs)])
+        out.append((i, chunk.reshape(shape)))
+    return out
+
+
+def _describe(label: str, X: torch.Tensor, got, ref, i: int, bs: Optional[int]) -> str:
+    xf = X.reshape(-1)
+    if bs:
+        b = i // bs
+        blk = xf[b * bs:(b + 1) * bs].float()
+        amax = blk.abs().max().item()
+        where = f"probe '{label}', element {i % bs} of its block (block amax {amax:.9g})"
+    else:
+        where = f"probe '{label}', element {i}"
+    return (f"{where}: x = {xf[i].item()!r}, graph gives {got.reshape(-1)[i].item()!r}, "
+            f"variant gives {ref.reshape(-1)[i].item()!r}")
+
+
+def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
+    """Prune `variants` (one family) on its probe sets; returns survivors."""
+    alive = list(variants)
+    dtype = ev.dtype
+    if fam == "tensor":
+        shape = ev.lead + [ev.K]
+        scalars = P.STATIC_FP8_SCALES if ev.h.scalar is not None else (None,)
+        for sv in scalars:
+            st = ev.scalar_tensor(sv) if sv is not None else None
+            for label, X in P.fp8_tensors(shape, dtype):
+                got = ev.run(X, st)
+                keep = []
+                for var in alive:
+                    ref = var.reference(X, st)
+                    i = first_difference(got, ref)
+                    if i is None:
+                        keep.append(var)
+                    else:
+                        separated.append((var, _describe(label + (f" (scale {sv})" if sv else ""), X, got, ref, i, None)))
+                alive = keep
+                if not alive:
+                    return alive
+        return alive
+    bs = fam
+    if ev.K % bs:
+        for var in alive:
+            separated.append((var, f"row length {ev.K} is not a multiple of the block size {bs}"))
+        return []
+    if ev.h.scalar is not None:
+        gsets = [(g, P.act_blocks(bs, dtype, [E2M1], global_scale=g)) for g in P.GLOBAL_SCALES]
+    else:
+        elems = []
+        for v in alive:
+            el = FORMATS[v.fmt].element
+            if el not in elems:
+                elems.append(el)
+        gsets = [(None, P.act_blocks(bs, dtype, elems))]
+    for g, pb in gsets:
+        st = ev.scalar_tensor(g) if g is not None else None
+        for shape in ev.layouts(pb.blocks.shape[0], bs):
+            for start, X in _lay(pb.blocks, shape, bs):
+                got = ev.run(X, st)
+                keep = []
+                for var in alive:
+                    ref = var.reference(X, st)
+                    i = first_difference(got, ref)
+                    if i is None:
+                        keep.append(var)
+                        continue
+                    b = start + i // bs
+                    label = pb.labels[b] if b < len(pb.labels) else "padding"
+                    if g is not None:
+                        label += f", global scale {g:g}"
+                    separated.append((var, _describe(label, X, got, ref, i, bs)))
+                alive = keep
+                if not alive:
+                    return alive
+    return alive
+
+
+def _choose(alive):
+    supported = {v.kernel_key for v in alive if v.kernel_supported}
+    if len(supported) > 1:
+        return None
+    return sorted(alive, key=lambda v: (not v.kernel_supported, v.name))[0]
+
+
+def recognize_activation_uncached(gemm: Node, cone: ActCone, *, values=None):
+    const = constant_nodes(cone.nodes, set())
+    why = check_activation_cone(cone.nodes, const)
+    if why:
+        return Rejection("activation", gemm, why)
+    hyps, why = _hypotheses(cone, values)
+    if why:
+        return Rejection("activation", gemm, why)
+    fams = _families(cone)
+    all_vars = act_variants()
+    closest = None
+    ambiguous = None
+    errors = []
+    for h in hyps:
+        ev = _Evaluator(h, cone.x)
+        alive_all, separated = [], []
+        try:
+            with real_mode():
+                for fam in sorted(fams, key=str):
+                    vs = [v for v in all_vars if v.needs_scalar == (h.scalar is not None) and
+                          (v.block == fam if fam != "tensor" else v.kind == "fp8_tensor")]
+                    if vs:
+                        alive_all += _test_family(ev, fam, vs, separated)
+        except Exception as e:  # the cone does not run on the probe shapes
+            errors.append(f"evaluating the cone failed: {type(e).__name__}: {e}")
+            continue
+        if alive_all:
+            chosen = _choose(alive_all)
+            if chosen is not None:
+                return ActVerdict(chosen, cone.x, h.scalar, cone.output, cone.post, h.guards,
+                                  tuple(v.name for v in alive_all if v is not chosen),
+                                  tuple((v.name, t) for v, t in separated[-8:]))
+            ambiguous = ambiguous or alive_all
+        elif separated and closest is None:
+            closest = separated[-1]
+    if ambiguous:
+        names = ", ".join(v.name for v in ambiguous[:6])
+        return Rejection("activation", gemm, f"ambiguous: variants needing different kernels agree on every probe: {names}")
+    if closest is not None:
+        var, text = closest
+        return Rejection("activation", gemm, f"no known activation quantization matches; closest: {var.name}, "
+                                             f"told apart by {text}")
+    return Rejection("activation", gemm, errors[0] if errors else "no hypothesis could be evaluated")

@@ -1,0 +1,235 @@
+"""Find candidate cones by their role around a GEMM node of a post-grad ATen graph.
+
+weight cone      every ancestor of the GEMM's weight operand; its leaves are graph inputs
+                 (parameters and buffers are placeholders post-grad) or attributes.
+activation cone  from ONE float tensor x to the tensor q feeding the GEMM's activation
+                 operand (through row gathers `q[order]` and leading-dim reshapes), with q
+                 of x's shape and dtype; every other input of the cone is computed from
+                 scalars (a global scale), small tables and literals only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from .shapes import concrete_shape
+from .structure import MAX_TABLE, packet_name
+
+__all__ = ["GEMM_OPERANDS", "Cone", "ActCone", "gemm_nodes", "operands", "weight_cone", "activation_cone",
+           "ancestors", "cut"]
+
+aten = torch.ops.aten
+
+#: GEMM target -> (activation operand index, weight operand index).
+GEMM_OPERANDS = {
+    aten.mm.default: (0, 1),
+    aten.addmm.default: (1, 2),
+    aten.bmm.default: (0, 1),
+    aten._grouped_mm.default: (0, 1),
+}
+
+#: Cones larger than this are not candidates (a whole model is not a dequant).
+MAX_CONE_NODES = 400
+
+
+@dataclasses.dataclass
+class Cone:
+    """A subgraph: `nodes` (call_function, topo order), `leaves` (its inputs, in order of
+    first use), `output` (the node whose value the cone computes)."""
+
+    nodes: list
+    leaves: list
+    output: Node
+
+
+@dataclasses.dataclass
+class ActCone(Cone):
+    """An activation cone: `x` the quantized activation, `post` the layout nodes between
+    the cone output and the GEMM operand (row gathers, leading-dim reshapes), outermost last."""
+
+    x: Node = None
+    post: tuple = ()
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def gemm_nodes(graph: torch.fx.Graph) -> list[Node]:
+    """The GEMM nodes the recogniser looks at, in graph order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in GEMM_OPERANDS]
+
+
+def operands(gemm: Node) -> tuple[Node, Node]:
+    """(activation operand, weight operand) of a GEMM node."""
+    if gemm.target not in GEMM_OPERANDS:
+        raise ValueError(f"gemm_node: {gemm.name} is {gemm.target}, expected one of mm/addmm/bmm/_grouped_mm")
+    ia, iw = GEMM_OPERANDS[gemm.target]
+    return gemm.args[ia], gemm.args[iw]
+
+
+def _order(graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def ancestors(out: Node, limit: int = MAX_CONE_NODES) -> Optional[set]:
+    """All ancestors of `out` (inclusive); None if more than `limit` call nodes."""
+    seen = {out}
+    stack = [out]
+    calls = 0
+    while stack:
+        n = stack.pop()
+        if n.op == "call_function":
+            calls += 1
+            if calls > limit:
+                return None
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _cone_from(members: set, output: Node, order: dict) -> Cone:
+    calls = sorted((n for n in members if n.op == "call_function"), key=order.__getitem__)
+    inside = set(calls)
+    leaves: list = []
+    for n in calls:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in leaves:
+                leaves.append(a)
+    if output not in inside and output not in leaves:
+        leaves.append(output)
+    return Cone(calls, leaves, output)
+
+
+def weight_cone(gemm: Node) -> tuple[Optional[Cone], Optional[str]]:
+    """(cone, None) or (None, why there is no weight cone)."""
+    _, w = operands(gemm)
+    anc = ancestors(w)
+    if anc is None:
+        return None, f"weight operand {w.name} has more than {MAX_CONE_NODES} ancestors"
+    if w.op != "call_function":
+        return None, f"weight operand {w.name} is a graph input: no dequantization in this graph"
+    return _cone_from(anc, w, _order(w.graph)), None
+
+
+# --- activation side ------------------------------------------------------------------------
+
+
+def _is_row_gather(n: Node) -> bool:
+    if n.op != "call_function" or packet_name(n.target) != "aten.index":
+        return False
+    idx = n.args[1]
+    return len(idx) == 1 and idx[0] is not None
+
+
+def _is_lead_reshape(n: Node) -> bool:
+    """A reshape/unsqueeze/squeeze that keeps the last dim (merges or splits leading dims)."""
+    if n.op != "call_function" or packet_name(n.target) not in ("aten.reshape", "aten.view", "aten._unsafe_view",
+                                                                 "aten.unsqueeze", "aten.squeeze"):
+        return False
+    a, b = _val(n.args[0]), _val(n)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() == 0 or b.dim() == 0:
+        return False
+    if a.dtype != b.dtype:
+        return False
+    if packet_name(n.target) == "aten.unsqueeze":
+        return n.args[1] % (a.dim() + 1) != a.dim()
+    return a.shape[-1] == b.shape[-1]
+
+
+def _small_or_scalar(n: Node) -> bool:
+    v = _val(n)
+    if isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat)):
+        return True
+    if isinstance(v, torch.Tensor):
+        try:
+            return int(v.numel()) <= MAX_TABLE
+        except Exception:
+            return False
+    return v is None and n.op == "get_attr"
+
+
+_REDUCING = ("aten.amax", "aten.max", "aten.amin", "aten.min", "aten.sum", "aten.argmin", "aten.argmax")
+
+
+def activation_cone(gemm: Node) -> tuple[Optional[ActCone], Optional[str]]:
+    """(cone, None), (None, None) when the operand is not quantized at all (no cone with a
+    reduction), or (None, why) when the operand has a shape the recogniser does not take."""
+    a, _ = operands(gemm)
+    post = []
+    q = a
+    while _is_row_gather(q) or _is_lead_reshape(q):
+        post.append(q)
+        q = q.args[0]
+    qv = _val(q)
+    if not isinstance(qv, torch.Tensor) or not qv.is_floating_point():
+        return None, f"activation operand {a.name} is not a float tensor"
+    anc = ancestors(q)
+    if anc is None:
+        return None, f"activation {q.name} has more than {MAX_CONE_NODES} ancestors"
+    order = _order(q.graph)
+    qshape = concrete_shape(qv)
+    cands = [n for n in anc if n is not q and isinstance(_val(n), torch.Tensor) and _val(n).dtype == qv.dtype
+             and concrete_shape(_val(n)) == qshape]
+    cands.sort(key=order.__getitem__, reverse=True)  # closest to q first
+    for x in cands:
+        # descendants of x inside anc(q)
+        below = {x}
+        for n in sorted(anc, key=order.__getitem__):
+            if n is not x and any(p in below for p in n.all_input_nodes):
+                below.add(n)
+        inside = below - {x}
+        if q not in inside:
+            continue
+        side_ok = True
+        side: set = set()
+        for n in inside:
+            for p in n.all_input_nodes:
+                if p in below:
+                    continue
+                sa = ancestors(p)
+                if sa is None or any(s.op in ("placeholder", "get_attr") and not _small_or_scalar(s) for s in sa):
+                    side_ok = False
+                    break
+                side |= sa
+            if not side_ok:
+                break
+        if not side_ok:
+            continue
+        members = inside | side
+        if not any(packet_name(n.target) in _REDUCING for n in inside if n.op == "call_function"):
+            continue  # no reduction between x and q: not a QDQ (maybe a larger cone is)
+        cone = _cone_from(members, q, order)
+        cone.leaves.remove(x)
+        cone.leaves.insert(0, x)
+        return ActCone(cone.nodes, cone.leaves, q, x=x, post=tuple(post)), None
+    return None, None
+
+
+def cut(cone: Cone, new_leaves) -> Cone:
+    """The part of `cone` above `new_leaves`: what computes its output from them (and the
+    other leaves). Used to read a derived node (e.g. 1/global_scale) as a leaf."""
+    stop = set(new_leaves)
+    members: set = set()
+    stack = [cone.output]
+    while stack:
+        n = stack.pop()
+        if n in members:
+            continue
+        members.add(n)
+        if n in stop:
+            continue
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(cone.output.graph.nodes)}
+    inner = {n for n in members if n not in stop}
+    out = _cone_from(inner, cone.output, order)
+    for leaf in new_leaves:
+        if leaf in members and leaf not in out.leaves:
+            out.leaves.append(leaf)
+    return out

@@ -1,0 +1,76 @@
+"""Leaf values the recogniser may rely on, and table hypotheses for leaves it cannot read.
+
+A leaf whose VALUE matters (a LUT, a constant held in a buffer or turned into a graph
+input by dynamic=True) is read from, in order: the caller's `values` mapping, the
+graph's attribute (get_attr), Inductor's real inputs when it has them. A graph-input
+leaf used as a look-up table whose values are unknown gets the hypotheses the formats
+allow (the value table of each element type with that many codes, signed or magnitudes
+only); whichever is used becomes a run-time guard.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from ..formats import ELEMENTS, decode
+from .extract import attr_value
+
+__all__ = ["known_value", "table_hypotheses", "is_graph_input"]
+
+
+def is_graph_input(node: Node) -> bool:
+    return node.op == "placeholder"
+
+
+def _real_input(node: Node) -> Optional[torch.Tensor]:
+    try:
+        from torch._inductor.virtualized import V
+
+        real = V.real_inputs
+    except Exception:
+        return None
+    if not isinstance(real, (list, tuple)):
+        return None  # V's NullHandler outside a compile that recorded them
+    phs = [n for n in node.graph.nodes if n.op == "placeholder"]
+    try:
+        i = phs.index(node)
+    except ValueError:
+        return None
+    if i >= len(real):
+        return None
+    t = real[i]
+    if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    return t
+
+
+def known_value(node: Node, values: Optional[dict]) -> Optional[torch.Tensor]:
+    if values and node in values:
+        return values[node]
+    if node.op == "get_attr":
+        return attr_value(node)
+    if node.op == "placeholder":
+        return _real_input(node)
+    return None
+
+
+def table_hypotheses(node: Node) -> list:
+    """[(label, tensor)] candidate contents of a graph-input table leaf (by its length)."""
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+        return []
+    try:
+        n = int(v.shape[0])
+    except Exception:
+        return []
+    out = []
+    for elem in ELEMENTS.values():
+        codes = torch.arange(n, dtype=torch.int32).to(torch.uint8)
+        if elem.num_codes == n:
+            out.append((f"{elem.name} value table", decode(codes, elem).to(v.dtype)))
+        elif elem.num_codes // 2 == n:
+            out.append((f"{elem.name} magnitude table", decode(codes, elem).to(v.dtype)))
+    return out

@@ -1,0 +1,236 @@
+"""The known variants, as data: what a recognised cone may compute.
+
+Weight dequantization: format x nibble order x FP6 layout x E8M0 reader (byte 255 NaN or
++inf, byte 0 2^-127 or 0) x how the per-tensor / per-expert float scale enters
+(none; v*(s*a); (v*s)*a; v*(s/g) with g in the quantize direction) x the dtype the
+products are formed in (fp32, or the output dtype as torchao does) -> output dtype.
+Activation fake-quantization: every MX format x scale_mode x rounding x E8M0 byte-0
+reader; every NVFP4 recipe of `formats.nvfp4` x rounding, its global scale a graph
+scalar; per-tensor fp8 (dynamic, or a static scale).
+
+Each variant's `reference` is built from `emu_inductor.formats` / `reference` only, and
+`kernel_supported` says whether today's fused kernels compute exactly that function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional
+
+import torch
+
+from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, fake_quantize, unpack
+from ..reference import fp8_tensor_fake_quantize
+
+try:  # the kernels' MX activation scale modes (spec layer; being split out of reference)
+    from ..spec import FUSED_MX_SCALE_MODES
+except ImportError:  # pragma: no cover - older tree
+    FUSED_MX_SCALE_MODES = ("even", "floor", "rceil")
+
+__all__ = ["WeightVariant", "ActVariant", "weight_variants", "act_variants", "NO_ACT"]
+
+ALPHA_ORDERS = ("none", "scale_alpha", "value_scale_alpha", "scale_over_global")
+_ALPHA_TEXT = {"none": "v*s", "scale_alpha": "v*(s*a)", "value_scale_alpha": "(v*s)*a",
+               "scale_over_global": "v*(s/g)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightVariant:
+    """One weight decode: `fmt` (a formats.FORMATS name) and how it is spelled."""
+
+    fmt: str
+    nibble_order: str = "low_first"  # element 2j in the low nibble (every library) | high_first
+    fp6_layout: str = "quark"
+    e8m0_byte255: str = "nan"
+    e8m0_byte0: str = "pow2"
+    alpha_order: str = "none"
+    compute_dtype: str = "fp32"  # fp32 | out (products rounded in the output dtype)
+
+    @property
+    def name(self) -> str:
+        parts = [self.fmt]
+        fmt = FORMATS[self.fmt]
+        if fmt.pack_bits == 4 and self.nibble_order != "low_first":
+            parts.append(self.nibble_order)
+        if fmt.pack_bits == 6:
+            parts.append(f"fp6={self.fp6_layout}")
+        if fmt.is_mx:
+            parts.append(f"e8m0(255={self.e8m0_byte255},0={self.e8m0_byte0})")
+        parts.append(_ALPHA_TEXT[self.alpha_order])
+        if self.compute_dtype != "fp32":
+            parts.append("in out dtype")
+        return " ".join(parts)
+
+    def unsupported_reason(self) -> Optional[str]:
+        """None when the fused kernels compute exactly this decode, else why not."""
+        if self.nibble_order != "low_first":
+            return "high-nibble-first packing (the kernels read element 2j from the low nibble)"
+        if self.e8m0_byte255 != "nan" or self.e8m0_byte0 != "pow2":
+            return (f"E8M0 reader byte 255 -> {self.e8m0_byte255}, byte 0 -> {self.e8m0_byte0} "
+                    f"(the kernels decode 255 as NaN and 0 as 2^-127)")
+        if self.alpha_order not in ("none", "scale_alpha"):
+            return f"global scale applied as {_ALPHA_TEXT[self.alpha_order]} (the kernels compute v*(s*a) in fp32)"
+        if self.compute_dtype != "fp32":
+            return "scale products rounded in the output dtype (the kernels form them in fp32)"
+        return None
+
+    @property
+    def kernel_supported(self) -> bool:
+        return self.unsupported_reason() is None
+
+    @property
+    def kernel_key(self) -> tuple:
+        """Variants with equal keys need the same fused op (one kernel spec)."""
+        return (self.fmt, self.fp6_layout if FORMATS[self.fmt].pack_bits == 6 else None,
+                "alpha" if self.alpha_order == "scale_alpha" else self.alpha_order) \
+            if self.kernel_supported else ("unsupported", self.name)
+
+    def reference(self, codes: torch.Tensor, scale: torch.Tensor, alpha: Optional[torch.Tensor],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized [..., N, K] from packed bytes [..., N, Kp], scale bytes [..., N, K/bs]
+        (any 1-byte dtype) and an optional fp32 scale (one value, [E], [E, 1.., 1] or [E, N])."""
+        fmt = FORMATS[self.fmt]
+        c = codes.view(torch.uint8)
+        if fmt.pack_bits == 4 and self.nibble_order == "high_first":
+            c = ((c & 0x0F) << 4) | (c >> 4)
+        v = decode(unpack(c, fmt.pack_bits, fp6_layout=self.fp6_layout), fmt.element)
+        vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
+        sb = scale.view(torch.uint8)
+        if fmt.is_mx:
+            s = e8m0_decode(sb, byte255=self.e8m0_byte255, byte0=self.e8m0_byte0)
+        else:
+            s = decode(sb, E4M3)
+        s = s.unsqueeze(-1)
+        cd = torch.float32 if self.compute_dtype == "fp32" else out_dtype
+        vb, s = vb.to(cd), s.to(cd)
+        if self.alpha_order == "none" or alpha is None:
+            out = vb * s
+        else:
+            a = alpha.to(torch.float32)
+            while a.dim() and a.shape[-1] == 1:
+                a = a.squeeze(-1)
+            a = a.reshape(()) if a.numel() == 1 else a.reshape(*a.shape, *([1] * (vb.dim() - a.dim())))
+            a = a.to(cd)
+            if self.alpha_order == "scale_alpha":
+                out = vb * (s * a)
+            elif self.alpha_order == "value_scale_alpha":
+                out = (vb * s) * a
+            else:
+                out = vb * (s / a)
+        return out.reshape(v.shape).to(out_dtype)
+
+
+def weight_variants(bits: int, block: int, has_alpha: bool, out_dtype: torch.dtype) -> list[WeightVariant]:
+    """Every known decode of `bits`-bit elements in blocks of `block` with/without a float scale."""
+    out = []
+    for fmt in FORMATS.values():
+        if fmt.pack_bits != bits or fmt.block_size != block:
+            continue
+        nibbles = ("low_first", "high_first") if bits == 4 else ("low_first",)
+        layouts = ("quark", "unpacked") if bits == 6 else ("quark",)
+        readers = list(itertools.product(("nan", "inf"), ("pow2", "zero"))) if fmt.is_mx else [("nan", "pow2")]
+        if has_alpha:
+            orders = ("scale_alpha", "value_scale_alpha", "scale_over_global")
+        else:
+            orders = ("none",)
+        computes = ("fp32",) if out_dtype == torch.float32 else ("fp32", "out")
+        for nib, lay, (b255, b0), order, cd in itertools.product(nibbles, layouts, readers, orders, computes):
+            out.append(WeightVariant(fmt.name, nib, lay, b255, b0, order, cd))
+    return out
+
+
+# --- activations -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ActVariant:
+    """One activation fake-quantization (per row, blocks along the last dim).
+
+    kind "none" (not quantized), "mx", "nvfp4" (`recipe`, global scale from the graph),
+    "fp8_tensor" (`static`: the scale is a graph scalar; else dynamic amax/448)."""
+
+    kind: str
+    fmt: Optional[str] = None
+    scale_mode: Optional[str] = None
+    recipe: Optional[str] = None
+    rounding: str = "rne"
+    e8m0_byte0: str = "pow2"
+    static: bool = False
+
+    @property
+    def needs_scalar(self) -> bool:
+        return self.kind == "nvfp4" or (self.kind == "fp8_tensor" and self.static)
+
+    @property
+    def block(self) -> Optional[int]:
+        return FORMATS[self.fmt].block_size if self.fmt else None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "none":
+            return "none"
+        if self.kind == "fp8_tensor":
+            return "fp8 per-tensor " + ("static" if self.static else "dynamic")
+        tail = f" rounding={self.rounding}"
+        if self.kind == "mx":
+            extra = "" if self.e8m0_byte0 == "pow2" else " e8m0(0=zero)"
+            return f"{self.fmt} scale_mode={self.scale_mode}{tail}{extra}"
+        return f"nvfp4 recipe={self.recipe}{tail}"
+
+    def unsupported_reason(self) -> Optional[str]:
+        if self.kind == "mx" and self.scale_mode not in FUSED_MX_SCALE_MODES:
+            return f"MX scale_mode {self.scale_mode!r} (the kernels implement {FUSED_MX_SCALE_MODES})"
+        if self.kind == "mx" and self.e8m0_byte0 != "pow2":
+            return "E8M0 byte 0 read as 0 (the kernels read 2^-127)"
+        if self.kind == "fp8_tensor" and self.rounding != "rne":
+            return "fp8 rounding other than RNE"
+        return None
+
+    @property
+    def kernel_supported(self) -> bool:
+        return self.unsupported_reason() is None
+
+    @property
+    def kernel_key(self) -> tuple:
+        return dataclasses.astuple(self) if self.kernel_supported else ("unsupported", self.name)
+
+    def reference(self, x: torch.Tensor, scalar: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.kind == "none":
+            return x
+        if self.kind == "fp8_tensor":
+            return fp8_tensor_fake_quantize(x, scalar.to(torch.float32) if self.static else None)
+        if self.kind == "mx":
+            return fake_quantize(x, self.fmt, scale_mode=self.scale_mode, rounding=self.rounding,
+                                 e8m0_byte0=self.e8m0_byte0)
+        g = scalar.to(torch.float32).reshape(())
+        return fake_quantize(x, "nvfp4", recipe=self.recipe, rounding=self.rounding, global_scale=g)
+
+    def act_quant(self):
+        """The matching `ActQuant` (None for "none"), for building an OpSpec."""
+        from . import _spec_names
+
+        if self.kind == "none":
+            return None
+        if self.kind == "fp8_tensor":
+            return _spec_names.ActQuant("fp8_tensor")
+        return _spec_names.ActQuant("block", FORMATS[self.fmt], scale_mode=self.scale_mode, recipe=self.recipe,
+                                    rounding=self.rounding)
+
+
+NO_ACT = ActVariant("none")
+
+
+def act_variants() -> list[ActVariant]:
+    out = []
+    for fmt in FORMATS.values():
+        if fmt.is_mx:
+            for mode, rnd, b0 in itertools.product(("floor", "ceil", "even", "rceil"), ("rne", "half_away"),
+                                                   ("pow2", "zero")):
+                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0))
+        else:
+            for recipe, rnd in itertools.product(NVFP4_RECIPES, ("rne", "half_away")):
+                out.append(ActVariant("nvfp4", fmt.name, recipe=recipe, rounding=rnd))
+    out.append(ActVariant("fp8_tensor"))
+    out.append(ActVariant("fp8_tensor", static=True))
+    return out
