@@ -9,7 +9,7 @@ A module qualifies when it has an `experts` child and, beside it, exactly one ro
   OLMoE, PhiMoE, GraniteMoE, Jamba and most others -- or a ModuleList of gated MLPs
   whose bias-free Linears are `gate_proj`/`up_proj`/`down_proj` or `w1`/`w3`/`w2`
   (transformers 4.x, many user models), stacked into vLLM's `w13 = [gate; up]`, `w2`;
-* a router: a child whose `weight` is [E, H]. Called once on probe rows at match time:
+* a router: a child whose `weight` is [E, H] (or that holds one such parameter). Called once on probe rows at match time:
   a router that returns `(logits, weights, ids)` (every transformers 5.x router, PhiMoE's
   sparsemixer included) is kept and called unchanged, so routing stays HF's own bit for
   bit; one that returns logits only (a plain `nn.Linear`) gets the `RoutingRecipe`
@@ -129,14 +129,25 @@ def _orientation(cls: str, ex: nn.Module, gu: torch.Tensor, dn: torch.Tensor, H:
     )
 
 
+def _router_weight(m: nn.Module, E: int) -> Optional[torch.Tensor]:
+    """The [E, H] weight of a router candidate: its own `weight`, else its one 2-D
+    parameter with E rows (a router module wrapping a Linear, as AFMoE's)."""
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == E:
+        return w
+    inner = [p for p in m.parameters() if p.dim() == 2 and p.shape[0] == E]
+    return inner[0] if len(inner) == 1 else None
+
+
 def _find_router(cls: str, block: nn.Module, E: int) -> tuple:
+    """(name, module, weight [E, H]) of the block's one router."""
     found = []
     for n, m in block.named_children():
-        w = getattr(m, "weight", None)
-        if n != "experts" and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == E:
-            found.append((n, m))
+        w = _router_weight(m, E) if n != "experts" else None
+        if w is not None:
+            found.append((n, m, w))
     if len(found) > 1:
-        found = [(n, m) for n, m in found if n in _ROUTER_NAMES]
+        found = [f for f in found if f[0] in _ROUTER_NAMES]
     if len(found) != 1:
         what = "no" if not found else "more than one"
         raise ValueError(
@@ -146,10 +157,10 @@ def _find_router(cls: str, block: nn.Module, E: int) -> tuple:
     return found[0]
 
 
-def _probe_router(cls: str, name: str, router: nn.Module, E: int, H: int) -> Optional[int]:
+def _probe_router(cls: str, name: str, router: nn.Module, w: torch.Tensor, E: int) -> Optional[int]:
     """Call the router on two probe rows (in eval mode: no jitter, no RNG drawn).
     Returns None when it gives logits only, else the top-k it returns."""
-    w = router.weight
+    H = int(w.shape[1])
     rows = torch.zeros(2, H, dtype=w.dtype, device=w.device)
     was = router.training
     router.eval()
@@ -216,7 +227,7 @@ def match_structure(block: nn.Module, config=None) -> MoEAdapter:
             f"Linears); found {_members(ex)}"
         )
     E = int(fused[0].shape[0]) if fused is not None else len(ex)
-    rname, router = _find_router(cls, block, E)
+    rname, router, rweight = _find_router(cls, block, E)
     extra = [n for n in _members(block) if n not in ("experts", rname)]
     extra += [n for n, _ in block.named_buffers(recurse=False)]
     if extra:
@@ -225,7 +236,7 @@ def match_structure(block: nn.Module, config=None) -> MoEAdapter:
             "replaced by router + experts only, and how it combines these members is not known; "
             "such a block needs an entry in emu_inductor.models.adapters.ADAPTERS"
         )
-    H = int(router.weight.shape[1])
+    H = int(rweight.shape[1])
     transposed = None
     if fused is not None:
         gu, dn = fused
@@ -242,7 +253,7 @@ def match_structure(block: nn.Module, config=None) -> MoEAdapter:
         if len(acts) != 1:
             raise ValueError(f"{cls}.experts: the experts' activations differ: {sorted(a.__name__ for a in acts)}")
         act = _activation(cls, getattr(ex[0], "act_fn", None), config)
-    k = _probe_router(cls, rname, router, E, H)
+    k = _probe_router(cls, rname, router, rweight, E)
     routing = _recipe(cls, block, config, E) if k is None else None
     return MoEAdapter(
         name=f"structure:{cls}", model_types=(getattr(config, "model_type", None),), block_classes=(cls,),

@@ -1,0 +1,434 @@
+"""quantize_model on MoE blocks it recognizes by structure, not by class name.
+
+transformers 5.x architectures without an ADAPTERS entry -- OLMoE, PhiMoE (sparsemixer
+routing), GraniteMoE, Jamba (its Mamba layers run on the PyTorch path on CPU) -- from
+tiny configs with random weights, and blocks written as users write them (transformers
+4.x style: a plain-Linear router with the routing in forward and a ModuleList of
+w1/w3/w2 MLPs; fused `x @ W` experts with gate/up interleaved and no orientation flag).
+
+Checks: every MoE block is swapped and keeps HF's own router module; each swapped block
+equals, bit for bit, a path built here by hand (HF's router or the user's own routing
+code, weights stacked into vLLM's layout by hand, `moe_emulated`); calibrated logits stay
+close to the bf16 model; blocks that are not recognisable raise ValueError naming what
+was missing. The compile checks are in test_models_structure_compile.py, which imports
+the model builders defined here.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=32, num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# arch: (config class, model class, config overrides, HF block class, block attribute, router attribute)
+ARCHS = {
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, norm_topk_prob=True),
+              "OlmoeSparseMoeBlock", "mlp", "gate"),
+    # PhiMoE routes with sparsemixer (top-2 by masked softmaxes); HF's router is called as is
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=4),
+               "PhimoeSparseMoeBlock", "mlp", "router"),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4),
+                   "GraniteMoeMoE", "block_sparse_moe", "router"),
+    # layer 0 Mamba (PyTorch path on CPU), layer 1 attention, both with an MoE feed-forward
+    "jamba": ("JambaConfig", "JambaForCausalLM",
+              dict(num_experts=4, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2,
+                   attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8),
+              "JambaSparseMoeBlock", "feed_forward", "router"),
+}
+
+
+def hf_model(arch: str, *, seed: int = 0, **overrides):
+    """A tiny bf16 `arch` causal LM with random weights, eval mode. Routers are drawn with
+    std 0.5 (not 0.02) so routing is not a near-tie everywhere."""
+    import transformers
+
+    cfg_cls, model_cls, kw = ARCHS[arch][:3]
+    args = dict(COMMON, **kw, **overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**args))
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith((".gate.weight", ".router.weight")):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.to(torch.bfloat16).eval()
+
+
+def moe_layers(model, arch):
+    return [n for n, m in model.named_modules() if type(m).__name__ == ARCHS[arch][3]]
+
+
+def ids(seed=0, shape=(2, 8)):
+    return torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, H, I, names=("w1", "w3", "w2"), act=None):
+        super().__init__()
+        self.names = names
+        g, u, d = names
+        setattr(self, g, nn.Linear(H, I, bias=False))
+        setattr(self, u, nn.Linear(H, I, bias=False))
+        setattr(self, d, nn.Linear(I, H, bias=False))
+        self.act_fn = act if act is not None else nn.SiLU()
+
+    def forward(self, x):
+        g, u, d = (getattr(self, n) for n in self.names)
+        return d(self.act_fn(g(x)) * u(x))
+
+
+class UserListMoE(nn.Module):
+    """transformers 4.x Qwen3-MoE / Mixtral style: `gate` is an nn.Linear, routing and the
+    per-expert loop live in forward."""
+
+    def __init__(self, H=64, I=32, E=4, top_k=2, norm_topk_prob=True, names=("w1", "w3", "w2"), act=None):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList([GatedMLP(H, I, names, act) for _ in range(E)])
+
+    def route(self, x2):
+        logits = self.gate(x2)
+        w = F.softmax(logits, dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w /= w.sum(dim=-1, keepdim=True)
+        return w.to(x2.dtype), sel
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x2 = x.reshape(-1, H)
+        w, sel = self.route(x2)
+        out = torch.zeros_like(x2)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(sel == e)
+            out.index_add_(0, tok, (expert(x2[tok]) * w[tok, slot, None]).to(out.dtype))
+        return out.reshape(B, S, H)
+
+
+class InterleavedExperts(nn.Module):
+    """Fused experts used as `x @ W`: gate_up_proj [E, H, 2I] with gate/up interleaved
+    along 2I (`is_concatenated = False`), down_proj [E, I, H]; no `is_transposed` flag, so
+    the orientation has to come from the router's hidden size."""
+
+    is_concatenated = False
+
+    def __init__(self, H, I, E):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, H, 2 * I) * 0.05)
+        self.down_proj = nn.Parameter(torch.randn(E, I, H) * 0.05)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x, e):
+        gu = x @ self.gate_up_proj[e]
+        return (self.act_fn(gu[..., 0::2]) * gu[..., 1::2]) @ self.down_proj[e]
+
+
+class Router(nn.Module):
+    """A router module returning (logits, weights, ids): softmax over the top-k logits."""
+
+    def __init__(self, H, E, top_k):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.randn(E, H) * 0.5)
+
+    def forward(self, x2):
+        logits = F.linear(x2, self.weight)
+        v, i = torch.topk(logits.float(), self.top_k, dim=-1)
+        return logits, torch.softmax(v, dim=-1).to(x2.dtype), i
+
+
+class UserFusedMoE(nn.Module):
+    def __init__(self, H=64, I=32, E=4, top_k=2):
+        super().__init__()
+        self.router = Router(H, E, top_k)
+        self.experts = InterleavedExperts(H, I, E)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x2 = x.reshape(-1, H)
+        _, w, sel = self.router(x2)
+        out = torch.zeros_like(x2)
+        for e in range(self.experts.gate_up_proj.shape[0]):
+            tok, slot = torch.where(sel == e)
+            out.index_add_(0, tok, (self.experts(x2[tok], e) * w[tok, slot, None]).to(out.dtype))
+        return out.reshape(B, S, H)
+
+
+class Stack(nn.Module):
+    """Embedding -> n residual MoE layers -> head: a user model around the blocks."""
+
+    def __init__(self, make_block, n=2, H=64, V=128, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(V, H)
+        self.layers = nn.ModuleList([make_block() for _ in range(n)])
+        self.head = nn.Linear(H, V, bias=False)
+        with torch.no_grad():
+            for layer in self.layers:
+                g = getattr(layer, "gate", None)
+                if isinstance(g, nn.Linear):
+                    g.weight.mul_(8.0)  # away from near-ties
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+pytest.importorskip("transformers")
+
+from emu_inductor.models import EmulatedMoEBlock, find_moe_blocks, quantize_model, quantized_modules  # noqa: E402
+from emu_inductor.reference import get_scheme, moe_emulated, quantize_weight  # noqa: E402
+
+SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "nvfp4_w4a16"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: hf_model(arch) for arch in ARCHS}
+
+
+def _hand_experts(x2, w13, w2, w, sel, scheme, act="silu"):
+    """The reference on weights quantized here (vLLM layout built by the caller)."""
+    sch = get_scheme(scheme)
+    q13, s13, a13 = quantize_weight(w13.detach(), sch.weight_fmt)
+    q2, s2, a2 = quantize_weight(w2.detach(), sch.weight_fmt)
+    gs = torch.ones((), dtype=torch.float32) if sch.act is not None and sch.act.fmt.has_global_scale else None
+    return moe_emulated(x2, q13, q2, w, sel.to(torch.int32), scheme=sch, w13_scale=s13, w2_scale=s2, w13_alpha=a13,
+                        w2_alpha=a2, a1_global_scale=gs, a2_global_scale=gs, activation=act)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_block_swapped_by_structure(models, arch):
+    m = copy.deepcopy(models[arch])
+    before = moe_layers(m, arch)
+    assert len(before) == 2
+    found = find_moe_blocks(m)
+    assert [n for n, _, _ in found] == before
+    assert all(a.matched_by == "structure" and a.routing is None for _, _, a in found)  # HF's router, as is
+    router_attr = ARCHS[arch][5]
+    routers = {n: getattr(m.get_submodule(n), router_attr) for n in before}
+    assert quantize_model(m, "nvfp4_w4a4") is m
+    assert quantized_modules(m) == {"moe": before, "linear": []}
+    assert moe_layers(m, arch) == [] and find_moe_blocks(m) == []
+    for n in before:
+        blk = m.get_submodule(n)
+        assert isinstance(blk, EmulatedMoEBlock) and blk.original_class == ARCHS[arch][3]
+        assert getattr(blk, router_attr) is routers[n]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_block_equals_hand_built_path(models, arch, scheme):
+    hf = models[arch]
+    m = quantize_model(copy.deepcopy(hf), scheme)
+    name = moe_layers(hf, arch)[1]
+    blk = hf.get_submodule(name)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    x2 = x.reshape(-1, 64)
+    with torch.no_grad():
+        out = m.get_submodule(name)(x)
+        _, w, sel = getattr(blk, ARCHS[arch][5])(x2)  # HF's router
+        # transformers 5.x fused experts: gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]
+        ref = _hand_experts(x2, blk.experts.gate_up_proj, blk.experts.down_proj, w, sel, scheme).reshape(x.shape)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} differ"
+
+
+def test_phimoe_sparsemixer_routing_kept(models):
+    """PhiMoE's eval-mode sparsemixer: the top expert, then the best of the rest, each
+    weighted by a softmax over the logits within 2*jitter_eps of its max (masked)."""
+    r = models["phimoe"].model.layers[0].mlp.router
+    x2 = torch.randn(16, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        logits, w, sel = r(x2)
+    top = logits.topk(2, dim=-1).indices
+    assert torch.equal(sel, top)
+    eps = r.router_jitter_noise
+    for k in range(2):
+        masked = logits.clone()
+        if k:
+            masked.scatter_(-1, top[:, :1], float("-inf"))
+        mx = masked.max(-1, keepdim=True).values
+        drop = ((mx - logits) / logits.abs().clamp(min=mx)) > 2 * eps
+        p = torch.softmax(masked.masked_fill(drop, float("-inf")), dim=-1)
+        assert torch.equal(w[:, k], p.gather(-1, top[:, k:k + 1])[:, 0])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_close_to_bf16(models, arch):
+    hf = models[arch]
+    data = ids()
+    with torch.no_grad():
+        ref = hf(data, use_cache=False).logits.float()
+        for scheme in SCHEMES:
+            m = quantize_model(copy.deepcopy(hf), scheme, calibration_data=data)
+            out = m(data, use_cache=False).logits.float()
+            rel = ((out - ref).norm() / ref.norm()).item()
+            assert 0 < rel < 0.25, (scheme, rel)
+            assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.97
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_user_list_block_plain_linear_router(norm):
+    """A 4.x-style block: the routing recipe reproduces the block's own routing code bit for
+    bit, and the w1/w3 Linears are stacked into w13 = [gate; up]."""
+    model = Stack(lambda: UserListMoE(norm_topk_prob=norm)).to(torch.bfloat16)
+    orig = copy.deepcopy(model)
+    (name, _, adapter), _ = find_moe_blocks(model)
+    assert name == "layers.0" and adapter.layout == "expert_list" and adapter.expert_names == ("w1", "w3", "w2")
+    assert adapter.routing is not None and (adapter.routing.top_k, adapter.routing.norm_topk_prob) == (2, norm)
+    quantize_model(model, "nvfp4_w4a4")
+    assert quantized_modules(model)["moe"] == ["layers.0", "layers.1"]
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x2 = x.reshape(-1, 64)
+    for i in range(2):
+        blk, hf = model.layers[i], orig.layers[i]
+        assert blk.gate is model.layers[i].gate and torch.equal(blk.gate.weight, hf.gate.weight)
+        with torch.no_grad():
+            _, w, sel = blk.route(x2)
+            w_ref, sel_ref = hf.route(x2)
+            assert torch.equal(w, w_ref) and torch.equal(sel, sel_ref)
+            w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in hf.experts])
+            w2 = torch.stack([e.w2.weight for e in hf.experts])
+            ref = _hand_experts(x2, w13, w2, w_ref, sel_ref, "nvfp4_w4a4").reshape(x.shape)
+            out = blk(x)
+            assert torch.equal(out, ref)
+            full = hf(x).float()  # the user's own unquantized block: close
+            assert ((out.float() - full).norm() / full.norm()).item() < 0.25
+
+
+def test_user_fused_interleaved_block():
+    """Fused `x @ W` experts [E, H, 2I] / [E, I, H] with gate/up interleaved and no
+    is_transposed flag: transposed and de-interleaved into vLLM's [gate; up] rows."""
+    model = Stack(lambda: UserFusedMoE(H=64, I=64), n=1).to(torch.bfloat16)  # H == I: only gate_up tells
+    orig = copy.deepcopy(model)
+    quantize_model(model, "nvfp4_w4a16")
+    hf = orig.layers[0]
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    with torch.no_grad():
+        _, w, sel = hf.router(x)
+        gu = hf.experts.gate_up_proj.transpose(1, 2)
+        w13 = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
+        ref = _hand_experts(x, w13, hf.experts.down_proj.transpose(1, 2), w, sel, "nvfp4_w4a16")
+        out = model.layers[0](x[None])[0]
+        assert torch.equal(out, ref)
+        full = hf(x[None])[0].float()  # NVFP4 weights: ~16% here; a lost interleave: > 100%
+        assert ((out.float() - full).norm() / full.norm()).item() < 0.3
+
+
+class _Block(nn.Module):
+    def __init__(self, experts, with_gate=True, **extra):
+        super().__init__()
+        if with_gate:
+            self.gate = nn.Linear(64, 4, bias=False)
+        self.experts = experts
+        self.top_k, self.norm_topk_prob = 2, True
+        for k, v in extra.items():
+            setattr(self, k, v)
+
+
+class _Plain(nn.Module):
+    def __init__(self, H=64, I=32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(H, I), nn.Linear(I, H)
+
+
+class _NeedsBias(nn.Module):  # AFMoE-style: the router needs the block's expert bias
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 64))
+
+    def forward(self, x, expert_bias):
+        return F.linear(x, self.weight) + expert_bias
+
+
+def _raises(block, match, config=None):
+    model = nn.Module()
+    model.moe = block
+    if config is not None:
+        model.config = config
+    with pytest.raises(ValueError, match=match):
+        quantize_model(model, "nvfp4_w4a4")
+
+
+def test_unrecognised_blocks_name_what_was_missing():
+    gated = lambda: nn.ModuleList([GatedMLP(64, 32) for _ in range(4)])  # noqa: E731
+    _raises(_Block(nn.ModuleList([_Plain() for _ in range(4)])),
+            r"_Block\.experts\.0 \(_Plain\): not a gated MLP.*found \['fc1', 'fc2'\]")
+    lone = nn.Module()
+    lone.weight = nn.Parameter(torch.randn(4, 64, 64))
+    _raises(_Block(lone), r"_Block\.experts \(Module\): no recognisable experts.*gate_up_proj.*found \['weight'\]")
+    _raises(_Block(gated(), with_gate=False), r"_Block: no router: expected one child module .*weight \[E=4, hidden\]")
+    _raises(_Block(gated(), shared_experts=GatedMLP(64, 32)), r"members \['shared_experts'\] beside router `gate`")
+    blk = _Block(gated(), with_gate=False, router=_NeedsBias())
+    _raises(blk, r"_Block\.router \(_NeedsBias\): calling the router on \[T, 64\] rows failed")
+    blk = _Block(gated())
+    del blk.norm_topk_prob
+    _raises(blk, r"plain Linear.*needs \['norm_topk_prob'\]")
+    from types import SimpleNamespace
+
+    _raises(_Block(gated()), r"config\.scoring_func='sigmoid'", SimpleNamespace(scoring_func="sigmoid"))
+    _raises(_Block(nn.ModuleList([GatedMLP(64, 32, act=nn.GELU(approximate="tanh")) for _ in range(4)])),
+            r"_Block\.experts: activation GELU has no emulated counterpart")
+    biased = nn.ModuleList([GatedMLP(64, 32) for _ in range(4)])
+    biased[2].w3.bias = nn.Parameter(torch.zeros(32))
+    _raises(_Block(biased), r"_Block\.experts\.2\.w3: has a bias")
+    # a real transformers block the structure does not explain: AFMoE's shared experts and
+    # routing bias (its router wraps a Linear and takes the bias as a second argument)
+    import transformers
+
+    cfg = transformers.AfmoeConfig(**dict(COMMON, num_experts=4, moe_intermediate_size=32, num_dense_layers=0))
+    with pytest.raises(ValueError, match=r"AfmoeSparseMoeBlock: members \['shared_experts', 'expert_bias'\] beside"):
+        quantize_model(transformers.AfmoeForCausalLM(cfg), "nvfp4_w4a4")
+    # a tanh-GELU OLMoE: the activation is named
+    with pytest.raises(ValueError, match=r"OlmoeSparseMoeBlock\.experts: activation GELUTanh"):
+        quantize_model(hf_model("olmoe", hidden_act="gelu_pytorch_tanh"), "nvfp4_w4a4")
+
+
+def test_granitemoe_shared_block_is_plain():
+    """GraniteMoeShared keeps its shared MLP in the decoder layer, beside a plain
+    router + experts block: the block is matched, the shared MLP stays as it is."""
+    import transformers
+
+    cfg = transformers.GraniteMoeSharedConfig(**dict(COMMON, num_local_experts=4, shared_intermediate_size=32))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = transformers.GraniteMoeSharedForCausalLM(cfg).to(torch.bfloat16).eval()
+    hf = copy.deepcopy(m)
+    quantize_model(m, "nvfp4_w4a16")
+    assert quantized_modules(m)["moe"] == [f"model.layers.{i}.block_sparse_moe" for i in range(2)]
+    assert type(m.model.layers[0].shared_mlp).__name__ == "GraniteMoeSharedMLP"
+    blk = hf.model.layers[1].block_sparse_moe
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        _, w, sel = blk.router(x)
+        ref = _hand_experts(x, blk.experts.gate_up_proj, blk.experts.down_proj, w, sel, "nvfp4_w4a16")
+        assert torch.equal(m.model.layers[1].block_sparse_moe(x[None])[0], ref)
+
+
+def test_training_jitter_applied_as_hf():
+    """PhiMoE's block-level input jitter (training only) is applied the way HF applies it."""
+    hf = hf_model("phimoe", input_jitter_noise=0.1, num_hidden_layers=1)
+    blk = hf.model.layers[0].mlp
+    q = quantize_model(copy.deepcopy(hf), "w_mxfp4_a_mxfp4").model.layers[0].mlp
+    assert q.input_jitter_noise == 0.1
+    x = torch.randn(1, 4, 64).to(torch.bfloat16)
+    q.train()
+    blk.train()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        xq = x.clone()
+        q(xq)
+        torch.manual_seed(0)
+        xh = x.clone()
+        blk(xh)
+    assert torch.equal(xq, xh) and not torch.equal(xq, x)  # same in-place jitter, same draws
