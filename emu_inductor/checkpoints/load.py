@@ -15,7 +15,7 @@ from ..models.adapters import MoEAdapter
 from ..models.block import EmulatedMoEBlock
 from ..models.experts import BiasedQuantizedExperts
 from ..models.linear import RowQuantizedLinear
-from ..models.quantize import _default_gemm_style, _set_submodule, build_block, find_moe_blocks
+from ..models.quantize import default_gemm_style, set_submodule, build_block, find_moe_blocks
 from ..reference import QuantizedExperts, QuantizedLinear, get_scheme
 from .io import SafetensorsCheckpoint, open_checkpoint
 from .layouts import GptOssMXFP4, Layout, ProjectionTensors, detect_layout, get_layout
@@ -54,7 +54,7 @@ def read_experts(ckpt: SafetensorsCheckpoint, layout: Layout, block_prefixes: li
     E, H, I = adapter.dims(block)
     act = adapter.activation(block)
     dtype = block.experts.gate_up_proj.dtype
-    style = gemm_style or _default_gemm_style(dtype)
+    style = gemm_style or default_gemm_style(dtype)
     if isinstance(layout, GptOssMXFP4):
         if adapter.layout != "gpt_oss":
             raise ValueError(f"layout: {layout.name} holds GPT-OSS experts; {type(block).__name__} is not GPT-OSS")
@@ -165,7 +165,7 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
         for b, t in mod._buffers.items():  # keep the skeleton's dtypes (`.to(bf16)` casts inv_freq too)
             if t is not None and new._buffers.get(b) is not None:
                 new._buffers[b] = new._buffers[b].to(t.dtype)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
 
 
 def load_checkpoint(model: nn.Module, path, *, layout=None, scheme=None, strict: bool = True,
@@ -201,13 +201,13 @@ def load_checkpoint(model: nn.Module, path, *, layout=None, scheme=None, strict:
     for name, block, adapter in blocks:
         experts = read_experts(ckpt, lay, _candidates(name, aliases), adapter, block, scheme=scheme,
                                gemm_style=gemm_style, w13_global_scale=w13_global_scale, check_data=check_data)
-        _set_submodule(model, name, build_block(block, adapter, experts))
+        set_submodule(model, name, build_block(block, adapter, experts))
     for name, mod in list(model.named_modules()):
         if type(mod) is not nn.Linear:
             continue
         for p in _candidates(name, aliases):
             if lay.has_projection(ckpt, p):
-                _set_submodule(model, name, read_linear(ckpt, lay, p, mod, scheme=scheme, check_data=check_data))
+                set_submodule(model, name, read_linear(ckpt, lay, p, mod, scheme=scheme, check_data=check_data))
                 break
     replaced: dict = {}
     missing = []

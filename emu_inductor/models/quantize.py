@@ -32,7 +32,7 @@ def _match(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _default_gemm_style(dtype: torch.dtype) -> str:
+def default_gemm_style(dtype: torch.dtype) -> str:
     return "grouped_mm" if dtype == torch.bfloat16 else "bmm"
 
 
@@ -61,7 +61,7 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, MoEAdapter]]
     return out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
@@ -87,7 +87,7 @@ def build_block(block: nn.Module, adapter: MoEAdapter, experts: QuantizedExperts
 
 def _quantize_block(block: nn.Module, adapter: MoEAdapter, scheme, gemm_style: Optional[str]) -> EmulatedMoEBlock:
     ew = adapter.expert_weights(block)
-    style = gemm_style or _default_gemm_style(ew.w13.dtype)
+    style = gemm_style or default_gemm_style(ew.w13.dtype)
     kwargs = dict(scheme=scheme, activation=ew.activation, gemm_style=style)
     if ew.w13_bias is not None or ew.w2_bias is not None:
         experts = BiasedQuantizedExperts.from_float(ew.w13, ew.w2, w13_bias=ew.w13_bias, w2_bias=ew.w2_bias, **kwargs)
@@ -156,14 +156,14 @@ def quantize_model(model: nn.Module, scheme, *, targets: Targets = ("experts",),
                 "(fused gate_up_proj/down_proj or a ModuleList of gated MLPs) beside a router"
             )
         for name, block, adapter in blocks:
-            _set_submodule(model, name, _quantize_block(block, adapter, sch, gemm_style))
+            set_submodule(model, name, _quantize_block(block, adapter, sch, gemm_style))
     names = resolve_linear_targets(model, targets, ignore)
     pats = [t for t in targets if t not in ("experts", "moe", "linear")]
     for name in names:
         mod = model.get_submodule(name)
         q = _quantize_linear(name, mod, sch, any(_match(name, p) for p in pats))
         if q is not None:
-            _set_submodule(model, name, q)
+            set_submodule(model, name, q)
     if calibration_data is not None:
         calibrate(model, calibration_data)
     return model
