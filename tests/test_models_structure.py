@@ -196,14 +196,14 @@ def models():
     return {arch: hf_model(arch) for arch in ARCHS}
 
 
-def _hand_experts(x2, w13, w2, w, sel, scheme, act="silu"):
-    """The reference on weights quantized here (vLLM layout built by the caller)."""
+def _hand_experts(x2, w13, w2, w, sel, scheme, act="silu", act_scales=(None, None)):
+    """The reference on weights quantized here (vLLM layout built by the caller);
+    act_scales: the block's NVFP4 w4a4 (a1, a2) global scales (set on its first call)."""
     sch = get_scheme(scheme)
     q13, s13, a13 = quantize_weight(w13.detach(), sch.weight_fmt)
     q2, s2, a2 = quantize_weight(w2.detach(), sch.weight_fmt)
-    gs = torch.ones((), dtype=torch.float32) if sch.act is not None and sch.act.fmt.has_global_scale else None
     return moe_emulated(x2, q13, q2, w, sel.to(torch.int32), scheme=sch, w13_scale=s13, w2_scale=s2, w13_alpha=a13,
-                        w2_alpha=a2, a1_global_scale=gs, a2_global_scale=gs, activation=act)
+                        w2_alpha=a2, a1_global_scale=act_scales[0], a2_global_scale=act_scales[1], activation=act)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -238,7 +238,9 @@ def test_block_equals_hand_built_path(models, arch, scheme):
         out = m.get_submodule(name)(x)
         _, w, sel = getattr(blk, ARCHS[arch][5])(x2)  # HF's router
         # transformers 5.x fused experts: gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]
-        ref = _hand_experts(x2, blk.experts.gate_up_proj, blk.experts.down_proj, w, sel, scheme).reshape(x.shape)
+        ex = m.get_submodule(name).experts
+        ref = _hand_experts(x2, blk.experts.gate_up_proj, blk.experts.down_proj, w, sel, scheme,
+                            act_scales=(ex.a1_global_scale, ex.a2_global_scale)).reshape(x.shape)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} differ"
 
@@ -299,8 +301,9 @@ def test_user_list_block_plain_linear_router(norm):
             assert torch.equal(w, w_ref) and torch.equal(sel, sel_ref)
             w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in hf.experts])
             w2 = torch.stack([e.w2.weight for e in hf.experts])
-            ref = _hand_experts(x2, w13, w2, w_ref, sel_ref, "nvfp4_w4a4").reshape(x.shape)
-            out = blk(x)
+            out = blk(x)  # first call: sets the NVFP4 activation global scales from x
+            ref = _hand_experts(x2, w13, w2, w_ref, sel_ref, "nvfp4_w4a4",
+                                act_scales=(blk.experts.a1_global_scale, blk.experts.a2_global_scale)).reshape(x.shape)
             assert torch.equal(out, ref)
             full = hf(x).float()  # the user's own unquantized block: close
             assert ((out.float() - full).norm() / full.norm()).item() < 0.25

@@ -77,9 +77,11 @@ class BiasedQuantizedExperts(QuantizedExperts):
         for buf, t in ((self.a1_global_scale, hidden_states), (self.a2_global_scale, c2)):
             amax = t.abs().amax().float()
             buf.copy_(default_global_scale(amax, "vllm"))
+        self.calibrated = True
         return self
 
     def forward(self, hidden_states, topk_weights, topk_ids):
+        self.calibrate_on_first_call(hidden_states, topk_weights, topk_ids)
         return moe_emulated_with_bias(
             hidden_states, self.w13, self.w2, topk_weights, topk_ids, scheme=self.scheme,
             w13_scale=self.w13_scale, w2_scale=self.w2_scale, w13_alpha=self.w13_alpha, w2_alpha=self.w2_alpha,

@@ -1,8 +1,21 @@
 """nn.Modules around the eager emulation: QuantizedExperts (MoE), QuantizedLinear (the
-dense one-expert case) and EmulatedMoE (router + experts, the demo's layer)."""
+dense one-expert case) and EmulatedMoE (router + experts, the demo's layer).
+
+NVFP4 activation global scales (w4a4 schemes) are static per layer. A module built
+without them calibrates on its first call: each scale still NaN (never given, loaded or
+written) becomes 2688 / amax of that call's activations, as `calibrate_()` on that batch
+sets it; logged once. NaN marks "not set" so an uncalibrated scale can never be used
+silently (the reference rejects it), and the choice is a `torch.where`, not a branch on
+the data: the same code runs in eager and in a compiled graph, without a host sync.
+Under torch.compile the first call's graph holds the calibration and flips `calibrated`,
+so the second call compiles once more, without it (two graphs, no graph break, tested
+in tests/test_reference_calibration.py).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Optional
 
 import torch
@@ -10,21 +23,78 @@ from torch import nn
 
 from ..formats import default_global_scale, quantize
 from .activations import check_activation, is_gated
-from .moe import dequantize_experts, moe_emulated
+from .moe import check_moe_args, dequantize_experts, moe_emulated
 from .qdq import act_fake_quantize, dequantize_weight
 from .routing import sigmoid_topk, softmax_topk
 from .schemes import get_scheme
 
 __all__ = ["QuantizedExperts", "QuantizedLinear", "EmulatedMoE", "quantize_weight"]
 
+log = logging.getLogger("emu_inductor.reference")
+_first_call_warned = False
 
-def quantize_weight(w: torch.Tensor, fmt, *, per_row_block: bool = True, fp6_layout: str = "quark"):
+
+def _report_first_call_calibration(module_name: str, scheme_name: str, was_unset: torch.Tensor,
+                                   scales: torch.Tensor) -> None:
+    """Log the activation global scales a module set from its first batch (`was_unset`
+    marks which of `scales` were NaN before): a WARNING the first time in a process (the
+    output depends on that batch), INFO after; nothing if every scale had been set."""
+    global _first_call_warned
+    if not bool(was_unset.any()):
+        return
+    level = logging.INFO if _first_call_warned else logging.WARNING
+    _first_call_warned = True
+    values = ", ".join(f"{float(g):.6g}" for g, u in zip(scales.tolist(), was_unset.tolist()) if u)
+    log.log(level, "%s (%s): no activation global scale was given; set from the first batch "
+            "(2688/amax = %s). Call calibrate_() with representative data, or "
+            "emu_inductor.calibrate(model, data), before the first forward to choose it.",
+            module_name, scheme_name, values)
+
+
+# Under torch.compile this call runs after the first graph (Dynamo defers registered
+# logging functions, with their tensor arguments, instead of breaking the graph);
+# disable() keeps Dynamo from compiling the logger call itself as a frame of its own.
+_report_first_call_calibration = torch._dynamo.disable(_report_first_call_calibration)
+if hasattr(torch._dynamo.config, "reorderable_logging_functions"):
+    torch._dynamo.config.reorderable_logging_functions.add(_report_first_call_calibration)
+
+
+def _all_finite(*tensors) -> bool:
+    return all(t is not None and bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _uncalibrated_scale(device) -> torch.Tensor:
+    return torch.full((), math.nan, dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def _fill_unset_scales(module, calibrate, scales) -> None:
+    """Run `calibrate()` (which overwrites `scales` in place), then put back every scale
+    that was set before (not NaN); log the ones that were not."""
+    before = torch.stack([g.reshape(()) for g in scales])
+    calibrate()
+    for g, b in zip(scales, before.unbind()):
+        g.copy_(torch.where(torch.isnan(b), g.reshape(()), b).reshape(g.shape))
+    _report_first_call_calibration(type(module).__name__, module.scheme.name, torch.isnan(before),
+                                   torch.stack([g.reshape(()) for g in scales]))
+
+
+def quantize_weight(w: torch.Tensor, fmt, *, per_row_block: bool = True, fp6_layout: str = "quark",
+                    name: str = "w"):
     """Quantize a bf16 weight [..., N, K] along K. Returns (packed, scale, alpha).
+    `name` is the argument errors name (the caller's, e.g. "w13").
 
     NVFP4 uses the vLLM recipe with one global scale per leading index (per expert),
     `gs = 2688 / amax`, and returns alpha = 1/gs (the dequantize-direction value a
     compressed-tensors checkpoint hands vLLM). MX uses the OCP floor scale.
     """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(w).__name__}")
+    if not w.is_floating_point() or w.dim() < 2:
+        raise ValueError(f"{name}: expected a float tensor [..., N, K], got {w.dtype} of shape {tuple(w.shape)}")
+    if w.shape[-1] % fmt.block_size:
+        raise ValueError(f"{name}: reduction size K={w.shape[-1]} (last dim of shape {tuple(w.shape)}) is not "
+                         f"divisible by the {fmt.name} block size {fmt.block_size}")
     if fmt.has_global_scale:
         lead = w.shape[:-2]
         amax = w.abs().reshape(*lead, -1).amax(-1).to(torch.float32) if lead else w.abs().amax().float()
@@ -52,18 +122,29 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(name, t)
         act = self.scheme.act
         needs_gs = act is not None and act.kind == "block" and act.fmt.has_global_scale
-        one = torch.ones((), dtype=torch.float32, device=w13.device)
-        self.register_buffer("a1_global_scale", a1_global_scale if a1_global_scale is not None else (one if needs_gs else None))
-        self.register_buffer("a2_global_scale", a2_global_scale if a2_global_scale is not None else (one.clone() if needs_gs else None))
+        for name, g in (("a1_global_scale", a1_global_scale), ("a2_global_scale", a2_global_scale)):
+            if g is not None and not isinstance(g, torch.Tensor):
+                raise TypeError(f"{name}: expected a float32 tensor (e.g. torch.tensor([{g!r}])), got {type(g).__name__}")
+            self.register_buffer(name, g if g is not None else (_uncalibrated_scale(w13.device) if needs_gs else None))
+        # False: the NVFP4 activation global scales are set from the first call (module docstring).
+        self.calibrated = not needs_gs or _all_finite(self.a1_global_scale, self.a2_global_scale)
 
     @classmethod
     def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, *, scheme, **kwargs) -> "QuantizedExperts":
         """Quantize bf16 expert weights w13 [E, 2I, H], w2 [E, H, I]."""
         sch = get_scheme(scheme)
+        for name, w in (("w13", w13), ("w2", w2)):
+            if not isinstance(w, torch.Tensor):
+                raise TypeError(f"{name}: expected a tensor, got {type(w).__name__}")
         if w13.dim() != 3 or w2.dim() != 3:
             raise ValueError(f"w13, w2: expected 3-d [E, N, K] tensors, got {tuple(w13.shape)}, {tuple(w2.shape)}")
-        q13, s13, a13 = quantize_weight(w13, sch.weight_fmt)
-        q2, s2, a2 = quantize_weight(w2, sch.weight_fmt)
+        if w2.shape[0] != w13.shape[0]:
+            raise ValueError(f"w2: expected {w13.shape[0]} experts as in w13, got shape {tuple(w2.shape)}")
+        if w2.shape[1] != w13.shape[2]:
+            raise ValueError(f"w2: expected hidden size {w13.shape[2]} (w13's last dim) as dim 1, "
+                             f"got shape {tuple(w2.shape)}")
+        q13, s13, a13 = quantize_weight(w13, sch.weight_fmt, name="w13")
+        q2, s2, a2 = quantize_weight(w2, sch.weight_fmt, name="w2")
         return cls(q13, s13, q2, s2, scheme=sch, w13_alpha=a13, w2_alpha=a2, **kwargs)
 
     @property
@@ -73,7 +154,14 @@ class QuantizedExperts(nn.Module):
     @torch.no_grad()
     def calibrate_(self, hidden_states: torch.Tensor, topk_weights, topk_ids) -> "QuantizedExperts":
         """Set NVFP4 activation global scales (2688/amax) from one bf16 pass of the layer."""
+        check_moe_args(
+            hidden_states, self.w13, self.w2, topk_weights, topk_ids, self.scheme, w13_scale=self.w13_scale,
+            w2_scale=self.w2_scale, w13_alpha=self.w13_alpha, w2_alpha=self.w2_alpha, activation=self.activation,
+            apply_router_weight_on_input=self.apply_router_weight_on_input, expert_map=self.expert_map,
+            a1_global_scale=None, a2_global_scale=None, gemm_style=self.gemm_style, check_act_scales=False,
+        )
         if self.a1_global_scale is None:
+            self.calibrated = True
             return self
         fmt, dt = self.scheme.weight_fmt, hidden_states.dtype
         W13 = dequantize_experts(self.w13, self.w13_scale, fmt, self.w13_alpha, dt)
@@ -87,9 +175,18 @@ class QuantizedExperts(nn.Module):
         for buf, t in ((self.a1_global_scale, hidden_states), (self.a2_global_scale, c2)):
             amax = t.abs().amax().float()
             buf.copy_(default_global_scale(amax, "vllm"))
+        self.calibrated = True
         return self
 
+    def calibrate_on_first_call(self, hidden_states, topk_weights, topk_ids) -> None:
+        """calibrate_() from this batch if no scales were given (module docstring); a
+        no-op afterwards. Subclasses that override forward call it first."""
+        if not self.calibrated:
+            _fill_unset_scales(self, lambda: self.calibrate_(hidden_states, topk_weights, topk_ids),
+                               (self.a1_global_scale, self.a2_global_scale))
+
     def forward(self, hidden_states, topk_weights, topk_ids):
+        self.calibrate_on_first_call(hidden_states, topk_weights, topk_ids)
         return moe_emulated(
             hidden_states, self.w13, self.w2, topk_weights, topk_ids, scheme=self.scheme,
             w13_scale=self.w13_scale, w2_scale=self.w2_scale, w13_alpha=self.w13_alpha, w2_alpha=self.w2_alpha,
@@ -119,20 +216,35 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("alpha", alpha)
         act = self.scheme.act
         needs_gs = act is not None and act.kind == "block" and act.fmt.has_global_scale
+        if input_global_scale is not None and not isinstance(input_global_scale, torch.Tensor):
+            raise TypeError(f"input_global_scale: expected a float32 tensor (e.g. torch.tensor([{input_global_scale!r}])), "
+                            f"got {type(input_global_scale).__name__}")
         if needs_gs and input_global_scale is None:
-            input_global_scale = torch.ones((), dtype=torch.float32, device=weight.device)
+            input_global_scale = _uncalibrated_scale(weight.device)
         self.register_buffer("input_global_scale", input_global_scale)
         self.register_buffer("bias", bias)
+        # False: the NVFP4 input global scale is set from the first call (module docstring).
+        self.calibrated = not needs_gs or _all_finite(self.input_global_scale)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, scheme, bias=None, input_global_scale=None) -> "QuantizedLinear":
         sch = get_scheme(scheme)
-        q, s, a = quantize_weight(weight, sch.weight_fmt)
+        q, s, a = quantize_weight(weight, sch.weight_fmt, name="weight")
         return cls(q, s, scheme=sch, alpha=a, input_global_scale=input_global_scale, bias=bias)
+
+    @torch.no_grad()
+    def calibrate_(self, x: torch.Tensor) -> "QuantizedLinear":
+        """Set the NVFP4 input global scale (2688/amax) from activations `x`."""
+        if self.input_global_scale is not None:
+            self.input_global_scale.copy_(default_global_scale(x.abs().amax().float(), "vllm"))
+        self.calibrated = True
+        return self
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features}, got {x.shape[-1]}")
+        if not self.calibrated:
+            _fill_unset_scales(self, lambda: self.calibrate_(x), (self.input_global_scale,))
         w = dequantize_weight(self.weight, self.weight_scale, self.scheme.weight_fmt, alpha=self.alpha, dtype=x.dtype)
         a = act_fake_quantize(x, self.scheme.act, self.input_global_scale)
         return torch.nn.functional.linear(a, w, self.bias)

@@ -34,7 +34,7 @@ from .qdq import act_fake_quantize, dequantize_weight
 from ..spec.schemes import Scheme, get_scheme
 
 __all__ = ["moe_emulated", "dequantize_experts", "GEMM_STYLES", "check_moe_args", "check_bias", "expert_gemm",
-           "grouped_bias_operands", "BIAS_PAD", "check_act_scale"]
+           "grouped_bias_operands", "BIAS_PAD", "check_act_scale", "check_gemm_style"]
 
 GEMM_STYLES = ("grouped_mm", "bmm", "loop")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -106,10 +106,24 @@ def check_act_scale(name: str, g, *, required: bool = False, why: str = "") -> N
             _fail(name, g.item(), "a finite positive scale")
 
 
+def check_gemm_style(gemm_style: str, hidden_states) -> None:
+    if gemm_style not in GEMM_STYLES:
+        _fail("gemm_style", repr(gemm_style), f"one of {GEMM_STYLES}")
+    if gemm_style == "grouped_mm" and getattr(hidden_states, "dtype", None) != torch.bfloat16:
+        _fail("hidden_states", getattr(hidden_states, "dtype", type(hidden_states).__name__),
+              "bfloat16 with gemm_style='grouped_mm' (torch._grouped_mm takes bf16 only); "
+              "use gemm_style='bmm' or 'loop' for float16 / float32")
+
+
 def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Scheme, *, w13_scale, w2_scale,
                    w13_alpha, w2_alpha, activation, apply_router_weight_on_input, expert_map,
-                   a1_global_scale, a2_global_scale, w13_bias=None, w2_bias=None):
-    """Validate shapes and dtypes; every error names the offending argument."""
+                   a1_global_scale, a2_global_scale, w13_bias=None, w2_bias=None, gemm_style=None,
+                   check_act_scales=True):
+    """Validate shapes and dtypes; every error names the offending argument.
+    gemm_style: checked against the activation dtype when given. check_act_scales=False
+    skips a1/a2_global_scale (a module validating the batch it calibrates them from)."""
+    if gemm_style is not None:
+        check_gemm_style(gemm_style, hidden_states)
     check_activation(activation)
     for name, t in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights),
                     ("topk_ids", topk_ids)):
@@ -164,7 +178,7 @@ def check_moe_args(hidden_states, w13, w2, topk_weights, topk_ids, scheme: Schem
     check_bias("w2_bias", w2_bias, hidden_states, (E, H))
     act = scheme.act
     needs_gs = act is not None and act.kind == "block" and act.fmt.has_global_scale
-    if act is not None:
+    if act is not None and check_act_scales:
         for name, g in (("a1_global_scale", a1_global_scale), ("a2_global_scale", a2_global_scale)):
             check_act_scale(name, g, required=needs_gs,
                             why=f"{scheme.name} quantizes activations with a static global scale")
@@ -275,8 +289,7 @@ def moe_emulated(
     added to the fp32 accumulator before the GEMM's one rounding (vLLM's HAS_BIAS).
     """
     scheme = get_scheme(scheme)
-    if gemm_style not in GEMM_STYLES:
-        _fail("gemm_style", repr(gemm_style), f"one of {GEMM_STYLES}")
+    check_gemm_style(gemm_style, hidden_states)
     if validate:
         T, H, E, I = check_moe_args(
             hidden_states, w13, w2, topk_weights, topk_ids, scheme, w13_scale=w13_scale, w2_scale=w2_scale,
@@ -287,10 +300,6 @@ def moe_emulated(
         )
     else:
         (T, H), E = hidden_states.shape, w13.shape[0]
-    if gemm_style == "grouped_mm" and getattr(hidden_states, "dtype", None) != torch.bfloat16:
-        _fail("hidden_states", getattr(hidden_states, "dtype", type(hidden_states).__name__),
-              "bfloat16 with gemm_style='grouped_mm' (torch._grouped_mm takes bf16 only); "
-              "use gemm_style='bmm' or 'loop' for float16 / float32")
     dtype = hidden_states.dtype
     fmt = scheme.weight_fmt
     top_k = topk_ids.shape[1]

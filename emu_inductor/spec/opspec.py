@@ -70,10 +70,16 @@ class OpSpec:
 
     @classmethod
     def from_str(cls, s: str) -> "OpSpec":
+        if not isinstance(s, str):
+            raise TypeError(f"spec: expected an OpSpec string (OpSpec.to_str()), got {type(s).__name__}")
         try:
             d = json.loads(s)
         except json.JSONDecodeError as e:
             raise ValueError(f"spec: not a valid OpSpec string: {s!r}") from e
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or "weight_fmt" not in d or not set(d) <= fields:
+            raise ValueError(f"spec: expected a JSON object with weight_fmt and only the fields {sorted(fields)}, "
+                             f"got {s!r}")
         return cls(**d)
 
     def short_name(self) -> str:
