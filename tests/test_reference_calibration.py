@@ -155,3 +155,31 @@ def test_compiled_first_call_calibrates_without_graph_break():
     for out, ref in zip(outs, refs):
         assert out.abs().max() > 0
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_readme_example_gives_a_sensible_result():
+    """The README's QuantizedExperts example: close to the bf16 layer, and the same with
+    the explicit calibrate_() line left out (the first call calibrates on that batch)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    block = re.search(r"```python\n(.*?)```", text[text.index("## Public API"):], re.S).group(1)
+    results = []
+    for src in (block, re.sub(r"\n\s*experts\.calibrate_\(.*", "", block)):
+        assert src == block or "calibrate_" not in src
+        torch.manual_seed(0)
+        ns: dict = {}
+        with torch.no_grad():
+            exec(compile(src, "README.md:Public API", "exec"), ns)
+        results.append(ns["out"])
+        E_, I_ = ns["E"], ns["I"]
+        ref = torch.zeros(ns["x"].shape)
+        for k in range(ns["ids"].shape[1]):
+            h = torch.einsum("th,tnh->tn", ns["x"].float(), ns["w13"][ns["ids"][:, k].long()].float())
+            a = torch.nn.functional.silu(h[:, :I_]) * h[:, I_:]
+            ref += ns["w"][:, k:k + 1].float() * torch.einsum("ti,thi->th", a, ns["w2"][ns["ids"][:, k].long()].float())
+        assert E_ == ns["experts"].num_experts
+        assert _rel(ns["out"], ref) < 0.3, _rel(ns["out"], ref)
+    assert torch.equal(results[0], results[1])
