@@ -1,0 +1,118 @@
+"""transformers (installed 5.24) gpt-oss MXFP4: checkpoint blocks [.., G, 16] uint8 and
+scales [.., G] uint8, dequantized by `convert_moe_packed_tensors` (LUT per nibble + ldexp,
+returns [E, K, N]). Weight-only (W4A16). The MoE gathers each row's expert weight and uses
+bmm (gpt-oss keeps [E, H, 2I] weights and multiplies x @ W); gate/up interleaved in
+columns ([..., ::2] / [..., 1::2]) as gpt-oss stores them; combine view(T, k, H) weighted
+and summed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from emu_inductor.formats import quantize
+
+from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
+from .data import gen, qtensor, tokens, weight
+
+
+_GATE_THEN_UP = torch.cat([torch.arange(0, 2 * I, 2), torch.arange(1, 2 * I, 2)])
+
+
+def _to_blocks(w: torch.Tensor):
+    """An MXFP4 checkpoint as gpt-oss ships it (produced here with emu_inductor's even
+    quantizer; only the stored bytes matter to the layer)."""
+    q = quantize(w, "mxfp4", scale_mode="even")
+    *lead, kp = q.qdata.shape
+    return q.qdata.reshape(*lead, kp // 16, 16), q.scale
+
+
+class GptOssMXFP4Linear(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        blocks, scales = _to_blocks(w.unsqueeze(0))
+        self.register_buffer("weight_blocks", blocks)
+        self.register_buffer("weight_scales", scales)
+        self.act_qdq = None
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        w = convert_moe_packed_tensors(self.weight_blocks, self.weight_scales, dtype=dtype)[0]
+        return {"weight": w.t()}  # in emu_view's [N, K] layout
+
+    def forward(self, x):
+        w = convert_moe_packed_tensors(self.weight_blocks, self.weight_scales, dtype=x.dtype)[0]  # [K, N]
+        return x @ w
+
+    def emu_view(self):
+        return {"weight": qtensor("mxfp4", self.weight_blocks[0].flatten(-2), self.weight_scales[0])}
+
+
+class GptOssMXFP4MoE(nn.Module):
+    def __init__(self, router, w13, w2):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False, dtype=router.dtype)
+        self.router.weight.data.copy_(router)
+        # gpt-oss interleaves gate and up rows: row 2j = gate j, row 2j+1 = up j
+        inter = torch.stack([w13[:, :I], w13[:, I:]], dim=2).reshape(E, 2 * I, H)
+        self.gate_up_proj_blocks, self.gate_up_proj_scales = _to_blocks(inter)
+        self.down_proj_blocks, self.down_proj_scales = _to_blocks(w2)
+        self.act_qdq = None
+
+    def route(self, x):
+        logits = self.router(x)
+        top, ids = torch.topk(logits, TOP_K, dim=-1)
+        return torch.softmax(top, dim=1, dtype=top.dtype).float(), ids
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        w13 = convert_moe_packed_tensors(self.gate_up_proj_blocks, self.gate_up_proj_scales, dtype=dtype)
+        w2 = convert_moe_packed_tensors(self.down_proj_blocks, self.down_proj_scales, dtype=dtype)
+        return {"w13": w13.transpose(1, 2)[:, _GATE_THEN_UP], "w2": w2.transpose(1, 2)}  # emu_view's layout
+
+    def forward(self, x):
+        T = x.shape[0]
+        w, ids = self.route(x)
+        gate_up = convert_moe_packed_tensors(self.gate_up_proj_blocks, self.gate_up_proj_scales, dtype=x.dtype)
+        down = convert_moe_packed_tensors(self.down_proj_blocks, self.down_proj_scales, dtype=x.dtype)
+        flat = ids.reshape(-1)
+        xr = x.repeat_interleave(TOP_K, dim=0).unsqueeze(1)  # [T*k, 1, H]
+        h = torch.bmm(xr, gate_up[flat]).squeeze(1)  # [T*k, 2I]
+        h = F.silu(h[..., ::2]) * h[..., 1::2]
+        y = torch.bmm(h.unsqueeze(1), down[flat]).squeeze(1)  # [T*k, H]
+        y = y.view(T, TOP_K, H).float() * w.unsqueeze(-1)
+        return y.sum(dim=1).to(x.dtype)
+
+    def emu_view(self):
+        # rows back to emu's gate-then-up order: a row permutation of the stored bytes
+        b, s = self.gate_up_proj_blocks.flatten(-2), self.gate_up_proj_scales
+        return {"w13": qtensor("mxfp4", b[:, _GATE_THEN_UP], s[:, _GATE_THEN_UP]),
+                "w2": qtensor("mxfp4", self.down_proj_blocks.flatten(-2), self.down_proj_scales)}
+
+
+def make_linear(seed, dtype):
+    g = gen(seed)
+    return GptOssMXFP4Linear(weight(g, 2 * I, H, dtype=dtype)), (tokens(seed, 5, H, dtype),)
+
+
+def make_moe(seed, dtype):
+    g = gen(seed)
+    m = GptOssMXFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    return m, (tokens(seed, 5, H, dtype),)
+
+
+ENTRIES = [
+    CorpusEntry(
+        "gptoss_mxfp4_linear", "linear", "transformers",
+        "installed transformers 5.24: integrations.mxfp4.convert_moe_packed_tensors",
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_linear, dtypes=(torch.bfloat16, torch.float32),
+        exact_gemm=False, plumbing="x @ W with W [K, N] from convert_moe_packed_tensors (not F.linear)",
+    ),
+    CorpusEntry(
+        "gptoss_mxfp4_moe", "moe", "transformers",
+        "installed transformers 5.24: integrations.mxfp4.convert_moe_packed_tensors",
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_moe,
+        plumbing="topk on logits then softmax; gather W[ids] + bmm; interleaved gate/up [::2]/[1::2]; "
+                 "view(T,k,H) weighted sum fp32",
+    ),
+]

@@ -1,0 +1,163 @@
+"""Respellings of the same math that a semantic matcher must fuse: each entry changes one
+slot of an MXFP4 w4a4 linear (floor scale, RNE; base = stack unpack, 8-entry LUT + sign
+where, exp2 scale, exponent bits, x / 2^e, where-chain rounding) or one piece of vLLM's
+NVFP4 torch QDQ, or the gate/up split of an MoE. All are bit-identical to the named
+emu_inductor variant on every input of the stated dtype (the eager tests check it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emu_inductor.formats import quantize
+
+from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
+from . import vllm_style as V
+from .data import gen, qtensor, tokens, weight
+from .spellings import SpelledMXLinear
+
+MX_FLOOR = Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor"})
+
+
+def _spelled(**slots):
+    def make(seed, dtype):
+        g = gen(seed)
+        return SpelledMXLinear(weight(g, 2 * I, H, dtype=dtype), **slots), (tokens(seed, 5, H, dtype),)
+    return make
+
+
+def _entry(name, what, dtypes=(torch.bfloat16, torch.float32), **slots):
+    return CorpusEntry(f"resp_{name}", "linear", "respelling", f"written here: {what}", MX_FLOOR, _spelled(**slots),
+                       dtypes=dtypes, compile_smoke=False)
+
+
+# --- NVFP4: vLLM's torch QDQ with one piece respelled ----------------------------------
+
+
+def cast_to_fp4_where(x):
+    a = x.abs()
+    q = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
+        a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
+    return torch.copysign(q, x)
+
+
+def reciprocal_where(t):
+    return torch.where(t == 0, torch.full_like(t, 1e-8), 1.0 / t)
+
+
+def nvfp4_qdq_respelled(x, gs, block=16):
+    m, n = x.shape
+    xb = x.reshape(m, n // block, block)
+    vmax = xb.abs().amax(dim=-1, keepdim=True).float()
+    s = torch.clamp(gs * (vmax * (1.0 / 6.0)), -448.0, 448.0).to(torch.float8_e4m3fn).float()
+    inv = reciprocal_where(s * reciprocal_where(gs))
+    q = cast_to_fp4_where(torch.clamp(xb.float() * inv, -6.0, 6.0))
+    return (q * (s / gs)).reshape(m, n).to(x.dtype)
+
+
+class RespelledVllmLinear(V.VllmNVFP4Linear):
+    def act_qdq(self, x):
+        return nvfp4_qdq_respelled(x, self.input_global_scale)
+
+    def dequantized_weights(self, dtype=torch.bfloat16):  # LUT of 16 signed values instead of LUT * where
+        lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+        p = self.weight_packed
+        codes = torch.stack([p & 0xF, p >> 4], -1).flatten(-2).long()
+        v = lut[codes].reshape(p.shape[0], -1, 16)
+        s = self.weight_scale.float() * self.weight_global_scale
+        return {"weight": (v * s.unsqueeze(-1)).reshape(p.shape[0], -1).to(dtype)}
+
+    def forward(self, x):
+        return F.linear(self.act_qdq(x), self.dequantized_weights(x.dtype)["weight"])
+
+
+def make_vllm_resp(seed, dtype):
+    g = gen(seed)
+    return RespelledVllmLinear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
+
+
+# --- MoE: emu_inductor's own reference skeleton, gate/up by chunk(2, -1) --------------
+
+
+class ChunkedMXMoE(nn.Module):
+    """argsort + index_add counts + cumsum offsets, torch._grouped_mm, chunk(2, -1) split,
+    scatter back, view(T, k, H) weighted fp32 sum: the reference skeleton but for chunk."""
+
+    def __init__(self, router, w13, w2, **slots):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False, dtype=router.dtype)
+        self.router.weight.data.copy_(router)
+        self.lin13 = SpelledMXLinear(w13.reshape(E * 2 * I, H), **slots)
+        self.lin2 = SpelledMXLinear(w2.reshape(E * H, I), **slots)
+
+    def route(self, x):
+        w, ids = torch.topk(torch.softmax(self.router(x).float(), dim=-1), TOP_K, dim=-1)
+        return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
+
+    def act_qdq(self, x):
+        return self.lin13.act_qdq(x)
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        return {"w13": self.lin13.dequantized_weights(dtype)["weight"].reshape(E, 2 * I, H),
+                "w2": self.lin2.dequantized_weights(dtype)["weight"].reshape(E, H, I)}
+
+    def forward(self, x):
+        T = x.shape[0]
+        w, ids = self.route(x)
+        W = self.dequantized_weights(x.dtype)
+        key = ids.reshape(-1).long()
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(E, dtype=torch.int32).index_add(0, key, torch.ones_like(key, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        rows = x.repeat_interleave(TOP_K, dim=0)[order]
+        c1 = torch._grouped_mm(self.lin13.act_qdq(rows), W["w13"].transpose(-2, -1), offs=offs)
+        gate, up = c1.chunk(2, dim=-1)
+        c3 = torch._grouped_mm(self.lin2.act_qdq(F.silu(gate) * up), W["w2"].transpose(-2, -1), offs=offs)
+        y = torch.empty_like(c3)
+        y[order] = c3
+        return (y.reshape(T, TOP_K, H).float() * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def emu_view(self):
+        v13, v2 = self.lin13.emu_view()["weight"], self.lin2.emu_view()["weight"]
+        return {"w13": qtensor("mxfp4", v13.qdata.reshape(E, 2 * I, -1), v13.scale.reshape(E, 2 * I, -1)),
+                "w2": qtensor("mxfp4", v2.qdata.reshape(E, H, -1), v2.scale.reshape(E, H, -1))}
+
+
+def make_chunk_moe(seed, dtype, **slots):
+    g = gen(seed)
+    m = ChunkedMXMoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype),
+                     **slots)
+    return m, (tokens(seed, 5, H, dtype),)
+
+
+ENTRIES = [
+    _entry("unpack_strided", "nibbles into out[..., 0::2] / out[..., 1::2]", unpack="strided"),
+    _entry("unpack_repeat_shift", "repeat_interleave(2) >> (arange % 2) * 4", unpack="repeat_shift"),
+    _entry("decode_lut16", "16-entry signed LUT indexed by the code", decode="lut16"),
+    _entry("decode_bits", "(1 + m/2) * 2^(e-1), subnormal m/2, sign by where", decode="bits"),
+    _entry("decode_fp32_bits", "code bits placed in an fp32 pattern, times 2^126 (Quark style)", decode="fp32_bits"),
+    _entry("wscale_ldexp", "E8M0 byte by ldexp(1, u - 127) instead of exp2", wscale="ldexp"),
+    _entry("e8m0_frexp", "block exponent by torch.frexp(amax).exponent - 1", scale_exp="frexp"),
+    _entry("e8m0_floor_log2", "block exponent by floor(log2(amax)) in fp32 (exact for bf16-valued amax only)",
+           dtypes=(torch.bfloat16,), scale_exp="floor_log2"),
+    _entry("apply_mul_recip", "x * (1 / 2^e) instead of x / 2^e (bit-equal: power of two)", apply="mul_recip"),
+    _entry("apply_ldexp", "torch.ldexp(x, -e)", apply="ldexp"),
+    _entry("round_bucketize", "torch.bucketize over the E2M1 midpoints plus an even-tie fix", round="bucketize"),
+    _entry("round_torch_round", "torch.round (RNE) on the value divided by its E2M1 step", round="torch_round"),
+    _entry("all_slots", "strided unpack, bit decode, ldexp scale, frexp exponent, ldexp apply, bucketize",
+           unpack="strided", decode="bits", wscale="ldexp", scale_exp="frexp", apply="ldexp", round="bucketize"),
+    CorpusEntry(
+        "resp_vllm_nvfp4_where", "linear", "respelling",
+        "written here: vLLM's torch NVFP4 QDQ with a torch.where chain + copysign instead of masked "
+        "assignment * sign, where() reciprocal guard, a 16-entry signed LUT for weights",
+        Variant(WeightVariant("nvfp4", "q*(s*g)"), act={"fmt": "nvfp4", "recipe": "vllm_ref"}, act_global="static"),
+        make_vllm_resp, dtypes=(torch.bfloat16, torch.float32),
+    ),
+    CorpusEntry(
+        "resp_moe_chunk", "moe", "respelling",
+        "written here: emu_inductor's reference MoE skeleton with gate/up by chunk(2, -1) (issue 8: loses mxemu::moe)",
+        MX_FLOOR, make_chunk_moe,
+        plumbing="argsort + index_add counts/cumsum + torch._grouped_mm, chunk(2), scatter back, view(T,k,H) fp32 sum",
+    ),
+]
