@@ -81,6 +81,24 @@ def oracle_byte(amax: float, elem, mode: str) -> int:
         if d == 0:
             return 0
         e = ceil_log2(Fraction(d))
+    elif mode == "rceil_log2":
+        # ceil(fl32(log2(d))), d = fp32 division (numpy float32 is IEEE). The exact ceil is
+        # k; a correctly rounded fp32 log2 lands on k-1 when log2(d) - (k-1) is below half
+        # the fp32 spacing next to k-1 on the side towards k.
+        d = np.float32(np.float32(amax) / np.float32(elem.max_normal))
+        if d == 0:
+            return 0
+        qd = Fraction(float(d))
+        k = ceil_log2(qd)
+        if qd != Fraction(2) ** k and k - 1 != 0:
+            eps = math.log1p(float(qd / Fraction(2) ** (k - 1) - 1)) / math.log(2)
+            m = abs(k - 1)
+            spacing = 2.0 ** (math.floor(math.log2(m)) - 23)
+            if k - 1 < 0 and m & (m - 1) == 0:
+                spacing /= 2  # below a power of two the fp32 grid is twice as fine
+            if eps < spacing / 2:
+                k -= 1
+        e = k
     else:
         raise AssertionError(mode)
     return max(-127, min(127, e)) + 127
@@ -102,6 +120,7 @@ TABLE = {
     "ceil": [-2, -1, -1, -1, -1, -1, 1, 1, 1],
     "even": [-2, -2, -2, -2, -1, -1, 0, 0, 1],
     "rceil": [-2, -2, -2, -1, -1, -1, 0, 1, 1],
+    "rceil_log2": [-2, -2, -2, -1, -1, -1, 0, 1, 1],  # equal to rceil away from 2^k boundaries
 }
 
 

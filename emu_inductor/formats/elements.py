@@ -14,13 +14,31 @@ from .spec import ElementSpec
 
 __all__ = [
     "ROUNDING_MODES",
+    "SIGNED_ZERO_MODES",
+    "NAN_ELEMENT_MODES",
     "pow2",
     "round_to_element",
     "encode",
     "decode",
 ]
 
-ROUNDING_MODES = ("rne", "half_away")
+# Ties: "rne" to even; "half_away" away from zero (microxcaling "nearest", Quark's
+# Triton MXFP4 kernel); "half_toward_zero" toward zero (ModelOpt's MXFP4 qtensor counts
+# the bounds strictly below |y|, so 0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3).
+ROUNDING_MODES = ("rne", "half_away", "half_toward_zero")
+# Sign of a result that rounds to zero (non-zero results always keep the input's sign):
+#   "keep"      copysign: -0.0 and tiny negatives give -0.0 (torchao, vLLM, ml_dtypes)
+#   "lt0"       negative iff the input is < 0: -0.0 gives +0.0, -1e-3 gives -0.0
+#               (compressed-tensors `cast_to_fp4`, ModelOpt NVFP4 `_cast_fp4`)
+#   "le0"       negative iff the input is <= 0: +0.0 and -0.0 give -0.0, +1e-3 gives +0.0
+#               (ModelOpt MXFP4 `(2 - sign(x)) // 2`)
+#   "positive"  always +0.0 (Quark's C++ `fake_quantize_to_low_precision_fp`)
+SIGNED_ZERO_MODES = ("keep", "lt0", "le0", "positive")
+# What a NaN element becomes in FP4/FP6 (which have no NaN; the block scale is NaN too):
+#   "nan"  stays NaN as a value, encoded as a zero code (ml_dtypes' byte)
+#   "max"  the largest magnitude with the NaN's sign bit (Quark's Triton MXFP4 encoder,
+#          whose exponent-field arithmetic saturates an all-ones exponent)
+NAN_ELEMENT_MODES = ("nan", "max")
 
 _F32_EXP_MASK = 0x7F800000
 
@@ -44,6 +62,8 @@ def round_to_element(
     *,
     rounding: str = "rne",
     saturate: bool = True,
+    signed_zero: str = "keep",
+    nan_element: str = "nan",
 ) -> torch.Tensor:
     """Round fp32 `y` to the nearest value of `elem`, returned as fp32 values.
 
@@ -53,10 +73,16 @@ def round_to_element(
     MX/NVFP4 quantizer does. With saturate=False, types that have Inf or NaN (E4M3,
     E5M2) follow the IEEE overflow rule instead (Inf where the type has one, else NaN),
     which is ml_dtypes' cast behaviour; FP4/FP6 have neither and always saturate.
-    NaN stays NaN. The sign is kept, so -0.0 and tiny negatives give -0.0.
+    NaN stays NaN (or, with nan_element="max", becomes the signed max normal). The sign
+    is kept, so -0.0 and tiny negatives give -0.0, unless `signed_zero` says otherwise
+    (see SIGNED_ZERO_MODES).
     """
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding: got {rounding!r}, expected one of {ROUNDING_MODES}")
+    if signed_zero not in SIGNED_ZERO_MODES:
+        raise ValueError(f"signed_zero: got {signed_zero!r}, expected one of {SIGNED_ZERO_MODES}")
+    if nan_element not in NAN_ELEMENT_MODES:
+        raise ValueError(f"nan_element: got {nan_element!r}, expected one of {NAN_ELEMENT_MODES}")
     y = y.to(torch.float32)
     a = y.abs()
     saturate = saturate or not (elem.has_inf or elem.nan_codes)
@@ -69,13 +95,26 @@ def round_to_element(
         r = torch.round(n)  # round-half-to-even
     else:
         f = torch.floor(n)
-        r = f + (n - f >= 0.5).to(torch.float32)  # n - f is exact; no n + 0.5 double rounding
+        frac = n - f  # exact; no n + 0.5 double rounding
+        up = frac >= 0.5 if rounding == "half_away" else frac > 0.5
+        r = f + up.to(torch.float32)
     v = r * pow2(e - elem.mbits)
     if not saturate:
         overflow = v > elem.max_normal
         special = float("inf") if elem.has_inf else float("nan")
         v = torch.where(overflow, torch.full_like(v, special), v)
-    return torch.copysign(v, y)
+    if nan_element == "max" and not (elem.has_inf or elem.nan_codes):
+        v = torch.where(torch.isnan(v), torch.full_like(v, elem.max_normal), v)
+    if signed_zero == "keep":
+        return torch.copysign(v, y)
+    out = torch.copysign(v, y)  # non-zero results (and NaN) keep the input's sign
+    if signed_zero == "lt0":
+        zero_sign = torch.where(y < 0, -1.0, 1.0)
+    elif signed_zero == "le0":
+        zero_sign = torch.where(y > 0, 1.0, -1.0)
+    else:
+        zero_sign = torch.ones_like(y)
+    return torch.where(v == 0, torch.copysign(torch.zeros_like(v), zero_sign), out)
 
 
 def encode(v: torch.Tensor, elem: ElementSpec) -> torch.Tensor:

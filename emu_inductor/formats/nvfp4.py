@@ -13,14 +13,26 @@ global scale in its *native direction* (see `RECIPES[name].global_direction`):
   vllm_ref            same                                     s = 0       x*rcp(s*rcp(g))       q*(s/g)
   te                  min(amax_b*(g*f32(1/6)), 448)            s = 0       x*min(1/(s*(1/g)),MAX) q*(s*(1/g))
   compressed_tensors  clamp(g*(amax_b/6 in x's dtype), +-448)  s = 0.125   x/(s/g)              q*(s/g)
-  modelopt            amax_b/(6*g), no clamp (saturated here)  s = 1.0     x/(s*g)              q*(s*g)
+  modelopt            clamp(amax_b/(6*g), 2^-9, 448), 0 -> 1   s = 1.0     x/(s*g)              q*(s*g)
   torchao             clamp((amax_b/6)/g, 2^-6, 448)           s = 2^-6    x*((1/g)/s)          q*(g*s)
-rcp(t) = 1/(t + (t==0)*1e8) is vLLM's graph-capture-safe zero guard.
+rcp(t) = 1/(t + (t==0)*1e8) is vLLM's graph-capture-safe zero guard. `signed_zero` is the
+sign a zero result takes (elements.SIGNED_ZERO_MODES): compressed-tensors and ModelOpt
+take it from x < 0, so -0.0 gives +0.0; the others keep the sign. ModelOpt stores the
+-0 code 0x8 for tiny negatives but decodes it as +0.0 (`negzero_decode`).
+
+Library-checked recipes (bit for bit, tests/test_formats_libraries.py; random bf16 and fp32
+at many magnitudes, zero / +-0 / subnormal / saturating / NaN / +-Inf blocks, E2M1 ties,
+tiny and huge blocks next to large ones):
+  modelopt            nvidia-modelopt 0.47.0 NVFP4QTensor.quantize / dequantize
+  compressed_tensors  compressed-tensors 0.20.1 calculate_qparams + fake_quantize (fp32
+                      and bf16 observers), generate_gparam for the global scale
+  torchao             torchao 0.18.0 nvfp4_quantize (two-level) + NVFP4Tensor dequant
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 import torch
@@ -28,7 +40,12 @@ import torch
 from .elements import round_to_element
 from .spec import E2M1, E4M3
 
-__all__ = ["RECIPES", "NVFP4Recipe", "get_recipe", "default_global_scale"]
+__all__ = ["RECIPES", "NVFP4Recipe", "GlobalScaleWarning", "get_recipe", "default_global_scale"]
+
+
+class GlobalScaleWarning(UserWarning):
+    """An NVFP4 global scale was replaced (non-finite amax) or makes the result degenerate
+    (every block scale underflows to zero, or every block saturates)."""
 
 # Format facts, read from the specs: E2M1's and E4M3's largest values, E4M3's smallest
 # normal (torchao's block-scale floor), and 448*6 = 2688 (global scale = 2688 / amax).
@@ -59,6 +76,11 @@ class NVFP4Recipe:
     scale_elements: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     # (s, g) -> per-block factor multiplied onto the E2M1 values
     dequant_factor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # sign of a zero element (elements.SIGNED_ZERO_MODES)
+    signed_zero: str = "keep"
+    # the reader's value for the -0 code 0x8: -0.0, or +0.0 where the library decodes by
+    # a table whose entry 8 is 0 (ModelOpt's e2m1_values)
+    negzero_decode: str = "keep"
 
 
 def _vllm_block(a32, a_x, g):
@@ -102,20 +124,19 @@ def _ct_mul(x, s, g):
 def _modelopt_block(a32, a_x, g):
     s = a32 / (E2M1_MAX * g)
     s = torch.where(s == 0, torch.ones_like(s), s)
-    # ModelOpt casts without a clamp; with its own global scale s <= 448 anyway. A
-    # caller-supplied global could push it higher: saturate (torch >= 2.13 semantics).
-    return _e4m3(s)
+    # ModelOpt 0.47 `_cast_per_block_scale_to_fp8` clamps to [2^-9, 448] before the cast,
+    # so a tiny block next to a large one keeps E4M3's smallest subnormal, never 0.
+    return _e4m3(torch.clamp(s, min=E4M3.min_subnormal, max=E4M3_MAX))
 
 
 def _modelopt_mul(x, s, g):
-    # A non-zero block scale that rounds to E4M3 zero makes ModelOpt divide by 0: x != 0
-    # gives +-inf (codes +-6, dequantized to 0), and x == 0 gives 0/0 = NaN, which its
-    # searchsorted encoder maps to code 0x7 (+6, also dequantized to 0). Left as NaN here,
-    # fake_quantize would return NaN where dequantize(quantize(x)) reads a zero code.
-    # Use +-inf (sign of x, as everywhere in emu_inductor) so the element saturates.
+    # s >= 2^-9, so s * g is 0 only when a tiny global scale underflows the product. Then
+    # ModelOpt divides by 0: x != 0 gives +-inf (codes +-6, dequantized to +-0), and
+    # x == 0 gives 0/0 = NaN, which its searchsorted encoder maps to code 0x7 (+6, also
+    # dequantized to 0). Left as NaN here, fake_quantize would return NaN where
+    # dequantize(quantize(x)) reads a zero code: use +inf, ModelOpt's code.
     d = s * g
-    inf = torch.copysign(torch.full_like(x, float("inf")), x)
-    return torch.where((d == 0) & (x == 0), inf, x / d)
+    return torch.where((d == 0) & (x == 0), torch.full_like(x, float("inf")), x / d)
 
 
 def _modelopt_deq(s, g):
@@ -140,8 +161,8 @@ RECIPES: dict[str, NVFP4Recipe] = {
         NVFP4Recipe("vllm", "quantize", _vllm_block, _vllm_mul, _s_over_g),
         NVFP4Recipe("vllm_ref", "quantize", _vllm_block, _vllm_ref_mul, _s_over_g),
         NVFP4Recipe("te", "quantize", _te_block, _te_mul, _te_deq),
-        NVFP4Recipe("compressed_tensors", "quantize", _ct_block, _ct_mul, _s_over_g),
-        NVFP4Recipe("modelopt", "dequantize", _modelopt_block, _modelopt_mul, _modelopt_deq),
+        NVFP4Recipe("compressed_tensors", "quantize", _ct_block, _ct_mul, _s_over_g, "lt0"),
+        NVFP4Recipe("modelopt", "dequantize", _modelopt_block, _modelopt_mul, _modelopt_deq, "lt0", "positive"),
         NVFP4Recipe("torchao", "dequantize", _torchao_block, _torchao_mul, _torchao_deq),
     )
 }
@@ -162,9 +183,25 @@ def default_global_scale(amax: torch.Tensor, recipe: "str | NVFP4Recipe | None" 
 
     quantize direction: 448*6/amax; dequantize direction: amax/(448*6). A zero or
     non-finite amax gives 1.0 (TransformerEngine's guard) so nothing divides by zero.
+    A non-finite amax (one NaN or Inf anywhere in the tensor) would otherwise silently
+    change the quantization of every other row: in eager on CPU this warns
+    (GlobalScaleWarning) naming the global scale used. Under torch.compile or on an
+    accelerator it does not check (that would need a device-to-host sync).
     """
     r = get_recipe(recipe)
     amax = amax.to(torch.float32)
     g = GLOBAL_SCALE_NUMERATOR / amax if r.global_direction == "quantize" else amax / GLOBAL_SCALE_NUMERATOR
     ok = torch.isfinite(g) & (g > 0)
+    if not torch.compiler.is_compiling() and amax.device.type == "cpu" and amax.numel():
+        bad = ~torch.isfinite(amax)
+        if bool(bad.any()):
+            what = "NaN" if bool(torch.isnan(amax).any()) else "Inf"
+            warnings.warn(
+                f"NVFP4 default global scale: the tensor amax is {what} (a NaN or Inf in the "
+                f"input), so global_scale=1.0 was used for {int(bad.sum())} of {amax.numel()} "
+                f"tensor(s) instead of {GLOBAL_SCALE_NUMERATOR:g}/amax; pass global_scale= "
+                f"computed from the finite values to keep the other rows' quantization",
+                GlobalScaleWarning,
+                stacklevel=3,
+            )
     return torch.where(ok, g, torch.ones_like(g))

@@ -18,8 +18,12 @@ FP6_LAYOUTS = ("quark", "unpacked")
 
 
 def _check_codes(codes: torch.Tensor, arg: str) -> None:
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"{arg}: expected a uint8 tensor, got {type(codes).__name__}")
     if codes.dtype != torch.uint8:
         raise ValueError(f"{arg}: expected uint8 codes, got dtype {codes.dtype}")
+    if codes.dim() == 0:
+        raise ValueError(f"{arg}: expected at least one dimension (codes run along the last), got a 0-d tensor")
 
 
 def pack(codes: torch.Tensor, bits: int, *, fp6_layout: str = "quark") -> torch.Tensor:

@@ -8,9 +8,16 @@ MX `scale_mode` (unbiased exponent before clamping; `m` = amax's fp32 mantissa f
   ceil   floor(log2 amax) + (m != 0) - emax                             (torchao CEIL)
   even   round amax to the element's mantissa width, half up, then floor
          (torchao EVEN, AMD Quark "even" = vLLM's MX emulation, compressed-tensors MXFP4)
-  rceil  ceil(log2(amax * fp32(1/max_normal)))  (torchao inference and MoE training,
-         ModelOpt, cuBLAS/cuDNN round-up)
-All-zero blocks give byte 0 (2^-127); a block holding NaN or Inf gives byte 255.
+  rceil  ceil(log2(amax * fp32(1/max_normal)))  (torchao main's inference and MoE
+         training, cuBLAS/cuDNN round-up)
+  rceil_log2  ceil(fl32(log2(fl32(amax / max_normal)))), clamped to [-127, 127]: the
+         eager formula of torchao 0.18's RCEIL and of ModelOpt 0.47's MXFP4 qtensor, a true
+         division and a correctly rounded fp32 log2, which lands on the integer below when
+         amax / max_normal is within a few ulp above a power of two (fp32 inputs only).
+         Computed as log2 in float64 rounded once to fp32 (equal to torch's CPU fp32 log2
+         under ceil on 5.5 M probes, powers of two +-3000 ulp included).
+All-zero blocks give byte 0 (2^-127); a block holding NaN gives byte 255, and one holding
++-Inf too unless `inf_amax` says otherwise (INF_AMAX_MODES).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from .spec import ElementSpec
 
 __all__ = [
     "MX_SCALE_MODES",
+    "INF_AMAX_MODES",
+    "BYTE0_INVERSE_MODES",
     "E8M0_BYTE255",
     "E8M0_BYTE0",
     "e8m0_scale",
@@ -28,7 +37,21 @@ __all__ = [
     "e8m0_inverse",
 ]
 
-MX_SCALE_MODES = ("floor", "ceil", "even", "rceil")
+MX_SCALE_MODES = ("floor", "ceil", "even", "rceil", "rceil_log2")
+# The scale of a block whose amax is +-Inf, or (for "even") a finite amax that the
+# rounding carries past fp32's largest binade:
+#   "nan"              Inf -> byte 255 (the block dequantizes to NaN); a rounding carry
+#                      counts as 2^128 (OCP; torchao main's EVEN)           (default)
+#   "nan_or_overflow"  both -> byte 255 (compressed-tensors: log2(inf) -> inf scale)
+#   "exponent"         both count as 2^128, exponent 128 - emax: the finite elements
+#                      flush towards 0 and the Inf saturates (torchao 0.18 FLOOR/CEIL/EVEN)
+#   "max"              both -> byte 254, 2^127 (torchao 0.18 RCEIL, Quark's even_round)
+INF_AMAX_MODES = ("nan", "nan_or_overflow", "exponent", "max")
+# The multiplier that scales a byte-0 block (2^-127) into element range when quantizing:
+#   "pow2"        2^127, exact (default)
+#   "min_normal"  2^126: torchao 0.18 FLOOR/CEIL/EVEN clamp the fp32 scale to 2^-126
+#   "one"         1.0: torchao 0.18 RCEIL's eager reciprocal special-cases byte 0
+BYTE0_INVERSE_MODES = ("pow2", "min_normal", "one")
 # How readers decode the two edge bytes. OCP/torch/ml_dtypes/torchao: 255 is NaN;
 # compressed-tensors, ModelOpt and Quark's HIP kernels produce +inf. Byte 0 is 2^-127
 # everywhere except Quark's Triton dequant, which builds 0.0.
@@ -38,13 +61,24 @@ E8M0_BYTE0 = ("pow2", "zero")
 _MANT_MASK = 0x007FFFFF
 
 
-def e8m0_scale(amax: torch.Tensor, elem: ElementSpec, scale_mode: str = "floor") -> torch.Tensor:
+def e8m0_scale(
+    amax: torch.Tensor, elem: ElementSpec, scale_mode: str = "floor", *, inf_amax: str = "nan"
+) -> torch.Tensor:
     """E8M0 scale bytes (uint8) for block maxima `amax` (any float dtype, >= 0 or NaN)."""
     if scale_mode not in MX_SCALE_MODES:
         raise ValueError(f"scale_mode: got {scale_mode!r}, expected one of {MX_SCALE_MODES}")
+    if inf_amax not in INF_AMAX_MODES:
+        raise ValueError(f"inf_amax: got {inf_amax!r}, expected one of {INF_AMAX_MODES}")
     amax = amax.to(torch.float32)
-    finite = torch.isfinite(amax)
-    if scale_mode == "rceil":
+    nan = torch.isnan(amax)
+    inf = torch.isinf(amax)
+    overflow = torch.zeros_like(inf)  # a finite amax the "even" rounding carries to 2^128
+    if scale_mode == "rceil_log2":
+        d = amax / elem.max_normal  # true fp32 division, as the libraries write it
+        lg = torch.log2(d.to(torch.float64)).to(torch.float32)
+        e = torch.clamp(torch.ceil(lg), min=-127.0, max=127.0)
+        u = torch.where(torch.isfinite(e), e, torch.zeros_like(e)).to(torch.int32) + 127
+    elif scale_mode == "rceil":
         d = amax * (1.0 / elem.max_normal)  # fp32 multiply, as torchao does
         bits = d.view(torch.int32)
         exp_field = (bits >> 23) & 0xFF
@@ -58,12 +92,24 @@ def e8m0_scale(amax: torch.Tensor, elem: ElementSpec, scale_mode: str = "floor")
         bits = amax.view(torch.int32)
         if scale_mode == "even":
             bits = (bits + (1 << (22 - elem.mbits))) & 0x7F800000
+            overflow = (((bits >> 23) & 0xFF) == 255) & ~inf & ~nan
         exp_field = (bits >> 23) & 0xFF
         e = exp_field - 127  # zero and fp32-subnormal amax count as 2^-127
         if scale_mode == "ceil":
             e = e + ((amax.view(torch.int32) & _MANT_MASK) != 0).to(torch.int32)
+        # exponent 128 (Inf, or a carry) stays 128 - emax: OCP's rule applied to 2^128
         u = torch.clamp(e - elem.emax, min=-127, max=127) + 127
-    u = torch.where(finite, u, torch.full_like(u, 255))
+    if inf_amax == "nan":
+        u = torch.where(inf, torch.full_like(u, 255), u)
+    elif inf_amax == "nan_or_overflow":
+        u = torch.where(inf | overflow, torch.full_like(u, 255), u)
+    elif inf_amax == "max":
+        u = torch.where(inf | overflow, torch.full_like(u, 254), u)
+    elif scale_mode in ("rceil", "rceil_log2"):
+        # "exponent" for the ratio rules: Inf / max_normal is Inf, whose exponent field
+        # (255) is past E8M0's largest finite byte; saturate as torchao's clamp does
+        u = torch.where(inf, torch.full_like(u, 254), u)
+    u = torch.where(nan, torch.full_like(u, 255), u)
     return u.to(torch.uint8)
 
 
@@ -83,14 +129,20 @@ def e8m0_decode(u: torch.Tensor, *, byte255: str = "nan", byte0: str = "pow2") -
     return bits.view(torch.float32)
 
 
-def e8m0_inverse(u: torch.Tensor) -> torch.Tensor:
+def e8m0_inverse(u: torch.Tensor, *, byte0: str = "pow2") -> torch.Tensor:
     """fp32 2^(127-u), the exact multiplier that scales a block into element range.
 
-    Byte 254 gives the fp32 subnormal 2^-127; byte 255 gives NaN.
+    Byte 254 gives the fp32 subnormal 2^-127; byte 255 gives NaN. `byte0` picks the
+    multiplier of byte 0 (BYTE0_INVERSE_MODES): 2^127, 2^126 or 1.0.
     """
+    if byte0 not in BYTE0_INVERSE_MODES:
+        raise ValueError(f"byte0: got {byte0!r}, expected one of {BYTE0_INVERSE_MODES}")
     ui = u.to(torch.int32)
     e = 127 - ui
     bits = torch.where(e >= -126, ((e + 127).clamp(min=0)) << 23, torch.full_like(ui, 0x00400000))
     bits = torch.where(ui == 255, torch.full_like(ui, 0x7FC00000), bits)
+    if byte0 != "pow2":
+        b0 = (126 + 127) << 23 if byte0 == "min_normal" else 127 << 23
+        bits = torch.where(ui == 0, torch.full_like(ui, b0), bits)
     return bits.view(torch.float32)
 
