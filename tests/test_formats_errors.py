@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import pytest
 import torch
 
 from emu_inductor.formats import (
     E2M1,
+    FORMATS,
     dequantize,
     e8m0_decode,
     e8m0_scale,
@@ -213,8 +215,11 @@ def test_global_scale_bad_values(fn, g):
 @pytest.mark.parametrize("fn", QDQ, ids=QDQ_IDS)
 def test_global_scale_bad_type_or_shape(fn):
     for g in (torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.bfloat16),
-              torch.tensor(1, dtype=torch.int32), 1.0):
+              torch.tensor(1, dtype=torch.int32)):
         with raises("global_scale"):
+            fn(x32(), "nvfp4", global_scale=g)
+    for g in ("1.0", [1.0], True):
+        with pytest.raises(TypeError, match=r"^global_scale:"):
             fn(x32(), "nvfp4", global_scale=g)
     with raises("global_scale"):
         fn(torch.randn(3, 2, 32), "nvfp4", global_scale=torch.ones(2))  # not the leading dim
@@ -232,3 +237,155 @@ def test_global_scale_reaching_the_quantized_axis(fn):
     with raises("global_scale"):
         fn(x, "nvfp4", axis=1, global_scale=torch.ones(16, 16))
     fn(x, "nvfp4", axis=1, global_scale=torch.ones(16))  # fine: dim 0 precedes axis 1
+
+
+@pytest.mark.parametrize("fn", QDQ, ids=QDQ_IDS)
+def test_global_scale_python_number_works(fn):
+    # a Python float (or int) is the same as a 0-d fp32 tensor holding it
+    x = x32()
+    for g in (37.5, 3):
+        want = fn(x, "nvfp4", global_scale=torch.tensor(float(g)))
+        got = fn(x, "nvfp4", global_scale=g)
+        if fn is quantize:
+            assert torch.equal(got.qdata, want.qdata) and torch.equal(got.global_scale, want.global_scale)
+        else:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fn", QDQ, ids=QDQ_IDS)
+@pytest.mark.parametrize("g", [1e-45, 1e-39, 0.5 * 2.0**-126], ids=["1e-45", "1e-39", "half-min-normal"])
+def test_global_scale_subnormal_rejected(fn, g):
+    # below fp32's smallest normal the recipes' reciprocal (1/g, s/g) overflows
+    with raises("global_scale"):
+        fn(x32(), "nvfp4", global_scale=torch.tensor(g))
+    with raises("global_scale"):
+        fn(x32(), "nvfp4", global_scale=g)
+    fn(x32(), "nvfp4", global_scale=torch.tensor(2.0**-126))  # the smallest normal is fine
+
+
+@pytest.mark.parametrize("fn", QDQ, ids=QDQ_IDS)
+@pytest.mark.parametrize("g", [1e30, 1e-30], ids=["1e30", "1e-30"])
+def test_global_scale_degenerate_warns(fn, g):
+    # legal (finite, normal, positive) but every block scale saturates at 448 (1e30) or
+    # underflows to 0 (1e-30, all zeros out): a GlobalScaleWarning, once
+    from emu_inductor.formats import GlobalScaleWarning
+
+    x = torch.randn(4, 64)
+    with pytest.warns(GlobalScaleWarning, match="global_scale") as rec:
+        fn(x, "nvfp4", global_scale=torch.tensor(g))
+    assert len([w for w in rec if issubclass(w.category, GlobalScaleWarning)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GlobalScaleWarning)
+        fn(x, "nvfp4", global_scale=torch.tensor(2688.0 / 4.0))  # a sensible scale: silent
+        fn(x, "nvfp4")
+
+
+@pytest.mark.parametrize("fn", QDQ, ids=QDQ_IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nvfp4_default_global_scale_nonfinite_amax_warns(fn, bad):
+    from emu_inductor.formats import GlobalScaleWarning
+
+    x = torch.randn(4, 32)
+    x[2, 5] = bad
+    with pytest.warns(GlobalScaleWarning, match=r"global_scale=1\.0") as rec:
+        out = fn(x, "nvfp4")
+    assert len([w for w in rec if issubclass(w.category, GlobalScaleWarning)]) == 1
+    # the warning says what was used: 1.0, in the recipe's direction
+    want = fake_quantize(x, "nvfp4", global_scale=torch.tensor(1.0))
+    got = out if fn is fake_quantize else dequantize(out, torch.float32)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
+
+
+# --- empty tensors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2"])
+@pytest.mark.parametrize("shape,axis", [((0, 64), -1), ((3, 0), -1), ((0,), -1), ((2, 0, 32), -1), ((0, 5), 0)])
+def test_empty_tensors(fmt, shape, axis):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.zeros(shape, dtype=dtype)
+        q = quantize(x, fmt, axis=axis)
+        d = dequantize(q, dtype)
+        f = fake_quantize(x, fmt, axis=axis)
+        assert d.shape == x.shape and f.shape == x.shape and d.dtype == f.dtype == dtype
+        bits = FORMATS[fmt].pack_bits
+        assert pack(unpack(q.qdata, bits), bits).shape == q.qdata.shape
+    if fmt == "nvfp4" and len(shape) == 3:  # per-leading-index global scale of an empty dim
+        x = torch.zeros(0, 4, 32)
+        assert quantize(x, fmt, global_scale=torch.ones(0)).qdata.shape == (0, 4, 16)
+
+
+def test_empty_lower_level():
+    e = torch.zeros(0)
+    assert e8m0_scale(e, E2M1).shape == (0,)
+    assert e8m0_decode(e.to(torch.uint8)).shape == (0,)
+    assert round_to_element(e, E2M1).shape == (0,)
+    assert default_global_scale(e.reshape(0)).shape == (0,)
+
+
+# --- QuantizedTensor shapes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp6_e3m2", "mxfp8_e4m3"])
+def test_dequantize_rejects_broadcastable_scale(fmt):
+    q = quantize(torch.randn(4, 64), fmt)
+    for bad in (q.scale[:, :1], q.scale[:1], q.scale[None], q.scale.reshape(-1)):
+        with raises("q.scale"):
+            dequantize(dataclasses.replace(q, scale=bad.contiguous()))
+    with raises("q.qdata"):
+        dequantize(dataclasses.replace(q, qdata=q.qdata[:, :-1]))
+    with raises("q.qdata"):
+        dequantize(dataclasses.replace(q, qdata=q.qdata[:1]))
+    with raises("q.axis"):
+        dequantize(dataclasses.replace(q, axis=2))
+
+
+def test_dequantize_checks_global_scale():
+    q = quantize(torch.randn(3, 4, 32), "nvfp4", global_scale=torch.ones(3))
+    dequantize(q)
+    with raises("q.global_scale"):
+        dequantize(dataclasses.replace(q, global_scale=torch.ones(4, 1, 1, 1)))
+    with raises("q.global_scale"):
+        dequantize(dataclasses.replace(q, global_scale=torch.ones(3, 4, 2, 32)))
+    with raises("q.global_scale"):
+        dequantize(dataclasses.replace(q, global_scale=1.0))
+    m = quantize(torch.randn(3, 32), "mxfp4")
+    with raises("q.global_scale"):
+        dequantize(dataclasses.replace(m, global_scale=torch.tensor(1.0)))
+
+
+def test_pack_unpack_zero_dim_and_wrong_type():
+    with raises("codes"):
+        pack(torch.tensor(3, dtype=torch.uint8), 4)
+    with raises("packed"):
+        unpack(torch.tensor(3, dtype=torch.uint8), 4)
+    with pytest.raises(TypeError, match=r"^codes:"):
+        pack([1, 2], 4)
+    with pytest.raises(TypeError, match=r"^packed:"):
+        unpack(b"ab", 4)
+
+
+# --- variants and their knobs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", QDQ, ids=QDQ_IDS)
+def test_variant_errors(fn):
+    with raises("variant"):
+        fn(x32(), "mxfp4", variant="cutlass")
+    with raises("variant"):
+        fn(x32(), "nvfp4", variant="torchao_floor")
+    with raises("variant"):
+        fn(x32(), "mxfp8_e4m3", variant="modelopt")  # ModelOpt's qtensor is MXFP4 only
+    with raises("signed_zero"):
+        fn(x32(), "mxfp4", signed_zero="negative")
+    with raises("nan_element"):
+        fn(x32(), "mxfp4", nan_element="zero")
+    with raises("inf_amax"):
+        fn(x32(), "mxfp4", inf_amax="inf")
+    with raises("inf_amax"):
+        fn(x32(), "nvfp4", inf_amax="nan")
+    with raises("byte0_inverse"):
+        fn(x32(), "mxfp4", byte0_inverse="zero")
+    with raises("byte0_inverse"):
+        fn(x32(), "nvfp4", byte0_inverse="one")
