@@ -130,11 +130,17 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
                 out[f] = (od, inner, outer)
         return out
 
+    uniform: set = set()  # full/zeros/ones outputs: one value everywhere, any size fits
+
     def elementwise(node, out_shape) -> Info:
         contribs: dict = {}
+        uses = []
         for a in node.all_input_nodes:
             ts = shape(a)
             if ts is None:
+                continue
+            if a in uniform:
+                uses.append((a, len(out_shape) - len(ts), ts))
                 continue
             a_inf = info.get(a, {})
             off = len(out_shape) - len(ts)
@@ -150,13 +156,24 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
                     lose(fs, node, "broadcast along it")
                     continue
                 contribs.setdefault(od, []).append(fs)
-        return merge_at(contribs, node)
+        out = merge_at(contribs, node)
+        # a uniform constant broadcast against a factor dim follows the factor's new size
+        for a, off, ts in uses:
+            for f, (od, _, _) in out.items():
+                j = od - off
+                if 0 <= j < len(ts) and ts[j] != 1:
+                    key = (a, 0, j)
+                    if not any(r[:3] == key for r in rewrites):
+                        rewrites.append((a, 0, j, (f,)))
+        return out
 
     for node in nodes:
         if node.op != "call_function":
             continue
         inputs = node.all_input_nodes
         in_f = set().union(*[set(info.get(a, {})) for a in inputs]) if inputs else set()
+        if packet_name(node.target) in ("aten.full", "aten.zeros", "aten.ones") and not inputs:
+            uniform.add(node)
         if not in_f:
             info[node] = {}
             continue

@@ -189,8 +189,8 @@ def constant_nodes(nodes, leaves_with_values: set[Node]) -> set[Node]:
         if n.op == "get_attr":
             const.add(n)
         elif n.op == "call_function":
-            ins = [a for a in n.all_input_nodes]
-            if all(a in const for a in ins) and op_kind(n) != "other":
+            ins = n.all_input_nodes
+            if all(a in const or a.op == "get_attr" for a in ins) and op_kind(n) != "other":
                 const.add(n)
     return const
 

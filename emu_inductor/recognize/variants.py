@@ -15,6 +15,7 @@ Each variant's `reference` is built from `emu_inductor.formats` / `reference` on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Optional
 
@@ -94,13 +95,14 @@ class WeightVariant:
         c = codes.view(torch.uint8)
         if fmt.pack_bits == 4 and self.nibble_order == "high_first":
             c = ((c & 0x0F) << 4) | (c >> 4)
-        v = decode(unpack(c, fmt.pack_bits, fp6_layout=self.fp6_layout), fmt.element)
+        codes_u = unpack(c, fmt.pack_bits, fp6_layout=self.fp6_layout)
+        v = _table(fmt.element.name, "element")[codes_u.long()]
         vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
-        sb = scale.view(torch.uint8)
+        sb = scale.view(torch.uint8).long()
         if fmt.is_mx:
-            s = e8m0_decode(sb, byte255=self.e8m0_byte255, byte0=self.e8m0_byte0)
+            s = _table("e8m0", f"{self.e8m0_byte255}/{self.e8m0_byte0}")[sb]
         else:
-            s = decode(sb, E4M3)
+            s = _table("e4m3", "scale")[sb]
         s = s.unsqueeze(-1)
         cd = torch.float32 if self.compute_dtype == "fp32" else out_dtype
         vb, s = vb.to(cd), s.to(cd)
@@ -138,6 +140,21 @@ def weight_variants(bits: int, block: int, has_alpha: bool, out_dtype: torch.dty
         for nib, lay, (b255, b0), order, cd in itertools.product(nibbles, layouts, readers, orders, computes):
             out.append(WeightVariant(fmt.name, nib, lay, b255, b0, order, cd))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _table(kind: str, how: str) -> torch.Tensor:
+    """fp32 value of every byte 0..255 under a decode of `formats` (a look-up is exact and
+    much faster on probe-sized tensors than decoding bit fields each time)."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if kind == "e8m0":
+        b255, b0 = how.split("/")
+        return e8m0_decode(b, byte255=b255, byte0=b0)
+    if kind == "e4m3":
+        return decode(b, E4M3)
+    from ..formats import ELEMENTS
+
+    return decode(b, ELEMENTS[kind])
 
 
 # --- activations -------------------------------------------------------------------------------

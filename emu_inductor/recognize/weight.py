@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -236,6 +237,20 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
                 return None, None, f"evaluating the cone failed: {type(e).__name__}: {e}"
             if not isinstance(got, torch.Tensor):
                 return None, None, "the cone does not produce a tensor"
+            # screen on a few rows first: most variants differ there, at a fraction of the cost
+            rs = min(rows, 64)
+            if rs < rows and len(alive) > 1:
+                sub = _rows_slice(rnd, rs, transpose, got)
+                keep = []
+                for var in alive:
+                    ref = var.reference(sub.codes, sub.scale, sub.alpha, out_dtype)
+                    ref = ref.mT if transpose else ref
+                    i = first_difference(sub.got, ref)
+                    if i is None:
+                        keep.append(var)
+                    else:
+                        separated.append((var, _describe_weight(sub, i, sub.got, ref, h, cshape2, K)))
+                alive = keep
             keep = []
             for var in alive:
                 ref = var.reference(rnd.codes, rnd.scale, rnd.alpha, out_dtype)
@@ -249,63 +264,104 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
             alive = keep
             if not alive:
                 break
-        # The float scale is not enumerable: when survivors needing different kernels remain
-        # (v*(s*a) vs (v*s)*a agree on most scales once rounded to bf16), search scales that
-        # separate them and evaluate the cone on exactly those blocks.
-        for rnd in _separating_rounds(alive, h, cshape2, sshape2, ashape2, out_dtype):
-            if len({v.kernel_key for v in alive}) <= 1:
-                break
-            got = evaluate(gm, [rnd.codes.view(cdt), rnd.scale.view(sdt), rnd.alpha])
-            keep = []
-            for var in alive:
-                ref = var.reference(rnd.codes, rnd.scale, rnd.alpha, out_dtype)
-                ref = ref.mT if transpose else ref
-                i = first_difference(got, ref)
-                if i is None:
-                    keep.append(var)
-                else:
-                    separated.append((var, _describe_weight(rnd, i, got, ref, h, cshape2, K)))
-            alive = keep
+        # The float scale is not enumerable: products in another order agree with each
+        # other on most scales once rounded to bf16. Evaluate (on a one-block-per-row
+        # narrowed cone where possible) the blocks and scales that separate every pair of
+        # plausible scale spellings.
+        if h.alpha is not None and alive:
+            small_new = {f: (1 if f != "rows" else -(-256 // cshape[-1])) for f in new}
+            small = extract(cone, inputs, h.consts, pl, small_new) if small_new else gm
+            c_s = [small_new.get(f"lead{i}", lead_n[i]) for i in range(len(lead))] + \
+                [small_new.get("rows", rows), cshape[-1]]
+            s_s = c_s[:-1] + [nb]
+            a_s = None
+            if ashape is not None:
+                a_s = list(ashape)
+                if math.prod(ashape) != 1:
+                    a_s[0] = c_s[0]
+                    if len(a_s) >= 2 and a_s[1] != 1:
+                        a_s[1] = c_s[-2]
+            for rnd in _separating_rounds(h, c_s, s_s, a_s, out_dtype):
+                got = evaluate(small, [rnd.codes.view(cdt), rnd.scale.view(sdt), rnd.alpha])
+                keep = []
+                for var in alive:
+                    ref = var.reference(rnd.codes, rnd.scale, rnd.alpha, out_dtype)
+                    ref = ref.mT if transpose else ref
+                    i = first_difference(got, ref)
+                    if i is None:
+                        keep.append(var)
+                    else:
+                        separated.append((var, _describe_weight(rnd, i, got, ref, h, c_s, K)))
+                alive = keep
+                if not alive:
+                    break
     return alive, separated, None
 
 
-def _separating_rounds(alive, h, cshape, sshape, ashape, out_dtype, pool: int = 1 << 16, seed: int = 1):
-    """Rounds that tell apart survivors with different kernel keys: a pool of random
-    (block, scale) pairs evaluated with every survivor at once (one block per pool entry,
-    the float scale per entry), then one round per separating entry, its block tiled."""
-    if ashape is None or len({v.kernel_key for v in alive}) <= 1:
+def _rows_slice(rnd, rs: int, transpose: bool, got):
+    """The first `rs` rows (dim -2 of the leaves) of a round and of the cone's output."""
+    a = rnd.alpha
+    if a is not None and a.dim() >= 2 and a.shape[1] == rnd.codes.shape[-2] and a.shape[1] != 1:
+        a = a[:, :rs]
+    out = P.WeightRound(rnd.label, rnd.codes[..., :rs, :], rnd.scale[..., :rs, :], a)
+    out.got = got[..., :rs] if transpose else got[..., :rs, :]
+    return out
+
+
+def _scale_spellings(out_dtype):
+    """Plausible ways to apply a float scale a to value v and block scale s (fp32 and in
+    the output dtype): the variants' orders and spellings no variant has."""
+    forms = {
+        "v*(s*a)": lambda v, s, a: v * (s * a), "(v*s)*a": lambda v, s, a: (v * s) * a,
+        "v*(s/a)": lambda v, s, a: v * (s / a), "v*(s*(1/a))": lambda v, s, a: v * (s * (1.0 / a)),
+        "(v*s)/a": lambda v, s, a: (v * s) / a, "(v*a)*s": lambda v, s, a: (v * a) * s,
+    }
+    dts = (torch.float32,) if out_dtype == torch.float32 else (torch.float32, out_dtype)
+    return [(f, dt) for f in forms.values() for dt in dts]
+
+
+@functools.lru_cache(maxsize=16)
+def _separating_entries(out_dtype, block: int) -> tuple:
+    """(float scale, scale byte) pairs separating every pair of `_scale_spellings` that a
+    pool of up to 2^18 random scales can separate (kept per process: ~1 s once)."""
+    gen = torch.Generator().manual_seed(1)
+    lo, hi = (0x20, 0x70) if block == 16 else (100, 155)  # normal, finite scale bytes
+    v = torch.tensor([1.0, 1.5], dtype=torch.float32)[None, :, None]  # E2M1 mantissas
+    forms = _scale_spellings(out_dtype)
+    open_pairs = {(i, j) for i in range(len(forms)) for j in range(i + 1, len(forms))}
+    picked: list = []
+    pool = 1 << 12
+    while open_pairs and pool <= 1 << 18:
+        alpha = torch.exp2(torch.randint(-20, 21, (pool,), generator=gen).float()) * \
+            (1 + torch.rand(pool, generator=gen))
+        mant = torch.randint(0, 8, (pool,), generator=gen)
+        # exponents only shift the products exactly (normal range): mantissas decide
+        sv = (1 + mant.float() / 8)[:, None, None] * torch.ones(1, 1, 1)
+        outs = [f(v.to(dt), sv.to(dt), alpha[:, None, None].to(dt)).to(out_dtype).float().reshape(pool, -1)
+                for f, dt in forms]
+        for i, j in sorted(open_pairs):
+            d = torch.nonzero((outs[i] != outs[j]).any(dim=1))
+            if d.numel():
+                e = int(d[0, 0])
+                byte = lo + ((int(mant[e]) - lo) % 8)  # a byte in range with that mantissa
+                while byte < lo:
+                    byte += 8
+                picked.append((float(alpha[e]), byte))
+                open_pairs.discard((i, j))
+        pool *= 4
+    return tuple(dict.fromkeys(picked))
+
+
+def _separating_rounds(h, cshape, sshape, ashape, out_dtype):
+    """One round per separating (scale, scale byte): every code byte, that block scale."""
+    if ashape is None:
         return
-    gen = torch.Generator().manual_seed(seed)
-    per = cshape[-1] // sshape[-1]
-    codes = torch.randint(0, 256, (pool, 1, per), generator=gen, dtype=torch.int64).to(torch.uint8)
-    if h.block == 16:  # E4M3 block scales: normal, finite bytes
-        sc = torch.randint(0x20, 0x70, (pool, 1, 1), generator=gen, dtype=torch.int64)
-    else:
-        sc = torch.randint(100, 155, (pool, 1, 1), generator=gen, dtype=torch.int64)
-    scale = sc.to(torch.uint8)
-    alpha = torch.exp2(torch.randint(-20, 21, (pool,), generator=gen).float()) * (1 + torch.rand(pool, generator=gen))
-    refs = [v.reference(codes, scale, alpha, out_dtype).reshape(pool, -1) for v in alive]
-    done = set()
-    for i in range(len(alive)):
-        for j in range(i + 1, len(alive)):
-            if alive[i].kernel_key == alive[j].kernel_key:
-                continue
-            a, b = refs[i], refs[j]
-            it = {2: torch.int16, 4: torch.int32}[a.element_size()]
-            diff = ((a.view(it) != b.view(it)) & ~(torch.isnan(a) & torch.isnan(b))).any(dim=1)
-            hit = torch.nonzero(diff)
-            if not hit.numel():
-                continue
-            e = int(hit[0, 0])
-            if e in done:
-                continue
-            done.add(e)
-            n_blocks = math.prod(sshape)
-            c = codes[e, 0].repeat(n_blocks).reshape(cshape)
-            s = scale[e].reshape(()).expand(sshape).contiguous()
-            al = alpha[e].expand(ashape).contiguous()
-            yield P.WeightRound(f"scale {float(alpha[e]):.9g} chosen to separate {alive[i].name} from "
-                                f"{alive[j].name}", c, s, al)
+    for alpha, byte in _separating_entries(out_dtype, h.block):
+        c = (torch.arange(math.prod(cshape)) % 256).to(torch.uint8).reshape(cshape)
+        s = torch.full(sshape, byte, dtype=torch.uint8)
+        al = torch.full(ashape, alpha, dtype=torch.float32)
+        yield P.WeightRound(f"scale {alpha:.9g} with scale byte 0x{byte:02x} (chosen to separate "
+                            f"scale-product orders)", c, s, al)
 
 
 def _describe_weight(rnd, i, got, ref, h, cshape, K) -> str:
@@ -341,7 +397,10 @@ def _choose(alive):
 def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_bytes=DEFAULT_BUDGET_BYTES):
     """(verdict or Rejection); see `api.recognize_weight`."""
     _, w = operands(gemm)
-    const = constant_nodes(cone.nodes, set())
+    # small float graph inputs may be tables: their values are hypothesised and guarded
+    tables = {n for n in cone.leaves if n.op == "placeholder" and isinstance(_val(n), torch.Tensor)
+              and _val(n).is_floating_point() and _val(n).dim() == 1 and (_shape(n) or (999,))[0] <= 256}
+    const = constant_nodes(cone.nodes, tables)
     why = check_weight_cone(cone.nodes, const)
     if why:
         return Rejection("weight", gemm, why)
