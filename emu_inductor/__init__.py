@@ -1,13 +1,13 @@
 """emu_inductor: fast microscaling (NVFP4 / MXFP4 / MXFP6 / MXFP8) MoE emulation for
 torch.compile.
 
-Layers, each importing only the ones before it:
-formats -> reference -> patterns -> codegen (kernel templates) / ops -> passes -> backend.
+Layers (docs/architecture.md; enforced by tests/test_layering.py), each importing only
+layers below it: formats <- spec <- reference <- patterns (the repo-root folder,
+installed as emu_inductor.patterns) and recognize <- passes; spec <- kernels <- ops <-
+passes (which call the ops only as torch.ops.mxemu.*) <- backend <- explain / demo / cli.
 """
 
 from __future__ import annotations
-
-import os as _os
 
 from .formats import (
     FORMATS,
@@ -25,34 +25,6 @@ from .formats import (
     quantize,
     unpack,
 )
-
-# Running from a source checkout without `pip install`: the repo-root folder patterns/
-# is this package's `emu_inductor.patterns` (pyproject maps it when installed).
-# A finder for exactly that one name, rather than the repo root on __path__: with the
-# root on __path__ every repo folder, emu_inductor itself included, became a subpackage
-# (emu_inductor.emu_inductor.emu_inductor...), and torch's TORCH_LOGS="+emu_inductor" /
-# set_logs(modules=...) walk of the package's submodules (torch 2.13) never ended.
-_root_patterns = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "patterns")
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "patterns")) and _os.path.isdir(
-    _root_patterns
-):
-    import sys as _sys
-
-    class _RootPatternsFinder:
-        @staticmethod
-        def find_spec(fullname, path=None, target=None):
-            if fullname != __name__ + ".patterns":
-                return None
-            import importlib.util
-
-            return importlib.util.spec_from_file_location(
-                fullname,
-                _os.path.join(_root_patterns, "__init__.py"),
-                submodule_search_locations=[_root_patterns],
-            )
-
-    if not any(type(f).__name__ == "_RootPatternsFinder" for f in _sys.meta_path):
-        _sys.meta_path.append(_RootPatternsFinder())
 
 __version__ = "0.1.0"
 

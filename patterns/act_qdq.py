@@ -8,20 +8,24 @@ reciprocal, or the MX scale rounding). Styles:
               (vLLM torch reference: x * 1/(s * 1/gs) with the 1e8 zero guard);
               MX element formats with scale_mode floor / even / rceil / ceil;
               per-tensor FP8 (vLLM `a_fp8`).
+  reference_static  per-tensor FP8 with a static (calibrated) scale.
   vllm_torch  vLLM's `ref_nvfp4_quant` + dequant, written as vLLM writes it (masked
               in-place E2M1 rounding) -> ActQuant(nvfp4, recipe "vllm_ref").
+Each factory is registered in `catalogue` with the GEMM forms it applies to; which
+weight formats a QDQ pairs with is `emu_inductor.spec.compat`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ..formats import FORMATS
 from ..reference.qdq import act_fake_quantize
-from ..reference.schemes import ActQuant
+from ..spec.schemes import ActQuant
+from .catalogue import qdq_style
 
 __all__ = ["QDQStyle", "qdq_styles", "fp8_static_styles", "vllm_torch_styles", "vllm_ref_nvfp4_quant_dequant"]
 
@@ -82,6 +86,7 @@ def vllm_ref_nvfp4_quant_dequant(x, global_scale):
     return out.to(x.dtype)
 
 
+@qdq_style("linear", "loop", "grouped_mm")
 def qdq_styles() -> list[QDQStyle]:
     nv = FORMATS["nvfp4"]
     out = [
@@ -98,6 +103,7 @@ def qdq_styles() -> list[QDQStyle]:
     return out
 
 
+@qdq_style("linear", "grouped_mm")
 def fp8_static_styles() -> list[QDQStyle]:
     """Per-tensor E4M3 QDQ with a static (calibrated) scale, vLLM's `input_scale`:
     `(e4m3(clamp(x * (1/s))) * s).to(x.dtype)` with s a graph input."""
@@ -105,14 +111,8 @@ def fp8_static_styles() -> list[QDQStyle]:
     return [QDQStyle("reference_static", a, _reference(a), True)]
 
 
+@qdq_style("linear")
 def vllm_torch_styles() -> list[QDQStyle]:
     """The vLLM-torch-written NVFP4 QDQ (2-D activations only)."""
     nv = FORMATS["nvfp4"]
     return [QDQStyle("vllm_torch", ActQuant("block", nv, recipe="vllm_ref"), vllm_ref_nvfp4_quant_dequant, True)]
-
-
-def act_compatible(act: Optional[ActQuant], weight_fmt) -> bool:
-    """NVFP4 activations only with NVFP4 weights, MX with MX (the schemes that exist)."""
-    if act is None or act.kind != "block":
-        return True
-    return act.fmt.is_mx == weight_fmt.is_mx

@@ -17,6 +17,9 @@ Styles:
   mx_lut        the same LUT unpack for MXFP4 with E8M0 scales as `exp2(u - 127)`.
   fp8_upcast    MXFP8 (vLLM `dequant_mxfp8_to_bf16`): `w.view(float8).to(f32) *
                 exp2(u.float() - 127)`.
+  reference_gate_up  NVFP4 experts with separate gate/up global scales [E, 2] (the
+                reference's `dequantize_experts` expands them per half of the rows).
+Each family of styles is registered in `catalogue` with the GEMM forms it applies to.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import torch
 from ..formats import FORMATS, BlockFormat
 from ..reference.moe import dequantize_experts
 from ..reference.qdq import dequantize_weight
+from .catalogue import dequant_style
 
-__all__ = ["DequantStyle", "E2M1_LUT", "dequant_styles", "break_fp4_bytes", "vllm_dequantize_to_dtype"]
+__all__ = ["DequantStyle", "E2M1_LUT", "break_fp4_bytes", "vllm_dequantize_to_dtype", "example_weight",
+           "is_gate_up", "reference_gate_up_styles", "reference_styles", "lut_styles", "fp8_upcast_styles"]
 
 #: The E2M1 magnitudes indexed by the 3-bit magnitude code (vLLM kE2M1ToFloat).
 E2M1_LUT = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -49,6 +54,24 @@ class DequantStyle:
     @property
     def key(self) -> str:
         return f"{self.name}:{self.fmt.name}:{'alpha' if self.has_alpha else 'noalpha'}:{'3d' if self.batched else '2d'}"
+
+
+def is_gate_up(style: DequantStyle) -> bool:
+    """A style whose global scales are per expert and half ([E, 2]: gate rows, up rows)."""
+    return style.name.endswith("_gate_up")
+
+
+# Registration order is matching order: the gate/up form (more specific alpha) first.
+@dequant_style("grouped_mm")
+def reference_gate_up_styles(batched: bool) -> list[DequantStyle]:
+    """NVFP4 experts with separate gate/up global scales [E, 2] (the reference's
+    `dequantize_experts` expands them with repeat_interleave(N // 2, dim=1))."""
+    fmt = FORMATS["nvfp4"]
+
+    def fn(w, scale, alpha, dtype):
+        return dequantize_experts(w, scale, fmt, alpha, dtype)
+
+    return [DequantStyle("reference_gate_up", fmt, fn, True, True)]
 
 
 # --- reference style ---------------------------------------------------------------------
@@ -113,21 +136,29 @@ def _fp8_upcast(w, scale, alpha, dtype):
     return (v * s.unsqueeze(-1)).reshape(shape).to(dtype)
 
 
-def dequant_styles(*, batched: bool) -> list[DequantStyle]:
-    """Every registered dequant style for one-matrix (linear) or batched (experts) weights."""
+@dequant_style("linear", "loop", "grouped_mm")
+def reference_styles(batched: bool) -> list[DequantStyle]:
+    """The reference decode for every format, with and without the NVFP4 global scale."""
     out = []
     for name in ("nvfp4", "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e4m3", "mxfp8_e5m2"):
         fmt = FORMATS[name]
         alphas = (True, False) if fmt.has_global_scale else (False,)
         for has_alpha in alphas:
             out.append(DequantStyle("reference", fmt, _reference(fmt, batched), has_alpha, batched))
-    if not batched:
-        out.append(DequantStyle("vllm_lut", FORMATS["nvfp4"], _vllm_lut_2d, True, False, ("lut",)))
-        out.append(DequantStyle("mx_lut", FORMATS["mxfp4"], _mx_lut_2d, False, False, ("lut",)))
-    for name in ("mxfp8_e4m3",):
-        out.append(DequantStyle("fp8_upcast", FORMATS[name], _fp8_upcast, False, batched,
-                                weight_dtype=torch.float8_e4m3fn))
     return out
+
+
+@dequant_style("linear")
+def lut_styles(batched: bool) -> list[DequantStyle]:
+    """The LUT unpacks, one [N, K/2] matrix each (NVFP4 vLLM, MXFP4 fork-style)."""
+    return [DequantStyle("vllm_lut", FORMATS["nvfp4"], _vllm_lut_2d, True, False, ("lut",)),
+            DequantStyle("mx_lut", FORMATS["mxfp4"], _mx_lut_2d, False, False, ("lut",))]
+
+
+@dequant_style("linear", "loop", "grouped_mm")
+def fp8_upcast_styles(batched: bool) -> list[DequantStyle]:
+    return [DequantStyle("fp8_upcast", FORMATS[name], _fp8_upcast, False, batched, weight_dtype=torch.float8_e4m3fn)
+            for name in ("mxfp8_e4m3",)]
 
 
 def example_weight(style: DequantStyle, N: int, K: int, E: Optional[int] = None):

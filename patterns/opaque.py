@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from ..formats import BlockFormat, get_format
-from ..reference.schemes import ActQuant
+from ..spec.schemes import ActQuant
 
 __all__ = ["OpaqueDequant", "OpaqueQDQ", "register_dequant_op", "register_qdq_op", "dequant_ops", "qdq_ops",
            "clear", "fingerprint", "add_listener"]

@@ -24,11 +24,11 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import emu_inductor
-import test_passes_infra as infra
+import helpers as infra
 from emu_inductor import _compat
 from emu_inductor.backend import MxemuBackend, mxemu
 from emu_inductor.passes import MxemuPass, register_replacement
-from emu_inductor.passes.mxemu_pass import _Chain
+from emu_inductor.passes.chain import _Chain
 
 AFFINE, HALFSUM = infra.AFFINE, infra.HALFSUM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ _SCRIPT = textwrap.dedent(
     out["simple_ok"] = r.tolist() == [2.0, 2.0]
     out["imported_after_compile"] = "emu_inductor.backend" in sys.modules
 
-    import test_passes_infra as infra
+    import helpers as infra
     from emu_inductor.passes import MxemuPass
     infra.install_dummy_families()
     opts = {"mxemu.enabled_patterns": [infra.AFFINE]}
@@ -283,7 +283,7 @@ def test_explain_reports_fused_left_alone_and_internal_errors():
                              pm_pass, extra_check=bad_check, pattern_name="broken_halfsum")
 
     def model(x, y):
-        return infra._f_two(x, y) + infra.halfsum_search(y).sum()
+        return infra.f_two(x, y) + infra.halfsum_search(y).sum()
 
     x, y = torch.randn(8), torch.randn(8)
     with infra.temp_family("tmp_broken", init):
@@ -294,7 +294,7 @@ def test_explain_reports_fused_left_alone_and_internal_errors():
         assert len(report.graphs) == 1
         (fused,) = report.fused
         assert fused.kernel == "mxemu_test::affine" and fused.family == AFFINE
-        assert fused.location and "test_passes_infra.py" in fused.location
+        assert fused.location and "helpers.py" in fused.location
         reasons = [c.reason for c in report.left_alone]
         assert any("check rejected" in r for r in reasons)  # y * 3.0 + 1.0
         assert any("internal error" in r and "boom" in r for r in reasons)

@@ -23,6 +23,7 @@ from emu_inductor.reference.moe import dequantize_experts
 from emu_inductor.reference.modules import QuantizedExperts
 from emu_inductor.reference.qdq import act_fake_quantize
 from emu_inductor.spec.schemes import SCHEMES
+from helpers import bf16_ulp_close, moe_check, moe_run
 
 E, H, I = 4, 64, 32
 
@@ -38,76 +39,6 @@ def _experts(scheme: str, activation: str, big: bool = False):
         qe.a1_global_scale.fill_(2688.0 / 4.0)
         qe.a2_global_scale.fill_(2688.0 / (400.0 if big else 8.0))
     return qe
-
-
-def _run(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, w13_bias=None,
-         w2_bias=None):
-    spec = OpSpec.from_scheme(scheme, activation=activation, router_weight_on_input=rw_in)
-    res = moe_triton(x, qe.w13, qe.w13_scale, qe.w13_alpha, qe.w2, qe.w2_scale, qe.w2_alpha, tw, ids,
-                     qe.a1_global_scale, qe.a2_global_scale, emap, spec, debug=True, reduction=reduction,
-                     w13_bias=w13_bias, w2_bias=w2_bias)
-    ref = moe_emulated(x, qe.w13, qe.w2, tw, ids, scheme=scheme, w13_scale=qe.w13_scale, w2_scale=qe.w2_scale,
-                       w13_alpha=qe.w13_alpha, w2_alpha=qe.w2_alpha, a1_global_scale=qe.a1_global_scale,
-                       a2_global_scale=qe.a2_global_scale, activation=activation,
-                       apply_router_weight_on_input=rw_in, expert_map=emap, w13_bias=w13_bias, w2_bias=w2_bias)
-    return res, ref
-
-
-def _bf16_ulp_close(a, b, ulps=1):
-    """|a - b| <= `ulps` bf16 ulps of max(|a|, |b|) elementwise (a, b on the bf16 grid), or
-    |a - b| <= 2^-20: GELU's 0.5*g*(1+erf(g/sqrt2)) cancels catastrophically for g << 0,
-    so a one-ulp fp32 erf difference between Triton and torch moves tiny results (|y| <
-    1e-4) by more than a bf16 ulp of themselves. Gated activations get two ulps: a
-    one-ulp flip of act(g) in bf16 is scaled by `up` and rounded again in the product."""
-    m = torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126)
-    ulp = torch.pow(2.0, torch.floor(torch.log2(m)) - 7)
-    d = (a - b).abs()
-    return bool(((d <= ulps * ulp) | (d <= 2.0**-20)).all())
-
-
-def _check(qe, scheme, activation, x, tw, ids, *, rw_in=False, emap=None, reduction=None, exact_out=False,
-           w13_bias=None, w2_bias=None):
-    """Also the oracle of tests/test_kernels_moe_bias.py: with per-expert biases the
-    reference GEMM1 adds w13_bias[e] to the fp32 accumulator before C1's rounding."""
-    res, ref = _run(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, reduction=reduction,
-                    w13_bias=w13_bias, w2_bias=w2_bias)
-    sch = SCHEMES[scheme]
-    k = ids.shape[1]
-    valid = res["valid"]
-    # A1: bit-identical to the reference QDQ of the (router-weighted) input rows
-    x_rows = x.repeat_interleave(k, dim=0)
-    if rw_in:
-        x_rows = x_rows * tw.reshape(-1).to(x.dtype).unsqueeze(-1)
-    a1_ref = act_fake_quantize(x_rows, sch.act, qe.a1_global_scale).float()
-    assert torch.equal(res["a1"][valid], a1_ref[valid]), "A1 differs from the reference QDQ"
-    # C2 within one bf16 ulp (two if gated) of the reference activation of the reference GEMM1
-    if valid.any():
-        local = (emap.long()[ids.reshape(-1).long()] if emap is not None else ids.reshape(-1).long())
-        W13 = dequantize_experts(qe.w13, qe.w13_scale, sch.weight_fmt, qe.w13_alpha, x.dtype)
-        acc = torch.einsum("rk,rnk->rn", a1_ref, W13[local.clamp(min=0)].float())
-        if w13_bias is not None:
-            acc = acc + w13_bias.float()[local.clamp(min=0)]
-        c1 = acc.to(x.dtype)
-        c2_ref = apply_activation(c1, activation).float()
-        ulps = 2 if is_gated(activation) else 1
-        assert _bf16_ulp_close(res["c2"][valid], c2_ref[valid], ulps), f"C2 differs by more than {ulps} bf16 ulp(s)"
-        # A2: bit-identical to the reference QDQ of the kernel's own C2
-        if res["a2"] is not None:
-            c2k = res["c2"][valid].to(x.dtype)
-            a2_ref = act_fake_quantize(c2k, sch.act, qe.a2_global_scale).float()
-            assert torch.equal(res["a2"][valid], a2_ref), "A2 differs from the reference QDQ of the kernel's C2"
-    out = res["out"]
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    if exact_out and valid.any() and not torch.equal(res["c2"][valid], c2_ref[valid]):
-        # a one-ulp transcendental difference in C2 (Triton's vs torch's erf/exp; torch's
-        # vectorised CPU erf depends on the host ISA) legitimately propagates to the
-        # output, so bit-exactness is only owed when C2 itself matched bit for bit
-        exact_out = False
-    if exact_out:
-        assert torch.equal(out, ref)
-    else:
-        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * max(1.0, ref.abs().max().item()))
-    return res, ref
 
 
 def _inputs(T, k, seed=0, scale=1.0):
@@ -132,7 +63,7 @@ def test_moe_matrix(scheme, activation, rw_in, emap_on):
         g = torch.Generator().manual_seed(2)
         ids = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(7)]).to(torch.int32)
     # deterministic reduction: the reference's own summation order, so bit-identical
-    _check(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, exact_out=True)
+    moe_check(qe, scheme, activation, x, tw, ids, rw_in=rw_in, emap=emap, exact_out=True)
 
 
 EDGE_SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8", "nvfp4_w4a16"]
@@ -144,19 +75,19 @@ def test_routing_edge_cases(scheme):
     x, tw, _ = _inputs(9, 2, seed=3)
     # expert 0: 1 row, expert 1: none, expert 2: 10 rows (odd 9 + pad), expert 3: 7
     ids = torch.tensor([[0, 2]] + [[2, 3]] * 7 + [[2, 2]], dtype=torch.int32)
-    _check(qe, scheme, "silu", x, tw, ids, exact_out=True)
+    moe_check(qe, scheme, "silu", x, tw, ids, exact_out=True)
     # every token on one expert, atomic reduction (tolerance only)
     ids = torch.full((9, 2), 3, dtype=torch.int32)
-    _check(qe, scheme, "silu", x, tw, ids, reduction="atomic")
+    moe_check(qe, scheme, "silu", x, tw, ids, reduction="atomic")
     # one token
-    _check(qe, scheme, "silu", x[:1], tw[:1], ids[:1], exact_out=True)
+    moe_check(qe, scheme, "silu", x[:1], tw[:1], ids[:1], exact_out=True)
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4_w4a4", "w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8", "w_mxfp6_e3m2_a_mxfp6_e3m2"])
 def test_saturating_magnitudes(scheme):
     qe = _experts(scheme, "silu", big=True)
     x, tw, ids = _inputs(5, 2, seed=4, scale=300.0)
-    _check(qe, scheme, "silu", x, tw, ids, exact_out=True)
+    moe_check(qe, scheme, "silu", x, tw, ids, exact_out=True)
 
 
 def test_gate_up_alpha_and_atomic():
@@ -165,8 +96,8 @@ def test_gate_up_alpha_and_atomic():
     qe2 = QuantizedExperts(qe.w13, qe.w13_scale, qe.w2, qe.w2_scale, scheme="nvfp4_w4a4",
                            w13_alpha=torch.stack([qe.w13_alpha, qe.w13_alpha * 2], 1), w2_alpha=qe.w2_alpha,
                            a1_global_scale=qe.a1_global_scale, a2_global_scale=qe.a2_global_scale)
-    _check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, exact_out=True)
-    _check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, reduction="atomic")
+    moe_check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, exact_out=True)
+    moe_check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, reduction="atomic")
 
 
 def test_align_no_sync_layout():

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 import torch
-from test_kernels_moe import _check as moe_matrix_check  # the same oracle and tolerances
+from helpers import moe_check as moe_matrix_check  # the same oracle and tolerances as test_kernels_moe
 
 from emu_inductor.ops.triton_impl import grouped_mm_triton, moe_triton
 from emu_inductor.ops import library as _lib  # noqa: F401  (registers torch.ops.mxemu.*)

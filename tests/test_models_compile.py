@@ -23,26 +23,7 @@ pytest.importorskip("transformers")
 from emu_inductor.models import quantize_model, quantized_modules  # noqa: E402
 from emu_inductor.models.tiny import tiny_model  # noqa: E402
 
-PROMPT, NEW = 8, 20
-
-
-def _backend():
-    backend = pytest.importorskip("emu_inductor.backend")  # the backend module must exist
-    return "mxemu" if "mxemu" in torch._dynamo.list_backends() else backend.mxemu
-
-
-def _greedy(fwd, prompt, new=NEW):
-    """`new` greedy tokens by full recomputation in a fixed [1, PROMPT + new] buffer;
-    returns the sequence and the logits of every step's last real position."""
-    buf = torch.zeros(1, PROMPT + new, dtype=torch.long)
-    buf[:, :PROMPT] = prompt
-    step_logits = []
-    for s in range(new):
-        pos = PROMPT + s - 1
-        logits = fwd(buf, use_cache=False).logits
-        step_logits.append(logits[:, : pos + 1].clone())
-        buf[:, pos + 1] = logits[:, pos].argmax(-1)
-    return buf, step_logits
+from helpers import PROMPT, greedy as _greedy, model_backend as _backend  # noqa: E402  (shared with the other model tests)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from emu_inductor.models import quantize_model, quantized_modules  # noqa: E402
 from emu_inductor.models.tiny import tiny_model  # noqa: E402
-from test_models_compile import _backend  # noqa: E402
+from helpers import model_backend as _backend  # noqa: E402
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 from emu_inductor.models import quantize_model, quantized_modules  # noqa: E402
 from emu_inductor.models.tiny import tiny_model  # noqa: E402
-from test_models_compile import PROMPT, _backend, _greedy  # noqa: E402  (the Qwen3 test's decoding)
+from helpers import PROMPT, greedy as _greedy, model_backend as _backend  # noqa: E402  (the Qwen3 test's decoding)
 
 NEW = int(os.environ.get("EMU_INDUCTOR_TEST_GREEDY", "5"))
 

@@ -36,128 +36,18 @@ from emu_inductor.passes import (
     strip_mxemu_passes,
     unregister_pattern_family,
 )
-from emu_inductor.passes.mxemu_pass import _Chain
+from emu_inductor.passes.chain import _Chain
+from helpers import (AFFINE, HALFSUM, INIT_CALLS, affine_init, affine_replace, affine_search, dummy_families, f_two,
+                     graph_of, halfsum_check, halfsum_init, halfsum_replace, halfsum_search, install_dummy_families,
+                     call_targets, temp_family, uninstall_dummy_families)
 
 aten = torch.ops.aten
-
-# --------------------------------------------------------------------------------------
-# dummy ops and families (shared with test_backend.py)
-# --------------------------------------------------------------------------------------
-
-AFFINE = "mxemu_test_affine"
-HALFSUM = "mxemu_test_halfsum4"
-
-
-@torch.library.custom_op("mxemu_test::affine", mutates_args=())
-def _affine(x: torch.Tensor) -> torch.Tensor:
-    return x * 2.0 + 1.0
-
-
-@_affine.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("mxemu_test::halfsum4", mutates_args=())
-def _halfsum4(x: torch.Tensor) -> torch.Tensor:
-    return (x.reshape(-1, 4) * 0.5).sum(-1)
-
-
-@_halfsum4.register_fake
-def _(x):
-    return x.new_empty((x.numel() // 4,))
-
-
-def affine_search(x):
-    return x * 2.0 + 1.0
-
-
-def affine_replace(x):
-    return torch.ops.mxemu_test.affine(x)
-
-
-def halfsum_search(x):
-    return (x.reshape(-1, 4) * 0.5).sum(-1)
-
-
-def halfsum_replace(x):
-    return torch.ops.mxemu_test.halfsum4(x)
-
-
-def _halfsum_check(match):
-    x = meta_val(match.kwargs["x"])
-    return x.dim() == 1 and x.dtype == torch.float32
-
-
-INIT_CALLS: dict[str, int] = {AFFINE: 0, HALFSUM: 0}
-
-
-def _affine_init(pm_pass, input_device=None):
-    INIT_CALLS[AFFINE] += 1
-    register_replacement(affine_search, affine_replace, [torch.empty(8)], pm_pass,
-                         pattern_name="affine_2x_plus_1")
-
-
-def _halfsum_init(pm_pass):
-    INIT_CALLS[HALFSUM] += 1
-    register_shape_agnostic_replacement(halfsum_search, halfsum_replace, [torch.empty(8)],
-                                        pm_pass, extra_check=_halfsum_check,
-                                        pattern_name="halfsum4")
-
-
-def install_dummy_families() -> tuple[str, str]:
-    """Register both dummy families (replacing earlier registrations)."""
-    register_pattern_family(AFFINE, _affine_init, anchors=[aten.add.Tensor], replace=True)
-    register_pattern_family(HALFSUM, _halfsum_init, anchors=[aten.sum], replace=True)
-    return AFFINE, HALFSUM
-
-
-def uninstall_dummy_families() -> None:
-    unregister_pattern_family(AFFINE)
-    unregister_pattern_family(HALFSUM)
-
-
-@contextmanager
-def dummy_families():
-    install_dummy_families()
-    try:
-        yield (AFFINE, HALFSUM)
-    finally:
-        uninstall_dummy_families()
-
-
-@contextmanager
-def temp_family(name, init_fn, **kw):
-    register_pattern_family(name, init_fn, **kw)
-    try:
-        yield name
-    finally:
-        unregister_pattern_family(name)
-
 
 @pytest.fixture
 def dummies():
     with dummy_families() as names:
         yield names
     assert AFFINE not in registered_families()
-
-
-def _graph(fn, *args, mode="fake"):
-    """A post-grad-like graph: ATen, FakeTensor metadata, views turned into reshapes."""
-    from torch._inductor.fx_passes.post_grad import view_to_reshape
-
-    gm = make_fx(fn, tracing_mode=mode)(*args)
-    view_to_reshape(gm)
-    gm.recompile()
-    return gm
-
-
-def _targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
-
-
-def _f_two(x, y):
-    return (x * 2.0 + 1.0).relu() + (y * 3.0 + 1.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -214,15 +104,15 @@ def test_resolve_options_validation():
 
 def test_pass_rewrites_records_and_counts(dummies):
     x, y = torch.randn(8), torch.randn(8)
-    gm = _graph(_f_two, x, y)
+    gm = graph_of(f_two, x, y)
     counters.clear()
     with recording() as sink:
         MxemuPass({"enabled_patterns": [AFFINE]})(gm.graph)
     gm.recompile()
-    targets = _targets(gm)
+    targets = call_targets(gm)
     assert torch.ops.mxemu_test.affine.default in targets
     assert targets.count(aten.mul.Tensor) == 1  # y * 3.0 (+ 1.0) left alone
-    torch.testing.assert_close(gm(x, y), _f_two(x, y))
+    torch.testing.assert_close(gm(x, y), f_two(x, y))
     assert counters["mxemu"][AFFINE] == 1
     assert counters["inductor"][f"mxemu_{AFFINE}"] == 1
     assert counters["mxemu"]["pass_runs"] == 1
@@ -247,7 +137,7 @@ def test_init_lazy_once_outside_fake_mode(dummies):
 
     with temp_family("tmp_lazy", init):
         assert seen == {}
-        gm = _graph(lambda x: x + 1, torch.randn(4))
+        gm = graph_of(lambda x: x + 1, torch.randn(4))
         MxemuPass({"enabled_patterns": ["tmp_lazy"]})(gm.graph)
         MxemuPass({"enabled_patterns": ["tmp_lazy"]})(gm.graph)
     assert seen["count"] == 1
@@ -259,9 +149,9 @@ def test_anchors_skip_family_without_tracing():
     calls = []
 
     with temp_family("tmp_anchor", lambda pm: calls.append(1), anchors=[aten.mm]):
-        MxemuPass({"enabled_patterns": ["tmp_anchor"]})(_graph(lambda x: x + 1, torch.randn(2)).graph)
+        MxemuPass({"enabled_patterns": ["tmp_anchor"]})(graph_of(lambda x: x + 1, torch.randn(2)).graph)
         assert calls == []  # no aten.mm.* node: the family was not even initialised
-        gm = _graph(lambda a: a @ a, torch.randn(2, 2))
+        gm = graph_of(lambda a: a @ a, torch.randn(2, 2))
         MxemuPass({"enabled_patterns": ["tmp_anchor"]})(gm.graph)
         assert calls == [1]
 
@@ -276,7 +166,7 @@ def test_error_in_check_leaves_candidate_alone(dummies):
 
     x, y = torch.randn(8), torch.randn(8)
     with temp_family("tmp_badcheck", init):
-        gm = _graph(_f_two, x, y)
+        gm = graph_of(f_two, x, y)
         before = str(gm.graph)
         counters.clear()
         with recording() as sink:
@@ -317,13 +207,13 @@ def test_error_during_rewrite_restores_graph_and_keeps_other_candidates():
 
     args = [torch.randn(4) for _ in range(3)]
     with temp_family("tmp_badrewrite", init):
-        gm = _graph(f, *args)
+        gm = graph_of(f, *args)
         n_before = len(gm.graph.nodes)
         with recording() as sink:
             MxemuPass({"enabled_patterns": ["tmp_badrewrite"]})(gm.graph)
         gm.graph.lint()
         gm.recompile()
-    targets = _targets(gm)
+    targets = call_targets(gm)
     assert targets.count(torch.ops.mxemu_test.affine.default) == 2
     assert targets.count(aten.add.Tensor) == 1  # the sin candidate, restored
     assert len(gm.graph.nodes) == n_before
@@ -340,7 +230,7 @@ def test_init_failure_disables_family_without_raising():
         raise RuntimeError("cannot trace")
 
     with temp_family("tmp_badinit", init):
-        gm = _graph(lambda x: x * 2.0 + 1.0, torch.randn(4))
+        gm = graph_of(lambda x: x * 2.0 + 1.0, torch.randn(4))
         before = str(gm.graph)
         with recording() as sink:
             MxemuPass({"enabled_patterns": ["tmp_badinit"]})(gm.graph)
@@ -363,7 +253,7 @@ def test_author_reason_and_get_option():
                              extra_check=check)
 
     with temp_family("tmp_reason", init, options={"tmp_reason.min_numel": 16}):
-        gm = _graph(lambda x: x * 2.0 + 1.0, torch.randn(8))
+        gm = graph_of(lambda x: x * 2.0 + 1.0, torch.randn(8))
         with recording() as sink:
             MxemuPass({"enabled_patterns": ["tmp_reason"]})(gm.graph)
         assert [c.reason for c in sink.candidates] == ["numel below mxemu.tmp_reason.min_numel=16"]
@@ -373,7 +263,7 @@ def test_author_reason_and_get_option():
 
 
 def test_report_unmatched_lists_anchor_nodes(dummies):
-    gm = _graph(lambda x: (x + 3.0) * 2.0, torch.randn(4))
+    gm = graph_of(lambda x: (x + 3.0) * 2.0, torch.randn(4))
     with recording() as sink:
         MxemuPass({"enabled_patterns": [AFFINE], "report_unmatched": True})(gm.graph)
     assert [(c.node, c.fused) for c in sink.candidates] == [("add", False)]
@@ -387,7 +277,7 @@ def test_report_unmatched_lists_anchor_nodes(dummies):
 
 def test_fwd_only_post_grad_turns_views_into_reshapes():
     gm = fwd_only_post_grad(lambda x: x.view(2, 4).t().contiguous().view(-1), [torch.empty(8)])
-    targets = _targets(gm)
+    targets = call_targets(gm)
     assert aten.view.default not in targets and aten.reshape.default in targets
 
 
@@ -396,15 +286,15 @@ def test_shape_agnostic_pattern_matches_symbolic_shapes(dummies):
     assert "ANY_SHAPE" not in repr(pat) and ANY_SHAPE is type(ANY_SHAPE)()
     for n in (8, 12):
         x = torch.randn(n)
-        gm = _graph(lambda x: halfsum_search(x) + 1, x, mode="symbolic")
+        gm = graph_of(lambda x: halfsum_search(x) + 1, x, mode="symbolic")
         MxemuPass({"enabled_patterns": [HALFSUM]})(gm.graph)
         gm.recompile()
-        assert torch.ops.mxemu_test.halfsum4.default in _targets(gm)
+        assert torch.ops.mxemu_test.halfsum4.default in call_targets(gm)
         torch.testing.assert_close(gm(x), halfsum_search(x) + 1)
     # negative control: another constant (0.25) must not match
-    gm = _graph(lambda x: (x.reshape(-1, 4) * 0.25).sum(-1), torch.randn(8), mode="symbolic")
+    gm = graph_of(lambda x: (x.reshape(-1, 4) * 0.25).sum(-1), torch.randn(8), mode="symbolic")
     MxemuPass({"enabled_patterns": [HALFSUM]})(gm.graph)
-    assert torch.ops.mxemu_test.halfsum4.default not in _targets(gm)
+    assert torch.ops.mxemu_test.halfsum4.default not in call_targets(gm)
 
 
 # --------------------------------------------------------------------------------------
@@ -458,7 +348,7 @@ def test_chain_uuid_and_flattening():
     assert chain_passes([user, ours], ours2).passes == (user, ours2)
     assert strip_mxemu_passes(again) is user
     assert strip_mxemu_passes(ours) is None
-    gm = _graph(lambda x: x + 1, torch.randn(2))
+    gm = graph_of(lambda x: x + 1, torch.randn(2))
     again(gm.graph)
     assert user.calls == 1
 
@@ -481,7 +371,7 @@ def test_chain_forwards_is_inference():
 
     chain = chain_passes(Aware(), MxemuPass({"enabled_patterns": ()}))
     assert isinstance(chain, CustomInferenceAwareGraphPass)
-    chain(_graph(lambda x: x + 1, torch.randn(2)).graph, is_inference=True)
+    chain(graph_of(lambda x: x + 1, torch.randn(2)).graph, is_inference=True)
     assert Aware.seen is True
 
 
@@ -491,7 +381,7 @@ def test_chain_forwards_is_inference():
 
 
 def test_debug_logging(dummies, caplog):
-    gm = _graph(_f_two, torch.randn(8), torch.randn(8))
+    gm = graph_of(f_two, torch.randn(8), torch.randn(8))
     with caplog.at_level(logging.DEBUG, logger="emu_inductor"):
         MxemuPass({"enabled_patterns": [AFFINE]})(gm.graph)
     text = caplog.text
@@ -504,11 +394,11 @@ def test_pattern_tracing_runs_no_generated_kernels(monkeypatch):
     structure must run the reference there, not generate/interpret Triton kernels."""
     from emu_inductor.kernels import cache
     from emu_inductor.ops import library
-    from emu_inductor.passes import _mx_match
-    from emu_inductor.passes.moe_patterns import moe_structure_pattern
+    from emu_inductor.passes.moe import moe_structure_pattern
+    from emu_inductor.passes.tracing import tracing_context
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with _mx_match.tracing_context():
+    with tracing_context():
         assert library.select_backend(torch.device("cpu")) == "reference"
     before = set(cache.generated_files())
     moe_structure_pattern.cache_clear()

@@ -15,7 +15,7 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 from torch.testing import FileCheck
 
 from emu_inductor.formats import FORMATS, e8m0_decode
-from emu_inductor.passes import _mx_match
+from emu_inductor.passes import recorder
 from emu_inductor.patterns.act_qdq import vllm_ref_nvfp4_quant_dequant
 from emu_inductor.patterns.dequant import E2M1_LUT, vllm_dequantize_to_dtype
 from emu_inductor.reference import QuantizedExperts, QuantizedLinear, get_scheme
@@ -27,7 +27,7 @@ E, H, I, T, K = 4, 64, 32, 8, 2
 def _compile_run(model, *args, dynamic=None):
     torch._dynamo.reset()
     counters.clear()
-    _mx_match.RECORDS.clear()
+    recorder.RECORDS.clear()
     global _last_compiled
     _last_compiled = torch.compile(model, backend="mxemu", dynamic=dynamic)
     with fresh_cache(), torch.no_grad():
@@ -50,7 +50,7 @@ def _assert_close(out, ref):
 
 
 def _reasons():
-    return [r["reason"] for r in _mx_match.RECORDS if not r["fused"]]
+    return [r["reason"] for r in recorder.RECORDS if not r["fused"]]
 
 
 # --- dense linear (the one-expert case), canonical style -----------------------------------------

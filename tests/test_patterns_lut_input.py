@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache, run_and_get_code
 from torch.testing import FileCheck
 
-from emu_inductor.passes import _mx_match
+from emu_inductor.passes import recorder
 from emu_inductor.patterns.dequant import E2M1_LUT, vllm_dequantize_to_dtype
 from emu_inductor.reference import QuantizedLinear
 
@@ -45,17 +45,17 @@ def test_module_global_lut_fuses_guarded(dynamic):
         ref = m(x)
     torch._dynamo.reset()
     counters.clear()
-    _mx_match.RECORDS.clear()
+    recorder.RECORDS.clear()
     cm = torch.compile(m, backend="mxemu", dynamic=dynamic)  # dynamic=True: the LUT's length is symbolic
     with fresh_cache(), torch.no_grad():
         out, code = run_and_get_code(cm, x)
         code = "\n".join(code)
-        assert counters["mxemu"]["linear"] == 1, (dict(counters["mxemu"]), _mx_match.RECORDS)
+        assert counters["mxemu"]["linear"] == 1, (dict(counters["mxemu"]), recorder.RECORDS)
         assert counters["mxemu_patterns"]["linear.runtime_tensor_guard"] == 1, dict(counters["mxemu_patterns"])
         FileCheck().check("torch.ops.mxemu.").check_not("extern_kernels.mm").run(code)
         assert "E2M1 LUT" in code  # the run-time assertion's message
-        assert any(r["fused"] and "guarded: E2M1 LUT" in r["reason"] for r in _mx_match.RECORDS), \
-            _mx_match.RECORDS
+        assert any(r["fused"] and "guarded: E2M1 LUT" in r["reason"] for r in recorder.RECORDS), \
+            recorder.RECORDS
         assert (out.float() - ref.float()).abs().max().item() == 0.0
 
         lut = kE2M1ToFloat_handle.val

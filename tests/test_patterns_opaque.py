@@ -15,7 +15,7 @@ from torch.testing import FileCheck
 
 import emu_inductor
 from emu_inductor.formats import FORMATS
-from emu_inductor.passes import _mx_match
+from emu_inductor.passes import opaque_ops, recorder
 from emu_inductor.patterns import moe as moe_structure
 from emu_inductor.patterns import opaque
 from emu_inductor.reference import QuantizedExperts, QuantizedLinear
@@ -77,7 +77,7 @@ class OpaqueLinear(torch.nn.Module):
 def _compile_run(model, *args):
     torch._dynamo.reset()
     counters.clear()
-    _mx_match.RECORDS.clear()
+    recorder.RECORDS.clear()
     cm = torch.compile(model, backend="mxemu")
     with fresh_cache(), torch.no_grad():
         out, code = run_and_get_code(cm, *args)
@@ -124,7 +124,7 @@ def test_opaque_mismatches_stay_with_reason(declared):
     m = OpaqueLinear(_ql(), "ceil")
     _, out, code = _compile_run(m, x)
     assert counters["mxemu"]["linear"] == 1 and '"act_kind":"none"' in code
-    assert any("scale mode 'ceil'" in r["reason"] for r in _mx_match.RECORDS if not r["fused"])
+    assert any("scale mode 'ceil'" in r["reason"] for r in recorder.RECORDS if not r["fused"])
     with torch.no_grad():
         _exact(out, m(x))
 
@@ -195,7 +195,7 @@ def test_opaque_call_binds_keywords_and_defaults():
     x = g.placeholder("x")
     n1 = g.call_function(QDQ, (x,))
     n2 = g.call_function(QDQ, (x,), {"mode": "floor"})
-    assert _mx_match.bind_schema_args(n1) == [x, "even"]
-    assert _mx_match.bind_schema_args(n2) == [x, "floor"]
-    assert _mx_match.requires_reason(n2, ((1, "floor"),)) is None
-    assert "holds for 'even' only" in _mx_match.requires_reason(n2, ((1, "even"),))
+    assert opaque_ops.bind_schema_args(n1) == [x, "even"]
+    assert opaque_ops.bind_schema_args(n2) == [x, "floor"]
+    assert opaque_ops.requires_reason(n2, ((1, "floor"),)) is None
+    assert "holds for 'even' only" in opaque_ops.requires_reason(n2, ((1, "even"),))

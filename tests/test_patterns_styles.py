@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache, run_and_get_code
 from torch.testing import FileCheck
 
-from emu_inductor.passes import _mx_match
+from emu_inductor.passes import recorder
 from emu_inductor.reference import QuantizedExperts
 
 E, H, I, T, K = 4, 64, 32, 8, 2
@@ -46,7 +46,7 @@ def _close_within_accumulation(out, ref):
 def _run(m, args, exact=True):
     torch._dynamo.reset()
     counters.clear()
-    _mx_match.RECORDS.clear()
+    recorder.RECORDS.clear()
     cm = torch.compile(m, backend="mxemu")
     with fresh_cache(), torch.no_grad():
         out, code = run_and_get_code(cm, *args)

@@ -1,22 +1,38 @@
-"""Pass infrastructure for the mxemu backend: the pattern-family registry, the
-``MxemuPass`` post-grad pass, and the helpers pattern authors use.
+"""The mxemu post-grad pass, its pattern families, and the API for pattern authors.
 
-Public API for pattern modules (``patterns/*.py``)::
+Public API (what tests, docs and user pattern families use)::
 
     from emu_inductor.passes import (
+        MxemuPass, chain_passes, strip_mxemu_passes, pass_uuid_files,      # the pass
         register_pattern_family, unregister_pattern_family, registered_families,
+        get_pattern_family, load_builtin_families, resolve_options, get_option,
+        current_options, CORE_OPTIONS, PatternFamily,                       # families, options
         register_replacement, register_shape_agnostic_replacement, shape_agnostic_pattern,
-        fwd_only_post_grad, ANY_SHAPE, meta_val, known_true,
-        record_candidate, get_option,
+        fwd_only_post_grad, ANY_SHAPE, DEFAULT_SHAPE_ARGS, meta_val, known_true,  # matching
+        record_candidate, recording, CandidateRecord, GraphRecord,         # explain() records
     )
 
-Pattern modules may import ``emu_inductor.passes.registry``, ``.helpers`` and
-``.recorder`` (the pass imports ``emu_inductor.patterns`` lazily, so there is no cycle).
+Modules, one job each:
+  registry        pattern families and the mxemu.* options
+  matching        the one pattern-building API (ANY_SHAPE, SHAPE_ARGS, register_replacement)
+  tracing         tracing search functions as the user's graph was produced
+  surgery         shape-agnostic patterns from traces; composing pattern pieces
+  runtime_guards  run-time assertions a fusion relies on (float constants, LUT inputs)
+  guards          the guard layer: a family's failure never breaks the user's compile
+  recorder        the one recorder behind explain() and the debug log
+  opaque_ops      declared opaque user ops as pattern pieces
+  fingerprint     the files and config hashed into the pass uuid
+  pieces          the catalogue's styles traced as pattern pieces; which pairs exist
+  linear / grouped_mm / moe   the built-in families (imported lazily by the registry)
+  mxemu_pass      MxemuPass itself;  chain: installing it next to a user's pass
+The families refer to the fused ops only as ``torch.ops.mxemu.*``.
 """
 
 from __future__ import annotations
 
-from .helpers import (
+from .chain import chain_passes, strip_mxemu_passes
+from .fingerprint import pass_uuid_files
+from .matching import (
     ANY_SHAPE,
     DEFAULT_SHAPE_ARGS,
     fwd_only_post_grad,
@@ -26,7 +42,7 @@ from .helpers import (
     register_shape_agnostic_replacement,
     shape_agnostic_pattern,
 )
-from .mxemu_pass import MxemuPass, chain_passes, pass_uuid_files, strip_mxemu_passes
+from .mxemu_pass import MxemuPass
 from .recorder import CandidateRecord, GraphRecord, record_candidate, recording
 from .registry import (
     CORE_OPTIONS,

@@ -12,6 +12,9 @@ False your reason is shown instead of the generic "check rejected it"; if the ma
 then fuses, a ``fused=True`` record you made supplies the kernel name. Records made
 elsewhere (a graph-pattern handler, your own scan) are kept as they are.
 
+The built-in families report through ``record`` (which also keeps the last records in
+``RECORDS`` for tests and the debug log) and count fused variants with ``count``.
+
 Nothing here imports torch._inductor; records are plain data.
 """
 
@@ -23,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from torch._dynamo.utils import counters
+
 from .._logging import get_logger
 
 log = get_logger("passes")
@@ -32,6 +37,9 @@ __all__ = [
     "GraphRecord",
     "record_candidate",
     "recording",
+    "record",
+    "count",
+    "RECORDS",
 ]
 
 
@@ -279,3 +287,33 @@ def record_candidate(kind: str | None = None, node: Any = None, fused: bool = Fa
     else:
         emit(rec)
     return rec
+
+
+# --------------------------------------------------------------------------------------
+# the built-in families' records (passes.guards.register_family_pattern)
+# --------------------------------------------------------------------------------------
+
+plog = get_logger("passes.patterns")  # the built-in families' logger (emu_inductor.passes.patterns)
+
+RECORDS: list[dict] = []
+_MAX_RECORDS = 1000
+
+
+def record(family: str, pattern: str, node: Any, fused: bool, reason: str = "") -> None:
+    """Record a candidate: to the infra recorder when present, else to RECORDS; log it."""
+    entry = {"family": family, "pattern": pattern, "node": getattr(node, "name", None), "fused": fused,
+             "reason": reason}
+    try:  # the backend's explain() recorder (attaches to the candidate being checked)
+        record_candidate(family, node, fused, None, reason, family=family, pattern=pattern)
+    except Exception as e:  # pragma: no cover - recording must never break a compile
+        plog.debug("mxemu: record_candidate failed: %r", e)
+    RECORDS.append(entry)
+    del RECORDS[:-_MAX_RECORDS]
+    plog.debug("mxemu %s/%s at %s: %s%s", family, pattern, entry["node"], "fused" if fused else "left as written",
+               f" ({reason})" if reason else "")
+
+
+def count(name: str, n: int = 1) -> None:
+    """counters["mxemu_patterns"][name]: which pattern variant fused (the family totals are
+    counted by MxemuPass into counters["mxemu"] / counters["inductor"]["mxemu_<family>"])."""
+    counters["mxemu_patterns"][name] += n

@@ -19,10 +19,10 @@ own ``torch._inductor.pattern_matcher.PatternMatcherPass`` and registers
 declares become valid ``mxemu.<name>`` backend options; read them at match time (in an
 ``extra_check``) with ``get_option(name)`` -- never at init time, which runs only once.
 
-Built-in families: before its first run the pass imports, once, ``emu_inductor.patterns``
-(the repo-root ``patterns/`` folder) and every module of ``emu_inductor/passes/`` whose
-name ends in ``_patterns`` (e.g. ``passes/linear_patterns.py``); those modules call
-``register_pattern_family`` at import.
+Built-in families: before its first run the pass imports, once, the modules listed in
+``BUILTIN_FAMILY_MODULES``: ``emu_inductor.patterns`` (the repo-root ``patterns/``
+folder, the catalogue of styles) and the family modules ``emu_inductor.passes.linear``,
+``.grouped_mm`` and ``.moe``, which call ``register_pattern_family`` at import.
 
 This module imports no torch._inductor code at import time.
 """
@@ -33,12 +33,12 @@ import dataclasses
 import importlib
 import inspect
 import os
-import pkgutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .._logging import get_logger
+from .recorder import note
 
 log = get_logger("passes")
 
@@ -51,6 +51,7 @@ __all__ = [
     "get_pattern_family",
     "load_builtin_families",
     "builtin_family_modules",
+    "BUILTIN_FAMILY_MODULES",
     "resolve_options",
     "get_option",
     "current_options",
@@ -206,7 +207,7 @@ def registered_families() -> tuple[str, ...]:
 
 
 def load_builtin_families() -> None:
-    """Import ``emu_inductor.patterns`` once so its modules register their families."""
+    """Import the BUILTIN_FAMILY_MODULES once so they register their families."""
     global _builtins_loaded
     if _builtins_loaded:
         return
@@ -220,20 +221,21 @@ def load_builtin_families() -> None:
             except Exception as e:  # never break a compile on a broken pattern module
                 log.warning("emu_inductor: importing %s failed; its pattern families are "
                             "unavailable: %s: %s", mod, type(e).__name__, e, exc_info=True)
-                from .recorder import note
-
                 note(f"importing {mod} failed: {type(e).__name__}: {e}")
 
 
+#: Imported (once, lazily, in this order) to register the built-in families.
+BUILTIN_FAMILY_MODULES = (
+    "emu_inductor.patterns",
+    "emu_inductor.passes.linear",
+    "emu_inductor.passes.grouped_mm",
+    "emu_inductor.passes.moe",
+)
+
+
 def builtin_family_modules() -> list[str]:
-    """Modules imported (once, lazily) to register the built-in families:
-    ``emu_inductor.patterns`` and every ``emu_inductor.passes.*_patterns`` module."""
-    mods = ["emu_inductor.patterns"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    for info in pkgutil.iter_modules([here]):
-        if info.name.endswith("_patterns"):
-            mods.append(f"emu_inductor.passes.{info.name}")
-    return mods
+    """The modules imported to register the built-in families (``BUILTIN_FAMILY_MODULES``)."""
+    return list(BUILTIN_FAMILY_MODULES)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Helpers for pattern authors (spec sections 2.6-2.9).
+"""The one pattern-building API of the mxemu passes (spec sections 2.6-2.9).
+
+For pattern authors (public, re-exported by ``emu_inductor.passes``):
 
 - ``fwd_only_post_grad``: the trace function to use for patterns matched by the mxemu
   pass. Inductor rewrites every ``aten.view`` to ``aten.reshape`` before the post-grad
@@ -9,7 +11,11 @@
 - ``register_replacement``: torch's ``register_replacement`` with our defaults, the
   2.11/2.13 keyword differences papered over, and a pattern name recorded on 2.11 too.
 - ``meta_val`` / ``known_true``: read FakeTensor metadata in an ``extra_check`` without
-  specialising symbolic sizes.
+  specialising symbolic sizes (``sym_eq(a, b)`` is ``known_true(a == b)``).
+
+Shared with the built-in families (``passes.surgery`` builds their patterns): ``ANY_SHAPE``
+(the one "any shape" sentinel) and ``SHAPE_ARGS`` (the one table of which op arguments
+are sizes).
 
 Rules (see the spec for the experiments behind them): derive every dtype in a search
 function from its inputs (``codes.to(x.dtype)``, pitfall C); pass Python scalars you
@@ -24,21 +30,30 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch._inductor import pattern_matcher as pm
+from torch._inductor.fx_passes.post_grad import view_to_reshape
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import _compat
 
 __all__ = [
     "ANY_SHAPE",
+    "SHAPE_ARGS",
+    "SIZE_SCALAR_ARGS",
+    "DEFAULT_SHAPE_ARGS",
     "fwd_only_post_grad",
     "shape_agnostic_pattern",
     "register_replacement",
     "register_shape_agnostic_replacement",
     "meta_val",
     "known_true",
+    "sym_eq",
+    "guard_eq",
     "pattern_name_of",
 ]
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 
 class _AnyShape:
@@ -62,39 +77,44 @@ class _AnyShape:
 ANY_SHAPE = _AnyShape()
 
 
+#: op -> positions of its size arguments (shape lists; a slice's start/end: row counts,
+#: the gate/up split point). ``shape_agnostic_pattern`` replaces the lists among them by
+#: ANY_SHAPE; ``surgery.build_pattern`` replaces every value there.
+SHAPE_ARGS: Mapping[Any, tuple[int, ...]] = {
+    aten.reshape.default: (1,),
+    aten.view.default: (1,),
+    aten.expand.default: (1,),
+    aten._unsafe_view.default: (1,),
+    aten.full.default: (0,),
+    aten.empty.memory_format: (0,),
+    aten.zeros.default: (0,),
+    aten.ones.default: (0,),
+    aten.new_zeros.default: (1,),
+    aten.new_empty.default: (1,),
+    aten.new_full.default: (1,),
+    aten.empty_strided.default: (0, 1),
+    aten.slice.Tensor: (2, 3),
+}
+
+#: Numbers that may be symbolic in the user's graph (sizes): ignored in these args.
+SIZE_SCALAR_ARGS: Mapping[Any, tuple[int, ...]] = {
+    aten.arange.default: (0,),
+    aten.arange.start: (0, 1),
+    prims.iota.default: (0,),
+}
+
+#: The former name of SHAPE_ARGS (``emu_inductor.passes.DEFAULT_SHAPE_ARGS``).
+DEFAULT_SHAPE_ARGS = SHAPE_ARGS
+
+
 def fwd_only_post_grad(fn: Callable[..., Any], args: Sequence[Any], **kwargs: Any) -> torch.fx.GraphModule:
     """``fwd_only`` + ``view_to_reshape``: traces a search/replace function into the form
     the post-grad graph has. ``**kwargs`` pass through (2.13 calls
     ``trace_fn(fn, args, get_decomp_fn=...)``, 2.11 calls ``trace_fn(fn, args)``)."""
-    from torch._inductor.fx_passes.post_grad import view_to_reshape
-    from torch._inductor.pattern_matcher import fwd_only
-
-    gm = fwd_only(fn, args, **kwargs)
+    gm = pm.fwd_only(fn, args, **kwargs)
     view_to_reshape(gm)
     gm.recompile()
     return gm
-
-
-def _default_shape_args() -> dict[Any, tuple[int, ...]]:
-    out: dict[Any, tuple[int, ...]] = {
-        aten.reshape.default: (1,),
-        aten.view.default: (1,),
-        aten.expand.default: (1,),
-        aten._unsafe_view.default: (1,),
-        aten.full.default: (0,),
-        aten.empty.memory_format: (0,),
-        aten.zeros.default: (0,),
-        aten.ones.default: (0,),
-        aten.new_zeros.default: (1,),
-        aten.new_empty.default: (1,),
-        aten.new_full.default: (1,),
-    }
-    return out
-
-
-#: Ops whose size arguments ``shape_agnostic_pattern`` replaces by ``ANY_SHAPE``:
-#: ``{op_overload: (arg index, ...)}``.
-DEFAULT_SHAPE_ARGS: Mapping[Any, tuple[int, ...]] = _default_shape_args()
 
 
 def _argnames(fn: Callable[..., Any]) -> list[str]:
@@ -115,8 +135,8 @@ def shape_agnostic_pattern(
     """Trace ``search_fn`` once and return a pattern with its shape lists ignored.
 
     Constants (masks, offsets, dtypes) stay exact; the size argument of every op in
-    ``shape_args`` (default ``DEFAULT_SHAPE_ARGS``: reshape/view/expand/_unsafe_view and
-    the factory ops) becomes ``ANY_SHAPE`` and matches anything, and so do arguments of
+    ``shape_args`` (default ``SHAPE_ARGS``: reshape/view/expand/_unsafe_view, the factory
+    ops and slice bounds; only list/tuple values) becomes ``ANY_SHAPE`` and matches anything, and so do arguments of
     the types in ``ignore_types`` (``torch.device`` always: patterns are
     device-agnostic). Use it as ``register_replacement(..., search_fn_pattern=pat)``
     (or call ``register_shape_agnostic_replacement``), and check shapes/dtypes in
@@ -126,10 +146,8 @@ def shape_agnostic_pattern(
     ``immutable_list``) and ignoring ``immutable_list`` would also wipe ``cat``'s list of
     nodes (spec 2.7).
     """
-    from torch._inductor.pattern_matcher import fx_to_pattern
-
     gm = trace_fn(search_fn, list(example_inputs))
-    table: dict[Any, tuple[int, ...]] = dict(DEFAULT_SHAPE_ARGS)
+    table: dict[Any, tuple[int, ...]] = dict(SHAPE_ARGS)
     for k, v in (shape_args or {}).items():
         table[k] = (v,) if isinstance(v, int) else tuple(v)
     for node in gm.graph.nodes:
@@ -141,7 +159,7 @@ def shape_agnostic_pattern(
                 args[i] = ANY_SHAPE
         node.args = tuple(args)
     gm.recompile()
-    return fx_to_pattern(
+    return pm.fx_to_pattern(
         gm,
         ignore_types=(_AnyShape, torch.device, *ignore_types),
         argnames=list(argnames) if argnames is not None else _argnames(search_fn),
@@ -151,12 +169,10 @@ def shape_agnostic_pattern(
 
 
 def _entries_of(pass_dicts: Any) -> list[Any]:
-    from torch._inductor.pattern_matcher import PatternMatcherPass
-
     dicts = pass_dicts if isinstance(pass_dicts, (list, tuple)) else [pass_dicts]
     out: list[Any] = []
     for d in dicts:
-        patterns = d.patterns if isinstance(d, PatternMatcherPass) else d
+        patterns = d.patterns if isinstance(d, pm.PatternMatcherPass) else d
         for entries in patterns.values():
             out.extend(entries)
     return out
@@ -255,6 +271,24 @@ def meta_val(node_or_value: Any) -> Any:
 def known_true(cond: Any) -> bool:
     """True only if ``cond`` (a bool or SymBool) is statically known to hold. Never adds a
     guard or specialises a symbolic size, unlike ``bool()``/``int()``."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     return bool(statically_known_true(cond))
+
+
+def sym_eq(a, b) -> bool:
+    """a == b provable without guarding or specialising (SymInts stay symbolic)."""
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # pragma: no cover - defensive
+        return False
+
+
+def guard_eq(a, b) -> bool:
+    """a == b, specialising a symbolic size to its current value when that is what it is:
+    the comparison installs a shape-env guard (Dynamo checks it on every call and recompiles
+    when it fails), so use it only for sizes that are constants in practice (a LUT's 8)."""
+    if sym_eq(a, b):
+        return True
+    try:
+        return bool(a == b)  # SymBool -> guard on the hint's answer
+    except Exception:  # pragma: no cover - no hint: cannot decide, leave the graph alone
+        return False

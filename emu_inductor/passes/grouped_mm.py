@@ -1,6 +1,6 @@
-"""Pattern families for expert GEMMs and whole MoE layers (staged).
+"""Pattern family "grouped_mm" (runs first, order 10): expert GEMMs over dequantized weights.
 
-Stage 1, family "grouped_mm" (runs first): a grouped GEMM over dequantized experts,
+A grouped GEMM over dequantized experts,
 optionally with the activation QDQ in front, becomes one `mxemu::grouped_mm`:
 
     _grouped_mm(QDQ(a)[order], DEQUANT(w, w_scale, w_alpha).transpose(-2, -1), offs)
@@ -23,12 +23,8 @@ The check proves the padding (`_bias_pad_reason`): ONES is a constant full(1) [R
 ZA / ZW constant full(0) blocks [R, p] / [E, N, p] of the activation dtype, the bias
 [E, N] of the activation dtype; anything else stays as written (explain() says why).
 
-Stage 2, family "moe": the MoE structure around two stage-1 GEMMs (routing prep ->
-GEMM1 -> activation -> GEMM2 -> top-k combine, as `emu_inductor.patterns.moe` writes
-it) becomes one `mxemu::moe`. The two GEMMs' spec strings are KeywordArgs: one pattern
-per (activation, router weight on input, expert_map) serves every scheme; the check
-requires both GEMMs to use the same scheme. With biased stage-1 GEMMs (both carrying a
-per-expert bias) the same structure becomes `mxemu::moe(..., w13_bias, w2_bias)`.
+The gathered bmm form (`gemm_style="bmm"`) becomes the same op over expert-sorted rows.
+The dequant / QDQ styles are the catalogue's for the "grouped_mm" GEMM form.
 """
 
 from __future__ import annotations
@@ -40,68 +36,28 @@ from typing import Optional
 import torch
 from torch._inductor import pattern_matcher as pm
 
-from ..ops import library as _ops_library  # noqa: F401  (registers torch.ops.mxemu.*)
-from ..spec.opspec import OpSpec
 from ..patterns import checks
-from ..patterns.act_qdq import fp8_static_styles, qdq_styles
-from ..patterns.dequant import DequantStyle, dequant_styles, example_weight
-from ..patterns.moe import TRACE_NUM_EXPERTS, moe_grouped_structure
-from . import _mx_match as mx
-from ..patterns import opaque as _opaque
-from .linear_patterns import (_weight_arg, opaque_dequant_piece, opaque_dequant_reason, opaque_dequant_style,
-                              opaque_qdq_piece, opaque_qdq_reason, opaque_qdq_style, opaque_spec_fn, qdq_piece,
-                              scheme_pairs, spec_for)
+from ..patterns import opaque as declared
+from ..patterns.catalogue import dequant_styles_for, qdq_styles_for
+from ..patterns.dequant import is_gate_up
+from ..patterns.gemm import bmm_gathered
+from .fingerprint import declarations_file
+from .guards import register_family_pattern
+from .matching import meta_val, sym_eq
+from .opaque_ops import (opaque_dequant_piece, opaque_dequant_reason, opaque_dequant_style, opaque_qdq_piece,
+                         opaque_qdq_reason, opaque_qdq_style, opaque_spec_fn)
+from .pieces import (TRACE_E, TRACE_K, TRACE_N, dequant3_piece, match_val, qdq_piece, scheme_pairs, spec_for,
+                     variant_name, weight_arg)
+from .registry import register_pattern_family
+from .surgery import build_pattern, substitute
+from .tracing import tracing_context
 
 log = logging.getLogger("emu_inductor.passes.moe")
 
 aten = torch.ops.aten
+FAMILY = "grouped_mm"
 
-__all__ = ["register_grouped_mm_patterns", "register_moe_patterns", "MOE_ACTIVATIONS"]
-
-_K, _N, _E = 64, 32, 3
-
-
-def _val(match, name):
-    n = match.kwargs.get(name)
-    return mx.fake(n) if isinstance(n, torch.fx.Node) else n
-
-
-# --- stage 1: grouped GEMM -----------------------------------------------------------------------
-
-
-def gate_up_styles() -> list[DequantStyle]:
-    """NVFP4 experts with separate gate/up global scales [E, 2] (the reference's
-    `dequantize_experts` expands them with repeat_interleave(N // 2, dim=1))."""
-    from ..formats import FORMATS
-    from ..reference.moe import dequantize_experts
-
-    fmt = FORMATS["nvfp4"]
-
-    def fn(w, scale, alpha, dtype):
-        return dequantize_experts(w, scale, fmt, alpha, dtype)
-
-    return [DequantStyle("reference_gate_up", fmt, fn, True, True)]
-
-
-def _is_gate_up(style: DequantStyle) -> bool:
-    return style.name.endswith("_gate_up")
-
-
-@functools.lru_cache(maxsize=None)
-def dequant3_piece(style: DequantStyle, dtype: torch.dtype) -> pm.PatternExpr:
-    with mx.tracing_context():
-        w, s, alpha, _ = example_weight(style, _N, _K, _E)
-        if _is_gate_up(style):
-            alpha = torch.ones(_E, 2, dtype=torch.float32)
-        names = ["w", "w_scale"] + (["w_alpha"] if style.has_alpha else [])
-        args = [w, s] + ([alpha] if style.has_alpha else [])
-
-        def fn(*a):
-            return style.fn(a[0], a[1], a[2] if style.has_alpha else None, dtype)
-
-        # bf16 traces serve fp16 too (the 16-bit dtype is a KeywordArg); fp32 traces are exact
-        return mx.build_pattern(fn, args, names,
-                                dtype_kwarg=(dtype, "act_dtype") if dtype == torch.bfloat16 else None)
+__all__ = ["register_grouped_mm_patterns", "bias_reason", "bmm_as_grouped"]
 
 
 def _gate_up_reason(alpha, w) -> Optional[str]:
@@ -112,45 +68,45 @@ def _gate_up_reason(alpha, w) -> Optional[str]:
         return "gate/up global scales have no metadata"
     if alpha.dtype != torch.float32:
         return f"gate/up global scales are {alpha.dtype}, expected float32"
-    if alpha.dim() != 2 or not mx.sym_eq(alpha.shape[1], 2) or not mx.sym_eq(alpha.shape[0], w.shape[0]):
+    if alpha.dim() != 2 or not sym_eq(alpha.shape[1], 2) or not sym_eq(alpha.shape[0], w.shape[0]):
         return f"gate/up global scales have shape {tuple(alpha.shape)}, expected [E={w.shape[0]}, 2]"
     return None
 
 
 def _grouped_check(deq, q, act_dtypes=(torch.bfloat16,)):
     def check(match):
-        a = _val(match, "x")
-        r = checks.check_activation_input(a, mx.sym_eq, dtypes=act_dtypes)
+        a = match_val(match, "x")
+        r = checks.check_activation_input(a, sym_eq, dtypes=act_dtypes)
         if r:
             return r
-        w = _val(match, "w")
-        alpha = _val(match, "w_alpha")
-        if _is_gate_up(deq):
+        w = match_val(match, "w")
+        alpha = match_val(match, "w_alpha")
+        if is_gate_up(deq):
             r = _gate_up_reason(alpha, w)
             if r:
                 return r
             alpha = None
-        r = checks.check_weight(w, _val(match, "w_scale"), alpha, deq.fmt, mx.sym_eq,
+        r = checks.check_weight(w, match_val(match, "w_scale"), alpha, deq.fmt, sym_eq,
                                 batched=True, K=a.shape[-1], weight_dtype=deq.weight_dtype)
         if r:
             return r
         if "key" in match.kwargs:  # bmm style: W[key] per row
-            key = _val(match, "key")
+            key = match_val(match, "key")
             if not isinstance(key, torch.Tensor) or key.dtype not in (torch.int32, torch.int64) or key.dim() != 1:
                 return (f"bmm-style expert index is {getattr(key, 'dtype', None)} "
                         f"{getattr(key, 'dim', lambda: '?')()}-d, expected 1-d int32/int64 (a mask gathers differently)")
-            if not mx.sym_eq(key.shape[0], a.shape[0]):
+            if not sym_eq(key.shape[0], a.shape[0]):
                 return f"{key.shape[0]} expert indices for {a.shape[0]} rows"
             if q is not None and q.has_global_scale:
-                return checks.check_global_scale(_val(match, "a_gs"), mx.sym_eq)
+                return checks.check_global_scale(match_val(match, "a_gs"), sym_eq)
             return None
-        offs = _val(match, "offs")
+        offs = match_val(match, "offs")
         if offs is None or offs.dtype != torch.int32 or offs.dim() != 1:
             return f"offsets are {getattr(offs, 'dtype', None)}, expected 1-d int32"
-        if not mx.sym_eq(offs.shape[0], w.shape[0]):
+        if not sym_eq(offs.shape[0], w.shape[0]):
             return f"{offs.shape[0]} offsets for {w.shape[0]} experts"
         if q is not None and q.has_global_scale:
-            return checks.check_global_scale(_val(match, "a_gs"), mx.sym_eq)
+            return checks.check_global_scale(match_val(match, "a_gs"), sym_eq)
         return None
     return check
 
@@ -161,10 +117,10 @@ def _full_value(node, what: str, dtype, shape):
     if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target is not aten.full.default:
         target = getattr(node, "target", None) if isinstance(node, torch.fx.Node) else type(node).__name__
         return None, f"{what} is not a constant torch.full block (it is {target}); its values are unknown"
-    val = mx.fake(node)
+    val = meta_val(node)
     if val is None or val.dtype != dtype:
         return None, f"{what} is {getattr(val, 'dtype', None)}, expected {dtype} like the activations"
-    if val.dim() != len(shape) or not all(mx.sym_eq(a, b) for a, b in zip(val.shape, shape) if b is not None):
+    if val.dim() != len(shape) or not all(sym_eq(a, b) for a, b in zip(val.shape, shape) if b is not None):
         return None, f"{what} has shape {tuple(val.shape)}, expected {tuple('*' if b is None else b for b in shape)}"
     fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
     if isinstance(fill, torch.fx.Node) or not isinstance(fill, (int, float, bool)):
@@ -172,13 +128,13 @@ def _full_value(node, what: str, dtype, shape):
     return fill, None
 
 
-def _bias_reason(name: str, b, dtype, E, N) -> Optional[str]:
+def bias_reason(name: str, b, dtype, E, N) -> Optional[str]:
     """A per-expert bias operand is [E, N] in the activation dtype (sizes may be symbolic)."""
     if not isinstance(b, torch.Tensor):
         return f"{name} has no tensor metadata"
     if b.dtype != dtype:
         return f"{name} is {b.dtype}, expected {dtype} like the activations"
-    if b.dim() != 2 or not mx.sym_eq(b.shape[0], E) or not mx.sym_eq(b.shape[1], N):
+    if b.dim() != 2 or not sym_eq(b.shape[0], E) or not sym_eq(b.shape[1], N):
         return f"{name} has shape {tuple(b.shape)}, expected [E={E}, N={N}]"
     return None
 
@@ -187,14 +143,14 @@ def _bias_pad_reason(match) -> Optional[str]:
     """The K extension really adds exactly `bias` to every row's accumulator: a ones column
     at the position of the bias column, zero blocks of one width after both, activation dtype."""
     kw = match.kwargs
-    a, w, bias = _val(match, "x"), _val(match, "w"), _val(match, "bias")
+    a, w, bias = match_val(match, "x"), match_val(match, "w"), match_val(match, "bias")
     if a is None or w is None or bias is None:
         return "biased grouped GEMM operands have no metadata"
     dt = a.dtype
     R, E, N = a.shape[0], w.shape[0], w.shape[1]
     if kw.get("bias_dim") not in (-1, 2):
         return f"bias is unsqueezed at dim {kw.get('bias_dim')!r}, expected the last (K) dim"
-    r = _bias_reason("bias", bias, dt, E, N)
+    r = bias_reason("bias", bias, dt, E, N)
     if r:
         return r
     one, r = _full_value(kw.get("a_one"), "activation ones column", dt, (R, 1))
@@ -202,7 +158,7 @@ def _bias_pad_reason(match) -> Optional[str]:
         return r
     if one != 1:
         return f"activation pad column is full({one!r}), expected full(1): the bias would be scaled"
-    zpa = mx.fake(kw.get("a_pad"))
+    zpa = meta_val(kw.get("a_pad"))
     p = zpa.shape[1] if isinstance(zpa, torch.Tensor) and zpa.dim() == 2 else None
     if p is None:
         return "activation zero padding is not [R, p]"
@@ -236,7 +192,7 @@ def _register_grouped(pm_pass, deq, dpat, q, qpat, *, reasons=(), spec_fn=None, 
     act = q.act if q is not None else None
     spec = spec_for(deq.fmt, act, fp6_layout=fp6_layout).to_str()
     base = f"{deq.name}_{deq.fmt.name}{'_alpha' if deq.has_alpha else ''}_" + (
-        OpSpec.from_str(spec).short_name().rsplit("_", 1)[0].split("_", 1)[1] if q else "a16")
+        variant_name(spec) if q else "a16")
     if q is None:
         forms = [("", pm.KeywordArg("x"), False)]
     else:
@@ -281,12 +237,12 @@ def _register_grouped(pm_pass, deq, dpat, q, qpat, *, reasons=(), spec_fn=None, 
                 if order is not None:
                     x = x[order]
                 if bias is not None:
-                    return torch.ops.mxemu.grouped_mm(x, _weight_arg(w), s, alpha, offs, gs, sp, bias)
-                return torch.ops.mxemu.grouped_mm(x, _weight_arg(w), s, alpha, offs, gs, sp)
+                    return torch.ops.mxemu.grouped_mm(x, weight_arg(w), s, alpha, offs, gs, sp, bias)
+                return torch.ops.mxemu.grouped_mm(x, weight_arg(w), s, alpha, offs, gs, sp)
 
             match.replace_by_example(repl, [a for a in args if a is not None])
 
-        mx.register_family_pattern(pat, pm_pass, family="grouped_mm", name=base + suffix,
+        register_family_pattern(pat, pm_pass, family=FAMILY, name=base + suffix,
                                    check=bias_check if biased else check, replace=replace)
         n += 1
     return n
@@ -296,11 +252,10 @@ def _register_grouped(pm_pass, deq, dpat, q, qpat, *, reasons=(), spec_fn=None, 
 def _bmm_form() -> pm.PatternExpr:
     """squeeze(bmm(unsqueeze(A, 1), permute(index(W, [key]), [0, 2, 1])), 1) with A, W, key
     KeywordArgs (the reference's gemm_style="bmm", emu_inductor.patterns.gemm.bmm_gathered)."""
-    from ..patterns.gemm import bmm_gathered
-
-    with mx.tracing_context():
-        return mx.build_pattern(bmm_gathered, [torch.randn(6, _K).bfloat16(), torch.randn(_E, _N, _K).bfloat16(),
-                                               torch.randint(0, _E, (6,))], ["A", "W", "key"])
+    with tracing_context():
+        return build_pattern(bmm_gathered, [torch.randn(6, TRACE_K).bfloat16(),
+                                            torch.randn(TRACE_E, TRACE_N, TRACE_K).bfloat16(),
+                                            torch.randint(0, TRACE_E, (6,))], ["A", "W", "key"])
 
 
 def bmm_as_grouped(x, key, w, s, alpha, offs_unused, gs, spec):
@@ -323,8 +278,8 @@ def _register_bmm(pm_pass, deq, dpat, q, qpat) -> int:
     act = q.act if q is not None else None
     spec = spec_for(deq.fmt, act).to_str()
     name = f"bmm_{deq.name}_{deq.fmt.name}{'_alpha' if deq.has_alpha else ''}_" + (
-        OpSpec.from_str(spec).short_name().rsplit("_", 1)[0].split("_", 1)[1] if q else "a16")
-    pat = mx.substitute(_bmm_form(), {"A": qpat if qpat is not None else pm.KeywordArg("x"), "W": dpat})
+        variant_name(spec) if q else "a16")
+    pat = substitute(_bmm_form(), {"A": qpat if qpat is not None else pm.KeywordArg("x"), "W": dpat})
     check = _grouped_check(deq, q, act_dtypes=(torch.bfloat16, torch.float16))
 
     def replace(match):
@@ -335,21 +290,21 @@ def _register_bmm(pm_pass, deq, dpat, q, qpat) -> int:
         def repl(*vals):
             it = iter(vals)
             x, key, w, s, alpha, gs = [next(it) if p else None for p in where]
-            return bmm_as_grouped(x, key, _weight_arg(w), s, alpha, None, gs, spec)
+            return bmm_as_grouped(x, key, weight_arg(w), s, alpha, None, gs, spec)
 
         match.replace_by_example(repl, [a for a in args if a is not None])
 
-    mx.register_family_pattern(pat, pm_pass, family="grouped_mm", name=name, check=check, replace=replace)
+    register_family_pattern(pat, pm_pass, family=FAMILY, name=name, check=check, replace=replace)
     return 1
 
 
 def register_grouped_mm_patterns(pm_pass, dtypes=(torch.bfloat16,)) -> int:
     n = 0
-    qdqs = qdq_styles() + fp8_static_styles()  # static fp8: vLLM w_mxfp4_a_fp8 GEMM1 (input_scale)
-    odeqs = [(opaque_dequant_style(d, True), opaque_dequant_piece(d), d) for d in _opaque.dequant_ops()]
-    oqdqs = [(opaque_qdq_style(q), opaque_qdq_piece(q), q) for q in _opaque.qdq_ops()]
+    qdqs = qdq_styles_for("grouped_mm")  # with static fp8: vLLM w_mxfp4_a_fp8 GEMM1 (input_scale)
+    odeqs = [(opaque_dequant_style(d, True), opaque_dequant_piece(d), d) for d in declared.dequant_ops()]
+    oqdqs = [(opaque_qdq_style(q), opaque_qdq_piece(q), q) for q in declared.qdq_ops()]
     for dtype in dtypes:
-        for deq in gate_up_styles() + dequant_styles(batched=True):
+        for deq in dequant_styles_for("grouped_mm"):
             try:
                 dpat = dequant3_piece(deq, dtype)
             except Exception as e:
@@ -395,151 +350,6 @@ def register_grouped_mm_patterns(pm_pass, dtypes=(torch.bfloat16,)) -> int:
     return n
 
 
-# --- stage 2: whole MoE ----------------------------------------------------------------------------
-
-MOE_ACTIVATIONS = ("silu", "gelu", "swigluoai", "silu_no_mul", "gelu_no_mul", "relu2_no_mul")
-_SPEC1 = OpSpec("nvfp4", "block", "nvfp4", None, "vllm").to_str()
-_SPEC2 = OpSpec("nvfp4", "block", "nvfp4", None, "vllm_ref").to_str()
-_MOE_ARGS = ["hidden_states", "topk_weights", "topk_ids", "expert_map", "w13", "w13_scale", "w13_alpha", "a1_gs",
-             "w2", "w2_scale", "w2_alpha", "a2_gs", "w13_bias", "w2_bias"]
-
-
-def _moe_example(activation, with_map, bias=False):
-    from ..reference.activations import is_gated
-
-    E, H, I, T, k = TRACE_NUM_EXPERTS, 32, 16, 4, 2
-    N1 = 2 * I if is_gated(activation) else I
-    x = torch.randn(T, H).to(torch.bfloat16)
-    tw = torch.rand(T, k)
-    ids = torch.randint(0, E, (T, k), dtype=torch.int32)
-    emap = torch.arange(E, dtype=torch.int32) if with_map else None
-    u8 = torch.uint8
-    w13, s13 = torch.zeros(E, N1, H // 2, dtype=u8), torch.ones(E, N1, H // 16).to(torch.float8_e4m3fn)
-    w2, s2 = torch.zeros(E, H, I // 2, dtype=u8), torch.ones(E, H, I // 16).to(torch.float8_e4m3fn)
-    one = torch.ones(E)
-    g = torch.ones(())
-    b13 = torch.zeros(E, N1, dtype=torch.bfloat16) if bias else None
-    b2 = torch.zeros(E, H, dtype=torch.bfloat16) if bias else None
-    return [x, tw, ids, emap, w13, s13, one, g, w2, s2, one.clone(), g.clone(), b13, b2]
-
-
-@functools.lru_cache(maxsize=None)
-def moe_structure_pattern(activation: str, rwoi: bool, with_map: bool, bias: bool = False) -> pm.PatternExpr:
-    with mx.tracing_context():
-        args = _moe_example(activation, with_map, bias)
-        names = [n for n, a in zip(_MOE_ARGS, args) if a is not None]
-        present = [a for a in args if a is not None]
-
-        def fn(*vals):
-            it = iter(vals)
-            full = [next(it) if a is not None else None for a in args]
-            x, tw, ids, emap, w13, s13, a13, g1, w2, s2, a2, g2, b13, b2 = full
-
-            def gemm1(a, offs):
-                if b13 is not None:
-                    return torch.ops.mxemu.grouped_mm(a, w13, s13, a13, offs, g1, _SPEC1, b13)
-                return torch.ops.mxemu.grouped_mm(a, w13, s13, a13, offs, g1, _SPEC1)
-
-            def gemm2(a, offs):
-                if b2 is not None:
-                    return torch.ops.mxemu.grouped_mm(a, w2, s2, a2, offs, g2, _SPEC2, b2)
-                return torch.ops.mxemu.grouped_mm(a, w2, s2, a2, offs, g2, _SPEC2)
-
-            return moe_grouped_structure(x, tw, ids, emap, gemm1, gemm2, E=TRACE_NUM_EXPERTS,
-                                         activation=activation, apply_router_weight_on_input=rwoi)
-
-        pat = mx.build_pattern(fn, present, names, scalar_workaround={"num_experts": TRACE_NUM_EXPERTS})
-    mx.replace_nodes_kwarg(pat, _SPEC1, "spec1")
-    mx.replace_nodes_kwarg(pat, _SPEC2, "spec2")
-    # routing prep is shared with shape computations under dynamic shapes (sym_size
-    # users); the big tensors (dequantized weights) were already absorbed by stage 1
-    return mx.relax_users(pat)
-
-
-def _moe_bias_reason(match) -> Optional[str]:
-    x, w13 = _val(match, "hidden_states"), _val(match, "w13")
-    E = w13.shape[0]
-    return _bias_reason("w13_bias", _val(match, "w13_bias"), x.dtype, E, w13.shape[1]) or \
-        _bias_reason("w2_bias", _val(match, "w2_bias"), x.dtype, E, x.shape[-1])
-
-
-def _moe_check(activation, rwoi, with_map, bias=False):
-    def check(match):
-        kw = match.kwargs
-        s1, s2 = kw.get("spec1"), kw.get("spec2")
-        if not isinstance(s1, str) or not isinstance(s2, str):
-            return "GEMM specs are not constants"
-        o1, o2 = OpSpec.from_str(s1), OpSpec.from_str(s2)
-        if o1 != o2:
-            return f"GEMM1 ({o1.short_name()}) and GEMM2 ({o2.short_name()}) use different schemes"
-        x = _val(match, "hidden_states")
-        r = checks.check_activation_input(x, mx.sym_eq, dtypes=(torch.bfloat16,))
-        if r:
-            return r
-        w13, w2 = _val(match, "w13"), _val(match, "w2")
-        E = kw.get("num_experts")
-        if not mx.sym_eq(w13.shape[0], E) or not mx.sym_eq(w2.shape[0], E):
-            return f"expert count {E} of the routing does not match the weights ({w13.shape[0]}, {w2.shape[0]})"
-        ids, tw = _val(match, "topk_ids"), _val(match, "topk_weights")
-        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
-            return f"topk_ids are {ids.dtype} {ids.dim()}-d, expected 2-d int32/int64"
-        if not tw.is_floating_point() or tw.dim() != 2:
-            return f"topk_weights are {tw.dtype}, expected a 2-d float tensor"
-        if rwoi and not mx.sym_eq(ids.shape[1], 1):
-            return "router weight on input needs top_k == 1"
-        if with_map:
-            em = _val(match, "expert_map")
-            if em.dtype not in (torch.int32, torch.int64) or em.dim() != 1:
-                return f"expert_map is {em.dtype} {em.dim()}-d, expected 1-d int"
-        fmt_k = o1.scheme().weight_fmt
-        if not mx.sym_eq(fmt_k.logical_size(w13.shape[-1]), x.shape[-1]):
-            return "w13's K does not match the hidden size"
-        if bias:
-            return _moe_bias_reason(match)
-        return None
-    return check
-
-
-def register_moe_patterns(pm_pass, activations=MOE_ACTIVATIONS, rwoi_activations=("silu",)) -> int:
-    n = 0
-    combos = [(a, rwoi, with_map, bias) for bias in (False, True) for a in activations
-              for rwoi in ((False, True) if a in rwoi_activations else (False,)) for with_map in (False, True)]
-    for activation, rwoi, with_map, bias in combos:
-        try:
-            pat = moe_structure_pattern(activation, rwoi, with_map, bias)
-        except Exception as e:
-            log.warning("mxemu moe: no structure pattern for %s/%s/%s/%s: %r", activation, rwoi, with_map,
-                        bias, e)
-            continue
-
-        def replace(match, activation=activation, rwoi=rwoi, with_map=with_map):
-            kw = match.kwargs
-            o = OpSpec.from_str(kw["spec1"])
-            import dataclasses
-
-            spec = dataclasses.replace(o, activation=activation, router_weight_on_input=rwoi).to_str()
-            names = ["hidden_states", "w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha",
-                     "topk_weights", "topk_ids", "a1_gs", "a2_gs", "expert_map", "w13_bias", "w2_bias"]
-            args = [kw.get(nm) for nm in names]
-            where = [a is not None for a in args]
-
-            def repl(*vals):
-                it = iter(vals)
-                x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, b13, b2 = [
-                    next(it) if p else None for p in where]
-                if b13 is not None or b2 is not None:
-                    return torch.ops.mxemu.moe(x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, spec,
-                                               b13, b2)
-                return torch.ops.mxemu.moe(x, w13, s13, a13, w2, s2, a2, tw, ids, g1, g2, em, spec)
-
-            match.replace_by_example(repl, [a for a in args if a is not None])
-
-        name = f"{activation}{'_rwoi' if rwoi else ''}{'_expert_map' if with_map else ''}{'_bias' if bias else ''}"
-        mx.register_family_pattern(pat, pm_pass, family="moe", name=name,
-                                   check=_moe_check(activation, rwoi, with_map, bias), replace=replace)
-        n += 1
-    return n
-
 
 # --- family registration -----------------------------------------------------------------------------
 
@@ -548,23 +358,14 @@ def _init_grouped(pm_pass, input_device=None):
     register_grouped_mm_patterns(pm_pass)
 
 
-def _init_moe(pm_pass, input_device=None):
-    register_moe_patterns(pm_pass)
-
-
 def _register():
-    from .registry import register_pattern_family
-
-    decl = mx.declarations_file(_opaque.fingerprint())
+    decl = declarations_file(declared.fingerprint())
     register_pattern_family(
-        "grouped_mm", _init_grouped, order=10, replace=True, anchors=(torch.ops.aten._grouped_mm, torch.ops.aten.bmm),
+        FAMILY, _init_grouped, order=10, replace=True, anchors=(torch.ops.aten._grouped_mm, torch.ops.aten.bmm),
         files=[decl] if decl else (),
         description="_grouped_mm(QDQ(a)[order], dequant(W).transpose) -> mxemu::grouped_mm (stage 1)")
-    register_pattern_family(
-        "moe", _init_moe, order=20, replace=True, anchors=(torch.ops.mxemu.grouped_mm,),
-        description="routing + mxemu::grouped_mm x2 + activation + combine -> mxemu::moe (stage 2)")
 
 
 _register()
-# a new opaque declaration re-registers the families: fresh rules at the next pass run, new uuid
-_opaque.add_listener(_register)
+# a new opaque declaration re-registers the family: fresh rules at the next pass run, new uuid
+declared.add_listener(_register)
