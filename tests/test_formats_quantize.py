@@ -479,8 +479,12 @@ def test_prop_mx_bf16_result_is_fp32_result_rounded(x, var):
 
 # --- torch.compile ---------------------------------------------------------------------------
 
-COMPILE_CASES = [("mxfp4", {"scale_mode": "even"}), ("nvfp4", {"recipe": "vllm"})]
-COMPILE_IDS = ["mxfp4-even", "nvfp4-vllm"]
+COMPILE_CASES = [("mxfp4", {"scale_mode": "even"}), ("nvfp4", {"recipe": "vllm"}),
+                 # library knobs: ties toward zero, le0 zeros, the float64 log2 of rceil_log2,
+                 # Inf -> byte 254, the byte-0 multiplier 1.0, ModelOpt's clamp and zero reader
+                 ("mxfp4", {"variant": "modelopt"}), ("mxfp8_e4m3", {"variant": "torchao_rceil"}),
+                 ("nvfp4", {"recipe": "modelopt"})]
+COMPILE_IDS = ["mxfp4-even", "nvfp4-vllm", "mxfp4-modelopt", "mxfp8-torchao_rceil", "nvfp4-modelopt"]
 
 
 def _compile_inputs() -> list[torch.Tensor]:
