@@ -435,3 +435,41 @@ def test_training_jitter_applied_as_hf():
         xh = x.clone()
         blk(xh)
     assert torch.equal(xq, xh) and not torch.equal(xq, x)  # same in-place jitter, same draws
+
+
+def test_checkpoint_loads_into_listed_experts(tmp_path):
+    """A compressed-tensors NVFP4 checkpoint of a user model with w1/w3/w2 experts loads
+    into the structural blocks: w13 = [w1; w3] as compressed-tensors decompresses them."""
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("safetensors")
+    import json
+
+    from safetensors.torch import save_file
+    from test_checkpoints_layouts import _ct_decompress, _ct_nvfp4
+
+    from emu_inductor.checkpoints import load_checkpoint
+    from emu_inductor.formats import NVFP4
+    from emu_inductor.reference.moe import dequantize_experts
+
+    src = Stack(lambda: UserListMoE()).to(torch.bfloat16)
+    tensors, per = {}, {}
+    for key, t in src.state_dict().items():
+        owner, _, attr = key.rpartition(".")
+        if ".experts." in owner:
+            per[owner] = _ct_nvfp4(t.contiguous(), torch.tensor(3.0))
+            tensors.update({f"{owner}.{k}": v.contiguous() for k, v in per[owner].items()})
+        else:
+            tensors[key] = t.clone()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}}))
+    m = load_checkpoint(Stack(lambda: UserListMoE(), seed=1).to(torch.bfloat16), tmp_path)
+    assert quantized_modules(m)["moe"] == ["layers.0", "layers.1"]
+    assert torch.equal(m.layers[1].gate.weight, src.layers[1].gate.weight)
+    ex = m.layers[1].experts
+    W13 = dequantize_experts(ex.w13, ex.w13_scale, NVFP4, ex.w13_alpha)
+    W2 = dequantize_experts(ex.w2, ex.w2_scale, NVFP4, ex.w2_alpha)
+    for e in range(4):
+        p = f"layers.1.experts.{e}"
+        assert torch.equal(W13[e], torch.cat([_ct_decompress(per[f"{p}.w1"]), _ct_decompress(per[f"{p}.w3"])]))
+        assert torch.equal(W2[e], _ct_decompress(per[f"{p}.w2"]))

@@ -53,7 +53,7 @@ def read_experts(ckpt: SafetensorsCheckpoint, layout: Layout, block_prefixes: li
     """QuantizedExperts (BiasedQuantizedExperts for GPT-OSS) of one MoE block."""
     E, H, I = adapter.dims(block)
     act = adapter.activation(block)
-    dtype = block.experts.gate_up_proj.dtype
+    dtype = adapter.dtype(block)
     style = gemm_style or default_gemm_style(dtype)
     if isinstance(layout, GptOssMXFP4):
         if adapter.layout != "gpt_oss":

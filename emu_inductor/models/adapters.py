@@ -4,6 +4,13 @@ An adapter says how to recognize a model's sparse MoE block, where its router is
 to read the experts' weights out of transformers' fused 3-D parameters and turn them
 into vLLM's layout, and how the block combines routed and shared experts.
 
+The entries of ADAPTERS are matched by class name first (they know things the module
+tree does not show: shared-expert combines, GPT-OSS's biases and return value). Any other
+module holding `experts` is matched by structure (`structure.match_structure`: a router
+with an [E, H] weight plus fused or listed gated experts), which yields an adapter of
+the same form for that block; that is how OLMoE, PhiMoE, GraniteMoE(-Shared), Jamba and
+user-written blocks are read.
+
 transformers 5.x stores experts fused (checked against transformers 5.17.0):
   Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3   experts.gate_up_proj [E, 2I, H] (gate rows,
       then up rows: `linear(x, W).chunk(2)`), experts.down_proj [E, H, I] -> vLLM w13 and
