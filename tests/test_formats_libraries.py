@@ -222,15 +222,16 @@ def test_modelopt_mxfp4(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_compressed_tensors_mxfp4(dtype):
+@pytest.mark.parametrize("preset,fmt_name", [("MXFP4", "mxfp4"), ("MXFP6A16", "mxfp6_e2m3")])
+def test_compressed_tensors_mx(preset, fmt_name, dtype):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import preset_name_to_scheme
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    args = preset_name_to_scheme("MXFP4", ["Linear"]).weights
+    args = preset_name_to_scheme(preset, ["Linear"]).weights
     for seed in range(2):
-        x = probes("mxfp4", dtype, seed)
+        x = probes(fmt_name, dtype, seed)
         # A NaN block is not reproducible: compressed-tensors rounds the NaN amax's bits
         # (+-inf, by the NaN's sign), takes log2 (inf or NaN) and casts it to uint8,
         # which for NaN is undefined in C++ (on x86 it varied with the tensor's layout:
@@ -239,7 +240,8 @@ def test_compressed_tensors_mxfp4(dtype):
         blocks = x.reshape(x.shape[0], -1, 32)
         scale, zp = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args)
         want = ct_fake_quantize(x, scale, zp, args)
-        assert_bits_equal(fake_quantize(x, "mxfp4", variant="compressed_tensors"), want, f"ct mxfp4 {seed}")
+        got = fake_quantize(x, fmt_name, variant="compressed_tensors")
+        assert_bits_equal(got, want, f"ct {preset} {seed}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)

@@ -62,10 +62,11 @@ MX_VARIANTS: dict[str, MXVariant] = {
         MXVariant(
             "compressed_tensors",
             "compressed-tensors 0.20.1 calculate_qparams (generate_mx_scales) + "
-            "lifecycle.forward.fake_quantize, MXFP4 preset",
-            ("mxfp4",),
+            "lifecycle.forward.fake_quantize, MXFP4 and MXFP6A16 presets",
+            ("mxfp4", "mxfp6_e2m3"),
             {"scale_mode": "even", "signed_zero": "lt0", "inf_amax": "nan_or_overflow"},
             f"fake-quantized values (bf16 and fp32 observers); {_EDGES}",
+            "blocks holding NaN (a NaN exponent cast to uint8 is undefined); "
             "MXFP8: its 'even' keeps FP4's 1-bit amax rounding (not modelled). "
             "Its MX scales are computed in the observer's dtype; equal here because "
             "power-of-two scales are exact in bf16.",
