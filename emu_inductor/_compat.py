@@ -1,8 +1,9 @@
 """Shims over the differences between torch 2.11 (GPU machine) and 2.13 (CPU dev/CI).
 
-See /work/shared/spec/inductor_integration.md section 7 for the version table. Keep
-every ``hasattr``/signature probe of a private torch API in this file, so that a torch
-upgrade is one file to review.
+Keep every ``hasattr``/signature probe of a private torch API in this file, so that a
+torch upgrade is one file to review. Importing it imports torch._inductor (the probes
+run at import): only the backend, explain and the passes import it, never
+``import emu_inductor`` itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch._inductor.custom_graph_pass as cgp
+from torch._inductor import config as inductor_config
+from torch._inductor import pattern_matcher
+from torch._inductor import utils as inductor_utils
 
 __all__ = [
     "TORCH_VERSION",
@@ -41,8 +46,6 @@ TORCH_VERSION: tuple[int, int] = _parse_version(torch.__version__)
 
 
 def _custom_graph_pass_module() -> types.ModuleType:
-    import torch._inductor.custom_graph_pass as cgp
-
     return cgp
 
 
@@ -67,9 +70,7 @@ def flatten_custom_passes(value: Any) -> list[Any]:
 
 def fresh_cache() -> Any:
     """``torch._inductor.utils.fresh_cache()`` (named ``fresh_inductor_cache`` in old torch)."""
-    from torch._inductor import utils
-
-    fn = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+    fn = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
     return fn()
 
 
@@ -81,8 +82,6 @@ def inductor_caches_disabled() -> Iterator[None]:
     our pass on a hit) but keeps the C++/Triton kernel build caches, so it is much
     cheaper than ``fresh_cache()`` or ``force_disable_caches`` on the CPU box.
     """
-    from torch._inductor import config as inductor_config
-
     patches: dict[str, Any] = {"fx_graph_cache": False}
     if hasattr(inductor_config, "fx_graph_remote_cache"):
         patches["fx_graph_remote_cache"] = False
@@ -102,8 +101,6 @@ def inductor_caches_disabled() -> Iterator[None]:
 
 @functools.cache
 def _register_replacement_params() -> frozenset[str]:
-    from torch._inductor import pattern_matcher
-
     return frozenset(inspect.signature(pattern_matcher.register_replacement).parameters)
 
 
@@ -115,8 +112,6 @@ def register_replacement(search_fn: Callable[..., Any], replace_fn: Callable[...
     2.11 has no ``pattern_name`` / ``get_decomp_fn``; 2.13 requires ``example_inputs``
     to be a list or tuple (we convert).
     """
-    from torch._inductor import pattern_matcher
-
     params = _register_replacement_params()
     kwargs = {k: v for k, v in kwargs.items() if k in params}
     return pattern_matcher.register_replacement(
@@ -131,9 +126,7 @@ def init_once_fakemode(fn: Callable[..., Any]) -> Callable[..., Any]:
     2.11 calls ``fn(input_device)`` positionally, 2.13 passes ``input_device=`` /
     ``get_decomp_fn=`` only when ``fn`` declares them: define ``fn(input_device=None)``.
     """
-    from torch._inductor.pattern_matcher import init_once_fakemode as _iof
-
-    return _iof(fn)
+    return pattern_matcher.init_once_fakemode(fn)
 
 
 # --------------------------------------------------------------------------------------

@@ -33,8 +33,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch._inductor import config, list_mode_options
+from torch._inductor.compile_fx import compile_fx
+
 from . import _compat
 from ._logging import get_logger
+from .passes import MxemuPass, chain_passes, registry, strip_mxemu_passes
 
 log = get_logger("backend")
 
@@ -59,8 +63,6 @@ def _split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], d
 def _check_inductor_options(options: Mapping[str, Any]) -> None:
     if not options:
         return
-    from torch._inductor import config
-
     known = config.get_config_copy()
     for key in options:
         if key not in known:
@@ -74,8 +76,6 @@ def _check_inductor_options(options: Mapping[str, Any]) -> None:
 def _mode_options(mode: str | None) -> dict[str, Any]:
     if not mode or mode == "default":
         return {}
-    from torch._inductor import list_mode_options
-
     return dict(list_mode_options(mode))
 
 
@@ -94,8 +94,6 @@ class MxemuBackend:
 
     def __init__(self, *, mode: str | None = None,
                  inductor_options: Mapping[str, Any] | None = None, **options: Any) -> None:
-        from .passes import registry
-
         registry.load_builtin_families()
         self.mode = mode
         ours, ind = _split_options(inductor_options)
@@ -110,10 +108,6 @@ class MxemuBackend:
     def config_patches(self, *, mode: str | None = None,
                        options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The Inductor ``config_patches`` a compile with these arguments uses."""
-        from torch._inductor import config
-
-        from .passes import MxemuPass, chain_passes
-
         call_ours, call_ind = _split_options(options)
         ours = {**self.options, **call_ours}
         ind = {**self.inductor_options, **call_ind}
@@ -129,8 +123,6 @@ class MxemuBackend:
 
     def __call__(self, gm: Any, example_inputs: Any, *, mode: str | None = None,
                  options: Mapping[str, Any] | None = None) -> Callable[..., Any]:
-        from torch._inductor.compile_fx import compile_fx
-
         patches = self.config_patches(mode=mode, options=options)
         self._cudagraphs = bool(patches.get("triton.cudagraphs"))
         log.debug("mxemu backend: compiling a graph of %d nodes (mode=%s, patches=%s)",
@@ -140,8 +132,6 @@ class MxemuBackend:
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()``; mirrors the inductor backend's reset."""
-        from torch._inductor import config
-
         if getattr(self, "_cudagraphs", False) or config.triton.cudagraphs:
             try:
                 from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -211,8 +201,6 @@ class EnableHandle:
     def restore(self) -> None:
         if not self.active:
             return
-        from torch._inductor import config
-
         config.post_grad_custom_pre_pass = self.saved_pass
         config.emulate_precision_casts = self.saved_emulate_precision_casts
         # this restore also undoes every enable() made after this one
@@ -246,9 +234,6 @@ def enable(**options: Any) -> EnableHandle:
     ``emu_inductor.disable()``. Takes the same keywords as ``emu_inductor.backend()``
     minus mode/inductor options.
     """
-    from torch._inductor import config
-
-    from .passes import MxemuPass, chain_passes
 
     pass_ = MxemuPass(options)
     handle = EnableHandle(config.post_grad_custom_pre_pass, config.emulate_precision_casts, pass_)
@@ -263,9 +248,6 @@ def enable(**options: Any) -> EnableHandle:
 def disable() -> None:
     """Undo ``enable()``: restore the config from before the first active ``enable()``;
     with none active, just remove any MxemuPass from ``post_grad_custom_pre_pass``."""
-    from torch._inductor import config
-
-    from .passes import strip_mxemu_passes
 
     if _enabled:
         _enabled[0].restore()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -112,8 +113,6 @@ def _compiled_part(cfg, model, x, y_eager, out) -> dict:
         out(f"  torch.compile(backend='mxemu') unavailable: {e}")
         return {}
     from torch._dynamo.utils import counters
-
-    import warnings
 
     torch._dynamo.reset()
     counters.clear()

@@ -16,7 +16,11 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from . import _compat
+from .backend import MxemuBackend
+from .passes import MxemuPass, recording
 from .passes.recorder import CandidateRecord, GraphRecord, record_candidate
 
 __all__ = ["explain", "ExplainReport", "CandidateRecord", "record_candidate"]
@@ -96,11 +100,6 @@ def explain(model_or_fn: Callable[..., Any], *example_inputs: Any, dynamic: bool
     verbose:          also list anchor nodes no pattern matched (``mxemu.report_unmatched``).
     mode / inductor_options / **backend_options: as for ``emu_inductor.backend(...)``.
     """
-    import torch
-
-    from .backend import MxemuBackend
-    from .passes import MxemuPass, recording
-
     opts = dict(backend_options)
     if verbose:
         opts["report_unmatched"] = True
