@@ -215,7 +215,7 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
         scalars = P.STATIC_FP8_SCALES if ev.h.scalar is not None else (None,)
         for sv in scalars:
             st = ev.scalar_tensor(sv) if sv is not None else None
-            for label, X in P.fp8_tensors(shape, dtype):
+            for ti, (label, X) in enumerate(P.fp8_tensors(shape, dtype)):
                 got = ev.run(X, st)
                 keep = []
                 for var in alive:
@@ -224,7 +224,8 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
                     if i is None:
                         keep.append(var)
                     else:
-                        separated.append((var, _describe(label + (f" (scale {sv})" if sv else ""), X, got, ref, i, None)))
+                        separated.append((var, _describe(label + (f" (scale {sv})" if sv else ""), X, got, ref, i, None),
+                                          (ti, i)))
                 alive = keep
                 if not alive:
                     return alive
@@ -232,7 +233,7 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
     bs = fam
     if ev.K % bs:
         for var in alive:
-            separated.append((var, f"row length {ev.K} is not a multiple of the block size {bs}"))
+            separated.append((var, f"row length {ev.K} is not a multiple of the block size {bs}", (-1, -1)))
         return []
     if ev.h.scalar is not None:
         gsets = [(g, P.act_blocks(bs, dtype, [E2M1], global_scale=g)) for g in P.GLOBAL_SCALES]
@@ -243,7 +244,7 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
             if el not in elems:
                 elems.append(el)
         gsets = [(None, P.act_blocks(bs, dtype, elems))]
-    for g, pb in gsets:
+    for gi, (g, pb) in enumerate(gsets):
         st = ev.scalar_tensor(g) if g is not None else None
         for shape in ev.layouts(pb.blocks.shape[0], bs):
             for start, X in _lay(pb.blocks, shape, bs):
@@ -259,7 +260,7 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
                     label = pb.labels[b] if b < len(pb.labels) else "padding"
                     if g is not None:
                         label += f", global scale {g:g}"
-                    separated.append((var, _describe(label, X, got, ref, i, bs)))
+                    separated.append((var, _describe(label, X, got, ref, i, bs), (gi, start + i)))
                 alive = keep
                 if not alive:
                     return alive
@@ -304,10 +305,10 @@ def recognize_activation_uncached(gemm: Node, cone: ActCone, *, values=None):
             if chosen is not None:
                 return ActVerdict(chosen, cone.x, h.scalar, cone.output, cone.post, h.guards,
                                   tuple(v.name for v in alive_all if v is not chosen),
-                                  tuple((v.name, t) for v, t in separated[-8:]))
+                                  tuple((v.name, t) for v, t, _ in sorted(separated, key=lambda e: e[2])[-8:]))
             ambiguous = ambiguous or alive_all
         elif separated and closest is None:
-            closest = separated[-1]
+            closest = max(separated, key=lambda e: e[2])[:2]  # the variant that held out longest
     if ambiguous:
         names = ", ".join(v.name for v in ambiguous[:6])
         return Rejection("activation", gemm, f"ambiguous: variants needing different kernels agree on every probe: {names}")

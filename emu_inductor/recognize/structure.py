@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
+from .shapes import hint
+
 __all__ = [
     "packet_name",
     "ELEMENTWISE",
@@ -176,6 +178,10 @@ def _reduction_ok(node: Node) -> Optional[str]:
         return None
     if dims == [nd - 1]:
         size = v.shape[-1]
+        try:
+            size = hint(size)  # a symbolic block (make_fx symbolic) takes its hint
+        except ValueError:
+            pass
         if isinstance(size, int) and size <= MAX_REDUCED_DIM:
             return None
         return f"reduction {node.name} over a last dim of size {size} (> {MAX_REDUCED_DIM}: not a block)"
