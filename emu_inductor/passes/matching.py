@@ -1,4 +1,4 @@
-"""The one pattern-building API of the mxemu passes (spec sections 2.6-2.9).
+"""The one pattern-building API of the mxemu passes.
 
 For pattern authors (public, re-exported by ``emu_inductor.passes``):
 
@@ -17,7 +17,7 @@ Shared with the built-in families (``passes.surgery`` builds their patterns): ``
 (the one "any shape" sentinel) and ``SHAPE_ARGS`` (the one table of which op arguments
 are sizes).
 
-Rules (see the spec for the experiments behind them): derive every dtype in a search
+Rules (each learnt from a pattern that silently never matched): derive every dtype in a search
 function from its inputs (``codes.to(x.dtype)``, pitfall C); pass Python scalars you
 need to recover through ``scalar_workaround``; anchor patterns on the GEMM node, never
 on a node consuming ``float8_e8m0fnu``.
@@ -144,7 +144,7 @@ def shape_agnostic_pattern(
 
     Why a sentinel: ``ignore_types=(list,)`` does not work (FX args are
     ``immutable_list``) and ignoring ``immutable_list`` would also wipe ``cat``'s list of
-    nodes (spec 2.7).
+    nodes.
     """
     gm = trace_fn(search_fn, list(example_inputs))
     table: dict[Any, tuple[int, ...]] = dict(SHAPE_ARGS)

@@ -16,7 +16,7 @@ Guarantees:
 - ``uuid()`` is a sha256 over the package version, the contents of every ``.py`` file
   under ``emu_inductor/`` and ``patterns/`` (plus files registered families name,
   ``fingerprint.pass_uuid_files``) and the pass configuration, so the FX graph cache can
-  hit (spec 2.2).
+  hit.
 - Every rule runs behind ``guards.guard_entry``; chaining with a user's pass is ``chain``.
 - Fused counts go to ``counters["mxemu"][family]`` and, because only
   ``counters["inductor"]`` is replayed on an FX-graph-cache hit,

@@ -15,7 +15,7 @@ elsewhere (a graph-pattern handler, your own scan) are kept as they are.
 The built-in families report through ``record`` (which also keeps the last records in
 ``RECORDS`` for tests and the debug log) and count fused variants with ``count``.
 
-Nothing here imports torch._inductor; records are plain data.
+Records are plain data (dataclasses), so explain() reports need no torch objects.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Built-in families: before its first run the pass imports, once, the modules list
 folder, the catalogue of styles) and the family modules ``emu_inductor.passes.linear``,
 ``.grouped_mm`` and ``.moe``, which call ``register_pattern_family`` at import.
 
-This module imports no torch._inductor code at import time.
+Registration only records data; no pattern is traced until the pass first runs.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "act_name", "is_compatible"]
+__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "act_name", "is_compatible", "incompatibility"]
 
 #: weight format name -> activation names the fused ops take with it.
 ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
