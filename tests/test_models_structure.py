@@ -385,6 +385,12 @@ def test_unrecognised_blocks_name_what_was_missing():
     biased = nn.ModuleList([GatedMLP(64, 32) for _ in range(4)])
     biased[2].w3.bias = nn.Parameter(torch.zeros(32))
     _raises(_Block(biased), r"_Block\.experts\.2\.w3: has a bias")
+    scaled = nn.ModuleList([GatedMLP(64, 32) for _ in range(4)])
+    scaled[1].register_buffer("w2_scale", torch.ones(()))
+    _raises(_Block(scaled), r"_Block\.experts\.1: tensors \['w2_scale'\] beside the w1/w3/w2 weights")
+    fused = UserFusedMoE()
+    fused.experts.down_proj_scale = nn.Parameter(torch.ones(4))
+    _raises(fused, r"UserFusedMoE\.experts: tensors \['down_proj_scale'\] beside gate_up_proj / down_proj")
     # a real transformers block the structure does not explain: AFMoE's shared experts and
     # routing bias (its router wraps a Linear and takes the bias as a second argument)
     import transformers

@@ -88,6 +88,12 @@ def _gated_names(cls: str, ex: nn.Module) -> Optional[tuple]:
                 raise ValueError(f"{cls}.experts.{i}.{n}: weight {tuple(lin.weight.shape)}, experts.0 has {tuple(shape)}")
             if lin.bias is not None:
                 raise ValueError(f"{cls}.experts.{i}.{n}: has a bias; expert biases are supported only for GPT-OSS")
+    for i, e in enumerate(ex):
+        other = [n for n, _ in list(e.named_parameters()) + list(e.named_buffers())
+                 if n not in tuple(f"{x}.weight" for x in names)]
+        if other:
+            raise ValueError(f"{cls}.experts.{i}: tensors {other} beside the {'/'.join(names)} weights; how the "
+                             "expert uses them is not known")
     if tuple(d0) != (g0[1], g0[0]):
         raise ValueError(f"{cls}.experts.0: {names[2]} weight {tuple(d0)} does not fit {names[0]} weight {tuple(g0)}")
     return names
@@ -243,6 +249,11 @@ def match_structure(block: nn.Module, config=None) -> MoEAdapter:
         if any(getattr(ex, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias")) or getattr(
                 ex, "has_bias", False):
             raise ValueError(f"{cls}.experts: expert biases are supported only for GPT-OSS (explicit adapter)")
+        other = [n for n, _ in ex.named_parameters()] + [n for n, _ in ex.named_buffers()]
+        other = [n for n in other if n not in ("gate_up_proj", "down_proj")]
+        if other:
+            raise ValueError(f"{cls}.experts: tensors {other} beside gate_up_proj / down_proj; how the experts "
+                             "use them is not known")
         transposed = _orientation(cls, ex, gu, dn, H)
         act = _activation(cls, getattr(ex, "act_fn", None), config)
     else:
