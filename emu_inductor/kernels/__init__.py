@@ -1,7 +1,8 @@
 """Generated Triton kernels for the mxemu ops (layer: imports formats, spec; never ops).
 
 kernel_spec KernelSpec: an OpSpec plus the call facts that change the generated code
-render      renders Triton source from a KernelSpec (one template family, every scheme)
+render      renders Triton source from a KernelSpec (one template family, every scheme);
+            render_helpers: the rendered helper functions (rounding, decode, scales, QDQ)
 cache       per-user, hash-verified file cache of rendered modules (EMU_INDUCTOR_CACHE_DIR)
 tiles       TileConfig and the tile strategy (candidates per token-count regime)
 autotune    choosing a config: pinned, cached, autotuned, heuristic

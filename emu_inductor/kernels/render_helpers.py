@@ -1,0 +1,348 @@
+"""Rendered helper functions of the kernel template (`render`): rounding, element decode,
+E8M0 / E4M3 scales, the activation fake-QDQ of each scheme, the MoE activations, the
+weight-tile loader. Each function returns Triton source text built from the format
+objects of `emu_inductor.formats`; `render` assembles them with the kernel bodies.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from ..formats import FORMATS, E4M3, ElementSpec
+from ..formats.nvfp4 import E2M1_MAX as _E2M1_MAX, E4M3_MAX as _E4M3_MAX, E4M3_MIN_NORMAL as _E4M3_MIN_NORMAL
+from ..formats.spec import BlockFormat
+from ..spec.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, is_gated
+from .kernel_spec import KernelSpec
+
+_TL_DTYPE = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}
+
+
+def _f(x: float) -> str:
+    """A float literal that round-trips exactly (fp32 values only are used)."""
+    r = repr(float(x))
+    return r if ("." in r or "e" in r or "inf" in r or "nan" in r) else r + ".0"
+
+
+def _ind(src: str, n: int = 4) -> str:
+    return textwrap.indent(src, " " * n)
+
+
+# --- numeric helpers ----------------------------------------------------------------------
+
+
+def _rnd_helper(spec: KernelSpec) -> str:
+    if spec.dtype == "fp32":
+        body = "return x"
+    elif spec.dtype == "bf16" and spec.interpret:
+        # exact RNE fp32 -> bf16 on the bit pattern (the interpreter's cast truncates)
+        body = ("b = x.to(tl.int32, bitcast=True)\n"
+                "b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536\n"
+                "return b.to(tl.float32, bitcast=True)")
+    else:
+        body = f"return x.to({_TL_DTYPE[spec.dtype]}).to(tl.float32)"
+    return f"@triton.jit\ndef _rnd(x):\n    # round fp32 to {spec.dtype} (RNE), returned as fp32\n{_ind(body)}\n"
+
+
+def _dot_helper(spec: KernelSpec) -> str:
+    if spec.interpret or spec.dtype == "fp32":
+        body = ("return tl.dot(a, b, acc, input_precision=\"ieee\")")
+        cast = "return x"
+    else:
+        body = "return tl.dot(a, b, acc)"
+        cast = f"return x.to({_TL_DTYPE[spec.dtype]})"
+    return (f"@triton.jit\ndef _dot(a, b, acc):\n{_ind(body)}\n\n\n"
+            f"@triton.jit\ndef _opnd(x):\n    # a dot operand (values already on the {spec.dtype} grid)\n{_ind(cast)}\n")
+
+
+def _round_elem(el: ElementSpec, rounding: str) -> str:
+    if rounding == "rne":
+        rnd = "r = (n + 8388608.0) - 8388608.0  # RNE for 0 <= n < 2^22"
+    else:
+        rnd = "f = tl.floor(n)\nr = f + (n - f >= 0.5).to(tl.float32)"
+    return f"""@triton.jit
+def _round_{el.name}_{rounding}(y):
+    # round fp32 onto the {el.name} grid (max normal {el.max_normal}, emin {el.emin}), saturating
+    a = tl.minimum(tl.abs(y), {_f(el.max_normal)})
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(e, {el.emin}), {el.emax + 1})
+    n = a * _pow2({el.mbits} - e)
+{_ind(rnd)}
+    v = r * _pow2(e - {el.mbits})
+    return tl.where(y.to(tl.int32, bitcast=True) < 0, -v, v)
+"""
+
+
+def _decode(el: ElementSpec, name: str) -> str:
+    emask = (1 << el.ebits) - 1
+    if (el.ebits, el.mbits, el.bias) == (2, 1, 1) and not el.has_inf and not el.nan_codes:
+        # E2M1: magnitude code m = c & 7; m >= 2 is the normal 2^(e-1) * (1 + mt/2), whose fp32
+        # bits are (m + 252) << 22 (exponent e + 126, mantissa bit 22); m = 0 / 1 are 0.0 / 0.5;
+        # the sign bit lands on bit 31. Same values as the generic decode, fewer ops.
+        return (f"@triton.jit\n"
+                f"def {name}(c):\n"
+                f"    # {el.name} codes (int32, low 4 bits) -> fp32 values by bit construction\n"
+                f"    m = c & 7\n"
+                f"    b = tl.where(m < 2, m * 0x3F000000, (m + 252) << 22) | ((c >> 3) << 31)\n"
+                f"    return b.to(tl.float32, bitcast=True)\n")
+    lines = [
+        f"@triton.jit",
+        f"def {name}(c):",
+        f"    # {el.name} codes (int32, low {el.bits} bits) -> fp32 values, from the exponent bits",
+        f"    ef = (c >> {el.mbits}) & {emask}",
+        f"    mt = c & {(1 << el.mbits) - 1}",
+        f"    nb = ((ef + {127 - el.bias}) << 23) | (mt << {23 - el.mbits})",
+        f"    v = tl.where(ef == 0, mt.to(tl.float32) * {_f(2.0 ** (el.emin - el.mbits))}, nb.to(tl.float32, bitcast=True))",
+    ]
+    if el.has_inf:
+        lines += [
+            f"    v = tl.where((ef == {emask}) & (mt == 0), float(\"inf\"), v)",
+            f"    v = tl.where((ef == {emask}) & (mt != 0), float(\"nan\"), v)",
+        ]
+    else:
+        for nc in el.nan_codes:
+            lines.append(f"    v = tl.where((c & {el.sign_bit - 1}) == {nc}, float(\"nan\"), v)")
+    lines.append(f"    return tl.where(((c >> {el.ebits + el.mbits}) & 1) == 1, -v, v)")
+    return "\n".join(lines) + "\n"
+
+
+_E8M0 = """@triton.jit
+def _e8m0_decode(u):
+    # 2^(u-127); byte 0 -> 2^-127 (subnormal), byte 255 -> NaN
+    b = tl.where(u == 0, 0x00400000, u << 23)
+    b = tl.where(u == 255, 0x7FC00000, b)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_inverse(u):
+    # 2^(127-u), exact; byte 254 -> 2^-127, byte 255 -> NaN
+    e = 127 - u
+    b = tl.where(e >= -126, tl.maximum(e + 127, 0) << 23, 0x00400000)
+    b = tl.where(u == 255, 0x7FC00000, b)
+    return b.to(tl.float32, bitcast=True)
+"""
+
+
+def _e8m0_scale(el: ElementSpec, mode: str) -> str:
+    if mode == "rceil":
+        body = f"""d = amax * {_f(1.0 / el.max_normal)}
+bits = d.to(tl.int32, bitcast=True)
+ef = (bits >> 23) & 0xFF
+mant = bits & 0x7FFFFF
+u = tl.where(ef == 0, (mant > 4194304).to(tl.int32), ef + (mant != 0).to(tl.int32))
+u = tl.minimum(u, 254)"""
+    else:
+        lines = ["bits = amax.to(tl.int32, bitcast=True)"]
+        if mode == "even":
+            lines.append(f"bits = (bits + {1 << (22 - el.mbits)}) & 0x7F800000")
+        lines.append("e = ((bits >> 23) & 0xFF) - 127")
+        if mode == "ceil":
+            lines.append("e = e + ((amax.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)")
+        lines.append(f"u = tl.minimum(tl.maximum(e - {el.emax}, -127), 127) + 127")
+        body = "\n".join(lines)
+    return f"""@triton.jit
+def _e8m0_scale(amax):
+    # E8M0 scale byte (as int32) of a block amax, scale_mode={mode!r}, element {el.name}
+{_ind(body)}
+    finite = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) != 255
+    return tl.where(finite, u, 255)
+"""
+
+
+# NVFP4 activation recipes, op for op as emu_inductor.formats.nvfp4 (x fp32 [.., bs],
+# a = block amax fp32 [.., 1], g = global scale, fp32 scalar). Returns (y, deq) where y
+# goes into the E2M1 rounding and deq is the per-block dequant factor.
+_NV_RECIPES = {
+    "vllm": (f"s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -{_E4M3_MAX!r}), {_E4M3_MAX!r}))",
+             "y = x * tl.where(s == 0, 0.0, tl.math.div_rn(g, s))",
+             "deq = tl.math.div_rn(s, g)"),
+    "vllm_ref": (f"s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -{_E4M3_MAX!r}), {_E4M3_MAX!r}))",
+                 "y = x * _vllm_rcp(s * _vllm_rcp(g))",
+                 "deq = tl.math.div_rn(s, g)"),
+    "te": (f"s = _round_e4m3_rne(tl.minimum(a * (g * SIXTH), {_E4M3_MAX!r}))",
+           "y = x * tl.minimum(tl.math.div_rn(1.0, s * tl.math.div_rn(1.0, g)), 3.4028234663852886e+38)",
+           "deq = s * tl.math.div_rn(1.0, g)"),
+    "compressed_tensors": (
+        f"s = _round_e4m3_rne(tl.minimum(tl.maximum(g * _rnd(tl.math.div_rn(a, {_E2M1_MAX!r})), -{_E4M3_MAX!r}), {_E4M3_MAX!r}))\n"
+        "s = tl.where(s == 0, 0.125, s)",
+        "y = tl.math.div_rn(x, tl.math.div_rn(s, g))",
+        "deq = tl.math.div_rn(s, g)"),
+    "modelopt": (f"s = tl.math.div_rn(a, {_E2M1_MAX!r} * g)\ns = tl.where(s == 0, 1.0, s)\ns = _round_e4m3_rne(s)",
+                 "d = s * g\ny = tl.where((d == 0) & (x == 0), float(\"inf\"), tl.math.div_rn(x, d))",
+                 "deq = s * g"),
+    "torchao": (f"s = _round_e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(a, {_E2M1_MAX!r}), g), {_E4M3_MIN_NORMAL!r}), {_E4M3_MAX!r}))",
+                "y = x * tl.math.div_rn(tl.math.div_rn(1.0, g), s)",
+                "deq = g * s"),
+}
+
+
+def _qdq_helper(spec: KernelSpec) -> str:
+    op = spec.op
+    if op.act_kind == "none":
+        return ("@triton.jit\ndef _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):\n"
+                "    # weight-only scheme: activations are not quantized\n    return x\n")
+    if op.act_kind == "fp8_tensor":
+        el = E4M3
+        return f"""@triton.jit
+def _qdq_a(x, s, ROWS: tl.constexpr, W: tl.constexpr):
+    # per-tensor E4M3 fake-QDQ (vLLM scaled_fp8_quant): q = e4m3(x * (1/s)), out = q * s
+    q = _round_{el.name}_{op.act_rounding}(x * tl.math.div_rn(1.0, s))
+    return _rnd(q * s)
+
+
+@triton.jit
+def _fp8_scale(amax):
+    # dynamic per-tensor scale: max(amax / {_E4M3_MAX:g}, 1 / ({_E4M3_MAX:g} * 512))
+    return tl.maximum(tl.math.div_rn(amax, {_E4M3_MAX!r}), {_f(1.0 / (_E4M3_MAX * 512.0))})
+"""
+    fmt: BlockFormat = FORMATS[op.act_fmt]
+    el = fmt.element
+    bs = fmt.block_size
+    head = f"""@triton.jit
+def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
+    # {fmt.name} activation fake-QDQ per row, blocks of {bs} along the tile's last axis
+    xb = tl.reshape(x, (ROWS, W // {bs}, {bs}))
+    a = tl.max(tl.abs(xb), axis=2)[:, :, None]
+"""
+    if fmt.is_mx:
+        body = f"""    u = _e8m0_scale(a)
+    y = xb * _e8m0_inverse(u)
+    v = _round_{el.name}_{op.act_rounding}(y)
+    out = v * _e8m0_decode(u)
+"""
+    else:
+        recipe = op.act_recipe or "vllm"
+        blk, mul, deq = _NV_RECIPES[recipe]
+        body = _ind(f"x = xb\n{blk}\n{mul}\nv = _round_{el.name}_{op.act_rounding}(y)\n{deq}\nout = v * deq") + "\n"
+    return head + body + "    return _rnd(tl.reshape(out, (ROWS, W)))\n"
+
+
+def _act_helper(spec: KernelSpec) -> str:
+    act = spec.op.activation
+    lim, alpha = _f(SWIGLUOAI_LIMIT), _f(SWIGLUOAI_ALPHA)
+    silu = "_rnd(tl.math.div_rn(g, 1.0 + tl.exp(-g)))"
+    gelu = "_rnd(0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))"
+    if act == "silu":
+        body = f"return _rnd({silu} * u)"
+    elif act == "gelu":
+        body = f"return _rnd({gelu} * u)"
+    elif act == "swigluoai":
+        body = (f"g = tl.minimum(g, {lim})\n"
+                f"u = tl.minimum(tl.maximum(u, -{lim}), {lim})\n"
+                f"t = _rnd(g * {alpha})\n"
+                f"sg = _rnd(tl.math.div_rn(1.0, 1.0 + tl.exp(-t)))\n"
+                f"return _rnd(_rnd(u + 1.0) * _rnd(g * sg))")
+    elif act == "silu_no_mul":
+        body = f"return {silu}"
+    elif act == "gelu_no_mul":
+        body = f"return {gelu}"
+    elif act == "relu2_no_mul":
+        body = "r = tl.maximum(g, 0.0)\nreturn _rnd(r * r)"
+    else:  # pragma: no cover - OpSpec validates
+        raise ValueError(f"activation: {act!r}")
+    return (f"@triton.jit\ndef _act(g, u):\n    # {act}: the eager {spec.dtype} op order, each op rounded"
+            f" (g, u already rounded GEMM outputs)\n{_ind(body)}\n")
+
+
+def _gate_up_rows(activation: str) -> tuple[str, str]:
+    """Weight rows (in terms of output column `cols` and output width NOUT) of gate and up."""
+    if activation == "swigluoai":
+        return "cols * 2", "cols * 2 + 1"
+    if is_gated(activation):
+        return "cols", "cols + NOUT"
+    return "cols", "cols"
+
+
+def _alpha_expr(mode: str) -> str:
+    if mode == "none":
+        return ""
+    if mode == "scalar":
+        return "s = s * tl.load(alpha_ptr)"
+    if mode == "expert":
+        return "s = s * tl.load(alpha_ptr + e)"
+    if mode == "gate_up":
+        return "s = s * tl.load(alpha_ptr + e * 2 + rows // (NW // 2), mask=rmask, other=1.0)[:, None]"
+    return "s = s * tl.load(alpha_ptr + e * NW + rows, mask=rmask, other=1.0)[:, None]"
+
+
+def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
+    fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
+    bs = fmt.block_size
+    base = "w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn"
+    if fmt.pack_bits == 4:
+        load = f"""kb = k0 // 2 + tl.arange(0, BK // 2)
+byt = tl.load({base} + kb[None, :], mask=rmask[:, None] & (kb < K // 2)[None, :], other=0).to(tl.int32)
+v = tl.interleave(_decode_w(byt & 15), _decode_w(byt >> 4))  # even k in the low nibble"""
+    elif fmt.pack_bits == 8:
+        load = f"""kk = k0 + tl.arange(0, BK)
+byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+v = _decode_w(byt)"""
+    elif spec.op.fp6_layout == "unpacked":
+        load = f"""kk = k0 + tl.arange(0, BK)
+byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+v = _decode_w(byt & 63)"""
+    else:  # 6-bit, Quark layout: W = b0 | b1<<8 | b2<<16 holds codes j = 0..3 at bits 6j
+        load = f"""kk = k0 + tl.arange(0, BK)
+m = rmask[:, None] & (kk < K)[None, :]
+p = {base} + ((kk // 4) * 3)[None, :]
+wd = (tl.load(p, mask=m, other=0).to(tl.int32) | (tl.load(p + 1, mask=m, other=0).to(tl.int32) << 8)
+      | (tl.load(p + 2, mask=m, other=0).to(tl.int32) << 16))
+v = _decode_w((wd >> ((kk % 4) * 6)[None, :]) & 63)"""
+    sload = f"""ks = k0 // {bs} + tl.arange(0, BK // {bs})
+sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
+             mask=rmask[:, None] & (ks < K // {bs})[None, :], other=0).to(tl.int32)"""
+    if fmt.is_mx:
+        scale = "s = _e8m0_decode(sc)"
+    else:
+        scale = "s = _decode_e4m3(sc)\n" + _alpha_expr(alpha_mode)
+    return f"""@triton.jit
+def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
+{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr):
+    # dequantize a [BN, BK] {fmt.name} weight tile in registers: {spec.dtype}(value * scale)
+{_ind(load)}
+{_ind(sload)}
+{_ind(scale.strip())}
+    v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK))
+    return _opnd(_rnd(v))
+"""
+
+
+_W_WS = """@triton.jit
+def _w_ws(w_ptr, e, rows, rmask, k0, K, stride_we, stride_wn, BN: tl.constexpr, BK: tl.constexpr):
+    # a [BN, BK] tile of weights already dequantized (dequant_kernel) into the activation dtype
+    kk = k0 + tl.arange(0, BK)
+    w = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kk[None, :],
+                mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
+    return _opnd(w.to(tl.float32))
+"""
+
+
+# --- kernels -------------------------------------------------------------------------------
+
+
+def _load_a_block() -> str:
+    return """kk = k0 + tl.arange(0, BK)
+a = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+            other=0.0).to(tl.float32)"""
+
+
+def _row_index() -> str:
+    return """offs = pid_m * BM + tl.arange(0, BM)
+ids = tl.load(ids_ptr + offs)
+rmask = ids < R
+if A_INDEX == 0:
+    arow = ids // TOPK
+elif A_INDEX == 1:
+    arow = ids
+else:
+    arow = offs
+arow = tl.where(rmask, arow, 0)"""
+
+
+def _a_scale_prologue(kind: str, static: bool, ptr: str, var: str) -> str:
+    """Load the activation global/static scale (block NVFP4, fp8 static) or the fp8 amax."""
+    if kind == "block":
+        return f"{var} = tl.load({ptr})"
+    if kind == "fp8_tensor":
+        return f"{var} = tl.load({ptr})" if static else f"{var} = _fp8_scale(tl.load({ptr}))"
+    return f"{var} = 0.0"
