@@ -389,3 +389,29 @@ def test_variant_errors(fn):
         fn(x32(), "mxfp4", byte0_inverse="zero")
     with raises("byte0_inverse"):
         fn(x32(), "nvfp4", byte0_inverse="one")
+
+
+def test_wrong_python_types_are_type_errors_naming_the_argument():
+    from emu_inductor.formats import decode, e8m0_inverse, encode
+
+    def type_error(arg):
+        return pytest.raises(TypeError, match=rf"^{re.escape(arg)}:")
+
+    with type_error("axis"):
+        quantize(x32(), "mxfp4", axis="1")
+    with type_error("axis"):
+        fake_quantize(x32(), "mxfp4", axis=1.0)
+    with type_error("y"):
+        round_to_element([1.0], E2M1)
+    with type_error("elem"):
+        round_to_element(torch.ones(2), "e2m1")
+    with type_error("v"):
+        encode(1.0, E2M1)
+    with type_error("code"):
+        decode([3], E2M1)
+    with type_error("amax"):
+        e8m0_scale(2.0, E2M1)
+    with type_error("u"):
+        e8m0_decode(127)
+    with type_error("u"):
+        e8m0_inverse(127)

@@ -43,6 +43,17 @@ NAN_ELEMENT_MODES = ("nan", "max")
 _F32_EXP_MASK = 0x7F800000
 
 
+def check_tensor(t, arg: str) -> None:
+    """TypeError naming `arg` unless `t` is a tensor (the functions below take tensors only)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def check_element(elem, arg: str = "elem") -> None:
+    if not isinstance(elem, ElementSpec):
+        raise TypeError(f"{arg}: expected an ElementSpec (e.g. formats.E2M1), got {type(elem).__name__}")
+
+
 def pow2(e: torch.Tensor) -> torch.Tensor:
     """2**e as fp32 for an int32 tensor e in [-126, 127], built from exponent bits (exact)."""
     return ((e + 127) << 23).to(torch.int32).view(torch.float32)
@@ -83,6 +94,8 @@ def round_to_element(
         raise ValueError(f"signed_zero: got {signed_zero!r}, expected one of {SIGNED_ZERO_MODES}")
     if nan_element not in NAN_ELEMENT_MODES:
         raise ValueError(f"nan_element: got {nan_element!r}, expected one of {NAN_ELEMENT_MODES}")
+    check_tensor(y, "y")
+    check_element(elem)
     y = y.to(torch.float32)
     a = y.abs()
     saturate = saturate or not (elem.has_inf or elem.nan_codes)
@@ -125,6 +138,8 @@ def encode(v: torch.Tensor, elem: ElementSpec) -> torch.Tensor:
     no NaN, a signed zero (ml_dtypes' choice); in block formats the block scale carries
     the NaN. Inf becomes E5M2's Inf code, or saturates.
     """
+    check_tensor(v, "v")
+    check_element(elem)
     v = v.to(torch.float32)
     sign = (v.view(torch.int32) < 0).to(torch.int32)
     a = v.abs()
@@ -150,6 +165,8 @@ def encode(v: torch.Tensor, elem: ElementSpec) -> torch.Tensor:
 
 def decode(code: torch.Tensor, elem: ElementSpec) -> torch.Tensor:
     """fp32 values of element codes (uint8 or any integer dtype, low `elem.bits` bits)."""
+    check_tensor(code, "code")
+    check_element(elem)
     c = code.to(torch.int32) & ((1 << elem.bits) - 1)
     sign = (c >> (elem.ebits + elem.mbits)) & 1
     exp_field = (c >> elem.mbits) & ((1 << elem.ebits) - 1)

@@ -146,6 +146,8 @@ def _check_input(x: torch.Tensor, fmt: BlockFormat, axis: int) -> int:
         raise ValueError(f"x: expected a float32/bfloat16/float16 tensor, got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x: expected at least one dimension, got a 0-d tensor")
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis: {axis} is out of range for a {x.dim()}-d tensor")
     axis = axis % x.dim()

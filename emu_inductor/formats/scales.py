@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .elements import check_element, check_tensor
 from .spec import ElementSpec
 
 __all__ = [
@@ -69,6 +70,8 @@ def e8m0_scale(
         raise ValueError(f"scale_mode: got {scale_mode!r}, expected one of {MX_SCALE_MODES}")
     if inf_amax not in INF_AMAX_MODES:
         raise ValueError(f"inf_amax: got {inf_amax!r}, expected one of {INF_AMAX_MODES}")
+    check_tensor(amax, "amax")
+    check_element(elem)
     amax = amax.to(torch.float32)
     nan = torch.isnan(amax)
     inf = torch.isinf(amax)
@@ -122,6 +125,7 @@ def e8m0_decode(u: torch.Tensor, *, byte255: str = "nan", byte0: str = "pow2") -
         raise ValueError(f"byte255: got {byte255!r}, expected one of {E8M0_BYTE255}")
     if byte0 not in E8M0_BYTE0:
         raise ValueError(f"byte0: got {byte0!r}, expected one of {E8M0_BYTE0}")
+    check_tensor(u, "u")
     ui = u.to(torch.int32)
     bits = torch.where(ui == 0, torch.full_like(ui, 0x00400000 if byte0 == "pow2" else 0), ui << 23)
     special = 0x7FC00000 if byte255 == "nan" else 0x7F800000
@@ -137,6 +141,7 @@ def e8m0_inverse(u: torch.Tensor, *, byte0: str = "pow2") -> torch.Tensor:
     """
     if byte0 not in BYTE0_INVERSE_MODES:
         raise ValueError(f"byte0: got {byte0!r}, expected one of {BYTE0_INVERSE_MODES}")
+    check_tensor(u, "u")
     ui = u.to(torch.int32)
     e = 127 - ui
     bits = torch.where(e >= -126, ((e + 127).clamp(min=0)) << 23, torch.full_like(ui, 0x00400000))
