@@ -27,6 +27,15 @@ tiny and huge blocks next to large ones):
   compressed_tensors  compressed-tensors 0.20.1 calculate_qparams + fake_quantize (fp32
                       and bf16 observers), generate_gparam for the global scale
   torchao             torchao 0.18.0 nvfp4_quantize (two-level) + NVFP4Tensor dequant
+Recipes checked against the published algorithm only (float64 transcriptions with every
+fp32 rounding emulated, tests/test_formats_quantize.py), because the library does not
+install on this CPU beside torch 2.13:
+  vllm, vllm_ref      vLLM (0.33 pulls torch 2.14): nvfp4_emulation_utils / the Triton
+                      QDQ kernel as read in shared/spec/vllm_reference.md. Not reproduced:
+                      vLLM's `sign(y) * R(|y|)` and `x < 0` give +0.0 for -0.0 input; these
+                      recipes keep -0.0 (the generated kernels mirror them as they are).
+  te                  TransformerEngine (its torch extension needs CUDA), via torchao's
+                      transcription nvfp4_reference.py
 """
 
 from __future__ import annotations
