@@ -309,3 +309,18 @@ def test_every_variant_has_a_library_test():
     assert set(MX_VARIANTS) == tested
     for v in MX_VARIANTS.values():
         assert v.library and v.checked and v.formats
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize(
+    "variant,fmt_name", [(v.name, f) for v in MX_VARIANTS.values() for f in v.formats]
+)
+def test_variant_fake_equals_dequantize_quantize(variant, fmt_name, dtype):
+    # by construction, for every knob the variants set (no library needed)
+    x = probes(fmt_name, dtype, seed=3)
+    fq = fake_quantize(x, fmt_name, variant=variant)
+    for axis_x, axis in ((x, -1), (x.t().contiguous(), 0)):
+        q = quantize(axis_x, fmt_name, variant=variant, axis=axis)
+        assert q.options.variant == variant
+        got = dequantize(q, dtype)
+        assert_bits_equal(got if axis == -1 else got.t(), fq, f"{variant} {fmt_name} axis {axis}")
