@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["same_bits", "first_difference"]
+__all__ = ["same_bits", "first_difference", "difference"]
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -36,3 +36,12 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> Optional[int]:
     m = _mismatch(a, b).reshape(-1)
     idx = torch.nonzero(m)
     return int(idx[0, 0]) if idx.numel() else None
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """(flat index of the first differing element or None, number of differing elements)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return 0, max(a.numel(), b.numel())
+    m = _mismatch(a, b).reshape(-1)
+    idx = torch.nonzero(m)
+    return (int(idx[0, 0]) if idx.numel() else None), int(idx.shape[0])
