@@ -222,7 +222,7 @@ def test_modelopt_mxfp4(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("preset,fmt_name", [("MXFP4", "mxfp4"), ("MXFP6A16", "mxfp6_e2m3")])
+@pytest.mark.parametrize("preset,fmt_name", [("MXFP4", "mxfp4"), ("MXFP6A16", "mxfp6_e2m3"), ("MXFP8", "mxfp8_e4m3")])
 def test_compressed_tensors_mx(preset, fmt_name, dtype):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import preset_name_to_scheme

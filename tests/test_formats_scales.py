@@ -70,9 +70,9 @@ def oracle_byte(amax: float, elem, mode: str) -> int:
         e = floor_log2(q) - elem.emax
     elif mode == "ceil":
         e = ceil_log2(q) - elem.emax
-    elif mode == "even":
+    elif mode in ("even", "even_fp4"):
         f = floor_log2(q)
-        ulp = Fraction(2) ** (f - elem.mbits)
+        ulp = Fraction(2) ** (f - (1 if mode == "even_fp4" else elem.mbits))
         r = math.floor(q / ulp + Fraction(1, 2)) * ulp  # half up
         e = floor_log2(r) - elem.emax
     elif mode == "rceil":
@@ -121,6 +121,7 @@ TABLE = {
     "even": [-2, -2, -2, -2, -1, -1, 0, 0, 1],
     "rceil": [-2, -2, -2, -1, -1, -1, 0, 1, 1],
     "rceil_log2": [-2, -2, -2, -1, -1, -1, 0, 1, 1],  # equal to rceil away from 2^k boundaries
+    "even_fp4": [-2, -2, -2, -2, -1, -1, 0, 0, 1],  # E2M1 has 1 mantissa bit: = even
 }
 
 
@@ -370,14 +371,17 @@ def test_mx_floor_fake_quant_vs_gfloat():
 def test_even_vs_compressed_tensors():
     """compressed-tensors 0.20 `generate_mx_scales` (its MX "even" rule: round the amax
     to the element's mantissa width, ties up, then floor(log2) - offset) equals our "even"
-    for MXFP4 (E2M1) and MXFP6 E2M3. For MXFP8 it keeps FP4's 1-bit rounding (offset 8),
-    so it is not our E4M3 "even" (which rounds to 3 bits) and is not compared."""
+    for MXFP4 (E2M1) and MXFP6 E2M3. For MXFP8 it keeps FP4's 1-bit rounding (offset 8):
+    that is our "even_fp4" for E4M3, not "even" (which rounds to E4M3's 3 bits)."""
     from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
 
     rng = np.random.default_rng(4)
     a = np.abs(rng.standard_normal(20000) * np.exp2(rng.integers(-100, 100, 20000))).astype(np.float32)
     a = np.concatenate([a, np.array(TABLE_AMAX, np.float32), np.float32([7.5, 7.6, 7.75, 7.8, 1.9375, 1.875])])
     a = a[a > 0]
+    theirs8 = generate_mx_scales(torch.from_numpy(a), 8)
+    assert torch.equal(torch.from_numpy(scale_bytes(a, E4M3, "even_fp4")).to(theirs8.dtype), theirs8)
+    assert not torch.equal(torch.from_numpy(scale_bytes(a, E4M3, "even")).to(theirs8.dtype), theirs8)
     for elem, bits in ((E2M1, 4), (E2M3, 6)):
         theirs = generate_mx_scales(torch.from_numpy(a), bits)
         assert torch.equal(torch.from_numpy(scale_bytes(a, elem, "even")).to(theirs.dtype), theirs), elem.name

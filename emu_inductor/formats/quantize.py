@@ -71,7 +71,7 @@ class QDQOptions:
                 raise ValueError(f"variant: MX variants do not apply to {fmt.name} (use recipe=); got {v.name!r}")
             if fmt.name not in v.formats:
                 raise ValueError(f"variant: {v.name!r} reproduces {', '.join(v.formats)}, not {fmt.name}")
-            for key, val in v.options.items():
+            for key, val in v.options_for(fmt.name).items():
                 if given[key] is None:
                     given[key] = val
             variant = v.name

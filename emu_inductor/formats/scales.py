@@ -16,6 +16,9 @@ MX `scale_mode` (unbiased exponent before clamping; `m` = amax's fp32 mantissa f
          amax / max_normal is within a few ulp above a power of two (fp32 inputs only).
          Computed as log2 in float64 rounded once to fp32 (equal to torch's CPU fp32 log2
          under ceil on 5.5 M probes, powers of two +-3000 ulp included).
+  even_fp4  "even" with the amax rounded to FP4's single mantissa bit whatever the
+         element (compressed-tensors 0.20's MXFP8, whose generate_mx_scales hard-codes
+         FP4_E2M1's mantissa width for every format but FP6)
 All-zero blocks give byte 0 (2^-127); a block holding NaN gives byte 255, and one holding
 +-Inf too unless `inf_amax` says otherwise (INF_AMAX_MODES).
 """
@@ -38,7 +41,7 @@ __all__ = [
     "e8m0_inverse",
 ]
 
-MX_SCALE_MODES = ("floor", "ceil", "even", "rceil", "rceil_log2")
+MX_SCALE_MODES = ("floor", "ceil", "even", "rceil", "rceil_log2", "even_fp4")
 # The scale of a block whose amax is +-Inf, or (for "even") a finite amax that the
 # rounding carries past fp32's largest binade:
 #   "nan"              Inf -> byte 255 (the block dequantizes to NaN); a rounding carry
@@ -93,8 +96,9 @@ def e8m0_scale(
         u = torch.clamp(u, max=254)
     else:
         bits = amax.view(torch.int32)
-        if scale_mode == "even":
-            bits = (bits + (1 << (22 - elem.mbits))) & 0x7F800000
+        if scale_mode in ("even", "even_fp4"):
+            mbits = 1 if scale_mode == "even_fp4" else elem.mbits
+            bits = (bits + (1 << (22 - mbits))) & 0x7F800000
             overflow = (((bits >> 23) & 0xFF) == 255) & ~inf & ~nan
         exp_field = (bits >> 23) & 0xFF
         e = exp_field - 127  # zero and fp32-subnormal amax count as 2^-127

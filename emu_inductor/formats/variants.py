@@ -29,6 +29,11 @@ class MXVariant:
     options: Mapping[str, str]  # QDQOptions field -> value
     checked: str
     differs: str = ""
+    # per block format: options that differ from `options` for that format
+    per_format: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+
+    def options_for(self, fmt_name: str) -> dict[str, str]:
+        return {**self.options, **self.per_format.get(fmt_name, {})}
 
 
 _EDGES = ("random bf16/fp32 at many magnitudes, E2M1/FP6/FP8 ties at several exponents, "
@@ -62,14 +67,15 @@ MX_VARIANTS: dict[str, MXVariant] = {
         MXVariant(
             "compressed_tensors",
             "compressed-tensors 0.20.1 calculate_qparams (generate_mx_scales) + "
-            "lifecycle.forward.fake_quantize, MXFP4 and MXFP6A16 presets",
-            ("mxfp4", "mxfp6_e2m3"),
+            "lifecycle.forward.fake_quantize, MXFP4, MXFP6A16 and MXFP8 presets",
+            ("mxfp4", "mxfp6_e2m3", "mxfp8_e4m3"),
             {"scale_mode": "even", "signed_zero": "lt0", "inf_amax": "nan_or_overflow"},
-            f"fake-quantized values (bf16 and fp32 observers); {_EDGES}",
-            "blocks holding NaN (a NaN exponent cast to uint8 is undefined); "
-            "MXFP8: its 'even' keeps FP4's 1-bit amax rounding (not modelled). "
+            f"fake-quantized values (observer in the input's dtype); {_EDGES}",
+            "blocks holding NaN (a NaN exponent cast to uint8 is undefined). "
             "Its MX scales are computed in the observer's dtype; equal here because "
             "power-of-two scales are exact in bf16.",
+            # generate_mx_scales rounds the amax to FP4's 1 mantissa bit for MXFP8 too
+            per_format={"mxfp8_e4m3": {"scale_mode": "even_fp4"}},
         ),
         MXVariant(
             "modelopt",
