@@ -9,7 +9,7 @@ from torch.fx import Node
 
 from .activation import recognize_activation_uncached
 from .candidates import ActCone, activation_cone, gemm_nodes, operands, weight_cone
-from .extract import attr_value
+from .extract import attr_value, real_mode
 from .variants import NO_ACT
 from .verdict import CACHE, ActVerdict, Guard, Rejection, WeightVerdict, cone_key
 from .weight import DEFAULT_BUDGET_BYTES, recognize_weight_uncached
@@ -73,7 +73,13 @@ def recognize_weight(gemm_node: Node, *, values: Optional[dict] = None,
 
     values: optional {leaf node: tensor} for graph inputs whose values are known (a LUT
     buffer); the verdict lists in `guards` every input whose value it relied on.
+    budget_bytes: the largest intermediate one probe evaluation may create.
     """
+    with real_mode():  # probes are real tensors even inside a compile's fake mode
+        return _recognize_weight(gemm_node, values, budget_bytes, use_cache)
+
+
+def _recognize_weight(gemm_node, values, budget_bytes, use_cache) -> WeightResult:
     _check_node(gemm_node)
     t0 = time.perf_counter()
     cone, why = weight_cone(gemm_node)
@@ -96,6 +102,11 @@ def recognize_weight(gemm_node: Node, *, values: Optional[dict] = None,
 def recognize_activation(gemm_node: Node, *, values: Optional[dict] = None, use_cache: bool = True) -> ActResult:
     """Prove what the activation operand of `gemm_node` computes: an `ActVerdict` (its
     variant may be "none": the operand is not quantized), or a `Rejection`."""
+    with real_mode():
+        return _recognize_activation(gemm_node, values, use_cache)
+
+
+def _recognize_activation(gemm_node, values, use_cache) -> ActResult:
     _check_node(gemm_node)
     t0 = time.perf_counter()
     cone, why = activation_cone(gemm_node)
