@@ -15,8 +15,13 @@ What an entry promises, checked by tests/test_corpus_eager.py and test_corpus_co
     output to the oracle (tests/corpus/oracle.py) within fp32-accumulation rounding.
   * `near_miss`: why the layer is NOT that variant (the variant named is the nearest one);
     the eager test proves some probe separates them, and a matcher must leave it alone.
-  * `expect_fused`: whether torch.compile(backend="mxemu") fuses it today. Measured; flip
-    it to True when the semantic matcher (issue 8) lands and the compile test follows.
+  * `expect_fused`: whether torch.compile(backend="mxemu") fuses the WHOLE layer as its
+    variant (linear: one mxemu::linear that also carries the activation QDQ when the
+    variant has one; MoE: one mxemu::moe). False for every entry today (measured; partial
+    fusions are in `fused_today`); flip it to True when the semantic matcher (issue 8)
+    lands and tests/test_corpus_compile.py follows.
+  * `compile_smoke`: compiled by test_corpus_compile.py (kept few: 3-30 s per compile on
+    2 shared cores; entries left out say why in `compile_note`).
   * `xfail`: {aspect: measured disagreement} between the library and emu_inductor.formats
     (aspects: "layer", "act" (values), "act_sign" (sign of zero), "weights", "weights_sign");
     that aspect's eager test is xfail(strict=True), so it flips when the variant is fixed.
@@ -47,14 +52,17 @@ TOKENS = (1, 5)
 class WeightVariant:
     """How emu_inductor dequantizes the stored weight bytes.
 
-    product (NVFP4): "q*(s/g)" (recipe vllm / compressed_tensors, g quantize direction),
-    "q*(s*g)" (modelopt / torchao / vLLM dequantize_to_dtype, g dequantize direction),
-    "q*(s*(1/g))" (te), "(q*s)*g" (torchao moe_training: not defined in emu_inductor).
+    NVFP4: `recipe` names the emu_inductor.formats recipe whose dequant this is (its product
+    and its decoding of code 0x8); without one, product "q*(s*a)" is
+    emu_inductor.reference.dequantize_weight (vLLM's dequantize_to_dtype, a = dequantize-
+    direction global). `product` documents the fp32 order: "q*(s/g)" (g quantize direction),
+    "q*(s*g)" / "q*(s*a)" (dequantize direction), "q*(s*(1/g))" (te).
     MX: "q*2^e" (exact). e8m0_byte255: the reader of byte 255 ("nan" or "inf").
     """
 
     fmt: str
     product: str = "q*2^e"
+    recipe: Optional[str] = None
     e8m0_byte255: str = "nan"
 
 
@@ -66,7 +74,7 @@ class Variant:
     activation: str = "silu"
 
     def describe(self) -> str:
-        w = f"{self.weight.fmt} {self.weight.product}"
+        w = f"{self.weight.fmt} {self.weight.product}" + (f" recipe={self.weight.recipe}" if self.weight.recipe else "")
         if self.weight.e8m0_byte255 != "nan":
             w += f" byte255={self.weight.e8m0_byte255}"
         a = "w-only" if self.act is None else " ".join(f"{k}={v}" for k, v in self.act.items())
@@ -89,6 +97,8 @@ class CorpusEntry:
     compile_smoke: bool = True  # compiled in test_corpus_compile (kept few: ~10 s each)
     plumbing: str = ""  # MoE routing / GEMM / combine spelling, for the report
     exact_gemm: bool = True  # linear: the same F.linear as the oracle (else: accumulation contract)
+    near_part: str = ""  # near misses: the part that is off ("act" or "weights"), which must never fuse
+    fused_today: str = "nothing"  # measured with backend="mxemu" (2026-12-02), for the report
 
 
 def _collect():

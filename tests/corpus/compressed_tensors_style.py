@@ -135,15 +135,17 @@ ENTRIES = [
         "ct_nvfp4_linear", "linear", "compressed-tensors",
         "installed compressed-tensors 0.20: NVFP4PackedCompressor.decompress, forward_quantize, "
         "calculate_qparams, generate_gparam, pack_fp4_to_uint8",
-        Variant(WeightVariant("nvfp4", "q*(s/g)"), act={"fmt": "nvfp4", "recipe": "compressed_tensors"},
+        Variant(WeightVariant("nvfp4", "q*(s/g)", recipe="compressed_tensors"), act={"fmt": "nvfp4", "recipe": "compressed_tensors"},
                 act_global="static"),
-        make_linear, compile_note=_DECOMPRESS_NOTE,
+        make_linear, compile_note=_DECOMPRESS_NOTE + " (measured: 3 graph breaks, 4 graphs)",
     ),
     CorpusEntry(
         "ct_mxfp4_moe", "moe", "compressed-tensors",
         "installed compressed-tensors 0.20: MXFP4PackedCompressor.decompress, forward_quantize, compress_mx_scale",
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "lt0"}),
-        make_moe, compile_note=_DECOMPRESS_NOTE + "; torch.unique counts .tolist() graph-breaks (data-dependent loop)",
+        make_moe, compile_smoke=False,
+        compile_note=_DECOMPRESS_NOTE + "; torch.unique counts .tolist() graph-breaks (data-dependent loop). "
+                     "Measured: 9 graph breaks, 14 graphs, 44 s, no fusion; left out of the compile test for time",
         plumbing="sort + unique/counts, per-expert Python loop over .tolist(), slicing gate/up, scatter_add_ fp32",
     ),
 ]

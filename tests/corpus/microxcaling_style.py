@@ -158,7 +158,8 @@ ENTRIES = [
     CorpusEntry(
         "microxcaling_mx_moe", "moe", "microxcaling", _SRC + ", round='nearest' (default)",
         Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor", "rounding": "half_away", "signed_zero": "lt0"}),
-        make_moe, xfail={"act": _LOG2},
+        make_moe, xfail={"act": _LOG2}, compile_smoke=False,
+        compile_note="compiles to one graph (measured 23-25 s), no fusion; left out of the compile test for time",
         plumbing="dense over all experts: expand + bmm over E, chunk(2), dense [T,E] routing by scatter, sum over E",
     ),
 ]

@@ -112,16 +112,17 @@ ENTRIES = [
     CorpusEntry(
         "modelopt_nvfp4_linear", "linear", "modelopt",
         "installed nvidia-modelopt 0.47: NVFP4QTensor.quantize / .dequantize (weight and activation)",
-        Variant(WeightVariant("nvfp4", "q*(s*g)"), act={"fmt": "nvfp4", "recipe": "modelopt", "signed_zero": "positive"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="modelopt"), act={"fmt": "nvfp4", "recipe": "modelopt", "signed_zero": "positive"}, act_global="static"),
         make_linear,
-        xfail={"weights_sign": "ModelOpt's NVFP4 E2M1 table decodes code 0x8 as +0.0; emu_inductor.formats."
-                               "dequantize gives -0.0 (measured: 152 of 4096 weights, all zeros)"},
     ),
     CorpusEntry(
         "modelopt_mxfp4_moe", "moe", "modelopt",
         "installed nvidia-modelopt 0.47: MXFP4QTensor.quantize / .dequantize (weights and activations)",
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
                 act={"fmt": "mxfp4", "scale_mode": "rceil", "rounding": "half_toward_zero", "signed_zero": "le0"}),
-        make_moe, plumbing="one-hot expert mask + torch.where per expert, chunk(2), index_add_ bf16",
+        make_moe, compile_smoke=False,
+        compile_note="compiles (measured 121 s: torch.where(expert_mask[e]) is data-dependent, 7 graphs); "
+                     "no fusion; left out of the compile test for time",
+        plumbing="one-hot expert mask + torch.where per expert, chunk(2), index_add_ bf16",
     ),
 ]

@@ -12,12 +12,9 @@ import dataclasses
 import torch
 
 from emu_inductor.formats import QDQOptions, QuantizedTensor, dequantize, fake_quantize
-from emu_inductor.reference import apply_activation
+from emu_inductor.reference import apply_activation, dequantize_weight
 
 from . import Variant, WeightVariant
-
-#: NVFP4 weight products emu_inductor defines, by the formats recipe whose dequant it is.
-PRODUCT_RECIPE = {"q*(s/g)": "vllm", "q*(s*g)": "modelopt", "q*(s*(1/g))": "te"}
 
 
 class MissingVariant(NotImplementedError):
@@ -30,12 +27,17 @@ def weight_reference(qt: QuantizedTensor, wv: WeightVariant, dtype: torch.dtype)
     if fmt.is_mx:
         opts = QDQOptions.resolve(fmt, "floor")  # the scale rule does not matter to dequant
         return dequantize(dataclasses.replace(qt, options=opts), dtype, e8m0_byte255=wv.e8m0_byte255)
-    if wv.product not in PRODUCT_RECIPE:
-        raise MissingVariant(f"emu_inductor.formats has no NVFP4 weight product {wv.product!r}")
     g = qt.global_scale.to(torch.float32)
+    if wv.recipe is None:
+        if wv.product != "q*(s*a)":
+            raise MissingVariant(f"emu_inductor has no NVFP4 weight product {wv.product!r} without a recipe")
+        return dequantize_weight(qt.qdata, qt.scale, fmt, alpha=g.reshape(-1) if g.numel() > 1 else g, dtype=dtype)
     lead = qt.qdata.dim() - 1  # per leading index (per expert): [E] -> [E, 1, 1, 1] over [E, N, nb, bs]
     g = g.reshape(()) if g.numel() == 1 else g.reshape(*g.shape, *([1] * (lead + 2 - g.dim())))
-    opts = QDQOptions.resolve(fmt, recipe=PRODUCT_RECIPE[wv.product])
+    try:
+        opts = QDQOptions.resolve(fmt, recipe=wv.recipe)
+    except ValueError as e:
+        raise MissingVariant(str(e)) from e
     return dequantize(dataclasses.replace(qt, global_scale=g, options=opts), dtype)
 
 

@@ -165,7 +165,9 @@ ENTRIES = [
     CorpusEntry(
         "quark_mxfp4_moe", "moe", "amd-quark", _SRC,
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "positive"}),
-        make_moe, compile_note="nonzero() row lists are data-dependent: Dynamo graph-breaks or specializes",
+        make_moe, compile_smoke=False,
+        compile_note="nonzero() row lists are data-dependent (measured: 7 graphs, 51 s, no fusion); "
+                     "left out of the compile test for time",
         plumbing="per-expert Python loop, nonzero(ids == e) rows, slicing gate/up, index_add_ fp32",
     ),
 ]

@@ -27,9 +27,9 @@ def _spelled(**slots):
     return make
 
 
-def _entry(name, what, dtypes=(torch.bfloat16, torch.float32), **slots):
+def _entry(name, what, dtypes=(torch.bfloat16, torch.float32), smoke=False, **slots):
     return CorpusEntry(f"resp_{name}", "linear", "respelling", f"written here: {what}", MX_FLOOR, _spelled(**slots),
-                       dtypes=dtypes, compile_smoke=False)
+                       dtypes=dtypes, compile_smoke=smoke)
 
 
 # --- NVFP4: vLLM's torch QDQ with one piece respelled ----------------------------------
@@ -146,12 +146,13 @@ ENTRIES = [
     _entry("round_bucketize", "torch.bucketize over the E2M1 midpoints plus an even-tie fix", round="bucketize"),
     _entry("round_torch_round", "torch.round (RNE) on the value divided by its E2M1 step", round="torch_round"),
     _entry("all_slots", "strided unpack, bit decode, ldexp scale, frexp exponent, ldexp apply, bucketize",
-           unpack="strided", decode="bits", wscale="ldexp", scale_exp="frexp", apply="ldexp", round="bucketize"),
+           smoke=True, unpack="strided", decode="bits", wscale="ldexp", scale_exp="frexp", apply="ldexp",
+           round="bucketize"),
     CorpusEntry(
         "resp_vllm_nvfp4_where", "linear", "respelling",
         "written here: vLLM's torch NVFP4 QDQ with a torch.where chain + copysign instead of masked "
         "assignment * sign, where() reciprocal guard, a 16-entry signed LUT for weights",
-        Variant(WeightVariant("nvfp4", "q*(s*g)"), act={"fmt": "nvfp4", "recipe": "vllm_ref"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref"}, act_global="static"),
         make_vllm_resp, dtypes=(torch.bfloat16, torch.float32),
     ),
     CorpusEntry(

@@ -185,13 +185,16 @@ _SRC = "rewritten: vLLM nvfp4_emulation_utils torch path (ref_nvfp4_quant, dequa
 ENTRIES = [
     CorpusEntry(
         "vllm_nvfp4_linear", "linear", "vllm", _SRC,
-        Variant(WeightVariant("nvfp4", "q*(s*g)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
         make_linear, dtypes=(torch.bfloat16, torch.float32),
+        fused_today="mxemu::linear with act_kind none: weight dequant + GEMM fused, activation QDQ left as written",
     ),
     CorpusEntry(
         "vllm_nvfp4_moe", "moe", "vllm", _SRC + ", tests torch_moe",
-        Variant(WeightVariant("nvfp4", "q*(s*g)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
-        make_moe, compile_note="boolean-mask row selection a1[mask] / out[mask] = ... is data-dependent",
+        Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
+        make_moe, compile_note="boolean-mask row selection a1[mask] / out[mask] = ... is data-dependent "
+                               "(measured: 5 graphs, 26-33 s, no fusion); left out of the compile test for time",
+        compile_smoke=False,
         plumbing="repeat rows, per-expert boolean mask, masked assignment, view(T,k,H)*w summed in bf16; no renorm",
     ),
 ]
