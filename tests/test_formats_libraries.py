@@ -293,7 +293,8 @@ def test_quark_mxfp4(quark_mx, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("fmt_name,elem", [("mxfp4", "fp4"), ("mxfp6_e2m3", "fp6_e2m3"), ("mxfp6_e3m2", "fp6_e3m2")])
+@pytest.mark.parametrize("fmt_name,elem", [("mxfp4", "fp4"), ("mxfp6_e2m3", "fp6_e2m3"), ("mxfp6_e3m2", "fp6_e3m2"),
+                                           ("mxfp8_e4m3", "fp8_e4m3"), ("mxfp8_e5m2", "fp8_e5m2")])
 def test_quark_hw_fake_quantize_mx(quark_mx, fmt_name, elem, dtype):
     from quark.torch.kernel.hw_emulation.hw_emulation_interface import fake_quantize_mx
 

@@ -100,11 +100,12 @@ MX_VARIANTS: dict[str, MXVariant] = {
         MXVariant(
             "quark_hw",
             "amd-quark 0.13 hw_emulation_interface.fake_quantize_mx (scale_calculation_mode "
-            "'even'; C++ fake_quantize_to_low_precision_fp, RNE)",
-            ("mxfp4", "mxfp6_e2m3", "mxfp6_e3m2"),
+            "'even'; FP4/FP6 through the C++ fake_quantize_to_low_precision_fp (RNE, zeros "
+            "lose their sign), FP8 through fake_quantize_fp8_e{4m3,5m2}_per_channel_with_scale)",
+            ("mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2"),
             {"scale_mode": "even", "signed_zero": "positive", "inf_amax": "max"},
             f"fake-quantized values; {_EDGES}",
-            "MXFP8 goes through other Quark functions (not checked)",
+            per_format={"mxfp8_e4m3": {"signed_zero": "keep"}, "mxfp8_e5m2": {"signed_zero": "keep"}},
         ),
     )
 }
