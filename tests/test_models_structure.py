@@ -391,6 +391,23 @@ def test_unrecognised_blocks_name_what_was_missing():
     fused = UserFusedMoE()
     fused.experts.down_proj_scale = nn.Parameter(torch.ones(4))
     _raises(fused, r"UserFusedMoE\.experts: tensors \['down_proj_scale'\] beside gate_up_proj / down_proj")
+    # what the structure cannot show is screened by evaluating the block's own forward
+    class SigmoidRouted(UserListMoE):
+        def route(self, x2):
+            w, sel = torch.topk(torch.sigmoid(self.gate(x2).float()), self.top_k, dim=-1)
+            return (w / w.sum(-1, keepdim=True)).to(x2.dtype), sel
+
+    class Scaled(UserListMoE):
+        def forward(self, x):
+            return super().forward(x) * 2.5
+
+    class Concatenated(InterleavedExperts):  # used interleaved, flagged concatenated
+        is_concatenated = True
+
+    mislabelled = UserFusedMoE()
+    mislabelled.experts = Concatenated(64, 32, 4)
+    for blk in (SigmoidRouted(), Scaled(), mislabelled):
+        _raises(blk.to(torch.bfloat16), rf"{type(blk).__name__}: its own forward differs from .* by [0-9.]+ \(relative")
     # a real transformers block the structure does not explain: AFMoE's shared experts and
     # routing bias (its router wraps a Linear and takes the bias as a second argument)
     import transformers
