@@ -272,3 +272,29 @@ def test_unquantized_operand_is_none():
 def test_ceil_scale_recognised_but_not_fused():
     v = expect(lambda x: fake_quantize(x, "mxfp4", scale_mode="ceil"), kind="mx", scale_mode="ceil", supported=False)
     assert "ceil" in v.unsupported_reason
+
+
+def test_grouped_mm_moe_gemm_both_sides():
+    """The MoE form: QDQ(x)[order] into torch._grouped_mm over dequantized experts."""
+    from emu_inductor.formats import quantize
+    from emu_inductor.recognize import WeightVerdict, recognize_weight
+    from emu_inductor.reference import dequantize_weight
+
+    E, R, N = 2, 8, 32
+    qw = quantize(torch.randn(E, N, K), "nvfp4")
+    alpha = torch.rand(E) * 0.01 + 1e-3
+
+    def f(x, w, s, a, gs, order, offs):
+        q = fake_quantize(x, "nvfp4", recipe="vllm", global_scale=gs)
+        wd = dequantize_weight(w, s, qw.fmt, alpha=a, dtype=torch.bfloat16)
+        return torch._grouped_mm(q[order], wd.transpose(-2, -1), offs=offs)
+
+    args = (fresh(0, torch.bfloat16), qw.qdata, qw.scale, alpha, torch.tensor(37.5), torch.randperm(E * R),
+            torch.tensor([R, 2 * R], dtype=torch.int32))
+    gm = trace(f, *args)
+    (gemm,) = gemm_nodes(gm.graph)
+    a = recognize_activation(gemm, use_cache=False)
+    w = recognize_weight(gemm, use_cache=False)
+    assert isinstance(a, ActVerdict) and a.variant.recipe == "vllm" and len(a.post) == 1, a
+    assert isinstance(w, WeightVerdict) and w.variant.alpha_order == "scale_alpha" and w.kernel_supported, w
+    assert w.alpha.name.startswith("a")

@@ -364,24 +364,21 @@ def _separating_rounds(h, cshape, sshape, ashape, out_dtype):
                             f"scale-product orders)", c, s, al)
 
 
-def _describe_weight(rnd, i, got, ref, h, cshape, K) -> str:
+def _describe_weight(rnd, i, got, ref, h, cshape, K, transpose: bool = True) -> str:
     if got.shape != ref.shape or got.dtype != ref.dtype:
         return f"{rnd.label}: output {got.dtype}{tuple(got.shape)} vs {ref.dtype}{tuple(ref.shape)}"
-    # flat index of the transposed operand -> logical (.., n, k) of the dequantized tensor
-    idx = list(torch.unravel_index(torch.tensor(i), got.shape))
-    idx = [int(t) for t in idx]
-    n, k = (idx[-1], idx[-2]) if got.shape[-1] != K or got.shape[-2] == K and got.shape[-1] != K else (idx[-2], idx[-1])
-    lead = idx[:-2]
-    per_byte = 8 / h.bits
-    byte = rnd.codes[tuple(lead) + (n, int(k // per_byte))] if h.bits != 6 else None
-    sc = rnd.scale[tuple(lead) + (n, k // h.block)]
+    idx = [int(t) for t in torch.unravel_index(torch.tensor(i), got.shape)]
+    n, k = (idx[-1], idx[-2]) if transpose else (idx[-2], idx[-1])  # element (.., n, k) of the decode
+    lead = tuple(idx[:-2])
+    byte = rnd.codes[lead + (n, k * h.bits // 8)] if h.bits != 6 else None
+    sc = rnd.scale[lead + (n, k // h.block)]
     al = ""
     if rnd.alpha is not None:
         a = rnd.alpha.reshape(-1)
-        al = f", scale {a[lead[0]] if a.numel() > 1 and lead else a[0]:.6g}"
+        al = f", float scale {float(a[lead[0]] if a.numel() > 1 and lead else a[0]):.9g}"
     b = f"code byte 0x{int(byte):02x}, " if byte is not None else ""
-    return (f"{rnd.label}: element (.., {n}, {k}) with {b}scale byte 0x{int(sc):02x}{al}: "
-            f"graph {got.reshape(-1)[i].item()!r}, variant {ref.reshape(-1)[i].item()!r}")
+    return (f"{rnd.label}: element [{', '.join(map(str, lead + (n, k)))}] with {b}scale byte "
+            f"0x{int(sc):02x}{al}: graph {got.reshape(-1)[i].item()!r}, variant {ref.reshape(-1)[i].item()!r}")
 
 
 def _choose(alive):
