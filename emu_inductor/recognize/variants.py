@@ -24,10 +24,7 @@ import torch
 from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, fake_quantize, unpack
 from ..reference import fp8_tensor_fake_quantize
 
-try:  # the kernels' MX activation scale modes (spec layer; being split out of reference)
-    from ..spec import FUSED_MX_SCALE_MODES
-except ImportError:  # pragma: no cover - older tree
-    FUSED_MX_SCALE_MODES = ("even", "floor", "rceil")
+from ..spec import FUSED_MX_SCALE_MODES, ActQuant
 
 __all__ = ["WeightVariant", "ActVariant", "weight_variants", "act_variants", "NO_ACT"]
 
@@ -225,13 +222,11 @@ class ActVariant:
 
     def act_quant(self):
         """The matching `ActQuant` (None for "none"), for building an OpSpec."""
-        from . import _spec_names
-
         if self.kind == "none":
             return None
         if self.kind == "fp8_tensor":
-            return _spec_names.ActQuant("fp8_tensor")
-        return _spec_names.ActQuant("block", FORMATS[self.fmt], scale_mode=self.scale_mode, recipe=self.recipe,
+            return ActQuant("fp8_tensor")
+        return ActQuant("block", FORMATS[self.fmt], scale_mode=self.scale_mode, recipe=self.recipe,
                                     rounding=self.rounding)
 
 
