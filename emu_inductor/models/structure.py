@@ -254,9 +254,11 @@ def _check_forward(cls: str, block: nn.Module, adapter: MoEAdapter) -> None:
             else:
                 w, ids = adapter.routing(router(x2), x2.dtype)
             ids = ids.long()
-            c1 = torch.einsum("th,tkih->tki", x2.float(), ew.w13.float()[ids])
-            a = apply_activation(c1, ew.activation)
-            out = (w.float()[..., None] * torch.einsum("tki,tkhi->tkh", a, ew.w2.float()[ids])).sum(1)
+            out = torch.zeros(x2.shape, dtype=torch.float32, device=x2.device)
+            for e in ids.unique().tolist():  # one expert at a time: fp32 copies of one expert only
+                tok, slot = torch.where(ids == e)
+                a = apply_activation(x2[tok].float() @ ew.w13[e].float().T, ew.activation)
+                out.index_add_(0, tok, w[tok, slot].float()[:, None] * (a @ ew.w2[e].float().T))
     finally:
         block.train(was)
     if isinstance(ref, (tuple, list)):
