@@ -408,6 +408,17 @@ def test_unrecognised_blocks_name_what_was_missing():
     mislabelled.experts = Concatenated(64, 32, 4)
     for blk in (SigmoidRouted(), Scaled(), mislabelled):
         _raises(blk.to(torch.bfloat16), rf"{type(blk).__name__}: its own forward differs from .* by [0-9.]+ \(relative")
+    class RowsOnly(UserListMoE):  # takes [T, H] rows: screened on rows, matched
+        def forward(self, x2):
+            return super().forward(x2[None])[0]
+
+    class Broken(UserListMoE):
+        def forward(self, x):
+            raise RuntimeError("needs a mask")
+
+    assert find_moe_blocks(Stack(RowsOnly, n=1).to(torch.bfloat16))[0][2].routing is not None
+    _raises(Broken().to(torch.bfloat16), r"Broken: calling the block on \[1, T, 64\] hidden states failed "
+            r"\(RuntimeError: needs a mask\)")
     # a real transformers block the structure does not explain: AFMoE's shared experts and
     # routing bias (its router wraps a Linear and takes the bias as a second argument)
     import transformers

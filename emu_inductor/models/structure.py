@@ -244,10 +244,13 @@ def _check_forward(cls: str, block: nn.Module, adapter: MoEAdapter) -> None:
     try:
         with torch.no_grad():
             try:
-                ref = block(x.clone())
-            except Exception as exc:  # noqa: BLE001 - any failure: the block is not called the way we call it
-                raise ValueError(f"{cls}: calling the block on [1, T, {H}] hidden states failed "
-                                 f"({type(exc).__name__}: {exc})") from exc
+                ref = block(x.clone())  # HF blocks take [B, S, H]
+            except Exception as exc:  # noqa: BLE001 - any failure: try rows, then give up naming it
+                try:
+                    ref = block(x[0].clone())  # some user blocks take [T, H] rows
+                except Exception:  # noqa: BLE001
+                    raise ValueError(f"{cls}: calling the block on [1, T, {H}] hidden states failed "
+                                     f"({type(exc).__name__}: {exc})") from exc
             x2 = x.reshape(-1, H)
             if adapter.routing is None:
                 _, w, ids = router(x2)
