@@ -298,3 +298,17 @@ def test_grouped_mm_moe_gemm_both_sides():
     assert isinstance(a, ActVerdict) and a.variant.recipe == "vllm" and len(a.post) == 1, a
     assert isinstance(w, WeightVerdict) and w.variant.alpha_order == "scale_alpha" and w.kernel_supported, w
     assert w.alpha.name.startswith("a")
+
+
+def test_global_scale_computed_from_the_dequant_direction_input():
+    """gs = 1 / input_scale in the graph: the reciprocal node is the global scale."""
+    def qdq(x, input_scale):
+        return qdq_nvfp4_vllm(x, 1.0 / input_scale)
+
+    v = recognise(qdq, gs=torch.tensor(0.0267))
+    assert isinstance(v, ActVerdict), v.reason
+    assert v.variant.recipe == "vllm" and v.global_scale.op == "call_function"
+    for seed in (21, 22):
+        x = fresh(seed, torch.bfloat16)
+        assert torch.equal(qdq(x, torch.tensor(0.0267)).view(torch.int16),
+                           v.reference(x, 1.0 / torch.tensor(0.0267)).view(torch.int16))

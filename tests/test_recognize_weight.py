@@ -291,3 +291,19 @@ def test_bad_gemm_node_argument():
         recognize_weight(node)
     with pytest.raises(TypeError, match="gemm_node"):
         recognize_weight("mm")
+
+
+def test_alpha_from_two_inputs_vllm_moe():
+    """vLLM's MoE passes g_alphas = input_scale * weight_scale_2: the product node is the alpha."""
+    w, s, a = leaves(14, E=2)
+
+    def deq(w, s, input_scale, ws2):
+        return dequantize_weight(w, s, NVFP4, alpha=input_scale * ws2, dtype=torch.bfloat16)
+
+    x = torch.randn(2, 4, 64, dtype=torch.bfloat16)
+    gm = trace(lambda x, w, s, i, ws2: torch.bmm(x, deq(w, s, i, ws2).transpose(1, 2)), x, w, s,
+               torch.tensor(0.37), a)
+    (gemm,) = gemm_nodes(gm.graph)
+    v = recognize_weight(gemm, use_cache=False)
+    assert isinstance(v, WeightVerdict), v.reason
+    assert v.kernel_supported and v.alpha.op == "call_function" and v.guards == ()

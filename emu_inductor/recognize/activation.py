@@ -74,10 +74,11 @@ def _is_scalar_float(n) -> bool:
         return False
 
 
-def _scalar_candidates(cone: ActCone, leaf: Node) -> list:
-    """`leaf` and float32 scalars computed from it alone, leaf first."""
-    out = [leaf]
-    derived = {leaf}
+def _scalar_candidates(cone: ActCone, leaves: list) -> list:
+    """Scalar float inputs, then float32 scalars computed from them and constants alone
+    (1/input_scale, a product of two scales), nearest the inputs first."""
+    out = list(leaves)
+    derived = set(leaves)
     for n in cone.nodes:
         ins = n.all_input_nodes
         if ins and any(a in derived for a in ins) and all(a in derived or a.op == "get_attr" or (
@@ -108,9 +109,16 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
         else:
             others.append(leaf)
     hyps = []
-    for gs in [None] + scalars:
+    for gs in [None] + _scalar_candidates(cone, scalars):
+        sub = cone
+        if gs is not None and gs not in cone.leaves:
+            c = cut(cone, [gs])
+            sub = ActCone(c.nodes, [cone.x] + [x for x in c.leaves if x is not cone.x], cone.output,
+                          x=cone.x, post=cone.post)
         consts, guards, missing = {}, [], None
-        for leaf in others + [s for s in scalars if s is not gs]:
+        for leaf in sub.leaves[1:]:
+            if leaf is gs or leaf in tables or not (leaf in others or leaf in scalars):
+                continue
             kv = known_value(leaf, values)
             if kv is None:
                 missing = leaf
@@ -122,6 +130,8 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
             continue
         table_opts = [[]]
         for t in tables:
+            if t not in sub.leaves:
+                continue
             kv = known_value(t, values)
             opts = [("its value", kv)] if kv is not None else table_hypotheses(t)
             table_opts = [prev + [(t, lab, val)] for prev in table_opts for lab, val in opts]
@@ -130,12 +140,7 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
             for t, lab, val in tab:
                 c2[t] = val
                 g2.append(Guard(t, tuple(val.detach().float().reshape(-1).tolist()), lab))
-            for s in ([None] if gs is None else _scalar_candidates(cone, gs)):
-                sub = cone if s is None or s is gs else cut(cone, [s])
-                if sub is not cone:
-                    sub = ActCone(sub.nodes, [cone.x] + [x for x in sub.leaves if x is not cone.x], cone.output,
-                                  x=cone.x, post=cone.post)
-                hyps.append(_Hyp(s, c2, tuple(g2), sub))
+            hyps.append(_Hyp(gs, c2, tuple(g2), sub))
     if not hyps:
         return [], "the values of the cone's scalar inputs are unknown at compile time"
     return hyps, None

@@ -60,15 +60,18 @@ class _Hyp:
         self.consts, self.guards, self.cone = consts, guards, cone
 
 
-def _alpha_candidates(cone: Cone, leaf: Node, lead, n_rows) -> list:
-    """The float-scale leaf and the float32 nodes computed from it alone (closest to it first)."""
-    out = [leaf]
-    derived = {leaf}
+def _alpha_candidates(cone: Cone, alpha_leaves: list, lead, n_rows) -> list:
+    """Float-scale candidates: each scale-shaped float32 input, then float32 nodes of a
+    scale's shape computed from such inputs and constants alone (1/weight_global_scale,
+    vLLM's input_scale * weight_scale_2), nearest the inputs first."""
+    out = list(alpha_leaves)
+    derived = set(alpha_leaves)
     for n in cone.nodes:
         ins = n.all_input_nodes
-        if ins and all(a in derived or a.op == "get_attr" or (a.op == "call_function" and not
-                       any(x.op == "placeholder" for x in a.all_input_nodes)) for a in ins) \
-                and any(a in derived for a in ins):
+        if ins and any(a in derived for a in ins) and all(
+                a in derived or a.op == "get_attr" or
+                (a.op == "call_function" and not any(x.op == "placeholder" for x in a.all_input_nodes))
+                for a in ins):
             derived.add(n)
             v = _val(n)
             if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and _alpha_shape_ok(_shape(n), lead, n_rows):
@@ -131,16 +134,18 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
                     f"(leaves: {_leaf_list(cone.leaves)})")
     if not scale_c:
         return [], f"no leaf looks like block scales [{', '.join(map(str, lead + (N,)))}, K/16 or K/32] for K={K}"
+    a_options = [None] + _alpha_candidates(cone, alpha_c, lead, N)
     hyps = []
     for (c, bits) in codes_c:
         for (s, block) in scale_c:
             if s is c:
                 continue
-            alphas = [None] + alpha_c
-            for a_leaf in alphas:
-                rest_alpha = [x for x in alpha_c if x is not a_leaf]
+            for a in a_options:
+                sub = cone if a is None or a in cone.leaves else cut(cone, [a])
                 consts, guards, missing = {}, [], None
-                for leaf in others + rest_alpha:
+                for leaf in sub.leaves:
+                    if leaf in (c, s, a) or leaf in tables or not (leaf in others or leaf in alpha_c):
+                        continue
                     kv = known_value(leaf, values)
                     if kv is None:
                         missing = leaf
@@ -152,19 +157,17 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
                     continue
                 table_opts = [[]]
                 for t in tables:
+                    if t not in sub.leaves:
+                        continue
                     kv = known_value(t, values)
                     opts = [("its value", kv)] if kv is not None else table_hypotheses(t)
                     table_opts = [prev + [(t, lab, val)] for prev in table_opts for lab, val in opts]
-                a_cands = [None] if a_leaf is None else _alpha_candidates(cone, a_leaf, lead, N)
                 for tab in table_opts:
-                    c2 = dict(consts)
-                    g2 = list(guards)
+                    c2, g2 = dict(consts), list(guards)
                     for t, lab, val in tab:
                         c2[t] = val
                         g2.append(Guard(t, tuple(val.detach().float().reshape(-1).tolist()), lab))
-                    for a in a_cands:
-                        sub = cone if a is None or a is a_leaf else cut(cone, [a])
-                        hyps.append(_Hyp(c, s, a, bits, block, c2, tuple(g2), sub))
+                    hyps.append(_Hyp(c, s, a, bits, block, c2, tuple(g2), sub))
     if not hyps:
         return [], "leaf values needed for the proof are unknown at compile time"
     return hyps, None
