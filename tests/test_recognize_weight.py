@@ -307,3 +307,31 @@ def test_alpha_from_two_inputs_vllm_moe():
     v = recognize_weight(gemm, use_cache=False)
     assert isinstance(v, WeightVerdict), v.reason
     assert v.kernel_supported and v.alpha.op == "call_function" and v.guards == ()
+
+
+@pytest.mark.parametrize("fmt,layout", [("mxfp6_e2m3", "quark"), ("mxfp6_e3m2", "unpacked"), ("mxfp8_e4m3", "quark")])
+def test_fp6_layouts_and_fp8_codes(fmt, layout):
+    q = quantize(torch.randn(32, 64), fmt, fp6_layout=layout)
+    codes = q.qdata.view(torch.float8_e4m3fn) if fmt == "mxfp8_e4m3" else q.qdata
+
+    def deq(w, s):
+        if fmt == "mxfp8_e4m3":  # fp8 codes read by a float8 view, scale 2^(u-127) exactly
+            sc = torch.where(s == 255, torch.nan, (s.to(torch.int32) << 23).view(torch.float32))
+            sc = torch.where(s == 0, 2.0 ** -127, sc)
+            return (w.float().reshape(32, -1, 32) * sc.unsqueeze(-1)).reshape(32, 64).to(torch.bfloat16)
+        return dequantize_weight(w, s, q.fmt, fp6_layout=layout)
+
+    gm = trace(lambda x, w, s: x @ deq(w, s).t(), torch.randn(2, 64, dtype=torch.bfloat16), codes, q.scale)
+    (gemm,) = gemm_nodes(gm.graph)
+    v = recognize_weight(gemm, use_cache=False)
+    assert isinstance(v, WeightVerdict), v.reason
+    assert v.variant.fmt == fmt and v.kernel_supported
+    if fmt.startswith("mxfp6"):
+        assert v.variant.fp6_layout == layout
+    g = torch.Generator().manual_seed(5)
+    w2 = torch.randint(0, 256, tuple(codes.shape), generator=g, dtype=torch.int64).to(torch.uint8)
+    if fmt == "mxfp6_e3m2" and layout == "unpacked":
+        w2 = w2 & 0x3F
+    w2 = w2.view(codes.dtype)
+    s2 = torch.randint(0, 256, tuple(q.scale.shape), generator=g, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(deq(w2, s2).view(torch.int16), v.reference(w2, s2).mT.view(torch.int16))

@@ -92,7 +92,8 @@ class WeightVariant:
         c = codes.view(torch.uint8)
         if fmt.pack_bits == 4 and self.nibble_order == "high_first":
             c = ((c & 0x0F) << 4) | (c >> 4)
-        codes_u = unpack(c, fmt.pack_bits, fp6_layout=self.fp6_layout)
+        codes_u = unpack(c, fmt.pack_bits, fp6_layout=self.fp6_layout) if fmt.pack_bits != 6 or \
+            self.fp6_layout != "unpacked" else c & 0x3F
         v = _table(fmt.element.name, "element")[codes_u.long()]
         vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
         sb = scale.view(torch.uint8).long()
@@ -124,10 +125,11 @@ def weight_variants(bits: int, block: int, has_alpha: bool, out_dtype: torch.dty
     """Every known decode of `bits`-bit elements in blocks of `block` with/without a float scale."""
     out = []
     for fmt in FORMATS.values():
-        if fmt.pack_bits != bits or fmt.block_size != block:
+        fp6_unpacked = fmt.pack_bits == 6 and bits == 8  # one FP6 code per byte (torchao)
+        if (fmt.pack_bits != bits and not fp6_unpacked) or fmt.block_size != block:
             continue
         nibbles = ("low_first", "high_first") if bits == 4 else ("low_first",)
-        layouts = ("quark", "unpacked") if bits == 6 else ("quark",)
+        layouts = ("unpacked",) if fp6_unpacked else ("quark",)
         readers = list(itertools.product(("nan", "inf"), ("pow2", "zero"))) if fmt.is_mx else [("nan", "pow2")]
         if has_alpha:
             orders = ("scale_alpha", "value_scale_alpha", "scale_over_global")
