@@ -52,7 +52,7 @@ def _near(name, reason, make, part, variant=MX_FLOOR, kind="linear", dtypes=(tor
 
 
 ENTRIES = [
-    _near("tie_half_up", "E2M1 ties rounded toward +inf (floor(y + 0.5)), not to even", _spelled(round="half_up"), "act", smoke=True),
+    _near("tie_half_up", "E2M1 ties rounded toward +inf (floor(y + 0.5)), not to even", _spelled(round="half_up"), "act"),
     _near("nibble_swap", "element 2j read from the HIGH nibble (low/high swapped)", _spelled(unpack="swapped"), "weights", smoke=True),
     _near("block24", "activation blocks of 24 elements (weights still 32); K = 96", _spelled(K=96, block=24), "act"),
     _near("emax1", "block exponent floor(log2 amax) - 1 instead of - 2 (E2M1 emax)", _spelled(emax=1), "act"),

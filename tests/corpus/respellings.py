@@ -153,7 +153,7 @@ ENTRIES = [
         "written here: vLLM's torch NVFP4 QDQ with a torch.where chain + copysign instead of masked "
         "assignment * sign, where() reciprocal guard, a 16-entry signed LUT for weights",
         Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref"}, act_global="static"),
-        make_vllm_resp, dtypes=(torch.bfloat16, torch.float32),
+        make_vllm_resp, dtypes=(torch.bfloat16, torch.float32), compile_smoke=False,
     ),
     CorpusEntry(
         "resp_moe_chunk", "moe", "respelling",

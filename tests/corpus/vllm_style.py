@@ -88,6 +88,82 @@ def ref_nvfp4_quant_dequant(x, global_scale, block_size=16):
     return out.reshape(m, n).to(x.dtype)
 
 
+# --- MXFP4 (vLLM's torch twin of Quark's HIP kernels, tests/quantization/reference_mxfp4.py):
+# everything in the 16-bit activation dtype, on its bit patterns ------------------------
+
+
+def e8m0_to_half(scale, half_dtype):
+    return (2.0 ** ((scale.to(torch.int16) - 127).to(torch.float))).to(half_dtype)
+
+
+def upcast_fp4_to_bf16(val):
+    codes = torch.zeros(*val.shape[:-1], val.shape[-1] * 2, dtype=torch.uint8)
+    codes[..., ::2] = val & 0x0F
+    codes[..., 1::2] = (val >> 4) & 0x0F
+    c = codes.to(torch.int32)
+    sign, e, m = c >> 3, (c >> 1) & 3, c & 1
+    exp = torch.where(e == 0, m * 126, e - 1 + 127)  # b0001 is 0.5 = 2^-1, b0000 is 0
+    mant = torch.where(e == 0, torch.zeros_like(m), m << 6)
+    return ((sign << 15) | (exp << 7) | mant).to(torch.uint16).view(torch.bfloat16)
+
+
+def dq_mxfp4_torch(x, scale, float_dtype=torch.bfloat16):
+    v = upcast_fp4_to_bf16(x).reshape(*x.shape[:-1], -1, 32)
+    return (v * e8m0_to_half(scale, torch.bfloat16)[..., None]).reshape(*x.shape[:-1], -1).to(float_dtype)
+
+
+def bf16_to_fp4_simulate(v):
+    """RNE to E2M1 on bf16 bits: significand shifted by the E2M1 step's exponent."""
+    b = v.view(torch.int16).to(torch.int32) & 0xFFFF
+    sign, exp, mant = b >> 15, (b >> 7) & 0xFF, b & 0x7F
+    sig = torch.where(exp > 0, mant | 0x80, mant)
+    e = torch.where(exp > 0, exp - 127, torch.full_like(exp, -126))
+    k = e.clamp(min=0) - 1  # E2M1 step 2^k: 0.5 below 2, 1 in [2, 4), 2 from 4
+    shift = (6 + e.clamp(min=0) - e).clamp(max=15)
+    r = sig >> shift
+    rem = sig & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    r = r + ((rem > half) | ((rem == half) & ((r & 1) == 1))).to(torch.int32)
+    out = torch.clamp(r.to(torch.float32) * torch.exp2(k.to(torch.float32)), max=6.0).to(torch.bfloat16)
+    return torch.where(sign == 1, -out, out)
+
+
+def qdq_mxfp4_torch(x, scale_calculation_mode="even"):
+    half_dtype = x.dtype
+    x = x.reshape(*x.shape[:-1], -1, 32)
+    block_max = torch.max(torch.abs(x), dim=-1).values
+    bits = (block_max.view(torch.int16).to(torch.int32) & 0xFFFF) + (1 << 5)  # round to 1 mantissa bit
+    block_max = (bits & (0x1FF << 7)).to(torch.uint16).view(half_dtype)
+    scale_exp = 127 + torch.floor(torch.log2(block_max.float())).clamp(min=-300).to(torch.int32) - 2
+    scale = (2.0 ** (torch.clamp(scale_exp, 0, 254) - 127)).to(half_dtype)
+    x = x / scale[..., None]
+    x_fp4 = bf16_to_fp4_simulate(x) * scale[..., None]
+    return x_fp4.reshape(*x_fp4.shape[:-2], -1)
+
+
+class VllmMXFP4Linear(nn.Module):
+    """vLLM's OCP-MX emulation of w_mxfp4_a_mxfp4 for a linear: dequant the weight to the
+    activation dtype, QDQ the activation, plain matmul."""
+
+    def __init__(self, w):
+        super().__init__()
+        q = quantize(w, "mxfp4", scale_mode="even")
+        self.register_buffer("weight", q.qdata)
+        self.register_buffer("weight_scale", q.scale)
+
+    def act_qdq(self, x):
+        return qdq_mxfp4_torch(x)
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        return {"weight": dq_mxfp4_torch(self.weight, self.weight_scale, dtype)}
+
+    def forward(self, x):
+        return F.linear(qdq_mxfp4_torch(x), dq_mxfp4_torch(self.weight, self.weight_scale, x.dtype))
+
+    def emu_view(self):
+        return {"weight": qtensor("mxfp4", self.weight, self.weight_scale)}
+
+
 def _checkpoint(w, gs_quant_dir):
     q = quantize(w, "nvfp4", recipe="vllm", global_scale=gs_quant_dir)
     return q.qdata, q.scale
@@ -174,6 +250,11 @@ def make_linear(seed, dtype):
     return VllmNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
 
 
+def make_mx_linear(seed, dtype):
+    g = gen(seed)
+    return VllmMXFP4Linear(weight(g, 2 * I, H, dtype=dtype)), (tokens(seed, 5, H, dtype),)
+
+
 def make_moe(seed, dtype):
     g = gen(seed)
     m = VllmNVFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype),
@@ -188,6 +269,13 @@ ENTRIES = [
         Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
         make_linear, dtypes=(torch.bfloat16, torch.float32),
         fused_today="mxemu::linear with act_kind none: weight dequant + GEMM fused, activation QDQ left as written",
+    ),
+    CorpusEntry(
+        "vllm_mxfp4_linear", "linear", "vllm",
+        "rewritten: vLLM tests/quantization/reference_mxfp4.py (qdq_mxfp4_torch / dq_mxfp4_torch, the torch "
+        "twin of Quark's HIP kernels that vLLM's OCP-MX emulation calls), bf16 bit arithmetic",
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even"}),
+        make_mx_linear, compile_smoke=False,
     ),
     CorpusEntry(
         "vllm_nvfp4_moe", "moe", "vllm", _SRC + ", tests torch_moe",
