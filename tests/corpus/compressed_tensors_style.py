@@ -19,7 +19,7 @@ from compressed_tensors.quantization.lifecycle.forward import forward_quantize, 
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 
 def _compress(w: torch.Tensor, scheme, group: int):
@@ -119,12 +119,13 @@ class CTMXFP4MoE(nn.Module):
 
 def make_linear(seed, dtype):
     g = gen(seed)
-    return CTNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
+    m = CTNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
 
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = CTMXFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    m = CTMXFP4MoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
@@ -135,14 +136,16 @@ ENTRIES = [
         "ct_nvfp4_linear", "linear", "compressed-tensors",
         "installed compressed-tensors 0.20: NVFP4PackedCompressor.decompress, forward_quantize, "
         "calculate_qparams, generate_gparam, pack_fp4_to_uint8",
-        Variant(WeightVariant("nvfp4", "q*(s/g)", recipe="compressed_tensors"), act={"fmt": "nvfp4", "recipe": "compressed_tensors"},
+        Variant(WeightVariant("nvfp4", "q*(s/g)", recipe="compressed_tensors"),
+                act={"fmt": "nvfp4", "recipe": "compressed_tensors"},
                 act_global="static"),
         make_linear, compile_note=_DECOMPRESS_NOTE + " (measured: 3 graph breaks, 4 graphs)",
     ),
     CorpusEntry(
         "ct_mxfp4_moe", "moe", "compressed-tensors",
         "installed compressed-tensors 0.20: MXFP4PackedCompressor.decompress, forward_quantize, compress_mx_scale",
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "lt0"}),
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
+                act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "lt0"}),
         make_moe, compile_smoke=False,
         compile_note=_DECOMPRESS_NOTE + "; torch.unique counts .tolist() graph-breaks (data-dependent loop). "
                      "Measured: 9 graph breaks, 14 graphs, 44 s, no fusion; left out of the compile test for time",

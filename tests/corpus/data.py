@@ -17,6 +17,11 @@ def weight(g: torch.Generator, *shape, dtype=torch.bfloat16, spread: float = 1.0
     return w.to(dtype)
 
 
+def moe_weights(g: torch.Generator, E: int, H: int, I: int, dtype=torch.bfloat16):
+    """(router [E, H], w13 [E, 2I, H] gate rows then up rows, w2 [E, H, I])."""
+    return weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype)
+
+
 def tokens(seed: int, T: int, K: int, dtype=torch.bfloat16) -> torch.Tensor:
     g = gen(seed + 1000)
     return (torch.randn(T, K, generator=g) * torch.exp2(torch.randn(T, 1, generator=g))).to(dtype)

@@ -15,7 +15,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from emu_inductor.formats import quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 
 _GATE_THEN_UP = torch.cat([torch.arange(0, 2 * I, 2), torch.arange(1, 2 * I, 2)])
@@ -97,7 +97,7 @@ def make_linear(seed, dtype):
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = GptOssMXFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    m = GptOssMXFP4MoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
@@ -105,7 +105,8 @@ ENTRIES = [
     CorpusEntry(
         "gptoss_mxfp4_linear", "linear", "transformers",
         "installed transformers 5.24: integrations.mxfp4.convert_moe_packed_tensors",
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_linear, dtypes=(torch.bfloat16, torch.float32),
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_linear,
+        dtypes=(torch.bfloat16, torch.float32),
         exact_gemm=False, plumbing="x @ W with W [K, N] from convert_moe_packed_tensors (not F.linear)",
     ),
     CorpusEntry(

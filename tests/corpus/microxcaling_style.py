@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from emu_inductor.formats import quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 FP32_MIN_NORMAL = 2 ** (-126)
 # ElemFormat.fp4: ebits, mbits (sign and implicit bit included), emax, max_norm
@@ -113,7 +113,8 @@ class MXDenseMoE(nn.Module):
         return _quantize_mx(x, round=self.round)
 
     def dequantized_weights(self, dtype=torch.bfloat16):
-        return {"w13": dequant_mxfp4(self.w13_q, self.w13_e8m0, dtype), "w2": dequant_mxfp4(self.w2_q, self.w2_e8m0, dtype)}
+        return {"w13": dequant_mxfp4(self.w13_q, self.w13_e8m0, dtype),
+                "w2": dequant_mxfp4(self.w2_q, self.w2_e8m0, dtype)}
 
     def forward(self, x):
         T = x.shape[0]
@@ -140,7 +141,7 @@ def make_linear(seed, dtype):
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = MXDenseMoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    m = MXDenseMoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
@@ -151,13 +152,15 @@ _LOG2 = ("emu_inductor has no scale_mode for microxcaling's floor(log2(amax)) ta
 ENTRIES = [
     CorpusEntry(
         "microxcaling_mx_linear", "linear", "microxcaling", _SRC + ", round='even'",
-        Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor", "signed_zero": "lt0"}),
+        Variant(WeightVariant("mxfp4"),
+                act={"fmt": "mxfp4", "scale_mode": "floor", "signed_zero": "lt0"}),
         make_linear, dtypes=(torch.float32,),
         xfail={"act": _LOG2},
     ),
     CorpusEntry(
         "microxcaling_mx_moe", "moe", "microxcaling", _SRC + ", round='nearest' (default)",
-        Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor", "rounding": "half_away", "signed_zero": "lt0"}),
+        Variant(WeightVariant("mxfp4"),
+                act={"fmt": "mxfp4", "scale_mode": "floor", "rounding": "half_away", "signed_zero": "lt0"}),
         make_moe, xfail={"act": _LOG2}, compile_smoke=False,
         compile_note="compiles to one graph (measured 23-25 s), no fusion; left out of the compile test for time",
         plumbing="dense over all experts: expand + bmm over E, chunk(2), dense [T,E] routing by scatter, sum over E",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from modelopt.torch.quantization.qtensor import MXFP4QTensor, NVFP4QTensor
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 
 def nvfp4_qdq(x, scale_2):
@@ -99,12 +99,13 @@ class ModelOptMXFP4MoE(nn.Module):
 
 def make_linear(seed, dtype):
     g = gen(seed)
-    return ModelOptNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
+    m = ModelOptNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
 
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = ModelOptMXFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    m = ModelOptMXFP4MoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
@@ -112,7 +113,8 @@ ENTRIES = [
     CorpusEntry(
         "modelopt_nvfp4_linear", "linear", "modelopt",
         "installed nvidia-modelopt 0.47: NVFP4QTensor.quantize / .dequantize (weight and activation)",
-        Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="modelopt"), act={"fmt": "nvfp4", "recipe": "modelopt", "signed_zero": "positive"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="modelopt"),
+                act={"fmt": "nvfp4", "recipe": "modelopt", "signed_zero": "positive"}, act_global="static"),
         make_linear,
     ),
     CorpusEntry(

@@ -42,7 +42,8 @@ class Bf16ScaleVllmLinear(V.VllmNVFP4Linear):
 
 def make_bf16_scale(seed, dtype):
     g = gen(seed)
-    return Bf16ScaleVllmLinear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
+    m = Bf16ScaleVllmLinear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
 
 
 def _near(name, reason, make, part, variant=MX_FLOOR, kind="linear", dtypes=(torch.bfloat16,), smoke=False,
@@ -52,17 +53,20 @@ def _near(name, reason, make, part, variant=MX_FLOOR, kind="linear", dtypes=(tor
 
 
 ENTRIES = [
-    _near("tie_half_up", "E2M1 ties rounded toward +inf (floor(y + 0.5)), not to even", _spelled(round="half_up"), "act"),
-    _near("nibble_swap", "element 2j read from the HIGH nibble (low/high swapped)", _spelled(unpack="swapped"), "weights", smoke=True),
+    _near("tie_half_up", "E2M1 ties rounded toward +inf (floor(y + 0.5)), not to even",
+          _spelled(round="half_up"), "act"),
+    _near("nibble_swap", "element 2j read from the HIGH nibble (low/high swapped)",
+          _spelled(unpack="swapped"), "weights", smoke=True),
     _near("block24", "activation blocks of 24 elements (weights still 32); K = 96", _spelled(K=96, block=24), "act"),
     _near("emax1", "block exponent floor(log2 amax) - 1 instead of - 2 (E2M1 emax)", _spelled(emax=1), "act"),
     _near("e8m0_bias128", "E8M0 weight scale decoded as 2^(u - 128)", _spelled(wscale="bias128"), "weights"),
     _near("floor_log2_fp32", "floor(log2(amax)) in fp32 on fp32 inputs: amax one ulp below 2^k gets exponent k "
           "(the same code is a respelling for bf16 inputs)", _spelled(scale_exp="floor_log2"), "act",
           dtypes=(torch.float32,)),
-    _near("nvfp4_bf16_scale", "NVFP4 block scale gs * (amax * 1/6) computed in bf16 instead of fp32", make_bf16_scale, "act", smoke=True,
+    _near("nvfp4_bf16_scale", "NVFP4 block scale gs * (amax * 1/6) computed in bf16 instead of fp32",
+          make_bf16_scale, "act", smoke=True,
           fused_today="mxemu::linear with act_kind none (the vLLM weight side, correctly; the bf16-scale QDQ is left)",
-          variant=Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref"},
+          variant=Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"},
                           act_global="static")),
     _near("moe_tie_half_up", "the chunk(2) reference-skeleton MoE with ties rounded toward +inf",
           functools.partial(make_chunk_moe, round="half_up"), "act", kind="moe"),

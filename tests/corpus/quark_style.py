@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from emu_inductor.formats import quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 FP4_EBITS, FP4_MBITS, FP4_EMAX, FP4_MAX = 2, 1, 2, 6.0
 
@@ -124,7 +124,8 @@ class QuarkMXFP4MoE(nn.Module):
         return fake_quantize_mx(x)
 
     def dequantized_weights(self, dtype=torch.bfloat16):
-        return {n: dq_mxfp4(getattr(self, n + "_weight"), getattr(self, n + "_weight_scale"), dtype) for n in ("w13", "w2")}
+        return {n: dq_mxfp4(getattr(self, n + "_weight"), getattr(self, n + "_weight_scale"), dtype)
+                for n in ("w13", "w2")}
 
     def forward(self, x):
         w, ids = self.route(x)
@@ -140,7 +141,8 @@ class QuarkMXFP4MoE(nn.Module):
         return out.to(x.dtype)
 
     def emu_view(self):
-        return {n: qtensor("mxfp4", getattr(self, n + "_weight"), getattr(self, n + "_weight_scale")) for n in ("w13", "w2")}
+        return {n: qtensor("mxfp4", getattr(self, n + "_weight"), getattr(self, n + "_weight_scale"))
+                for n in ("w13", "w2")}
 
 
 def make_linear(seed, dtype):
@@ -150,7 +152,7 @@ def make_linear(seed, dtype):
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = QuarkMXFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    m = QuarkMXFP4MoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
@@ -159,12 +161,14 @@ _SRC = ("rewritten: amd-quark 0.13 hw_emulation_interface.fake_quantize_mx, quan
 ENTRIES = [
     CorpusEntry(
         "quark_mxfp4_linear", "linear", "amd-quark", _SRC,
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "positive"}),
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
+                act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "positive"}),
         make_linear, dtypes=(torch.bfloat16, torch.float32),
     ),
     CorpusEntry(
         "quark_mxfp4_moe", "moe", "amd-quark", _SRC,
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "positive"}),
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
+                act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "positive"}),
         make_moe, compile_smoke=False,
         compile_note="nonzero() row lists are data-dependent (measured: 7 graphs, 51 s, no fusion); "
                      "left out of the compile test for time",

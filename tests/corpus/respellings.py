@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emu_inductor.formats import quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
 from . import vllm_style as V
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 from .spellings import SpelledMXLinear
 
 MX_FLOOR = Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor"})
@@ -74,7 +73,8 @@ class RespelledVllmLinear(V.VllmNVFP4Linear):
 
 def make_vllm_resp(seed, dtype):
     g = gen(seed)
-    return RespelledVllmLinear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
+    m = RespelledVllmLinear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
 
 
 # --- MoE: emu_inductor's own reference skeleton, gate/up by chunk(2, -1) --------------
@@ -126,7 +126,7 @@ class ChunkedMXMoE(nn.Module):
 
 def make_chunk_moe(seed, dtype, **slots):
     g = gen(seed)
-    m = ChunkedMXMoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype),
+    m = ChunkedMXMoE(*moe_weights(g, E, H, I, dtype),
                      **slots)
     return m, (tokens(seed, 5, H, dtype),)
 

@@ -18,7 +18,7 @@ from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
 from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 FP4 = torch.float4_e2m1fn_x2
 
@@ -103,14 +103,15 @@ def make_linear(seed, dtype):
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = TorchaoNVFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype))
+    m = TorchaoNVFP4MoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
 ENTRIES = [
     CorpusEntry(
         "torchao_mx_linear", "linear", "torchao", "installed torchao 0.18: to_mx, to_dtype (FLOOR)",
-        Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor"}),
+        Variant(WeightVariant("mxfp4"),
+                act={"fmt": "mxfp4", "scale_mode": "floor"}),
         make_linear, dtypes=(torch.bfloat16, torch.float32),
         compile_smoke=False,
         compile_note="to_mx returns float8_e8m0fnu scales (kept as a buffer) and builds one for the activation: "
@@ -121,7 +122,8 @@ ENTRIES = [
         "torchao_nvfp4_moe", "moe", "torchao",
         "installed torchao 0.18: nvfp4_quantize (single level), moe_training "
         "_emulated_nvfp4_scaled_grouped_mm_2d_3d / _nvfp4_dequantize",
-        Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="torchao"), act={"fmt": "nvfp4", "recipe": "torchao"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="torchao"),
+                act={"fmt": "nvfp4", "recipe": "torchao"}, act_global="static"),
         make_moe, compile_smoke=False,
         compile_note="compiles (measured 106 s, 1 graph break at torch.bincount's data-dependent output size); "
                      "no fusion; left out of the compile test for time",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from emu_inductor.formats import quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
-from .data import gen, qtensor, tokens, weight
+from .data import gen, moe_weights, qtensor, tokens, weight
 
 FLOAT4_E2M1_MAX = 6.0
 FLOAT8_E4M3_MAX = 448.0
@@ -247,7 +247,8 @@ class VllmNVFP4MoE(nn.Module):
 
 def make_linear(seed, dtype):
     g = gen(seed)
-    return VllmNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (tokens(seed, 5, H, dtype),)
+    m = VllmNVFP4Linear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
 
 
 def make_mx_linear(seed, dtype):
@@ -257,7 +258,7 @@ def make_mx_linear(seed, dtype):
 
 def make_moe(seed, dtype):
     g = gen(seed)
-    m = VllmNVFP4MoE(weight(g, E, H, dtype=dtype), weight(g, E, 2 * I, H, dtype=dtype), weight(g, E, H, I, dtype=dtype),
+    m = VllmNVFP4MoE(*moe_weights(g, E, H, I, dtype),
                      tokens(seed + 50, 8, H, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
@@ -266,7 +267,8 @@ _SRC = "rewritten: vLLM nvfp4_emulation_utils torch path (ref_nvfp4_quant, dequa
 ENTRIES = [
     CorpusEntry(
         "vllm_nvfp4_linear", "linear", "vllm", _SRC,
-        Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*a)"),
+                act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
         make_linear, dtypes=(torch.bfloat16, torch.float32),
         fused_today="mxemu::linear with act_kind none: weight dequant + GEMM fused, activation QDQ left as written",
     ),
@@ -274,12 +276,14 @@ ENTRIES = [
         "vllm_mxfp4_linear", "linear", "vllm",
         "rewritten: vLLM tests/quantization/reference_mxfp4.py (qdq_mxfp4_torch / dq_mxfp4_torch, the torch "
         "twin of Quark's HIP kernels that vLLM's OCP-MX emulation calls), bf16 bit arithmetic",
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "even"}),
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
+                act={"fmt": "mxfp4", "scale_mode": "even"}),
         make_mx_linear, compile_smoke=False,
     ),
     CorpusEntry(
         "vllm_nvfp4_moe", "moe", "vllm", _SRC + ", tests torch_moe",
-        Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "q*(s*a)"),
+                act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
         make_moe, compile_note="boolean-mask row selection a1[mask] / out[mask] = ... is data-dependent "
                                "(measured: 5 graphs, 26-33 s, no fusion); left out of the compile test for time",
         compile_smoke=False,
