@@ -9,6 +9,8 @@ passes (which call the ops only as torch.ops.mxemu.*) <- backend <- explain / de
 
 from __future__ import annotations
 
+import importlib as _importlib
+
 from .formats import (
     FORMATS,
     MXFP4,
@@ -44,9 +46,7 @@ def __getattr__(name: str):
     mod_name = _LAZY.get(name)
     if mod_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module = importlib.import_module(f"{__name__}.{mod_name}")
+    module = _importlib.import_module(f"{__name__}.{mod_name}")
     return module if name == mod_name else getattr(module, name)
 
 
