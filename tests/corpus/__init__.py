@@ -23,7 +23,8 @@ What an entry promises, checked by tests/test_corpus_eager.py and test_corpus_co
   * `compile_smoke`: compiled by test_corpus_compile.py (kept few: 3-30 s per compile on
     2 shared cores; entries left out say why in `compile_note`).
   * `xfail`: {aspect: measured disagreement} between the library and emu_inductor.formats
-    (aspects: "layer", "act" (values), "act_sign" (sign of zero), "weights", "weights_sign");
+    (aspects: "layer", "act" (values), "act_sign" (sign of zero), "weights", "weights_sign";
+    "aspect@float32" limits one to a dtype);
     that aspect's eager test is xfail(strict=True), so it flips when the variant is fixed.
   * `compile_note`: what stops Dynamo/Inductor before any match could happen.
 

@@ -15,7 +15,7 @@ from torchao.prototype.moe_training.nvfp4_grouped_mm import (
 )
 from torchao.prototype.mx_formats.config import ScaleCalculationMode
 from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
-from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize
+from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
 from .data import gen, moe_weights, qtensor, tokens, weight
@@ -44,6 +44,34 @@ class TorchaoMXLinear(nn.Module):
 
     def emu_view(self):
         return {"weight": qtensor("mxfp4", self.w_qdata, self.w_scale.view(torch.uint8))}
+
+
+class TorchaoNVFP4TwoLevelLinear(nn.Module):
+    """Two-level NVFP4 with per-tensor scales (amax / 2688, calibrated), dequantized by the
+    moe_training helper with `per_tensor_scale=`: ((q * s) * pts), the product order of
+    torchao's emulated grouped GEMMs (NVFP4Tensor.dequantize forms pts * s first)."""
+
+    def __init__(self, w, x_calib):
+        super().__init__()
+        self.register_buffer("w_pts", per_tensor_amax_to_scale(w.abs().amax()))
+        self.register_buffer("x_pts", per_tensor_amax_to_scale(x_calib.abs().amax()))
+        scale, data = nvfp4_quantize(w, 16, self.w_pts)
+        self.register_buffer("w_data", data)
+        self.register_buffer("w_scale", scale)
+
+    def act_qdq(self, x):
+        s, d = nvfp4_quantize(x.contiguous(), 16, self.x_pts)
+        return _nvfp4_dequantize(d, s, 16, per_tensor_scale=self.x_pts, output_dtype=x.dtype)
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        return {"weight": _nvfp4_dequantize(self.w_data, self.w_scale, 16, per_tensor_scale=self.w_pts,
+                                            output_dtype=dtype)}
+
+    def forward(self, x):
+        return F.linear(self.act_qdq(x), self.dequantized_weights(x.dtype)["weight"])
+
+    def emu_view(self):
+        return {"weight": qtensor("nvfp4", self.w_data, self.w_scale, self.w_pts), "a1_global": self.x_pts}
 
 
 class TorchaoNVFP4MoE(nn.Module):
@@ -101,12 +129,21 @@ def make_linear(seed, dtype):
     return m, (tokens(seed, 5, H, dtype),)
 
 
+def make_two_level(seed, dtype):
+    g = gen(seed)
+    m = TorchaoNVFP4TwoLevelLinear(weight(g, 2 * I, H, dtype=dtype), tokens(seed + 50, 8, H, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
+
+
 def make_moe(seed, dtype):
     g = gen(seed)
     m = TorchaoNVFP4MoE(*moe_weights(g, E, H, I, dtype))
     return m, (tokens(seed, 5, H, dtype),)
 
 
+_QSG = ("emu_inductor.formats has no NVFP4 dequant product (q*s)*g (torchao's moe_training _nvfp4_dequantize "
+        "with per_tensor_scale); the nearest, recipe torchao's q*(g*s), agrees after rounding to bf16 but in fp32 "
+        "differs on 4023/32768 weights and 5332/12608 activation probe values (measured)")
 ENTRIES = [
     CorpusEntry(
         "torchao_mx_linear", "linear", "torchao", "installed torchao 0.18: to_mx, to_dtype (FLOOR)",
@@ -117,6 +154,14 @@ ENTRIES = [
         compile_note="to_mx returns float8_e8m0fnu scales (kept as a buffer) and builds one for the activation: "
                      "Inductor's CPU codegen fails with InductorError KeyError: torch.float8_e8m0fnu "
                      "(measured: 67 s to fail), so nothing can match until the fused replacement removes the dtype",
+    ),
+    CorpusEntry(
+        "torchao_nvfp4_linear_two_level", "linear", "torchao",
+        "installed torchao 0.18: nvfp4_quantize (two level), per_tensor_amax_to_scale, "
+        "moe_training _nvfp4_dequantize(per_tensor_scale=)",
+        Variant(WeightVariant("nvfp4", "(q*s)*g"), act={"fmt": "nvfp4", "recipe": "torchao"}, act_global="static"),
+        make_two_level, dtypes=(torch.bfloat16, torch.float32), compile_smoke=False,
+        xfail={k: _QSG for k in ("layer", "weights", "weights_sign", "act@float32")},
     ),
     CorpusEntry(
         "torchao_nvfp4_moe", "moe", "torchao",
