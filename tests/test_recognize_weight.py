@@ -183,7 +183,7 @@ def test_value_scale_alpha_order():
 def test_torchao_bf16_product_equals_the_fp32_decode():
     w, s, _ = leaves(5, K=128, fmt=MXFP4)
     v = check(deq_mx_torchao_bf16, (w, s), expect_fmt="mxfp4")
-    assert v.kernel_supported and v.variant.compute_dtype == "fp32"
+    assert v.kernel_supported and v.variant.compute_dtype == "fp32"  # the same function (exact products)
 
 
 def test_exponent_bits_reader_recognised_but_not_fused():

@@ -27,7 +27,7 @@ from .extract import extract, real_mode
 from .leaves import known_value, table_hypotheses
 from .resize import plan as make_plan
 from .shapes import concrete_shape
-from .structure import check_activation_cone, constant_nodes, packet_name
+from .structure import check_activation_cone, constant_nodes, packet_name, value_preserving
 from .variants import ActVariant, act_variants
 from .verdict import ActVerdict, Guard, Rejection
 
@@ -84,7 +84,7 @@ def _scalar_candidates(cone: ActCone, leaves: list) -> list:
         if ins and any(a in derived for a in ins) and all(a in derived or a.op == "get_attr" or (
                 a.op == "call_function" and not any(x.op == "placeholder" for x in a.all_input_nodes)) for a in ins):
             derived.add(n)
-            if _is_scalar_float(n) and _val(n).dtype == torch.float32:
+            if _is_scalar_float(n) and _val(n).dtype == torch.float32 and not value_preserving(n):
                 out.append(n)
     return out
 
@@ -109,7 +109,7 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
         else:
             others.append(leaf)
     hyps = []
-    for gs in [None] + _scalar_candidates(cone, scalars):
+    for gs in [None] + _scalar_candidates(cone, scalars)[::-1]:  # nearest its use first
         sub = cone
         if gs is not None and gs not in cone.leaves:
             c = cut(cone, [gs])
@@ -199,22 +199,19 @@ def _lay(blocks: torch.Tensor, shape: list, bs: int) -> list:
 
 
 def _describe(label: str, X: torch.Tensor, got, ref, i: int, bs: Optional[int]) -> str:
+    return _describe_at(label, X, got, ref.reshape(-1)[i].item(), i, bs)
+
+
+def _describe_at(label: str, X: torch.Tensor, got, ref_value, i: int, bs: Optional[int]) -> str:
     xf = X.reshape(-1)
     if bs:
         b = i // bs
-        blk = xf[b * bs:(b + 1) * bs].float()
-        amax = blk.abs().max().item()
+        amax = xf[b * bs:(b + 1) * bs].float().abs().max().item()
         where = f"probe '{label}', element {i % bs} of its block (block amax {amax:.9g})"
     else:
         where = f"probe '{label}', element {i}"
     return (f"{where}: x = {xf[i].item()!r}, graph gives {got.reshape(-1)[i].item()!r}, "
-            f"variant gives {ref.reshape(-1)[i].item()!r}")
-
-
-def _describe_at(label, X, got, ref_value, i, bs) -> str:
-    ref = got.reshape(-1).clone()
-    ref[i] = ref_value
-    return _describe(label, X, got, ref, i, bs)
+            f"variant gives {float(ref_value)!r}")
 
 
 def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
@@ -275,7 +272,7 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
                         b = start + i // bs
                         label = (pb.labels[b] if b < len(pb.labels) else "padding") + \
                             (f", global scale {g:g}" if g is not None else "")
-                        ref_el = var.reference(X[..., row * 8:row * 8 + 1, :], st).reshape(-1)[col]
+                        ref_el = var.reference(X[..., row * 8:row * 8 + 1, :], st).reshape(-1)[col].item()
                         separated.append((var, _describe_at(label, X, got, ref_el, i, bs), (-8 * n, gi, start + i)))
                     alive = keep
                 keep = []

@@ -22,6 +22,7 @@ rejection can say which probe told two functions apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Optional
 
@@ -53,7 +54,7 @@ class WeightRound:
     alpha: Optional[torch.Tensor]  # float32 or None
 
 
-def weight_rounds(codes_shape, scale_shape, alpha_shape, *, seed: int = 0, random_rounds: int = 2,
+def weight_rounds(codes_shape, scale_shape, alpha_shape, *, seed: int = 0, random_rounds: int = 1,
                   max_rounds: int = 4096) -> Iterator[WeightRound]:
     """Rounds of probe leaves (see the module docstring). Raises ValueError when full
     coverage would take more than `max_rounds` rounds (the cone could not be resized)."""
@@ -217,7 +218,13 @@ def _random_blocks(b: _Builder, n: int):
 def act_blocks(bs: int, dtype, elements, *, global_scale: Optional[float] = None, seed: int = 0,
                random_blocks: int = 256) -> ActBlocks:
     """Probe blocks for block size `bs` in `dtype`, separating the variants of `elements`
-    (ElementSpecs). NVFP4 (E4M3 block scales) needs `global_scale`."""
+    (ElementSpecs). NVFP4 (E4M3 block scales) needs `global_scale`. Built once per
+    process and argument set (callers must not modify the tensors)."""
+    return _act_blocks(bs, dtype, tuple(elements), global_scale, seed, random_blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _act_blocks(bs, dtype, elements, global_scale, seed, random_blocks) -> ActBlocks:
     b = _Builder(bs, dtype, seed)
     nvfp4 = global_scale is not None
     ks = (-20, -3, 0, 4, 20)
@@ -250,7 +257,13 @@ def act_blocks(bs: int, dtype, elements, *, global_scale: Optional[float] = None
 
 
 def fp8_tensors(shape, dtype, *, seed: int = 0) -> list:
-    """[(label, tensor of `shape` in dtype)] separating per-tensor fp8 QDQ spellings."""
+    """[(label, tensor of `shape` in dtype)] separating per-tensor fp8 QDQ spellings
+    (built once per process and argument set)."""
+    return _fp8_tensors(tuple(shape), dtype, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _fp8_tensors(shape, dtype, seed) -> list:
     gen = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
     out = []

@@ -35,6 +35,8 @@ __all__ = [
     "op_kind",
     "check_weight_cone",
     "check_activation_cone",
+    "value_preserving",
+    "constant_nodes",
 ]
 
 aten = torch.ops.aten
@@ -186,6 +188,20 @@ def _reduction_ok(node: Node) -> Optional[str]:
             return None
         return f"reduction {node.name} over a last dim of size {size} (> {MAX_REDUCED_DIM}: not a block)"
     return f"reduction {node.name} over dims {dims} of a {nd}-d tensor (only the last dim or all dims)"
+
+
+def value_preserving(node: Node) -> bool:
+    """A layout op, clone or same-dtype cast: its values are its input's values."""
+    if node.op != "call_function":
+        return False
+    kind = op_kind(node)
+    if kind == "layout":
+        return True
+    name = packet_name(node.target)
+    if name in ("aten.clone", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "prims.convert_element_type"):
+        src, out = _val(node.args[0]), _val(node)
+        return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype
+    return False
 
 
 def constant_nodes(nodes, leaves_with_values: set[Node]) -> set[Node]:

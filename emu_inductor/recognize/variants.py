@@ -135,7 +135,9 @@ def weight_variants(bits: int, block: int, has_alpha: bool, out_dtype: torch.dty
             orders = ("scale_alpha", "value_scale_alpha", "scale_over_global")
         else:
             orders = ("none",)
-        computes = ("fp32",) if out_dtype == torch.float32 else ("fp32", "out")
+        # MX products v * 2^k are single roundings of the exact value in any float dtype, so
+        # forming them in the output dtype (torchao) is the same function: one variant.
+        computes = ("fp32",) if out_dtype == torch.float32 or fmt.is_mx else ("fp32", "out")
         for nib, lay, (b255, b0), order, cd in itertools.product(nibbles, layouts, readers, orders, computes):
             out.append(WeightVariant(fmt.name, nib, lay, b255, b0, order, cd))
     return out

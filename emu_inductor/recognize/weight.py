@@ -28,7 +28,7 @@ from .extract import evaluate, extract, real_mode
 from .leaves import known_value, table_hypotheses
 from .resize import plan as make_plan
 from .shapes import concrete_shape
-from .structure import check_weight_cone, constant_nodes, packet_name
+from .structure import check_weight_cone, constant_nodes, packet_name, value_preserving
 from .variants import weight_variants
 from .verdict import Guard, Rejection, WeightVerdict
 
@@ -74,7 +74,8 @@ def _alpha_candidates(cone: Cone, alpha_leaves: list, lead, n_rows) -> list:
                 for a in ins):
             derived.add(n)
             v = _val(n)
-            if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and _alpha_shape_ok(_shape(n), lead, n_rows):
+            if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and _alpha_shape_ok(_shape(n), lead, n_rows) \
+                    and not value_preserving(n):  # a view of a scale is that scale
                 out.append(n)
     return out
 
@@ -134,7 +135,8 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
                     f"(leaves: {_leaf_list(cone.leaves)})")
     if not scale_c:
         return [], f"no leaf looks like block scales [{', '.join(map(str, lead + (N,)))}, K/16 or K/32] for K={K}"
-    a_options = [None] + _alpha_candidates(cone, alpha_c, lead, N)
+    # the scale nearest its use first (1/gs before gs): the graph multiplies by that one
+    a_options = [None] + _alpha_candidates(cone, alpha_c, lead, N)[::-1]
     hyps = []
     for (c, bits) in codes_c:
         for (s, block) in scale_c:
@@ -231,8 +233,20 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
         rounds = P.weight_rounds(cshape2, sshape2, ashape2)
     except ValueError as e:
         return None, None, str(e)
+    def prune(alive, rnd, got, shape):
+        keep = []
+        for var in alive:
+            ref = var.reference(rnd.codes, rnd.scale, rnd.alpha, out_dtype)
+            ref = ref.mT if transpose else ref
+            i = first_difference(got, ref)
+            if i is None:
+                keep.append(var)
+            else:
+                separated.append((var, _describe_weight(rnd, i, got, ref, h, shape, K, transpose)))
+        return keep
+
     with real_mode():
-        for rnd in rounds:
+        for r, rnd in enumerate(rounds):
             args = [rnd.codes.view(cdt), rnd.scale.view(sdt)] + ([rnd.alpha] if h.alpha is not None else [])
             try:
                 got = evaluate(gm, args)
@@ -244,61 +258,43 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
             rs = min(rows, 64)
             if rs < rows and len(alive) > 1:
                 sub = _rows_slice(rnd, rs, transpose, got)
-                keep = []
-                for var in alive:
-                    ref = var.reference(sub.codes, sub.scale, sub.alpha, out_dtype)
-                    ref = ref.mT if transpose else ref
-                    i = first_difference(sub.got, ref)
-                    if i is None:
-                        keep.append(var)
-                    else:
-                        separated.append((var, _describe_weight(sub, i, sub.got, ref, h, cshape2, K)))
-                alive = keep
-            keep = []
-            for var in alive:
-                ref = var.reference(rnd.codes, rnd.scale, rnd.alpha, out_dtype)
-                if transpose:
-                    ref = ref.mT
-                i = first_difference(got, ref)
-                if i is None:
-                    keep.append(var)
-                    continue
-                separated.append((var, _describe_weight(rnd, i, got, ref, h, cshape2, K)))
-            alive = keep
+                alive = prune(alive, sub, sub.got, cshape2)
+            if r == 0 and h.alpha is not None and len(alive) > 1:
+                alive = _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb,
+                                      ashape, out_dtype, cdt, sdt, gm)
+            alive = prune(alive, rnd, got, cshape2)
             if not alive:
                 break
-        # The float scale is not enumerable: products in another order agree with each
-        # other on most scales once rounded to bf16. Evaluate (on a one-block-per-row
-        # narrowed cone where possible) the blocks and scales that separate every pair of
-        # plausible scale spellings.
         if h.alpha is not None and alive:
-            small_new = {f: (1 if f != "rows" else -(-256 // cshape[-1])) for f in new}
-            small = extract(cone, inputs, h.consts, pl, small_new) if small_new else gm
-            c_s = [small_new.get(f"lead{i}", lead_n[i]) for i in range(len(lead))] + \
-                [small_new.get("rows", rows), cshape[-1]]
-            s_s = c_s[:-1] + [nb]
-            a_s = None
-            if ashape is not None:
-                a_s = list(ashape)
-                if math.prod(ashape) != 1:
-                    a_s[0] = c_s[0]
-                    if len(a_s) >= 2 and a_s[1] != 1:
-                        a_s[1] = c_s[-2]
-            for rnd in _separating_rounds(h, c_s, s_s, a_s, out_dtype):
-                got = evaluate(small, [rnd.codes.view(cdt), rnd.scale.view(sdt), rnd.alpha])
-                keep = []
-                for var in alive:
-                    ref = var.reference(rnd.codes, rnd.scale, rnd.alpha, out_dtype)
-                    ref = ref.mT if transpose else ref
-                    i = first_difference(got, ref)
-                    if i is None:
-                        keep.append(var)
-                    else:
-                        separated.append((var, _describe_weight(rnd, i, got, ref, h, c_s, K)))
-                alive = keep
-                if not alive:
-                    break
+            alive = _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb, ashape,
+                                  out_dtype, cdt, sdt, gm)
     return alive, separated, None
+
+
+def _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb, ashape, out_dtype,
+                  cdt, sdt, gm):
+    """The float scale is not enumerable: products in another order agree with each other
+    on most scales once rounded to bf16. Evaluate (on a narrowed cone where possible: a
+    few rows holding every code byte) the blocks and scales that separate every pair of
+    plausible scale spellings."""
+    small_new = {f: (1 if f != "rows" else -(-256 // cshape[-1])) for f in new}
+    small = extract(cone, inputs, h.consts, pl, small_new) if small_new else gm
+    c_s = [small_new.get(f"lead{i}", lead_n[i]) for i in range(len(lead))] + \
+        [small_new.get("rows", rows), cshape[-1]]
+    s_s = c_s[:-1] + [nb]
+    a_s = None
+    if ashape is not None:
+        a_s = list(ashape)
+        if math.prod(ashape) != 1:
+            a_s[0] = c_s[0]
+            if len(a_s) >= 2 and a_s[1] != 1:
+                a_s[1] = c_s[-2]
+    for rnd in _separating_rounds(h, c_s, s_s, a_s, out_dtype):
+        got = evaluate(small, [rnd.codes.view(cdt), rnd.scale.view(sdt), rnd.alpha])
+        alive = prune(alive, rnd, got, c_s)
+        if not alive:
+            break
+    return alive
 
 
 def _rows_slice(rnd, rs: int, transpose: bool, got):
