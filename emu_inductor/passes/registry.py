@@ -230,6 +230,7 @@ BUILTIN_FAMILY_MODULES = (
     "emu_inductor.passes.linear",
     "emu_inductor.passes.grouped_mm",
     "emu_inductor.passes.moe",
+    "emu_inductor.passes.semantic",
 )
 
 

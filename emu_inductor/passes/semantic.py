@@ -1,0 +1,212 @@
+"""Pattern family "semantic" (order 90, after the traced families): fuse the GEMMs those
+did not, when `emu_inductor.recognize` proves what their operands compute.
+
+Anchors: every remaining `aten.mm` (-> `mxemu::linear`) and `aten._grouped_mm`
+(-> `mxemu::grouped_mm`). For each, the recogniser evaluates the weight operand's cone and
+the activation operand's cone on probe data and compares them bit for bit with the
+variants `emu_inductor.formats` defines (docs/recognize.md). The weight side must be a
+kernel-supported decode; the activation side fuses when it is a kernel-supported QDQ that
+goes with the weight format (`spec.is_compatible`), and otherwise the GEMM fuses
+weight-only on the operand as the graph computes it. Graph inputs whose values the proof
+used (a LUT buffer) get a run-time assertion. Everything left alone is recorded with the
+recogniser's reason (the probe that told the variants apart) for explain().
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch._inductor import pattern_matcher as pm
+
+from ..formats import FORMATS
+from ..recognize import ActVerdict, Rejection, WeightVerdict, recognize_activation, recognize_weight
+from ..spec import OpSpec, is_compatible
+from .guards import register_family_pattern
+from .recorder import count, record
+from .registry import register_pattern_family
+from .runtime_guards import guard_tensor_input
+
+log = logging.getLogger("emu_inductor.passes.semantic")
+
+aten = torch.ops.aten
+FAMILY = "semantic"
+
+__all__ = ["FAMILY", "PackedWeightOperand"]
+
+
+_ONE_BYTE = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2) + (
+    (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ())
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+class PackedWeightOperand(pm.PatternExpr):
+    """Matches a GEMM operand computed (within a few hundred nodes) from a 1-byte graph
+    input: packed codes or scale bytes. Plain weights and activation x activation GEMMs do
+    not match, so they cost nothing and do not clutter explain()."""
+
+    def _match(self, node, ctx):
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            seen, stack = {node}, [node]
+            while stack and len(seen) < 400:
+                n = stack.pop()
+                if n.op in ("placeholder", "get_attr"):
+                    v = _val(n)
+                    if isinstance(v, torch.Tensor) and v.dtype in _ONE_BYTE:
+                        return pm.Match(ctx, self)
+                    continue
+                for a in n.all_input_nodes:
+                    if a not in seen:
+                        seen.add(a)
+                        stack.append(a)
+        return pm.FailedMatch("{} is not computed from packed bytes", node)
+
+    def __repr__(self):
+        return "PackedWeightOperand()"
+
+    def pretty_print(self, pp):
+        return "PackedWeightOperand()"
+
+
+def _verdicts(match, anchor, weight_dims: int):
+    """(weight verdict, activation verdict or None, reason or None); stored on the match."""
+    w = recognize_weight(anchor)
+    count(f"{FAMILY}.check_ms", int(w.seconds * 1000))  # compile-time cost, reported by explain
+    if isinstance(w, Rejection):
+        return None, None, w.reason
+    if not w.kernel_supported:
+        return None, None, f"recognised {w.variant.name}, which the fused kernels do not compute: " \
+                           f"{w.unsupported_reason}"
+    if _val(w.codes).dim() != weight_dims:
+        return None, None, f"packed weights are {_val(w.codes).dim()}-d, expected {weight_dims}-d"
+    if w.alpha is not None:
+        a = _val(w.alpha)
+        E = _val(w.codes).shape[0]
+        if a.numel() != 1 and (weight_dims == 2 or a.numel() != E):
+            return None, None, f"float scale of shape {tuple(a.shape)} is not one value or one per expert"
+    a = recognize_activation(anchor)
+    count(f"{FAMILY}.check_ms", int(a.seconds * 1000))
+    act = None
+    note = None
+    if isinstance(a, Rejection):
+        note = f"activation QDQ not recognised, fused weight-only: {a.reason}"
+    elif a.variant.kind != "none":
+        aq = a.act_quant()
+        if not a.kernel_supported:
+            note = f"activation {a.variant.name} not fused ({a.unsupported_reason}); weight-only"
+        elif not is_compatible(FORMATS[w.variant.fmt], aq):
+            note = f"activation {a.variant.name} does not go with {w.variant.fmt} weights; weight-only"
+        elif any(p.target is not aten.reshape.default for p in a.post) and weight_dims == 2:
+            note = "activation reaches the GEMM through a gather; weight-only"
+        else:
+            act = a
+    for g in w.guards + (act.guards if act is not None else ()):
+        guard_tensor_input(match, g.node, g.values, g.what)
+    match._mxemu_semantic = (w, act, note)
+    return w, act, None
+
+
+def _spec(w: WeightVerdict, act: Optional[ActVerdict]) -> str:
+    v = act.variant if act is not None else None
+    return OpSpec(
+        weight_fmt=w.variant.fmt,
+        act_kind="none" if v is None else ("fp8_tensor" if v.kind == "fp8_tensor" else "block"),
+        act_fmt=v.fmt if v is not None and v.kind in ("mx", "nvfp4") else None,
+        act_scale_mode=v.scale_mode if v is not None else None,
+        act_recipe=v.recipe if v is not None else None,
+        act_rounding=v.rounding if v is not None else "rne",
+        fp6_layout=w.variant.fp6_layout,
+    ).to_str()
+
+
+def _call(graph, target, args, like):
+    n = graph.call_function(target, args)
+    n.meta["val"] = like
+    return n
+
+
+def _as_dtype(graph, node, dtype):
+    v = _val(node)
+    if v.dtype == dtype:
+        return node
+    return _call(graph, aten.view.dtype, (node, dtype), v.view(dtype))
+
+
+def _operands(graph, w: WeightVerdict, act: Optional[ActVerdict], a_node, anchor):
+    """(activation input node, codes, scale, alpha, global scale) inserted before anchor."""
+    fmt = FORMATS[w.variant.fmt]
+    with graph.inserting_before(anchor):
+        codes = _as_dtype(graph, w.codes, torch.uint8)
+        scale = _as_dtype(graph, w.scale, fmt.scale.storage_dtype)
+        alpha = w.alpha
+        if alpha is not None and _val(alpha).dim() > 1:
+            av = _val(alpha)
+            alpha = _call(graph, aten.reshape.default, (alpha, [av.numel()] if av.numel() > 1 else []),
+                          av.reshape(-1) if av.numel() > 1 else av.reshape(()))
+        if act is None:
+            return a_node, codes, scale, alpha, None
+        x = act.x
+        for p in act.post:  # the layout the graph applied to the QDQ output, now to its input
+            x = _call(graph, p.target, (x,) + tuple(p.args[1:]), _val(p))
+            x.meta.update({k: v for k, v in p.meta.items() if k != "val"})
+        return x, codes, scale, alpha, act.global_scale
+
+
+def _done(new, name, w, act, note) -> None:
+    count(f"{FAMILY}.{name}." + ("weight_only" if act is None else "with_qdq"))
+    what = w.describe() + ("" if act is None else "; " + act.describe())
+    record(FAMILY, name, new, True, what + (f" ({note})" if note else ""))
+
+
+def _check_linear(match) -> Optional[str]:
+    anchor = match.output_node()
+    _, _, why = _verdicts(match, anchor, 2)
+    return why
+
+
+def _replace_linear(match) -> None:
+    anchor = match.output_node()
+    w, act, note = match._mxemu_semantic
+    graph = match.graph
+    x, codes, scale, alpha, gs = _operands(graph, w, act, anchor.args[0], anchor)
+    with graph.inserting_before(anchor):
+        new = _call(graph, torch.ops.mxemu.linear.default, (x, codes, scale, alpha, gs, None, _spec(w, act)),
+                    _val(anchor))
+    anchor.replace_all_uses_with(new)
+    graph.erase_node(anchor)
+    _done(new, "linear", w, act, note)
+
+
+def _check_grouped(match) -> Optional[str]:
+    anchor = match.output_node()
+    if len(anchor.args) > 3 or anchor.kwargs:
+        return "_grouped_mm with bias/out_dtype arguments"
+    _, _, why = _verdicts(match, anchor, 3)
+    return why
+
+
+def _replace_grouped(match) -> None:
+    anchor = match.output_node()
+    w, act, note = match._mxemu_semantic
+    graph = match.graph
+    x, codes, scale, alpha, gs = _operands(graph, w, act, anchor.args[0], anchor)
+    with graph.inserting_before(anchor):
+        new = _call(graph, torch.ops.mxemu.grouped_mm.default,
+                    (x, codes, scale, alpha, anchor.args[2], gs, _spec(w, act)), _val(anchor))
+    anchor.replace_all_uses_with(new)
+    graph.erase_node(anchor)
+    _done(new, "grouped_mm", w, act, note)
+
+
+@register_pattern_family(FAMILY, order=90, anchors=(aten.mm.default, aten._grouped_mm.default),
+                         description="GEMMs whose operands are proven by evaluation (emu_inductor.recognize)")
+def _init(pm_pass, input_device=None):
+    register_family_pattern(pm.CallFunction(aten.mm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
+                            family=FAMILY, name="linear", check=_check_linear, replace=_replace_linear)
+    register_family_pattern(pm.CallFunction(aten._grouped_mm.default, pm.KeywordArg("a"), PackedWeightOperand(),
+                                            pm.KeywordArg("offs")), pm_pass,
+                            family=FAMILY, name="grouped_mm", check=_check_grouped, replace=_replace_grouped)
