@@ -38,8 +38,9 @@ from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from .. import __version__, _compat
 from .._logging import get_logger
-from . import recorder, registry
+from . import recorder, registry, verify
 from .fingerprint import files_digest, pass_uuid_files, stable_repr
+from .matching import pattern_name_of
 from .guards import ApplyFailed, FamilyRun, collapse, describe_error, guard_entry, set_current_run
 
 log = get_logger("passes")
@@ -155,6 +156,7 @@ class MxemuPass(CustomGraphPass):
         log.debug("mxemu pass on graph %s (%d nodes), families %s, uuid %s", label,
                   len(graph.nodes), [f.name for f in fams], uuid)
         total = 0
+        verify.begin_graph(self.options.get("verify"))
         try:
             if not fams:
                 return
@@ -174,7 +176,9 @@ class MxemuPass(CustomGraphPass):
                     recorder.note(f"pattern family {fam.name} is disabled: {fam.error}")
                     continue
                 total += self._run_family(fam, graph)
+            verify.finish_graph(graph)  # after every family: later ones match the fused ops
         finally:
+            verify.end_graph()
             recorder.end_graph(label, total)
             log.debug("mxemu pass on graph %s done: %d candidate(s) fused", label, total)
 
@@ -204,6 +208,9 @@ class MxemuPass(CustomGraphPass):
                     for entry in entries:
                         n += 1
                         guard_entry(fam, entry, f"{fam.name}#{n}")
+                        # outside the guard: keeps the original of each rewrite (mxemu.verify)
+                        verify.wrap_entry(entry, fam.name,
+                                          pattern_name_of(entry) or f"{fam.name}#{n}")
                 fam.pm_pass = pm
                 fam.state = "ready"
                 log.debug("initialised pattern family %r: %d rule(s)", fam.name, n)

@@ -39,6 +39,7 @@ from typing import Any
 
 from .._logging import get_logger
 from .recorder import note
+from .verify import parse_verify
 
 log = get_logger("passes")
 
@@ -77,6 +78,12 @@ CORE_OPTIONS: dict[str, tuple[Any, str]] = {
         False,
         "also report anchor nodes (e.g. every aten.mm a family anchors on) that no pattern "
         "matched; explain(verbose=True) sets it",
+    ),
+    "verify": (
+        False,
+        "check every fused replacement against the subgraph it replaced during the first N "
+        "calls: True (3 calls), N, 'fallback' or 'fallback:N' (warn and run the original on a "
+        "mismatch instead of raising); see emu_inductor.passes.verify",
     ),
 }
 
@@ -285,6 +292,7 @@ def resolve_options(options: Mapping[str, Any] | None = None, *, check_families:
     out["disabled_patterns"] = _names(out["disabled_patterns"] or (), "disabled_patterns")
     for flag in ("strict", "remove_noop_ops", "emulate_precision_casts", "report_unmatched"):
         out[flag] = bool(out[flag])
+    out["verify"] = parse_verify(out["verify"])  # VerifyMode or None (off)
     if check_families:
         known = set(registered_families())
         for key in ("enabled_patterns", "disabled_patterns"):
