@@ -19,9 +19,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..reference.moe import check_bias
 from ..spec.opspec import OpSpec
 from .reference_impl import grouped_mm_reference, linear_reference, moe_reference
-from .validate import check_grouped_bias, check_moe_biases
+from .validate import check_grouped_bias, check_grouped_mm_op, check_linear_op, check_moe_biases, check_moe_op
 
 __all__ = ["register_backend_impl", "select_backend", "OP_NAMES"]
 
@@ -75,6 +76,11 @@ def pattern_tracing():
         _PATTERN_TRACING.on = prev
 
 
+def _check_values() -> bool:
+    # the example tensors the passes trace patterns with carry no meaningful values
+    return not getattr(_PATTERN_TRACING, "on", False)
+
+
 def select_backend(device: torch.device) -> str:
     if getattr(_PATTERN_TRACING, "on", False):
         return "reference"
@@ -118,11 +124,17 @@ def moe(hidden_states: Tensor, w13: Tensor, w13_scale: Tensor, w13_alpha: Option
         spec: str, w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None) -> Tensor:
     """Whole emulated MoE layer (both GEMMs, activation, QDQs, top-k combine). Optional
     per-expert biases w13_bias [E, N1] / w2_bias [E, H] in the activation dtype are added
-    to each GEMM's fp32 accumulator before its one rounding (vLLM's HAS_BIAS)."""
-    check_moe_biases(hidden_states, w13, w13_bias, w2_bias)
+    to each GEMM's fp32 accumulator before its one rounding (vLLM's HAS_BIAS).
+
+    Every argument is validated here, for every backend (`validate.check_moe_op`): host
+    facts raise ValueError now, bad values (scales, ids) raise on CPU and fail a
+    `torch._assert_async` on an accelerator (no device-to-host sync)."""
+    op_spec = OpSpec.from_str(spec)
+    check_moe_op(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
+                 a1_global_scale, a2_global_scale, expert_map, op_spec, w13_bias, w2_bias, values=_check_values())
     return _impl("moe", hidden_states.device)(
         hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
-        a1_global_scale, a2_global_scale, expert_map, OpSpec.from_str(spec),
+        a1_global_scale, a2_global_scale, expert_map, op_spec,
         **_bias_kwargs(w13_bias=w13_bias, w2_bias=w2_bias))
 
 
@@ -136,12 +148,17 @@ def _moe_fake(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, 
 @torch.library.custom_op("mxemu::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor, alpha: Optional[Tensor],
            input_global_scale: Optional[Tensor], bias: Optional[Tensor], spec: str) -> Tensor:
-    """y = QDQ(x) @ dequant(weight).T + bias (the dense, one-expert case)."""
-    return _impl("linear", x.device)(x, weight, weight_scale, alpha, input_global_scale, bias, OpSpec.from_str(spec))
+    """y = QDQ(x) @ dequant(weight).T + bias (the dense, one-expert case); validated here
+    for every backend (`validate.check_linear_op`)."""
+    op_spec = OpSpec.from_str(spec)
+    check_linear_op(x, weight, weight_scale, alpha, input_global_scale, bias, op_spec, values=_check_values())
+    return _impl("linear", x.device)(x, weight, weight_scale, alpha, input_global_scale, bias, op_spec)
 
 
 @linear.register_fake
 def _linear_fake(x, weight, weight_scale, alpha, input_global_scale, bias, spec):
+    if bias is not None:  # metadata only (no values: a fake tensor has none)
+        check_bias("bias", bias, x, (weight.shape[0],))
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -149,9 +166,11 @@ def _linear_fake(x, weight, weight_scale, alpha, input_global_scale, bias, spec)
 def grouped_mm(a: Tensor, w: Tensor, w_scale: Tensor, w_alpha: Optional[Tensor], offs: Tensor,
                a_global_scale: Optional[Tensor], spec: str, bias: Optional[Tensor] = None) -> Tensor:
     """One grouped GEMM over expert-sorted rows with fused activation QDQ and weight dequant;
-    optional per-expert bias [E, N] (activation dtype) added to the fp32 accumulator."""
-    check_grouped_bias(a, w, bias)
-    return _impl("grouped_mm", a.device)(a, w, w_scale, w_alpha, offs, a_global_scale, OpSpec.from_str(spec),
+    optional per-expert bias [E, N] (activation dtype) added to the fp32 accumulator;
+    validated here for every backend (`validate.check_grouped_mm_op`)."""
+    op_spec = OpSpec.from_str(spec)
+    check_grouped_mm_op(a, w, w_scale, w_alpha, offs, a_global_scale, op_spec, bias, values=_check_values())
+    return _impl("grouped_mm", a.device)(a, w, w_scale, w_alpha, offs, a_global_scale, op_spec,
                                           **_bias_kwargs(bias=bias))
 
 

@@ -19,7 +19,7 @@ from ..kernels.launch import ActScales, GemmWeights, Routing, launch_grouped_mm,
 from ..kernels.tiles import TileConfig
 from ..spec.opspec import OpSpec
 from .library import register_backend_impl
-from .validate import check_grouped_mm_inputs, check_ids_cpu, check_linear_inputs, check_moe_inputs
+from .validate import check_grouped_mm_op, check_linear_op, check_moe_op
 
 __all__ = ["moe_triton", "linear_triton", "grouped_mm_triton", "moe_impl", "linear_impl", "grouped_mm_impl"]
 
@@ -48,44 +48,50 @@ def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
     to GEMM1's / GEMM2's fp32 accumulators before their one rounding (kernel spec flags
     bias1 / bias2; bias-less calls run the unchanged bias-less kernels).
 
-    validate=False skips the argument checks (the caller vouches for them)."""
+    validate=False skips the argument checks (the mxemu ops validate before dispatching)."""
     if validate:
-        _, _, E, _ = check_moe_inputs(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
-                                      topk_weights, topk_ids, a1_global_scale, a2_global_scale, expert_map, spec,
-                                      w13_bias=w13_bias, w2_bias=w2_bias)
-        check_ids_cpu(topk_ids, expert_map.shape[0] if expert_map is not None else E, expert_map, E)
+        check_moe_op(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
+                     a1_global_scale, a2_global_scale, expert_map, spec, w13_bias, w2_bias)
     return launch_moe(hidden_states, GemmWeights(w13, w13_scale, w13_alpha, w13_bias),
                       GemmWeights(w2, w2_scale, w2_alpha, w2_bias), Routing(topk_weights, topk_ids, expert_map),
                       ActScales(a1_global_scale, a2_global_scale), spec, reduction=reduction, config=config,
                       debug=debug, prequant=prequant)
 
 
-def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec, *, config=None, bias=None):
+def grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpSpec, *, config=None, bias=None,
+                      validate: bool = True):
     """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T (+ bias[g(r)], [E, N], on the fp32
     accumulator) over expert-sorted rows (offs: int32 group ends); rows at or past
     offs[-1] are zeros."""
-    check_grouped_mm_inputs(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias)
+    if validate:
+        check_grouped_mm_op(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias)
     return launch_grouped_mm(a, GemmWeights(w, w_scale, w_alpha, bias), offs, a_global_scale, spec, config=config)
 
 
-def linear_triton(x, weight, weight_scale, alpha, input_global_scale, bias, spec: OpSpec, *, config=None):
+def linear_triton(x, weight, weight_scale, alpha, input_global_scale, bias, spec: OpSpec, *, config=None,
+                  validate: bool = True):
     """y = QDQ(x) @ dequant(weight).T + bias: the one-expert case of the same kernel."""
-    check_linear_inputs(x, weight, weight_scale, alpha, input_global_scale, bias, spec)
+    if validate:
+        check_linear_op(x, weight, weight_scale, alpha, input_global_scale, bias, spec)
     return launch_linear(x, GemmWeights(weight, weight_scale, alpha, bias), input_global_scale, spec, config=config)
+
+
+# The backend implementations: the mxemu ops validated every argument before dispatching.
 
 
 def moe_impl(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
              a1_global_scale, a2_global_scale, expert_map, spec, w13_bias=None, w2_bias=None):
     return moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
-                      a1_global_scale, a2_global_scale, expert_map, spec, w13_bias=w13_bias, w2_bias=w2_bias)
+                      a1_global_scale, a2_global_scale, expert_map, spec, w13_bias=w13_bias, w2_bias=w2_bias,
+                      validate=False)
 
 
 def linear_impl(x, weight, weight_scale, alpha, input_global_scale, bias, spec):
-    return linear_triton(x, weight, weight_scale, alpha, input_global_scale, bias, spec)
+    return linear_triton(x, weight, weight_scale, alpha, input_global_scale, bias, spec, validate=False)
 
 
 def grouped_mm_impl(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias=None):
-    return grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias=bias)
+    return grouped_mm_triton(a, w, w_scale, w_alpha, offs, a_global_scale, spec, bias=bias, validate=False)
 
 
 register_backend_impl("triton", "moe", moe_impl)
