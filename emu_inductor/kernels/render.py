@@ -272,8 +272,6 @@ def render(spec: KernelSpec) -> str:
         afmt = FORMATS[op.act_fmt]
         if afmt.is_mx:
             parts.append(_e8m0_scale(afmt.element, op.act_scale_mode or "floor"))
-        elif (op.act_recipe or "vllm") == "vllm_ref":
-            parts.append("@triton.jit\ndef _vllm_rcp(t):\n    return tl.math.div_rn(1.0, t + (t == 0).to(tl.float32) * 1e8)\n")
     parts.append(_qdq_helper(spec))
     parts.append(_act_helper(spec))
     parts.append(_w_tile_helper(spec, "_w_tile1", spec.alpha1))

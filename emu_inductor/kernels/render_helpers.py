@@ -9,10 +9,11 @@ from __future__ import annotations
 import textwrap
 
 from ..formats import FORMATS, E4M3, ElementSpec
-from ..formats.nvfp4 import E2M1_MAX as _E2M1_MAX, E4M3_MAX as _E4M3_MAX, E4M3_MIN_NORMAL as _E4M3_MIN_NORMAL
+from ..formats.nvfp4 import E4M3_MAX as _E4M3_MAX
 from ..formats.spec import BlockFormat
 from ..spec.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, is_gated
 from .kernel_spec import KernelSpec
+from .recipe_source import RecipeNotRenderable, recipe_lines
 
 _TL_DTYPE = {"bf16": "tl.bfloat16", "fp16": "tl.float16", "fp32": "tl.float32"}
 
@@ -149,33 +150,6 @@ def _e8m0_scale(amax):
 """
 
 
-# NVFP4 activation recipes, op for op as emu_inductor.formats.nvfp4 (x fp32 [.., bs],
-# a = block amax fp32 [.., 1], g = global scale, fp32 scalar). Returns (y, deq) where y
-# goes into the E2M1 rounding and deq is the per-block dequant factor.
-_NV_RECIPES = {
-    "vllm": (f"s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -{_E4M3_MAX!r}), {_E4M3_MAX!r}))",
-             "y = x * tl.where(s == 0, 0.0, tl.math.div_rn(g, s))",
-             "deq = tl.math.div_rn(s, g)"),
-    "vllm_ref": (f"s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -{_E4M3_MAX!r}), {_E4M3_MAX!r}))",
-                 "y = x * _vllm_rcp(s * _vllm_rcp(g))",
-                 "deq = tl.math.div_rn(s, g)"),
-    "te": (f"s = _round_e4m3_rne(tl.minimum(a * (g * SIXTH), {_E4M3_MAX!r}))",
-           "y = x * tl.minimum(tl.math.div_rn(1.0, s * tl.math.div_rn(1.0, g)), 3.4028234663852886e+38)",
-           "deq = s * tl.math.div_rn(1.0, g)"),
-    "compressed_tensors": (
-        f"s = _round_e4m3_rne(tl.minimum(tl.maximum(g * _rnd(tl.math.div_rn(a, {_E2M1_MAX!r})), -{_E4M3_MAX!r}), {_E4M3_MAX!r}))\n"
-        "s = tl.where(s == 0, 0.125, s)",
-        "y = tl.math.div_rn(x, tl.math.div_rn(s, g))",
-        "deq = tl.math.div_rn(s, g)"),
-    "modelopt": (f"s = tl.math.div_rn(a, {_E2M1_MAX!r} * g)\ns = tl.where(s == 0, 1.0, s)\ns = _round_e4m3_rne(s)",
-                 "d = s * g\ny = tl.where((d == 0) & (x == 0), float(\"inf\"), tl.math.div_rn(x, d))",
-                 "deq = s * g"),
-    "torchao": (f"s = _round_e4m3_rne(tl.minimum(tl.maximum(tl.math.div_rn(tl.math.div_rn(a, {_E2M1_MAX!r}), g), {_E4M3_MIN_NORMAL!r}), {_E4M3_MAX!r}))",
-                "y = x * tl.math.div_rn(tl.math.div_rn(1.0, g), s)",
-                "deq = g * s"),
-}
-
-
 def _qdq_helper(spec: KernelSpec) -> str:
     op = spec.op
     if op.act_kind == "none":
@@ -202,7 +176,10 @@ def _fp8_scale(amax):
 def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     # {fmt.name} activation fake-QDQ per row, blocks of {bs} along the tile's last axis
     xb = tl.reshape(x, (ROWS, W // {bs}, {bs}))
-    a = tl.max(tl.abs(xb), axis=2)[:, :, None]
+    xa = tl.abs(xb)
+    # block amax; tl.max skips NaN (GPU and interpreter), torch's amax does not: the sum
+    # term is NaN for a block holding a NaN (so the whole block is NaN, as in formats)
+    a = (tl.max(xa, axis=2) + tl.sum(tl.where(xa != xa, xa, 0.0), axis=2))[:, :, None]
 """
     if fmt.is_mx:
         body = f"""    u = _e8m0_scale(a)
@@ -211,9 +188,12 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     out = v * _e8m0_decode(u)
 """
     else:
-        recipe = op.act_recipe or "vllm"
-        blk, mul, deq = _NV_RECIPES[recipe]
-        body = _ind(f"x = xb\n{blk}\n{mul}\nv = _round_{el.name}_{op.act_rounding}(y)\n{deq}\nout = v * deq") + "\n"
+        # the recipe as `formats` computes it, traced and written op for op (recipe_source)
+        try:
+            lines = recipe_lines(op.act_recipe or "vllm", el.name, op.act_rounding)
+        except RecipeNotRenderable as e:
+            raise ValueError(f"act_recipe: the kernels cannot render NVFP4 recipe {op.act_recipe!r} exactly: {e}") from e
+        body = _ind(lines) + "\n"
     return head + body + "    return _rnd(tl.reshape(out, (ROWS, W)))\n"
 
 

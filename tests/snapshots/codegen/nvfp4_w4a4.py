@@ -81,7 +81,10 @@ def _round_e2m1_rne(y):
 def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     # nvfp4 activation fake-QDQ per row, blocks of 16 along the tile's last axis
     xb = tl.reshape(x, (ROWS, W // 16, 16))
-    a = tl.max(tl.abs(xb), axis=2)[:, :, None]
+    xa = tl.abs(xb)
+    # block amax; tl.max skips NaN (GPU and interpreter), torch's amax does not: the sum
+    # term is NaN for a block holding a NaN (so the whole block is NaN, as in formats)
+    a = (tl.max(xa, axis=2) + tl.sum(tl.where(xa != xa, xa, 0.0), axis=2))[:, :, None]
     x = xb
     s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -448.0), 448.0))
     y = x * tl.where(s == 0, 0.0, tl.math.div_rn(g, s))

@@ -89,7 +89,10 @@ def _e8m0_scale(amax):
 def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     # mxfp8_e4m3 activation fake-QDQ per row, blocks of 32 along the tile's last axis
     xb = tl.reshape(x, (ROWS, W // 32, 32))
-    a = tl.max(tl.abs(xb), axis=2)[:, :, None]
+    xa = tl.abs(xb)
+    # block amax; tl.max skips NaN (GPU and interpreter), torch's amax does not: the sum
+    # term is NaN for a block holding a NaN (so the whole block is NaN, as in formats)
+    a = (tl.max(xa, axis=2) + tl.sum(tl.where(xa != xa, xa, 0.0), axis=2))[:, :, None]
     u = _e8m0_scale(a)
     y = xb * _e8m0_inverse(u)
     v = _round_e4m3_rne(y)
