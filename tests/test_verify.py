@@ -212,3 +212,47 @@ def test_moe_checked_against_the_users_code_not_the_grouped_ops():
     assert not any(t.startswith("mxemu.") for t in targets), targets
     assert any("grouped_mm" in t for t in targets), targets  # the user's aten._grouped_mm
     torch.testing.assert_close(out.float(), _eager(m, x, w, ids).float(), rtol=0, atol=0)
+
+
+class _BitDecodeMxfp4(torch.nn.Module):
+    """MXFP4 weights decoded by this test's own spelling (nibble LUT, exponent-bit E8M0
+    with its edge bytes), bf16 activations: fused by the semantic family, whose match is
+    only the GEMM."""
+
+    def __init__(self, seed):
+        super().__init__()
+        from emu_inductor.formats import MXFP4, quantize
+
+        torch.manual_seed(seed)
+        q = quantize(torch.randn(32, 64), MXFP4)
+        self.register_buffer("w", q.qdata)
+        self.register_buffer("s", q.scale)
+
+    def forward(self, x):
+        e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+        lut = torch.tensor(e2m1 + [-v for v in e2m1], device=x.device)
+        codes = torch.stack([self.w & 0xF, self.w >> 4], -1).reshape(self.w.shape[0], -1)
+        u = self.s.to(torch.int32)
+        sc = torch.where(u == 0, torch.full_like(u, 0x00400000), u << 23)
+        sc = torch.where(u == 255, torch.full_like(u, 0x7FC00000), sc).view(torch.float32)
+        w = (lut[codes.long()].reshape(codes.shape[0], -1, 32) * sc.unsqueeze(-1)).reshape(codes.shape)
+        return x @ w.to(x.dtype).t()
+
+
+def test_semantic_fusion_original_holds_the_users_decode():
+    """The cone a rewrite makes dead is part of the original (the semantic match is only
+    the mm): the check runs the user's decode, and the compiled graph does not."""
+    from emu_inductor.passes.verify import _decode
+
+    m = _BitDecodeMxfp4(seed=4)
+    x = torch.randn(4, 64).bfloat16()
+    _, out, code = _compile(m, x, verify=1)
+    assert counters["mxemu"]["semantic"] == 1 and counters["mxemu"]["verify_checks"] == 1, dict(counters["mxemu"])
+    keys = [line.split("'")[-2] for line in code.splitlines() if "torch.ops.mxemu.verify.default(" in line]
+    assert len(keys) == 1, code
+    original = _decode(keys[0])
+    assert original.kinds == ("t", "t", "t")  # x, codes, scale bytes: nothing decoded outside
+    targets = {str(n.target) for n in original.gm.graph.nodes if n.op == "call_function"}
+    assert {"aten.mm.default", "aten.__rshift__.Scalar", "aten.index.Tensor"} <= targets, targets
+    assert "cpp_fused" not in code and "triton_" not in code, code  # no decode kernel left
+    assert torch.equal(out, _eager(m, x))

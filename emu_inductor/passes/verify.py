@@ -65,6 +65,8 @@ MEAN_ABS_FRACTION = 0.02
 #: Original node names listed in a mismatch message.
 _NAMES_SHOWN = 4
 _KEY_PREFIX = "mxemu-verify-v1:"
+#: Graph constants (LUTs) are embedded in the key up to this size; a bigger one: not verified.
+_MAX_CONSTANT_BYTES = 1 << 16
 
 
 class VerifyMismatch(RuntimeError):
@@ -322,11 +324,31 @@ def _val_kind(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _cone(match: Any, anchor: torch.fx.Node) -> set[torch.fx.Node]:
+    """The nodes the rewrite replaces: the match's call_function nodes, plus every pure
+    ancestor all of whose users are in the set (what dead-code elimination drops after
+    the rewrite; a semantic-family match is only the GEMM, its dequant cone is not in it).
+    Keeping those inside the original keeps them out of the compiled graph."""
+    cone = {n for n in match.nodes if n.op == "call_function"} | {anchor}
+    stack = list(cone)
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in cone or a.op != "call_function" or a.is_impure():
+                continue
+            if all(u in cone for u in a.users):
+                cone.add(a)
+                stack.append(a)
+    return cone
+
+
 def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.fx.GraphModule, list, tuple]:
-    """The cone of ``anchor`` inside the match as a GraphModule (earlier replacements'
-    outputs expanded into their originals); the other nodes it reads become inputs."""
+    """The cone of ``anchor`` (``_cone``) as a GraphModule; an earlier replacement's output
+    inside it is expanded into that replacement's original; the other nodes it reads
+    become inputs."""
     graph = anchor.graph
-    inside = {n for n in match.nodes if n.op == "call_function"}
+    inside = _cone(match, anchor)
+    inlined = {n: st.by_out[n] for n in inside if n in st.by_out}
     needed: set[torch.fx.Node] = set()
     stack = [anchor]
     while stack:
@@ -334,12 +356,14 @@ def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.
         if n in needed:
             continue
         needed.add(n)
-        if n in st.by_out and n is not anchor:
-            stack.extend(st.by_out[n].inputs)
+        if n in inlined:
+            stack.extend(inlined[n].inputs)
         elif n in inside:
             stack.extend(n.all_input_nodes)
     order = [n for n in graph.nodes if n in needed]
-    externals = [n for n in order if n not in inside and not (n in st.by_out and n is not anchor)]
+    root = torch.nn.Module()
+    constants = {n: _constant(graph, n) for n in order if n not in inside and n.op == "get_attr"}
+    externals = [n for n in order if n not in inside and n not in constants]
     kinds = []
     for n in externals:
         kind = _val_kind(n)
@@ -350,11 +374,14 @@ def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.
     env: dict[torch.fx.Node, Any] = {}
     for i, n in enumerate(externals):
         env[n] = g.placeholder(f"in{i}_{n.name}")
+    for i, (n, value) in enumerate(constants.items()):
+        root.register_buffer(f"c{i}", value)
+        env[n] = g.get_attr(f"c{i}")
     for n in order:
         if n in env:
             continue
-        if n in st.by_out and n is not anchor:
-            earlier = st.by_out[n]
+        if n in inlined:
+            earlier = inlined[n]
             val_map = {p: env[src] for p, src in zip(earlier.gm.graph.find_nodes(op="placeholder"),
                                                      earlier.inputs)}
             env[n] = g.graph_copy(earlier.gm.graph, val_map)
@@ -363,8 +390,22 @@ def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.
     g.output(env[anchor])
     for n in g.nodes:
         n.meta = {}
-    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    gm = torch.fx.GraphModule(root, g)
     return gm, externals, tuple(kinds)
+
+
+def _constant(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.Tensor:
+    """A graph constant read by the original (a LUT): it travels inside the key (a real
+    tensor cannot be an input of the op; Inductor re-runs the fake kernel on inputs)."""
+    value = graph.owning_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor) \
+            or value.device.type == "meta":
+        raise ValueError(f"constant {node.target} of the original subgraph has no real value")
+    if value.numel() * value.element_size() > _MAX_CONSTANT_BYTES:
+        raise ValueError(f"constant {node.target} of the original subgraph is too large to embed")
+    return value.detach().clone()
 
 
 def _describe(family: str, pattern: str, match: Any, anchor: torch.fx.Node) -> str:
