@@ -22,6 +22,7 @@ from torch._inductor import pattern_matcher as pm
 
 from ..formats import FORMATS
 from ..recognize import ActVerdict, Rejection, WeightVerdict, recognize_activation, recognize_weight
+from ..recognize import operands as operands_of
 from ..spec import OpSpec, is_compatible
 from .guards import register_family_pattern
 from .recorder import count, record
@@ -72,6 +73,29 @@ class PackedWeightOperand(pm.PatternExpr):
         return "PackedWeightOperand()"
 
 
+def _outside_user(sources, end, allowed):
+    """A user outside the subgraph from `sources` to `end` (the nodes that depend on them
+    and feed `end`), other than `allowed`; None when the subgraph is used only by `end`'s
+    consumers through `end`. Fusing a subgraph with another user would compute it twice."""
+    anc, stack = {end}, [end]
+    while stack and len(anc) < 2000:
+        for a in stack.pop().all_input_nodes:
+            if a not in anc:
+                anc.add(a)
+                stack.append(a)
+    inside = set(sources)
+    for n in end.graph.nodes:  # topological order
+        if n in anc and n not in inside and any(a in inside for a in n.all_input_nodes):
+            inside.add(n)
+    for n in inside - set(sources):
+        if n is end:
+            continue
+        for u in n.users:
+            if u not in inside and u not in allowed:
+                return u
+    return None
+
+
 def _verdicts(match, anchor, weight_dims: int):
     """(weight verdict, activation verdict or None, reason or None); stored on the match."""
     w = recognize_weight(anchor)
@@ -88,6 +112,11 @@ def _verdicts(match, anchor, weight_dims: int):
         E = _val(w.codes).shape[0]
         if a.numel() != 1 and (weight_dims == 2 or a.numel() != E):
             return None, None, f"float scale of shape {tuple(a.shape)} is not one value or one per expert"
+    # per-layer decode nodes (those computed from the codes / scale bytes) used elsewhere
+    other = _outside_user([w.codes, w.scale], operands_of(anchor)[1], {anchor})
+    if other is not None:
+        return None, None, (f"the dequantized weight is also used by {other.name}: fusing would compute it "
+                            f"twice")
     a = recognize_activation(anchor)
     count(f"{FAMILY}.check_ms", int(a.seconds * 1000))
     act = None
@@ -102,6 +131,8 @@ def _verdicts(match, anchor, weight_dims: int):
             note = f"activation {a.variant.name} does not go with {w.variant.fmt} weights; weight-only"
         elif any(p.target is not aten.reshape.default for p in a.post) and weight_dims == 2:
             note = "activation reaches the GEMM through a gather; weight-only"
+        elif _outside_user([a.x], a.output, set(a.post) | {anchor}) is not None:
+            note = "the quantized activation has another user; weight-only"
         else:
             act = a
     for g in w.guards + (act.guards if act is not None else ()):
