@@ -3,6 +3,8 @@
 kernel_spec KernelSpec: an OpSpec plus the call facts that change the generated code
 render      renders Triton source from a KernelSpec (one template family, every scheme);
             render_helpers: the rendered helper functions (rounding, decode, scales, QDQ)
+            recipe_source: NVFP4 activation recipes traced from formats.nvfp4.RECIPES and
+            written as Triton (an operation it cannot write exactly refuses the recipe)
 cache       per-user, hash-verified file cache of rendered modules (EMU_INDUCTOR_CACHE_DIR)
 tiles       TileConfig and the tile strategy (candidates per token-count regime)
 autotune    choosing a config: pinned, cached, autotuned, heuristic

@@ -21,7 +21,9 @@ def fp8_tensor_fake_quantize(x: torch.Tensor, scale: Optional[torch.Tensor] = No
     (s = max(amax/448, 1/(448*512)) in fp32), `q = e4m3(clamp(x * (1/s), +-448))`,
     `out = (q * s).to(x.dtype)`."""
     if scale is None:
-        s = torch.clamp(x.abs().amax().to(torch.float32) / _FP8_MAX, min=_FP8_MIN_SCALE)
+        # an empty tensor has no amax: its (unused) scale is the floor, like an all-zero one
+        amax = x.abs().amax() if x.numel() else x.new_zeros(())
+        s = torch.clamp(amax.to(torch.float32) / _FP8_MAX, min=_FP8_MIN_SCALE)
     else:
         s = scale.to(torch.float32)
     q = round_to_element(x.to(torch.float32) * (1.0 / s), E4M3)
