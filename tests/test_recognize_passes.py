@@ -172,3 +172,44 @@ def test_unsupported_decode_is_left_alone_with_the_reason():
         report = emu_inductor.explain(model, x)
     text = str(report)
     assert "semantic" in text and "E8M0 reader byte 255 -> inf" in text, text
+
+
+class GroupedExperts(torch.nn.Module):
+    """An MXFP4 expert GEMM: frexp QDQ, rows gathered by expert, torch._grouped_mm over
+    experts decoded with bit arithmetic."""
+
+    def __init__(self, E=2, N=32, K=64):
+        super().__init__()
+        q = quantize(torch.randn(E, N, K), MXFP4)
+        self.register_buffer("w", q.qdata)
+        self.register_buffer("s", q.scale)
+
+    def forward(self, x, order, offs):
+        E, N = self.w.shape[:2]
+        c = torch.stack([self.w & 0xF, self.w >> 4], -1).reshape(E, N, -1).to(torch.int32)
+        e, m, sg = (c >> 1) & 3, c & 1, (c >> 3) & 1
+        mag = torch.where(e == 0, m.float() * 0.5, (1.0 + m.float() * 0.5) * torch.exp2((e - 1).float()))
+        v = torch.where(sg == 1, -mag, mag)
+        u = self.s.to(torch.int32)
+        sc = torch.where(u == 0, 2.0 ** -127, (u << 23).view(torch.float32))
+        sc = torch.where(u == 255, torch.nan, sc)
+        w = (v.reshape(E, N, -1, 32) * sc.unsqueeze(-1)).reshape(E, N, -1).to(x.dtype)
+        xb = x.float().reshape(x.shape[0], -1, 32)
+        amax = xb.abs().amax(-1, keepdim=True)
+        _, ex = torch.frexp(amax)
+        scale = torch.where(torch.isfinite(amax), torch.exp2(torch.clamp(ex - 3, -127, 127).float()), torch.nan)
+        xq = (round_e2m1_where(xb * (1.0 / scale)) * scale).reshape(x.shape).to(x.dtype)
+        return torch._grouped_mm(xq[order], w.transpose(-2, -1), offs=offs)
+
+
+def test_grouped_expert_gemm_fuses():
+    model = GroupedExperts()
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    order = torch.randperm(16)
+    offs = torch.tensor([8, 16], dtype=torch.int32)
+    counters.clear()
+    with _compat.inductor_caches_disabled():
+        out, graphs = _compile(lambda x: model(x, order, offs), x)
+    assert counters["mxemu_patterns"]["semantic.grouped_mm.with_qdq"] == 1, dict(counters["mxemu_patterns"])
+    assert "mxemu.grouped_mm.default" in graphs[0]
+    assert torch.equal(out, model(x, order, offs))
