@@ -7,6 +7,7 @@ that a test can make the fused op wrong by swapping that reference. Compiles: fo
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -256,3 +257,17 @@ def test_semantic_fusion_original_holds_the_users_decode():
     assert {"aten.mm.default", "aten.__rshift__.Scalar", "aten.index.Tensor"} <= targets, targets
     assert "cpp_fused" not in code and "triton_" not in code, code  # no decode kernel left
     assert torch.equal(out, _eager(m, x))
+
+
+def test_dynamic_shapes_pass_sizes_to_the_original():
+    m = _linear(seed=5)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend=emu_inductor.backend(verify=3), dynamic=True)
+    with fresh_cache(), torch.no_grad():
+        for t in (8, 5, 3):
+            x = torch.randn(t, K).bfloat16()
+            out, code = run_and_get_code(cm, x)
+            assert torch.equal(out, _eager(m, x))
+            if t == 8:
+                assert re.search(r"mxemu\.verify\.default\(\w+, \[[^\]]*\], \[\w+", code[0]), code[0]
+    assert counters["mxemu"]["linear"] >= 1 and counters["mxemu"]["verify_checks"] == 3, dict(counters["mxemu"])

@@ -27,7 +27,9 @@ How (compile time, inside ``MxemuPass``):
 
 Costs, documented in docs/backend.md: a verified call runs the original subgraph eagerly
 and compares on the host (a device sync); every call copies the fused output once
-(custom ops may not return an input), also after the N checks.
+(custom ops may not return an input), also after the N checks; the op is tagged
+``cudagraph_unsafe``. Inputs the original reads stay alive until the check (a QDQ shared
+by several fused GEMMs is not dropped).
 """
 
 from __future__ import annotations
@@ -234,7 +236,12 @@ def _fresh_like(fused: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(fused).copy_(value)
 
 
-@torch.library.custom_op("mxemu::verify", mutates_args=())
+# a verified call syncs with the host: not capturable in a CUDA graph (Inductor then leaves
+# the graph uncaptured or partitions it around the check)
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("mxemu::verify", mutates_args=(), tags=_TAGS)
 def verify_op(fused: torch.Tensor, tensors: list[torch.Tensor], sizes: list[int], key: str) -> torch.Tensor:
     """``fused`` (a fresh copy), checked against the original subgraph in ``key`` run on
     ``tensors``/``sizes`` during the first calls (see the module docstring)."""
