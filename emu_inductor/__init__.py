@@ -35,7 +35,8 @@ __version__ = "0.1.0"
 # emu_inductor/_compat.py::make_module_callable), so `emu_inductor.backend(**options)`
 # and `emu_inductor.explain(model, *inputs)` work whether or not the submodule was
 # imported before; `enable` / `disable` live in emu_inductor.backend.
-_LAZY = {"backend": "backend", "explain": "explain", "enable": "backend", "disable": "backend"}
+_LAZY = {"backend": "backend", "explain": "explain", "enable": "backend", "disable": "backend",
+         "compile_report": "backend"}  # compile-time split (passes/timings.py)
 # Whole-model emulation (emu_inductor.models / .checkpoints import no transformers either).
 _LAZY.update({"quantize_model": "models", "calibrate": "models", "load_checkpoint": "checkpoints"})
 # Declaring user custom ops with a known format's semantics (patterns/opaque.py).
@@ -69,6 +70,7 @@ __all__ = [
     "enable",
     "disable",
     "explain",
+    "compile_report",
     "quantize_model",
     "calibrate",
     "load_checkpoint",

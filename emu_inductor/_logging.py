@@ -18,8 +18,12 @@ Internal errors inside a pattern family are logged at WARNING (the compile goes 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
-__all__ = ["log", "get_logger"]
+__all__ = ["log", "get_logger", "progress", "progress_to"]
 
 log = logging.getLogger("emu_inductor")
 
@@ -27,3 +31,36 @@ log = logging.getLogger("emu_inductor")
 def get_logger(suffix: str | None = None) -> logging.Logger:
     """``emu_inductor`` logger, or its child ``emu_inductor.<suffix>``."""
     return log if not suffix else log.getChild(suffix)
+
+
+# --------------------------------------------------------------------------------------
+# progress of long steps (pattern-rule building, kernel generation, autotuning)
+# --------------------------------------------------------------------------------------
+
+_streams: list[TextIO] = []
+_streams_lock = threading.Lock()
+
+
+@contextmanager
+def progress_to(stream: TextIO) -> Iterator[None]:
+    """Also print ``progress()`` lines to ``stream`` while the block runs (the demo and
+    explain() use sys.stderr)."""
+    with _streams_lock:
+        _streams.append(stream)
+    try:
+        yield
+    finally:
+        with _streams_lock:
+            _streams.remove(stream)
+
+
+def progress(msg: str, *args: Any) -> None:
+    """A long step starts or ends: an INFO line on the ``emu_inductor`` logger, and one
+    line ``mxemu: ...`` on each stream of an active ``progress_to``."""
+    log.info(msg, *args)
+    with _streams_lock:
+        streams = list(_streams)
+    if streams:
+        line = "mxemu: " + (msg % args if args else msg)
+        for s in streams:
+            print(line, file=s, flush=True)

@@ -34,15 +34,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch._inductor import config, list_mode_options
-from torch._inductor.compile_fx import compile_fx
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from . import _compat
 from ._logging import get_logger
-from .passes import MxemuPass, chain_passes, registry, strip_mxemu_passes
+from .passes import MxemuPass, cache_replay, chain_passes, registry, strip_mxemu_passes
+from .passes.timings import CompileReport, compile_report, compile_timer
 
 log = get_logger("backend")
 
-__all__ = ["mxemu", "MxemuBackend", "make_backend", "enable", "disable", "EnableHandle"]
+__all__ = ["mxemu", "MxemuBackend", "make_backend", "enable", "disable", "EnableHandle",
+           "compile_report", "CompileReport"]
 
 _PREFIX = "mxemu."
 
@@ -77,6 +79,12 @@ def _mode_options(mode: str | None) -> dict[str, Any]:
     if not mode or mode == "default":
         return {}
     return dict(list_mode_options(mode))
+
+
+def _inner_compile(*args: Any, **kwargs: Any) -> Any:
+    """Inductor's ``compile_fx_inner`` (one forward or backward graph) under ``cache_replay``."""
+    with cache_replay(), compile_timer():
+        return compile_fx_inner(*args, **kwargs)
 
 
 class MxemuBackend:
@@ -128,7 +136,11 @@ class MxemuBackend:
         log.debug("mxemu backend: compiling a graph of %d nodes (mode=%s, patches=%s)",
                   len(gm.graph.nodes), mode or self.mode,
                   {k: v for k, v in patches.items() if k != "post_grad_custom_pre_pass"})
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        # a cache hit skips the pass: cache_replay() credits the replayed counts to
+        # counters["mxemu"] (the lazily compiled backward graph through _inner_compile)
+        with cache_replay(), compile_timer():
+            return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
+                              config_patches=patches)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()``; mirrors the inductor backend's reset."""
@@ -210,6 +222,7 @@ class EnableHandle:
                 h.active = False
             del _enabled[idx:]
         self.active = False
+        _set_replay_callbacks(bool(_enabled))
 
     def __enter__(self) -> EnableHandle:
         return self
@@ -222,6 +235,35 @@ class EnableHandle:
 
 
 _enabled: list[EnableHandle] = []
+_replays: list[Any] = []  # open cache_replay() contexts of Dynamo compiles (enable() path)
+
+
+def _replay_start(_args: Any) -> None:
+    cm = cache_replay()
+    cm.__enter__()
+    _replays.append(cm)
+
+
+def _replay_end(_args: Any) -> None:
+    if _replays:
+        _replays.pop().__exit__(None, None, None)
+
+
+def _set_replay_callbacks(on: bool) -> None:
+    """With the stock backend nothing of ours runs on a cache hit, so enable() hooks the
+    Dynamo compile callbacks (one outermost compile, or a lazy backward) to credit
+    replayed counts to counters["mxemu"]. torch._dynamo.reset() clears them."""
+    from torch._dynamo.callback import callback_handler
+
+    if not hasattr(callback_handler, "end_callbacks"):  # pragma: no cover - older torch
+        return
+    registered = _replay_end in callback_handler.end_callbacks
+    if on and not registered:
+        callback_handler.register_start_callback(_replay_start)
+        callback_handler.register_end_callback(_replay_end)
+    elif not on and registered:
+        callback_handler.remove_start_callback(_replay_start)
+        callback_handler.remove_end_callback(_replay_end)
 
 
 def enable(**options: Any) -> EnableHandle:
@@ -241,6 +283,7 @@ def enable(**options: Any) -> EnableHandle:
     if pass_.options["emulate_precision_casts"]:
         config.emulate_precision_casts = True
     _enabled.append(handle)
+    _set_replay_callbacks(True)
     log.debug("mxemu pass enabled for the stock inductor backend: %r", pass_)
     return handle
 
@@ -253,6 +296,7 @@ def disable() -> None:
         _enabled[0].restore()
     else:
         config.post_grad_custom_pre_pass = strip_mxemu_passes(config.post_grad_custom_pre_pass)
+        _set_replay_callbacks(False)
 
 
 def _module_call(*args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 import warnings
 from typing import Optional
@@ -114,24 +115,36 @@ def _compiled_part(cfg, model, x, y_eager, out) -> dict:
         return {}
     from torch._dynamo.utils import counters
 
+    from .passes import fusion_counts
+    from .passes.timings import compile_report, progress, progress_to
+
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend=_mxemu_backend())
     with torch.no_grad(), warnings.catch_warnings():
         # numpy warns about masked-out lanes (x/0 under a where) in Triton's interpreter
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
+        t_before = compile_report()
+        progress("demo: first call of the compiled layer: Dynamo, the mxemu pass (its "
+                 "pattern rules are built once per process), Inductor, kernel builds ...")
         t0 = time.perf_counter()
-        y = compiled(x)
+        with progress_to(sys.stderr):
+            y = compiled(x)
         compile_s = time.perf_counter() - t0
+        split = compile_report().since(t_before)
         err = (y.float() - y_eager.float()).abs().max().item()
         eager_ms = _time(model, x)
         comp_ms = _time(compiled, x)
-    fired = {k: v for k, v in counters["mxemu"].items() if v and k not in ("pass_runs", "internal_errors")}
-    variants = {k: v for k, v in counters["mxemu_patterns"].items() if v}
-    out(f"  torch.compile(backend='mxemu'): compiled in {compile_s:.1f} s")
+    fused = fusion_counts()  # right after an FX-graph-cache hit too (the pass did not run)
+    fired, variants = fused.families, fused.variants
+    out(f"  torch.compile(backend='mxemu'): compiled in {compile_s:.1f} s"
+        + (" (graphs loaded from Inductor's cache)" if fused.graphs_from_cache else ""))
     out(f"    pattern families fired: {fired or 'none'}" + (" (the layer is one mxemu::moe call)" if fired.get("moe") else ""))
+    out(f"    fused ops in the compiled graph: "
+        + (", ".join(f"mxemu::{k} x{v}" for k, v in sorted(fused.ops.items())) or "none"))
     if variants:
         out(f"    pattern variants: {variants}")
+    out(f"    {split}")
     try:
         files = kernel_cache.generated_files()
         for f in files[-6:]:
@@ -141,7 +154,9 @@ def _compiled_part(cfg, model, x, y_eager, out) -> dict:
     out(f"    max |compiled - eager| = {err:.3g}")
     where = "GPU" if x.is_cuda else ("Triton interpreter" if _interp() else "reference fallback")
     out(f"    time per call: eager {eager_ms:.2f} ms, compiled {comp_ms:.2f} ms ({where})")
-    return {"patterns": fired, "max_abs_err_vs_eager": err, "eager_ms": eager_ms, "compiled_ms": comp_ms,
+    return {"patterns": fired, "fused_ops": fused.ops, "variants": variants,
+            "graphs_from_cache": fused.graphs_from_cache, "compile_s": compile_s,
+            "compile_split": split.as_dict(), "max_abs_err_vs_eager": err, "eager_ms": eager_ms, "compiled_ms": comp_ms,
             "kernel_files": [str(f) for f in files]}
 
 

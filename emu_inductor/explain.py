@@ -13,6 +13,8 @@ works as well.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,7 +22,8 @@ import torch
 
 from . import _compat
 from .backend import MxemuBackend
-from .passes import MxemuPass, recording
+from .passes import FusionCounts, MxemuPass, fusion_counts, recording
+from .passes.timings import CompileReport, compile_report, progress, progress_to
 from .passes.recorder import CandidateRecord, GraphRecord, record_candidate
 
 __all__ = ["explain", "ExplainReport", "CandidateRecord", "record_candidate"]
@@ -39,6 +42,11 @@ class ExplainReport:
     families: tuple[str, ...]
     notes: list[str]
     options: dict[str, Any]
+    #: seconds per phase of this explain's compile (rule building, matching per family,
+    #: semantic recognition, Inductor itself); see emu_inductor.compile_report()
+    compile_time: CompileReport | None = None
+    #: what the compiled graphs run: the same counters the demo and counters["mxemu"] read
+    fusion: FusionCounts | None = None
 
     @property
     def fused(self) -> list[CandidateRecord]:
@@ -80,6 +88,10 @@ class ExplainReport:
             lines.append(fmt(header))
             lines.append("-+-".join("-" * w for w in widths) + "-+-" + "-" * 6)
             lines.extend(fmt(r) for r in rows)
+        if self.fusion is not None:
+            lines.append(str(self.fusion))
+        if self.compile_time is not None:
+            lines.append(str(self.compile_time))
         if self.notes:
             lines.append("notes:")
             lines.extend(f"  - {n}" for n in self.notes)
@@ -105,16 +117,37 @@ def explain(model_or_fn: Callable[..., Any], *example_inputs: Any, dynamic: bool
         opts["report_unmatched"] = True
     backend = MxemuBackend(mode=mode, inductor_options=inductor_options, **opts)
     families = MxemuPass(opts).enabled_families()
-    with recording() as sink, _compat.inductor_caches_disabled():
+    t_before = compile_report()
+    fused_before = fusion_counts()
+    t0 = time.perf_counter()
+    progress("explain: compiling and running the model once (first use builds the pattern "
+             "rules) ...")
+    with recording() as sink, _compat.inductor_caches_disabled(), progress_to(sys.stderr):
         compiled = torch.compile(model_or_fn, backend=backend, dynamic=dynamic)
         compiled(*example_inputs)
+    timing = compile_report().since(t_before)
+    progress("explain: done in %.1f s (%s)", time.perf_counter() - t0, timing)
     return ExplainReport(
         candidates=list(sink.candidates),
         graphs=list(sink.graphs),
         families=tuple(families),
         notes=list(sink.notes),
         options=dict(opts),
+        compile_time=timing,
+        fusion=_fusion_since(fused_before),
     )
+
+
+def _fusion_since(before: FusionCounts) -> FusionCounts:
+    now = fusion_counts()
+
+    def sub(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+        return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0) > 0}
+
+    return FusionCounts(families=sub(now.families, before.families), ops=sub(now.ops, before.ops),
+                        variants=sub(now.variants, before.variants),
+                        pass_runs=now.pass_runs - before.pass_runs,
+                        graphs_from_cache=now.graphs_from_cache - before.graphs_from_cache)
 
 
 _compat.make_module_callable(__name__, explain)

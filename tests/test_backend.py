@@ -85,6 +85,9 @@ _SCRIPT = textwrap.dedent(
     out["inductor"] = {k: v for k, v in counters["inductor"].items()
                        if k.startswith(("mxemu", "fxgraph"))}
     out["mxemu"] = dict(counters["mxemu"])
+    from emu_inductor.passes import fusion_counts
+    fc = fusion_counts()
+    out["fused"] = [fc.families, fc.ops, fc.variants]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -150,9 +153,11 @@ def test_fx_graph_cache_hit_replays_inductor_counters(fresh_runs):
         pytest.skip("package sources changed between the two runs (concurrent edit)")
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1, second
     assert second["ok"]
-    # the pass did not run (cache hit), yet the inductor-side counter was replayed
-    assert second["mxemu"] == {}
+    # the pass did not run (cache hit), yet the inductor-side counter was replayed and the
+    # backend credited it to counters["mxemu"]: the same fusions are reported both ways
     assert second["inductor"][f"mxemu_{AFFINE}"] == 1
+    assert second["mxemu"] == {AFFINE: 1, "graphs_from_cache": 1}
+    assert second["fused"] == first["fused"] and first["fused"][0] == {AFFINE: 1}
 
 
 # --------------------------------------------------------------------------------------

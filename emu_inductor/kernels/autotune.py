@@ -17,11 +17,13 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
 from typing import Callable, Optional
 
 import torch
 
+from .._logging import progress
 from .cache import cache_dir
 from .tiles import TileConfig, candidates, heuristic, interpreter_config, token_bucket
 
@@ -129,7 +131,11 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
     if bench is None or not _autotune_enabled(device):
         return heuristic(rows_per_expert, allow_wdq)
     best, best_t = None, float("inf")
-    for cfg in candidates(rows_per_expert, allow_wdq):
+    cands = list(candidates(rows_per_expert, allow_wdq))
+    t0 = time.perf_counter()
+    progress("autotuning %s over %d tile configs (once per shape bucket; cached on disk) ...",
+             dev_key, len(cands))
+    for cfg in cands:
         try:
             t = bench(cfg)
         except Exception as e:  # a config that does not compile (registers, smem) is skipped
@@ -138,7 +144,8 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
         if t < best_t:
             best, best_t = cfg, t
     best = best or heuristic(rows_per_expert, allow_wdq)
-    log.info("emu_inductor: autotuned %s -> %s (%.4f ms)", dev_key, best, best_t)
+    progress("autotuned %s -> %s (%.4f ms) in %.1f s", dev_key, best, best_t,
+             time.perf_counter() - t0)
     with _lock:
         _mem[dev_key] = best
         try:

@@ -25,6 +25,8 @@ import tempfile
 import threading
 from types import ModuleType
 
+from .._logging import progress
+
 __all__ = ["cache_dir", "load_module", "content_digest", "generated_files"]
 
 log = logging.getLogger("emu_inductor.kernels")
@@ -116,6 +118,8 @@ def load_module(name: str, src: str) -> ModuleType:
             if not ok:
                 log.warning("emu_inductor: %s does not hash to its name; rewriting it", path)
         if not ok:
+            progress("generated Triton kernel module %s (compiled by Triton on first launch)",
+                     os.path.basename(path))
             _write_atomic(path, src)
             with open(path, "rb") as f:  # read back: import only what hashes to the name
                 if hashlib.sha256(f.read()).hexdigest() != digest:

@@ -43,7 +43,15 @@ from .matching import (
     shape_agnostic_pattern,
 )
 from .mxemu_pass import MxemuPass
-from .recorder import CandidateRecord, GraphRecord, record_candidate, recording
+from .recorder import (
+    CandidateRecord,
+    FusionCounts,
+    GraphRecord,
+    cache_replay,
+    fusion_counts,
+    record_candidate,
+    recording,
+)
 from .registry import (
     CORE_OPTIONS,
     PatternFamily,
@@ -62,11 +70,14 @@ __all__ = [
     "CORE_OPTIONS",
     "DEFAULT_SHAPE_ARGS",
     "CandidateRecord",
+    "FusionCounts",
     "GraphRecord",
     "MxemuPass",
     "PatternFamily",
+    "cache_replay",
     "chain_passes",
     "current_options",
+    "fusion_counts",
     "fwd_only_post_grad",
     "get_option",
     "get_pattern_family",

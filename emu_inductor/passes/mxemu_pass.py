@@ -20,13 +20,15 @@ Guarantees:
 - Every rule runs behind ``guards.guard_entry``; chaining with a user's pass is ``chain``.
 - Fused counts go to ``counters["mxemu"][family]`` and, because only
   ``counters["inductor"]`` is replayed on an FX-graph-cache hit,
-  ``counters["inductor"]["mxemu_" + family]`` too.
+  ``counters["inductor"]["mxemu_" + family]`` too; the backend's
+  ``recorder.cache_replay()`` turns a replay back into ``counters["mxemu"]``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,7 +40,7 @@ from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from .. import __version__, _compat
 from .._logging import get_logger
-from . import recorder, registry, verify
+from . import recorder, registry, timings, verify
 from .fingerprint import files_digest, pass_uuid_files, stable_repr
 from .matching import pattern_name_of
 from .guards import ApplyFailed, FamilyRun, collapse, describe_error, guard_entry, set_current_run
@@ -137,7 +139,8 @@ class MxemuPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         prev = registry._set_current_options(self.options)
         try:
-            self._run(graph)
+            with timings.timed("pass"):
+                self._run(graph)
         except Exception as e:
             if self.options.get("strict"):
                 raise
@@ -152,7 +155,7 @@ class MxemuPass(CustomGraphPass):
         fams = self._families()
         uuid = self.uuid()
         label = recorder.begin_graph(graph, uuid)
-        counters["mxemu"]["pass_runs"] += 1
+        recorder.count_pass_run()
         log.debug("mxemu pass on graph %s (%d nodes), families %s, uuid %s", label,
                   len(graph.nodes), [f.name for f in fams], uuid)
         total = 0
@@ -179,6 +182,7 @@ class MxemuPass(CustomGraphPass):
             verify.finish_graph(graph)  # after every family: later ones match the fused ops
         finally:
             verify.end_graph()
+            recorder.count_ops(graph)  # what runs: replayed with the graph on a cache hit
             recorder.end_graph(label, total)
             log.debug("mxemu pass on graph %s done: %d candidate(s) fused", label, total)
 
@@ -201,8 +205,12 @@ class MxemuPass(CustomGraphPass):
                     fam.init_fn(pm)
                 return pm
 
+            t0 = time.perf_counter()
+            timings.progress("building pattern rules for family %s (once per process) ...",
+                             fam.name)
             try:
-                pm = _compat.init_once_fakemode(_init)(device)
+                with timings.timed(f"rules:{fam.name}"):
+                    pm = _compat.init_once_fakemode(_init)(device)
                 n = 0
                 for (_op, _target), entries in pm.patterns.items():
                     for entry in entries:
@@ -213,7 +221,8 @@ class MxemuPass(CustomGraphPass):
                                           pattern_name_of(entry) or f"{fam.name}#{n}")
                 fam.pm_pass = pm
                 fam.state = "ready"
-                log.debug("initialised pattern family %r: %d rule(s)", fam.name, n)
+                timings.progress("built %d pattern rule(s) for family %s in %.1f s", n, fam.name,
+                                 time.perf_counter() - t0)
             except Exception as e:
                 fam.state = "failed"
                 fam.error = f"init failed: {describe_error(e)}"
@@ -233,7 +242,7 @@ class MxemuPass(CustomGraphPass):
             anchors = self._anchors(fam, graph) if self.options.get("report_unmatched") else []
             set_current_run(run)
             try:
-                with recorder.family_table(run.table):
+                with recorder.family_table(run.table), timings.timed(f"matching:{fam.name}"):
                     fam.pm_pass.apply(graph)
             except ApplyFailed as f:
                 run.restore()
@@ -292,7 +301,6 @@ class MxemuPass(CustomGraphPass):
         for rec in records:
             recorder.emit(rec)
         if run.fused:
-            counters["mxemu"][fam.name] += run.fused
-            counters["inductor"][f"mxemu_{fam.name}"] += run.fused
+            recorder.count_fused(fam.name, run.fused)
         if run.errors:
             counters["mxemu"]["internal_errors"] += run.errors

@@ -40,6 +40,9 @@ __all__ = [
     "record",
     "count",
     "RECORDS",
+    "FusionCounts",
+    "fusion_counts",
+    "cache_replay",
 ]
 
 
@@ -315,5 +318,128 @@ def record(family: str, pattern: str, node: Any, fused: bool, reason: str = "") 
 
 def count(name: str, n: int = 1) -> None:
     """counters["mxemu_patterns"][name]: which pattern variant fused (the family totals are
-    counted by MxemuPass into counters["mxemu"] / counters["inductor"]["mxemu_<family>"])."""
+    counted by MxemuPass through ``count_fused``). Mirrored into counters["inductor"] so an
+    FX-graph-cache hit replays it (see "fusion counters" below), except timings (``*_ms``),
+    which describe the compile that ran, not the graph."""
     counters["mxemu_patterns"][name] += n
+    if not name.endswith("_ms"):
+        counters["inductor"][_VARIANT + name] += n
+
+
+# --------------------------------------------------------------------------------------
+# fusion counters that are right on an FX-graph-cache hit
+# --------------------------------------------------------------------------------------
+# On a cache hit the pass does not run; Inductor only replays the counters["inductor"]
+# deltas stored with the cache entry (spec/inductor_integration.md 2.2). So every fusion
+# count is written twice: to its own group (counters["mxemu"], ["mxemu_patterns"],
+# ["mxemu_ops"]) and to counters["inductor"] under the keys below. ``cache_replay()``,
+# wrapped around each compile by the backend (and around Dynamo compiles while
+# ``enable()`` is active), adds what was replayed without the pass into the own groups,
+# so counters["mxemu"] reads the same after a miss and after a hit.
+
+_FAMILY = "mxemu_"  # + family name (family names cannot contain ':')
+_VARIANT = "mxemu_patterns:"  # + variant name -> counters["mxemu_patterns"]
+_OP = "mxemu_ops:"  # + op name -> counters["mxemu_ops"] (torch.ops.mxemu.* in the graph)
+_GRAPHS = "mxemu:graphs"  # graphs the pass produced -> counters["mxemu"]["graphs_from_cache"]
+
+
+def count_fused(family: str, n: int) -> None:
+    """``n`` candidates fused by ``family`` in the graph being compiled."""
+    counters["mxemu"][family] += n
+    counters["inductor"][_FAMILY + family] += n
+
+
+def count_pass_run() -> None:
+    """One graph the pass runs on (forward and backward count separately)."""
+    counters["mxemu"]["pass_runs"] += 1
+    counters["inductor"][_GRAPHS] += 1
+
+
+def count_ops(graph: Any) -> dict[str, int]:
+    """Count the ``torch.ops.mxemu.*`` calls the rewritten graph holds (what will run)."""
+    ops: dict[str, int] = {}
+    for node in graph.nodes:
+        target = node.target
+        if node.op == "call_function" and getattr(target, "namespace", None) == "mxemu":
+            name = target.name().split("::", 1)[-1].split(".", 1)[0]
+            ops[name] = ops.get(name, 0) + 1
+    for name, n in ops.items():
+        counters["mxemu_ops"][name] += n
+        counters["inductor"][_OP + name] += n
+    return ops
+
+
+def _replay_map() -> dict[str, tuple[str, str]]:
+    """counters["inductor"] key -> (group, key) it stands for."""
+    out: dict[str, tuple[str, str]] = {}
+    for key in counters["inductor"]:
+        if key == _GRAPHS:
+            out[key] = ("mxemu", "pass_runs")
+        elif key.startswith(_VARIANT):
+            out[key] = ("mxemu_patterns", key[len(_VARIANT):])
+        elif key.startswith(_OP):
+            out[key] = ("mxemu_ops", key[len(_OP):])
+        elif key.startswith(_FAMILY) and ":" not in key:
+            out[key] = ("mxemu", key[len(_FAMILY):])
+    return out
+
+
+def _own(key: str, group: str, name: str) -> int:
+    if key == _GRAPHS:  # graphs the pass ran on plus graphs already credited to the cache
+        return counters["mxemu"]["pass_runs"] + counters["mxemu"]["graphs_from_cache"]
+    return counters[group][name]
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    return {k: (counters["inductor"][k], _own(k, g, name)) for k, (g, name) in _replay_map().items()}
+
+
+@contextmanager
+def cache_replay() -> Iterator[None]:
+    """Around a compile: whatever Inductor replayed into counters["inductor"] from an
+    FX-graph (or AOTAutograd) cache entry without our pass running is added to
+    counters["mxemu"] / ["mxemu_patterns"] / ["mxemu_ops"]; a replayed graph counts as
+    ``counters["mxemu"]["graphs_from_cache"]`` (``pass_runs`` stays the runs that
+    happened). Nested uses count once (each level adds only what the inner ones did not)."""
+    before = _snapshot()
+    try:
+        yield
+    finally:
+        for key, (group, name) in _replay_map().items():
+            i0, o0 = before.get(key, (0, 0))
+            replayed = (counters["inductor"][key] - i0) - (_own(key, group, name) - o0)
+            if replayed > 0:
+                counters[group]["graphs_from_cache" if key == _GRAPHS else name] += replayed
+
+
+@dataclasses.dataclass
+class FusionCounts:
+    """What the mxemu pass fused, read from the counters (right after a cache hit too)."""
+
+    families: dict[str, int]  # candidates fused per pattern family
+    ops: dict[str, int]  # torch.ops.mxemu.* calls in the compiled graphs, by op name
+    variants: dict[str, int]  # pattern variants (counters["mxemu_patterns"])
+    pass_runs: int  # graphs the pass ran on in this process
+    graphs_from_cache: int  # graphs loaded from Inductor's caches (the pass did not run)
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"mxemu::{k} x{v}" for k, v in sorted(self.ops.items())) or "none"
+        fams = ", ".join(f"{k}={v}" for k, v in self.families.items()) or "none"
+        src = f"{self.pass_runs} graph(s) rewritten"
+        if self.graphs_from_cache:
+            src += f", {self.graphs_from_cache} loaded from Inductor's cache with their counts"
+        return f"fused ops: {ops}; pattern families fired: {fams} ({src})"
+
+
+def fusion_counts() -> FusionCounts:
+    """The fusion counters since the last ``counters.clear()`` (one source for
+    ``counters["mxemu"]``, explain() and the demo)."""
+    own = ("pass_runs", "internal_errors", "graphs_from_cache")
+    mx = counters["mxemu"]
+    return FusionCounts(
+        families={k: v for k, v in mx.items() if v and k not in own},
+        ops={k: v for k, v in counters["mxemu_ops"].items() if v},
+        variants={k: v for k, v in counters["mxemu_patterns"].items() if v and not k.endswith("_ms")},
+        pass_runs=mx["pass_runs"],
+        graphs_from_cache=mx["graphs_from_cache"],
+    )

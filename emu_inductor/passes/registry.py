@@ -39,6 +39,7 @@ from typing import Any
 
 from .._logging import get_logger
 from .recorder import note
+from .timings import timed
 from .verify import parse_verify
 
 log = get_logger("passes")
@@ -224,7 +225,8 @@ def load_builtin_families() -> None:
         _builtins_loaded = True
         for mod in builtin_family_modules():
             try:
-                importlib.import_module(mod)
+                with timed("families_import"):  # once per process: in compile_report()
+                    importlib.import_module(mod)
             except Exception as e:  # never break a compile on a broken pattern module
                 log.warning("emu_inductor: importing %s failed; its pattern families are "
                             "unavailable: %s: %s", mod, type(e).__name__, e, exc_info=True)
