@@ -45,7 +45,11 @@ from typing import Callable, Optional
 
 import torch
 
-H, I, E, TOP_K = 64, 32, 4, 2
+import os as _os
+
+# Tiny by default (tests). benchmarks/bench_corpus.py builds the same layers at a real
+# model's shape by setting EMU_CORPUS_DIMS="H,I,E,TOP_K" before importing the corpus.
+H, I, E, TOP_K = (int(v) for v in _os.environ.get("EMU_CORPUS_DIMS", "64,32,4,2").split(","))
 TOKENS = (1, 5)
 
 
