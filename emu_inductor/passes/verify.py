@@ -532,14 +532,16 @@ def _insert(graph: torch.fx.Graph, rec: _Original) -> int:
     tensors = [n for n, k in zip(rec.inputs, rec.kinds) if k == "t"]
     sizes = [n for n, k in zip(rec.inputs, rec.kinds) if k == "s"]
     key = _encode(_Payload(rec.gm, rec.kinds, rec.description, rec.mode.calls, rec.mode.fallback))
+    fake_mode = getattr(val, "fake_mode", None)
+    if fake_mode is not None:
+        with fake_mode:
+            out_val = torch.empty_like(val)  # its own storage: the op's result aliases nothing
+    else:
+        out_val = val
+    # everything that can fail is done: from here on the graph changes
     with graph.inserting_after(last):
         v = graph.call_function(torch.ops.mxemu.verify.default, (rec.out, tensors, sizes, key))
-    mode = getattr(val, "fake_mode", None)
-    if mode is not None:
-        with mode:
-            v.meta["val"] = torch.empty_like(val)
-    else:
-        v.meta["val"] = val
+    v.meta["val"] = out_val
     for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if k in rec.out.meta:
             v.meta[k] = rec.out.meta[k]
