@@ -405,7 +405,7 @@ def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_byt
         return Rejection("weight", gemm, why)
     out_dtype = _val(w).dtype
     transpose = True  # [.., N, K] dequantized, fed as [.., K, N]
-    best = None  # (n survivors-groups, ...)
+    ambiguous = None  # survivors of the first hypothesis whose survivors need different kernels
     closest = None
     errors = []
     for h in hyps:
@@ -420,13 +420,12 @@ def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_byt
                                      transpose, out_dtype, h.guards,
                                      tuple(v.name for v in alive if v is not chosen),
                                      tuple((v.name, t) for v, t in separated[:8]))
-            best = best or (h, alive)
+            ambiguous = ambiguous or alive
         elif separated:
             if closest is None:
                 closest = separated[-1]
-    if best is not None:
-        h, alive = best
-        names = ", ".join(v.name for v in alive[:6])
+    if ambiguous is not None:
+        names = ", ".join(v.name for v in ambiguous[:6])
         return Rejection("weight", gemm, f"ambiguous: variants needing different kernels agree on every probe: {names}")
     if closest is not None:
         var, text = closest
