@@ -222,6 +222,16 @@ def test_fake_impls_run_on_meta_without_values():
         assert out.device.type == "meta", op
 
 
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_opcheck_fake_and_aot(backend, op):
+    """torch.library.opcheck: the fake implementation agrees with the real op (which now
+    validates values) and AOT dispatch with dynamic shapes works. (test_schema is left
+    out: its mutation check multiplies the float8 block scales, which CPU torch lacks.)"""
+    kw = OPS[op]()
+    torch.library.opcheck(getattr(torch.ops.mxemu, op).default, (), kw,
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 # --- compiled: a bad scale fed to the fused op raises, never NaN -----------------------------
 
 
