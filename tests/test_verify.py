@@ -137,7 +137,7 @@ def test_compare_contract():
 
 def test_correct_fusion_verified_for_n_calls_then_not(verified_linear):
     m, cm, code = verified_linear
-    assert "torch.ops.mxemu.verify" in code and "torch.ops.mxemu.linear" in code
+    assert "torch.ops.mxemu_verify.check" in code and "torch.ops.mxemu.linear" in code
     reset_states()
     counters.clear()
     with torch.no_grad():
@@ -145,8 +145,8 @@ def test_correct_fusion_verified_for_n_calls_then_not(verified_linear):
             x = _x()
             out = cm(x)
             assert torch.equal(out, _eager(m, x))
-            assert counters["mxemu"]["verify_checks"] == min(call + 1, 2)
-    assert counters["mxemu"]["verify_mismatches"] == 0
+            assert counters["mxemu_verify"]["checks"] == min(call + 1, 2)
+    assert counters["mxemu_verify"]["mismatches"] == 0
 
 
 def test_wrong_fusion_raises_naming_the_subgraph(verified_linear, monkeypatch):
@@ -158,7 +158,7 @@ def test_wrong_fusion_raises_naming_the_subgraph(verified_linear, monkeypatch):
     msg = str(info.value)
     assert "linear/" in msg and "at node" in msg and "original nodes:" in msg, msg
     assert "max |fused - original|" in msg and "call 1" in msg, msg
-    assert counters["mxemu"]["verify_mismatches"] == 1
+    assert counters["mxemu_verify"]["mismatches"] == 1
 
 
 def test_fallback_warns_once_and_returns_the_original(monkeypatch):
@@ -175,14 +175,14 @@ def test_fallback_warns_once_and_returns_the_original(monkeypatch):
             x = _x()
             with torch.no_grad():
                 assert torch.equal(cm(x), _eager(m, x))
-    assert counters["mxemu"]["verify_mismatches"] == 1
+    assert counters["mxemu_verify"]["mismatches"] == 1
 
 
 def test_default_graph_holds_no_verify_op():
     m = _linear(seed=2)
     x = _x()
     _, out, code = _compile(m, x)
-    assert "torch.ops.mxemu.linear" in code and "mxemu.verify" not in code
+    assert "torch.ops.mxemu.linear" in code and "mxemu_verify" not in code
     assert torch.equal(out, _eager(m, x))
 
 
@@ -203,9 +203,9 @@ def test_moe_checked_against_the_users_code_not_the_grouped_ops():
     cm = torch.compile(m, backend=emu_inductor.backend(verify=1))
     with fresh_cache(), torch.no_grad():
         out, code = run_and_get_code(cm, x, w, ids)
-    assert counters["mxemu"]["moe"] == 1 and counters["mxemu"]["verify_checks"] == 1
+    assert counters["mxemu"]["moe"] == 1 and counters["mxemu_verify"]["checks"] == 1
     code = "\n".join(code)
-    keys = [line.split("'")[-2] for line in code.splitlines() if "torch.ops.mxemu.verify.default(" in line]
+    keys = [line.split("'")[-2] for line in code.splitlines() if "torch.ops.mxemu_verify.check.default(" in line]
     assert len(keys) == 1, code
     original = _decode(keys[0])
     assert "moe/" in original.description
@@ -248,8 +248,8 @@ def test_semantic_fusion_original_holds_the_users_decode():
     m = _BitDecodeMxfp4(seed=4)
     x = torch.randn(4, 64).bfloat16()
     _, out, code = _compile(m, x, verify=1)
-    assert counters["mxemu"]["semantic"] == 1 and counters["mxemu"]["verify_checks"] == 1, dict(counters["mxemu"])
-    keys = [line.split("'")[-2] for line in code.splitlines() if "torch.ops.mxemu.verify.default(" in line]
+    assert counters["mxemu"]["semantic"] == 1 and counters["mxemu_verify"]["checks"] == 1, dict(counters["mxemu"])
+    keys = [line.split("'")[-2] for line in code.splitlines() if "torch.ops.mxemu_verify.check.default(" in line]
     assert len(keys) == 1, code
     original = _decode(keys[0])
     assert original.kinds == ("t", "t", "t")  # x, codes, scale bytes: nothing decoded outside
@@ -269,5 +269,5 @@ def test_dynamic_shapes_pass_sizes_to_the_original():
             out, code = run_and_get_code(cm, x)
             assert torch.equal(out, _eager(m, x))
             if t == 8:
-                assert re.search(r"mxemu\.verify\.default\(\w+, \[[^\]]*\], \[\w+", code[0]), code[0]
-    assert counters["mxemu"]["linear"] >= 1 and counters["mxemu"]["verify_checks"] == 3, dict(counters["mxemu"])
+                assert re.search(r"mxemu_verify\.check\.default\(\w+, \[[^\]]*\], \[\w+", code[0]), code[0]
+    assert counters["mxemu"]["linear"] >= 1 and counters["mxemu_verify"]["checks"] == 3, dict(counters["mxemu"])

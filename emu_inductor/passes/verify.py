@@ -2,7 +2,7 @@
 
 The last line of defence against a proof with a hole (spec semantic_matching.md,
 Soundness): with ``verify=N`` every fused replacement's output goes through
-``mxemu::verify(fused_out, inputs, sizes, key)``. For the first N calls the op runs the
+``mxemu_verify::check(fused_out, inputs, sizes, key)``. For the first N calls the op runs the
 *original* subgraph eagerly on the same inputs and compares; a mismatch raises
 ``VerifyMismatch`` naming the subgraph (family, pattern, anchor node, the first original
 nodes, user source line, max error and where). With ``verify="fallback"`` a mismatch
@@ -18,7 +18,7 @@ How (compile time, inside ``MxemuPass``):
   always against what the user wrote. After the rewrite it notes which node now feeds the
   anchor's old users.
 - ``finish_graph`` runs after every family (inserting the op earlier would hide the
-  fused ops from later families) and puts ``mxemu::verify`` between each surviving fused
+  fused ops from later families) and puts ``mxemu_verify::check`` between each surviving fused
   output and those users.
 - ``key`` carries the pickled original subgraph, its description and the mode, so a
   compiled graph loaded from the FX graph cache by another process can still check
@@ -156,7 +156,7 @@ def _encode(payload: _Payload) -> str:
 
 def _decode(key: str) -> _Payload:
     if not key.startswith(_KEY_PREFIX):
-        raise ValueError(f"mxemu::verify: key is not a verify payload: {key[:40]!r}")
+        raise ValueError(f"mxemu_verify::check: key is not a verify payload: {key[:40]!r}")
     d = pickle.loads(zlib.decompress(base64.b64decode(key[len(_KEY_PREFIX):])))
     return _Payload(d["gm"], tuple(d["kinds"]), d["description"], int(d["calls"]), bool(d["fallback"]))
 
@@ -241,7 +241,7 @@ def _fresh_like(fused: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
-@torch.library.custom_op("mxemu::verify", mutates_args=(), tags=_TAGS)
+@torch.library.custom_op("mxemu_verify::check", mutates_args=(), tags=_TAGS)
 def verify_op(fused: torch.Tensor, tensors: list[torch.Tensor], sizes: list[int], key: str) -> torch.Tensor:
     """``fused`` (a fresh copy), checked against the original subgraph in ``key`` run on
     ``tensors``/``sizes`` during the first calls (see the module docstring)."""
@@ -257,15 +257,15 @@ def verify_op(fused: torch.Tensor, tensors: list[torch.Tensor], sizes: list[int]
             ref = _run_original(p, tensors, sizes)
         except Exception as e:  # the original itself fails: cannot check, keep the fused result
             st.broken = True
-            counters["mxemu"]["verify_errors"] += 1
+            counters["mxemu_verify"]["errors"] += 1
             warnings.warn(f"emu_inductor verify: could not run the original subgraph of {p.description} "
                           f"({type(e).__name__}: {e}); it is not verified", VerifyWarning, stacklevel=2)
             return fused.clone()
-        counters["mxemu"]["verify_checks"] += 1
+        counters["mxemu_verify"]["checks"] += 1
         problem = compare(fused, ref)
         if problem is None:
             return fused.clone()
-        counters["mxemu"]["verify_mismatches"] += 1
+        counters["mxemu_verify"]["mismatches"] += 1
         msg = (f"emu_inductor verify: the fused replacement of {p.description} disagrees with "
                f"the original subgraph on call {st.checked}: {problem}")
         if not p.fallback or ref.shape != fused.shape or ref.dtype != fused.dtype:
@@ -494,7 +494,7 @@ def _record(st: _GraphState, uses, gm, inputs, kinds, desc) -> None:
 
 
 def finish_graph(graph: torch.fx.Graph) -> int:
-    """Insert ``mxemu::verify`` after every fused output still in ``graph``; returns how
+    """Insert ``mxemu_verify::check`` after every fused output still in ``graph``; returns how
     many. Called by MxemuPass after every family ran; never raises."""
     st = _current()
     if st is None:
@@ -540,7 +540,7 @@ def _insert(graph: torch.fx.Graph, rec: _Original) -> int:
         out_val = val
     # everything that can fail is done: from here on the graph changes
     with graph.inserting_after(last):
-        v = graph.call_function(torch.ops.mxemu.verify.default, (rec.out, tensors, sizes, key))
+        v = graph.call_function(torch.ops.mxemu_verify.check.default, (rec.out, tensors, sizes, key))
     v.meta["val"] = out_val
     for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if k in rec.out.meta:
