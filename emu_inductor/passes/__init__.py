@@ -25,6 +25,7 @@ Modules, one job each:
   pieces          the catalogue's styles traced as pattern pieces; which pairs exist
   linear / grouped_mm / moe   the built-in families (imported lazily by the registry)
   mxemu_pass      MxemuPass itself;  chain: installing it next to a user's pass
+  verify          mxemu.verify: fused outputs checked against their original subgraph at run time
 The families refer to the fused ops only as ``torch.ops.mxemu.*``.
 """
 
