@@ -94,18 +94,19 @@ class MxfpLog2(torch.nn.Module):
 
 
 class NvfpWeightOnly(torch.nn.Module):
-    """NVFP4 w4a16 compressed-tensors checkpoint read as v * (s * (1/gs))."""
+    """NVFP4 w4a16 compressed-tensors checkpoint read as v * (s * (1/gs)), with a bias."""
     def __init__(self, K, N, seed):
         super().__init__()
         torch.manual_seed(seed)
         q = quantize(torch.randn(N, K), NVFP4)
         self.register_buffer("w", q.qdata); self.register_buffer("s", q.scale)
         self.register_buffer("wgs", torch.tensor(81.0))
+        self.register_buffer("bias", torch.randn(N).to(torch.bfloat16))
 
     def forward(self, x):
         v = lut_decode(self.w).reshape(self.w.shape[0], -1, 16)
         w = (v * (self.s.float() * (1.0 / self.wgs)).unsqueeze(-1)).reshape(self.w.shape[0], -1)
-        return x @ w.to(x.dtype).t()
+        return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)  # addmm
 
 
 class Stack(torch.nn.Module):

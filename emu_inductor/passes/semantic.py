@@ -1,8 +1,8 @@
 """Pattern family "semantic" (order 90, after the traced families): fuse the GEMMs those
 did not, when `emu_inductor.recognize` proves what their operands compute.
 
-Anchors: every remaining `aten.mm` (-> `mxemu::linear`) and `aten._grouped_mm`
-(-> `mxemu::grouped_mm`). For each, the recogniser evaluates the weight operand's cone and
+Anchors: every remaining `aten.mm` / `aten.addmm` (1-d bias) (-> `mxemu::linear`) and
+`aten._grouped_mm` (-> `mxemu::grouped_mm`). For each, the recogniser evaluates the weight operand's cone and
 the activation operand's cone on probe data and compares them bit for bit with the
 variants `emu_inductor.formats` defines (docs/recognize.md). The weight side must be a
 kernel-supported decode; the activation side fuses when it is a kernel-supported QDQ that
@@ -199,13 +199,24 @@ def _check_linear(match) -> Optional[str]:
     return why
 
 
+def _check_addmm(match) -> Optional[str]:
+    anchor = match.output_node()
+    bias, a = _val(anchor.args[0]), _val(anchor.args[1])
+    if anchor.kwargs or bias is None or bias.dim() != 1 or bias.dtype != a.dtype:
+        return "addmm bias is not a 1-d vector of the activation dtype"
+    _, _, why = _verdicts(match, anchor, 2)
+    return why
+
+
 def _replace_linear(match) -> None:
     anchor = match.output_node()
     w, act, note = match._mxemu_semantic
     graph = match.graph
-    x, codes, scale, alpha, gs = _operands(graph, w, act, anchor.args[0], anchor)
+    is_addmm = anchor.target is aten.addmm.default
+    bias = anchor.args[0] if is_addmm else None
+    x, codes, scale, alpha, gs = _operands(graph, w, act, anchor.args[1 if is_addmm else 0], anchor)
     with graph.inserting_before(anchor):
-        new = _call(graph, torch.ops.mxemu.linear.default, (x, codes, scale, alpha, gs, None, _spec(w, act)),
+        new = _call(graph, torch.ops.mxemu.linear.default, (x, codes, scale, alpha, gs, bias, _spec(w, act)),
                     _val(anchor))
     anchor.replace_all_uses_with(new)
     graph.erase_node(anchor)
@@ -233,11 +244,14 @@ def _replace_grouped(match) -> None:
     _done(new, "grouped_mm", w, act, note)
 
 
-@register_pattern_family(FAMILY, order=90, anchors=(aten.mm.default, aten._grouped_mm.default),
+@register_pattern_family(FAMILY, order=90, anchors=(aten.mm.default, aten.addmm.default, aten._grouped_mm.default),
                          description="GEMMs whose operands are proven by evaluation (emu_inductor.recognize)")
 def _init(pm_pass, input_device=None):
     register_family_pattern(pm.CallFunction(aten.mm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
                             family=FAMILY, name="linear", check=_check_linear, replace=_replace_linear)
+    register_family_pattern(pm.CallFunction(aten.addmm.default, pm.KeywordArg("bias"), pm.KeywordArg("a"),
+                                            PackedWeightOperand()), pm_pass,
+                            family=FAMILY, name="linear_bias", check=_check_addmm, replace=_replace_linear)
     register_family_pattern(pm.CallFunction(aten._grouped_mm.default, pm.KeywordArg("a"), PackedWeightOperand(),
                                             pm.KeywordArg("offs")), pm_pass,
                             family=FAMILY, name="grouped_mm", check=_check_grouped, replace=_replace_grouped)
