@@ -349,7 +349,7 @@ def _cone(match: Any, anchor: torch.fx.Node) -> set[torch.fx.Node]:
     return cone
 
 
-def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.fx.GraphModule, list, tuple]:
+def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.fx.GraphModule, list, tuple, set]:
     """The cone of ``anchor`` (``_cone``) as a GraphModule; an earlier replacement's output
     inside it is expanded into that replacement's original; the other nodes it reads
     become inputs."""
@@ -398,7 +398,7 @@ def _extract(match: Any, anchor: torch.fx.Node, st: _GraphState) -> tuple[torch.
     for n in g.nodes:
         n.meta = {}
     gm = torch.fx.GraphModule(root, g)
-    return gm, externals, tuple(kinds)
+    return gm, externals, tuple(kinds), inside
 
 
 def _constant(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.Tensor:
@@ -415,12 +415,12 @@ def _constant(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.Tensor:
     return value.detach().clone()
 
 
-def _describe(family: str, pattern: str, match: Any, anchor: torch.fx.Node) -> str:
-    nodes = set(match.nodes)
-    names = [n.name for n in anchor.graph.nodes if n in nodes]
+def _describe(family: str, pattern: str, cone: set, anchor: torch.fx.Node) -> str:
+    names = [n.name for n in anchor.graph.nodes if n in cone]
     shown = ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
     where = recorder.make_record(family, anchor, True, None, "").location
-    return (f"subgraph {family}/{pattern} at node {anchor.name} ({anchor.target})"
+    name = pattern if pattern.startswith(f"{family}/") else f"{family}/{pattern}"
+    return (f"subgraph {name} at node {anchor.name} ({anchor.target})"
             f"{' from ' + where if where else ''} (original nodes: {shown}; {len(names)} in all)")
 
 
@@ -449,9 +449,9 @@ def wrap_entry(entry: Any, family: str, pattern: str) -> None:
             if len(outs) != 1:
                 raise ValueError(f"the match has {len(outs)} outputs")
             anchor = outs[0]
-            gm, inputs, kinds = _extract(match, anchor, st)
+            gm, inputs, kinds, cone = _extract(match, anchor, st)
             prep = (anchor, _use_positions(anchor), gm, inputs, kinds,
-                    _describe(family, pattern, match, anchor))
+                    _describe(family, pattern, cone, anchor))
         except Exception as e:
             st.skipped.append(f"{family}/{pattern} at {node.name}: {e}")
             log.debug("verify: %s/%s at %s not verified: %r", family, pattern, node.name, e)
