@@ -2,7 +2,8 @@
 against the subgraph it replaced during the first N calls.
 
 The mxemu ops run their eager reference here (EMU_INDUCTOR_KERNEL_BACKEND=reference) so
-that a test can make the fused op wrong by swapping that reference. Compiles: four.
+that a test can make the fused op wrong by swapping that reference. Compiles: eight,
+about a second each once the pattern families are initialised.
 """
 
 from __future__ import annotations
@@ -271,3 +272,13 @@ def test_dynamic_shapes_pass_sizes_to_the_original():
             if t == 8:
                 assert re.search(r"mxemu_verify\.check\.default\(\w+, \[[^\]]*\], \[\w+", code[0]), code[0]
     assert counters["mxemu"]["linear"] >= 1 and counters["mxemu_verify"]["checks"] == 3, dict(counters["mxemu"])
+
+
+def test_enable_takes_verify_too():
+    m = _linear(seed=6)
+    x = _x()
+    torch._dynamo.reset()
+    with emu_inductor.enable(verify=1), fresh_cache(), torch.no_grad():
+        out = torch.compile(m)(x)  # the stock inductor backend
+    assert counters["mxemu"]["linear"] == 1 and counters["mxemu_verify"]["checks"] == 1, dict(counters["mxemu"])
+    assert torch.equal(out, _eager(m, x))
