@@ -74,3 +74,24 @@ def test_a_run_of_the_pass_inside_is_not_credited_twice():
         _as_pass_would(torch.fx.Graph())
     assert counters["mxemu"]["fam"] == 2 and counters["mxemu"]["graphs_from_cache"] == 0
     assert counters["mxemu_patterns"]["fam.variant_a"] == 2
+
+
+def test_enable_credits_replays_through_dynamo_compile_callbacks():
+    from torch._dynamo.callback import callback_handler
+
+    import emu_inductor
+
+    def hooked():
+        return sum(getattr(cb, "__name__", "") == "_replay_end" for cb in callback_handler.end_callbacks)
+
+    with emu_inductor.enable():
+        assert hooked() == 1
+        with emu_inductor.enable():  # nested: still one hook
+            assert hooked() == 1
+        assert hooked() == 1
+        counters.clear()
+        callback_handler.run_start_callbacks(None)  # what a Dynamo compile does around itself
+        counters["inductor"] += Counter({"mxemu_fam": 1, "mxemu:graphs": 1})  # a replayed entry
+        callback_handler.run_end_callbacks(None)
+        assert counters["mxemu"]["fam"] == 1 and counters["mxemu"]["graphs_from_cache"] == 1
+    assert hooked() == 0
