@@ -165,7 +165,8 @@ def main():
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     part = "layer" if args.skip_model else ("model" if args.skip_layer else "all")
-    name = f"compiled_{part}_{'cpu_smoke' if args.small else 'h100'}.json"
+    slug = "cpu_smoke" if args.small else torch.cuda.get_device_name().split()[-1].lower()  # e.g. h200
+    name = f"compiled_{part}_{slug}.json"
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(res, f, indent=2)
     print("wrote", os.path.join(out_dir, name))

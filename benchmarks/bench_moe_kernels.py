@@ -45,6 +45,11 @@ BENCH_SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4"]
 T0 = time.time()
 
 
+
+def _device_slug() -> str:
+    """Results files are named after the GPU they were measured on (h100, h200, ...)."""
+    return torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+
 def log(*a):
     print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
 
@@ -395,7 +400,7 @@ def _spec_digest(scheme):
 
 def write(out_dir, result):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "moe_kernels_h100.json"), "w") as f:
+    with open(os.path.join(out_dir, f"moe_kernels_{_device_slug()}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 
@@ -506,7 +511,7 @@ def main():
     finally:
         write(args.out, result)
         try:
-            plot(result, os.path.join(args.out, "moe_kernels_h100.png"))
+            plot(result, os.path.join(args.out, f"moe_kernels_{_device_slug()}.png"))
         except Exception:
             traceback.print_exc()
     log("done")

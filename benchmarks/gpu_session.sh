@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues still need, in ONE device call (device time is
-# scarce: a machine start costs minutes, so build, checks and timings go together).
+# One device call: checks first, then timings (device time is scarce: a machine start costs
+# minutes, so build, checks and timings go together). Each step has its own time limit so one
+# slow step cannot eat the others; logs and JSON land in $OUT as each step ends.
 #
-#   device run (repo root):  OUT=$OUT bash benchmarks/gpu_session.sh
+#   device run (repo root):  OUT=$OUT bash benchmarks/gpu_session.sh [corpus|kernels|all]
 #
-# Steps, each under its own time limit so one slow step cannot eat the others (total
-# ~560 s, under the device's 600 s per call); logs and JSON land in $OUT (8 files max
-# come back: 4 logs + gpu_check / compiled_layer / compiled_model JSON):
-#   1. gpu_check      fast GPU kernels vs the reference, every scheme (issue 3 numerics)
-#   2. layer          compiled EmulatedMoE layer, eager / inductor / mxemu / +CUDA graphs (issue 4)
-#   3. demo           `python -m emu_inductor demo` on the GPU (issue 4)
-#   4. model          Qwen3-width model slice, prefill + decode tokens/s (issue 5)
-# The device has torch 2.11 and the package is not pip-installed there: PYTHONPATH=. and
-# the backend function (the demo and benchmarks fall back to it when the entry point is
-# absent).
+# Steps:
+#   check     gpu_check: every scheme's fused GPU kernels vs the eager reference
+#   recipes   the NVFP4 recipe kernels vs emu_inductor.formats bit for bit (tests/test_kernels_recipes.py)
+#   corpus    other people's emulation layers at Qwen3-30B-A3B / gpt-oss-20b widths:
+#             eager / stock / mxemu / CUDA graphs (benchmarks/bench_corpus.py; issue 8 item 9)
+#   kernels   benchmarks/bench_moe_kernels.py, a 120 s slice of the sweep (decode / prefill issues)
+# The device has torch 2.11 and no network: the package is installed editable without deps or
+# build isolation, so backend="mxemu" resolves through its entry point as on a user's machine.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+what=${1:-corpus}
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')"
+slug=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
 
 step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2
@@ -29,11 +31,17 @@ step() {  # step NAME LIMIT_S CMD...
   timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "=== $name: rc=$rc in $((SECONDS - t0))s"
-  tail -n 8 "$OUT/$name.log"
+  tail -n 12 "$OUT/$name.log"
 }
 
-step gpu_check 120 python3 benchmarks/gpu_check.py "$OUT/gpu_check_h100.json"
-step layer 200 python3 benchmarks/bench_compiled.py --skip-model
-step demo 90 python3 -m emu_inductor demo
-step model 150 python3 benchmarks/bench_compiled.py --skip-layer
+step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+step recipes 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_recipes.py
+case $what in
+  corpus|all)
+    step corpus_qwen3 240 python3 benchmarks/bench_corpus.py --shape qwen3 --out "$OUT"
+    step corpus_gpt_oss 120 python3 benchmarks/bench_corpus.py --shape gpt_oss --quick --out "$OUT" ;;
+esac
+case $what in
+  kernels|all) step kernels 150 python3 benchmarks/bench_moe_kernels.py --skip-check --budget 120 ;;
+esac
 echo "=== done in ${SECONDS}s"
