@@ -78,7 +78,7 @@ class KernelSpec:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        d["op"] = dataclasses.asdict(self.op)
+        d["op"] = self.op.to_dict()  # weight-reader fields only when not the default
         for k in ("bias1", "bias2"):
             if not d[k]:
                 del d[k]

@@ -233,16 +233,41 @@ def _gate_up_rows(activation: str) -> tuple[str, str]:
     return "cols", "cols"
 
 
-def _alpha_expr(mode: str) -> str:
-    if mode == "none":
-        return ""
+def _alpha_load(mode: str) -> str:
+    """The weight global scale of each tile row (scalar, or [BN, 1])."""
     if mode == "scalar":
-        return "s = s * tl.load(alpha_ptr)"
+        return "tl.load(alpha_ptr)"
     if mode == "expert":
-        return "s = s * tl.load(alpha_ptr + e)"
+        return "tl.load(alpha_ptr + e)"
     if mode == "gate_up":
-        return "s = s * tl.load(alpha_ptr + e * 2 + rows // (NW // 2), mask=rmask, other=1.0)[:, None]"
-    return "s = s * tl.load(alpha_ptr + e * NW + rows, mask=rmask, other=1.0)[:, None]"
+        return "tl.load(alpha_ptr + e * 2 + rows // (NW // 2), mask=rmask, other=1.0)[:, None]"
+    return "tl.load(alpha_ptr + e * NW + rows, mask=rmask, other=1.0)[:, None]"
+
+
+def _alpha_expr(mode: str, order: str = "s*a") -> str:
+    """The block-scale line of the NVFP4 decode: s * a, or s / g (OpSpec.w_scale_order);
+    "(v*s)*a" multiplies the scaled values instead (`_alpha_post`)."""
+    if mode == "none" or order == "(v*s)*a":
+        return ""
+    if order == "s/g":
+        return f"s = tl.math.div_rn(s, {_alpha_load(mode)})"
+    return f"s = s * {_alpha_load(mode)}"
+
+
+def _alpha_post(mode: str, order: str) -> str:
+    """(v * s) * a: the global scale applied to the scaled values, in fp32."""
+    if mode == "none" or order != "(v*s)*a":
+        return ""
+    return f"\n    v = v * {_alpha_load(mode)}"
+
+
+_E8M0_W_INF = """@triton.jit
+def _e8m0_decode_w(u):
+    # weight scales read as exponent bits: 2^(u-127); byte 0 -> 2^-127, byte 255 -> +inf
+    b = tl.where(u == 0, 0x00400000, u << 23)
+    b = tl.where(u == 255, 0x7F800000, b)
+    return b.to(tl.float32, bitcast=True)
+"""
 
 
 def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
@@ -271,10 +296,13 @@ v = _decode_w((wd >> ((kk % 4) * 6)[None, :]) & 63)"""
     sload = f"""ks = k0 // {bs} + tl.arange(0, BK // {bs})
 sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
              mask=rmask[:, None] & (ks < K // {bs})[None, :], other=0).to(tl.int32)"""
+    op = spec.op
     if fmt.is_mx:
-        scale = "s = _e8m0_decode(sc)"
+        scale = "s = _e8m0_decode(sc)" if op.w_e8m0_byte255 == "nan" else "s = _e8m0_decode_w(sc)"
+        post = ""
     else:
-        scale = "s = _decode_e4m3(sc)\n" + _alpha_expr(alpha_mode)
+        scale = "s = _decode_e4m3(sc)\n" + _alpha_expr(alpha_mode, op.w_scale_order)
+        post = _alpha_post(alpha_mode, op.w_scale_order)
     return f"""@triton.jit
 def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
 {" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr):
@@ -282,7 +310,7 @@ def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride
 {_ind(load)}
 {_ind(sload)}
 {_ind(scale.strip())}
-    v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK))
+    v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK)){post}
     return _opnd(_rnd(v))
 """
 

@@ -29,7 +29,8 @@ def moe_reference(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alp
 def linear_reference(x, weight, weight_scale, alpha, input_global_scale, bias, spec: OpSpec):
     scheme = spec.scheme()
     w = dequantize_weight(weight, weight_scale, scheme.weight_fmt, alpha=alpha, dtype=x.dtype,
-                          fp6_layout=spec.fp6_layout)
+                          fp6_layout=spec.fp6_layout, e8m0_byte255=spec.w_e8m0_byte255,
+                          scale_order=spec.w_scale_order)
     a = act_fake_quantize(x, scheme.act, input_global_scale)
     return torch.nn.functional.linear(a, w, bias)
 
@@ -38,7 +39,8 @@ def grouped_mm_reference(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpS
     """out[r] = QDQ(a[r]) @ dequant(W[g(r)]).T (+ bias[g(r)] on the fp32 accumulator) with
     g(r) the group whose offs range holds r; rows at or past offs[-1] are zeros."""
     scheme = spec.scheme()
-    W = dequantize_experts(w, w_scale, scheme.weight_fmt, w_alpha, a.dtype, spec.fp6_layout)
+    W = dequantize_experts(w, w_scale, scheme.weight_fmt, w_alpha, a.dtype, spec.fp6_layout,
+                           e8m0_byte255=spec.w_e8m0_byte255, scale_order=spec.w_scale_order)
     aq = act_fake_quantize(a, scheme.act, a_global_scale)
     rows = torch.arange(a.shape[0], device=a.device)
     g = torch.searchsorted(offs.to(torch.int64), rows, right=True)  # group of each row; E if past the end

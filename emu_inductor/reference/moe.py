@@ -192,10 +192,12 @@ def _expand_alpha(alpha, E, N):
     return alpha.repeat_interleave(N // 2, dim=1)
 
 
-def dequantize_experts(w, scale, fmt, alpha=None, dtype=torch.bfloat16, fp6_layout="quark"):
+def dequantize_experts(w, scale, fmt, alpha=None, dtype=torch.bfloat16, fp6_layout="quark", *,
+                       e8m0_byte255="nan", scale_order="s*a"):
     """All experts' weights in `dtype` ([E, N, K]); per gate/up alphas supported exactly."""
     return dequantize_weight(w, scale, fmt, alpha=_expand_alpha(alpha, w.shape[0], w.shape[1]),
-                             dtype=dtype, fp6_layout=fp6_layout)
+                             dtype=dtype, fp6_layout=fp6_layout, e8m0_byte255=e8m0_byte255,
+                             scale_order=scale_order)
 
 
 def sort_by_expert(key: torch.Tensor, E: int):

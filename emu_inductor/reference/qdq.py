@@ -8,6 +8,7 @@ import torch
 
 from ..formats import BlockFormat, decode, e8m0_decode, fake_quantize, round_to_element, unpack
 from ..formats import E4M3
+from ..spec.opspec import W_SCALE_ORDERS as _SCALE_ORDERS
 from ..spec.schemes import ActQuant
 
 __all__ = ["act_fake_quantize", "fp8_tensor_fake_quantize", "dequantize_weight"]
@@ -50,6 +51,8 @@ def dequantize_weight(
     alpha: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.bfloat16,
     fp6_layout: str = "quark",
+    e8m0_byte255: str = "nan",
+    scale_order: str = "s*a",
 ) -> torch.Tensor:
     """Packed weights [..., N, K*bits/8] with block scales [..., N, K/block] -> [..., N, K].
 
@@ -57,17 +60,30 @@ def dequantize_weight(
     the scale-times-alpha product formed first; `alpha` is the dequantize-direction
     global scale (ModelOpt `weight_scale_2`, 1/compressed-tensors `weight_global_scale`),
     one value per leading index (per expert) or per expert and output row ([E, N]).
-    MX: `dtype(value * 2^(u-127))`, exact.
+    `scale_order` spells the NVFP4 product otherwise: "s/g" is `e2m1 * (fp32(e4m3) / g)`
+    with `alpha` the quantize-direction global g (compressed-tensors, vLLM's
+    `dequantize_to_dtype` given `weight_global_scale`), "(v*s)*a" is `(e2m1 * e4m3) * a`.
+    MX: `dtype(value * 2^(u-127))`, exact; `e8m0_byte255="inf"` reads byte 255 as +inf
+    (the exponent-bit readers: compressed-tensors, ModelOpt, Quark's HIP kernels).
     """
+    if scale_order not in _SCALE_ORDERS:
+        raise ValueError(f"scale_order: expected one of {_SCALE_ORDERS}, got {scale_order!r}")
     codes = unpack(w, fmt.pack_bits, fp6_layout=fp6_layout)
     v = decode(codes, fmt.element)
     vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
+    a = None
     if fmt.is_mx:
-        s = e8m0_decode(scale)
+        s = e8m0_decode(scale, byte255=e8m0_byte255)
     else:
         s = decode(scale.view(torch.uint8), E4M3)
         if alpha is not None:
             a = alpha.to(torch.float32)
             a = a.reshape(*a.shape, *([1] * (s.dim() - a.dim())))
-            s = s * a
-    return (vb * s.unsqueeze(-1)).reshape(v.shape).to(dtype)
+            if scale_order == "s*a":
+                s = s * a
+            elif scale_order == "s/g":
+                s = s / a
+    out = vb * s.unsqueeze(-1)
+    if a is not None and scale_order == "(v*s)*a":
+        out = out * a.unsqueeze(-1)
+    return out.reshape(v.shape).to(dtype)

@@ -12,10 +12,22 @@ import json
 from typing import Optional
 
 from ..formats import FORMATS
+from ..formats.scales import E8M0_BYTE255
 from .activations import ACTIVATION_NAMES
 from .schemes import ActQuant, Scheme, get_scheme
 
-__all__ = ["OpSpec"]
+__all__ = ["OpSpec", "W_SCALE_ORDERS", "WEIGHT_READER_DEFAULTS"]
+
+#: How the weight's float (global) scale enters the NVFP4 decode, fp32 throughout:
+#:   "s*a"      v * (s * a), a dequantize direction (vLLM dequantize_to_dtype, ModelOpt)
+#:   "s/g"      v * (s / g), g quantize direction (compressed-tensors, vLLM with
+#:              weight_global_scale)
+#:   "(v*s)*a"  (v * s) * a
+W_SCALE_ORDERS = ("s*a", "s/g", "(v*s)*a")
+#: Weight-reader fields and their defaults. They are left out of the spec string (and of
+#: the kernel spec JSON) at these values, so specs and kernels that existed before the
+#: fields render byte for byte as before.
+WEIGHT_READER_DEFAULTS = {"w_e8m0_byte255": "nan", "w_scale_order": "s*a"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +41,10 @@ class OpSpec:
     activation: str = "silu"
     router_weight_on_input: bool = False
     fp6_layout: str = "quark"
+    # how the weights are read: E8M0 byte 255 as NaN (OCP) or +inf (exponent-bit readers:
+    # compressed-tensors, ModelOpt, Quark HIP); the NVFP4 float-scale product order
+    w_e8m0_byte255: str = "nan"
+    w_scale_order: str = "s*a"
 
     def __post_init__(self):
         if self.weight_fmt not in FORMATS:
@@ -39,6 +55,23 @@ class OpSpec:
             raise ValueError(f"act_fmt: unknown format {self.act_fmt!r}")
         if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"activation: unknown activation {self.activation!r}")
+        if self.w_e8m0_byte255 not in E8M0_BYTE255:
+            raise ValueError(f"w_e8m0_byte255: expected one of {E8M0_BYTE255}, got {self.w_e8m0_byte255!r}")
+        if self.w_scale_order not in W_SCALE_ORDERS:
+            raise ValueError(f"w_scale_order: expected one of {W_SCALE_ORDERS}, got {self.w_scale_order!r}")
+
+    def to_dict(self) -> dict:
+        """The fields as a dict, weight-reader fields left out at their defaults."""
+        d = dataclasses.asdict(self)
+        for k, v in WEIGHT_READER_DEFAULTS.items():
+            if d[k] == v:
+                del d[k]
+        return d
+
+    @property
+    def weight_reader_default(self) -> bool:
+        """True when the weights are read as the reference's `dequantize_weight` does by default."""
+        return all(getattr(self, k) == v for k, v in WEIGHT_READER_DEFAULTS.items())
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -66,7 +99,7 @@ class OpSpec:
         return Scheme(f"spec:{self.weight_fmt}/{self.act_kind}:{self.act_fmt}", FORMATS[self.weight_fmt], act)
 
     def to_str(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_str(cls, s: str) -> "OpSpec":
@@ -86,4 +119,7 @@ class OpSpec:
         """Readable id for logs, explain() and kernel file names."""
         act = "a16" if self.act_kind == "none" else (
             "afp8" if self.act_kind == "fp8_tensor" else f"a{self.act_fmt}-{self.act_scale_mode or self.act_recipe}")
-        return f"w{self.weight_fmt}_{act}_{self.activation}" + ("_rwin" if self.router_weight_on_input else "")
+        reader = ("" if self.w_e8m0_byte255 == "nan" else "_e8m0inf") + {
+            "s*a": "", "s/g": "_sdivg", "(v*s)*a": "_vsa"}[self.w_scale_order]
+        return (f"w{self.weight_fmt}{reader}_{act}_{self.activation}"
+                + ("_rwin" if self.router_weight_on_input else ""))
