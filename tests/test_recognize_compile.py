@@ -68,6 +68,7 @@ def test_recognition_in_the_post_grad_pass():
     assert isinstance(a1, ActVerdict), a1.reason
     assert a1.variant.recipe == "vllm" and a1.global_scale is not None
     assert isinstance(w2, WeightVerdict), w2.reason
-    # exp2(u - 127): byte 255 -> inf, byte 0 -> 2^-127: recognised, not what the kernels read
-    assert (w2.variant.e8m0_byte255, w2.variant.e8m0_byte0) == ("inf", "pow2") and not w2.kernel_supported
+    # exp2(u - 127): byte 255 -> inf, byte 0 -> 2^-127: recognised, read by OpSpec(w_e8m0_byte255="inf")
+    assert (w2.variant.e8m0_byte255, w2.variant.e8m0_byte0) == ("inf", "pow2") and w2.kernel_supported
+    assert w2.variant.spec_fields["w_e8m0_byte255"] == "inf"
     assert isinstance(a2, ActVerdict) and a2.variant.kind == "none"

@@ -164,9 +164,9 @@ def test_vllm_lut_sign_where():
 
 def test_compressed_tensors_scale_over_global_is_its_own_variant():
     w, s, _ = leaves(2)
-    v = check(deq_bits_e2m1_ct, (w, s, torch.tensor(37.5)), expect_fmt="nvfp4", supported=False,
+    v = check(deq_bits_e2m1_ct, (w, s, torch.tensor(37.5)), expect_fmt="nvfp4",
               alpha_order="scale_over_global")
-    assert "v*(s/g)" in v.unsupported_reason
+    assert v.variant.spec_fields == {"w_e8m0_byte255": "nan", "w_scale_order": "s/g"}  # fused (OpSpec)
 
 
 def test_reciprocal_of_global_scale_is_the_alpha():
@@ -177,7 +177,8 @@ def test_reciprocal_of_global_scale_is_the_alpha():
 
 
 def test_value_scale_alpha_order():
-    check(deq_value_scale_alpha, leaves(4), expect_fmt="nvfp4", supported=False, alpha_order="value_scale_alpha")
+    v = check(deq_value_scale_alpha, leaves(4), expect_fmt="nvfp4", alpha_order="value_scale_alpha")
+    assert v.variant.spec_fields["w_scale_order"] == "(v*s)*a"
 
 
 def test_torchao_bf16_product_equals_the_fp32_decode():

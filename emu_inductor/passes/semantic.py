@@ -151,6 +151,7 @@ def _spec(w: WeightVerdict, act: Optional[ActVerdict]) -> str:
         act_recipe=v.recipe if v is not None else None,
         act_rounding=v.rounding if v is not None else "rne",
         fp6_layout=w.variant.fp6_layout,
+        **w.variant.spec_fields,  # how the scales are read: E8M0 byte 255, float-scale order
     ).to_str()
 
 

@@ -29,6 +29,9 @@ from ..spec import FUSED_MX_SCALE_MODES, ActQuant
 __all__ = ["WeightVariant", "ActVariant", "weight_variants", "act_variants", "NO_ACT"]
 
 ALPHA_ORDERS = ("none", "scale_alpha", "value_scale_alpha", "scale_over_global")
+#: alpha_order -> OpSpec.w_scale_order (the product the kernels form; "none": no float scale)
+_SCALE_ORDER = {"none": "s*a", "scale_alpha": "s*a", "value_scale_alpha": "(v*s)*a", "scale_over_global": "s/g"}
+E8M0_READER_ORDER = ("nan", "inf")
 _ALPHA_TEXT = {"none": "v*s", "scale_alpha": "v*(s*a)", "value_scale_alpha": "(v*s)*a",
                "scale_over_global": "v*(s/g)"}
 
@@ -64,11 +67,11 @@ class WeightVariant:
         """None when the fused kernels compute exactly this decode, else why not."""
         if self.nibble_order != "low_first":
             return "high-nibble-first packing (the kernels read element 2j from the low nibble)"
-        if self.e8m0_byte255 != "nan" or self.e8m0_byte0 != "pow2":
+        if self.e8m0_byte0 != "pow2":
             return (f"E8M0 reader byte 255 -> {self.e8m0_byte255}, byte 0 -> {self.e8m0_byte0} "
-                    f"(the kernels decode 255 as NaN and 0 as 2^-127)")
-        if self.alpha_order not in ("none", "scale_alpha"):
-            return f"global scale applied as {_ALPHA_TEXT[self.alpha_order]} (the kernels compute v*(s*a) in fp32)"
+                    f"(the kernels decode byte 0 as 2^-127)")
+        if FORMATS[self.fmt].is_mx and self.alpha_order != "none":
+            return f"a float scale on {self.fmt} weights ({_ALPHA_TEXT[self.alpha_order]}; the MX kernels take none)"
         if self.compute_dtype != "fp32":
             return "scale products rounded in the output dtype (the kernels form them in fp32)"
         return None
@@ -78,11 +81,23 @@ class WeightVariant:
         return self.unsupported_reason() is None
 
     @property
+    def spec_fields(self) -> dict:
+        """The OpSpec weight-reader fields (spec.OpSpec) that make the kernels read this decode."""
+        return {"w_e8m0_byte255": self.e8m0_byte255, "w_scale_order": _SCALE_ORDER[self.alpha_order]}
+
+    @property
     def kernel_key(self) -> tuple:
         """Variants with equal keys need the same fused op (one kernel spec)."""
         return (self.fmt, self.fp6_layout if FORMATS[self.fmt].pack_bits == 6 else None,
-                "alpha" if self.alpha_order == "scale_alpha" else self.alpha_order) \
-            if self.kernel_supported else ("unsupported", self.name)
+                tuple(sorted(self.spec_fields.items()))) if self.kernel_supported else ("unsupported", self.name)
+
+    @property
+    def preference(self) -> tuple:
+        """Among supported variants that agreed on every probe (the float-scale orders that
+        round alike, e.g. v*(s*a) and (v*s)*a in bf16), the one reported: the reference's
+        own reading first."""
+        return (ALPHA_ORDERS.index(self.alpha_order) if self.alpha_order != "none" else 0,
+                E8M0_READER_ORDER.index(self.e8m0_byte255), self.name)
 
     def reference(self, codes: torch.Tensor, scale: torch.Tensor, alpha: Optional[torch.Tensor],
                   out_dtype: torch.dtype) -> torch.Tensor:

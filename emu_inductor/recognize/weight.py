@@ -381,13 +381,17 @@ def _describe_weight(rnd, i, got, ref, h, cshape, K, transpose: bool = True) -> 
 
 
 def _choose(alive):
-    """The variant to report when `alive` all agreed on every probe: the kernel-supported
-    one if exactly one kernel spec is among them (the others computed the same values
-    on the probes), an unsupported one if none is supported, None if ambiguous."""
-    supported = {v.kernel_key for v in alive if v.kernel_supported}
-    if len(supported) > 1:
+    """The variant to report when `alive` all agreed on every probe: a kernel-supported
+    one if the supported ones share format and layout (they differ at most in how the
+    scales are read, and computed the same values on the probes: the preferred reading,
+    `WeightVariant.preference`), an unsupported one if none is supported, None if
+    ambiguous."""
+    supported = [v for v in alive if v.kernel_supported]
+    if len({(v.fmt, v.kernel_key[1]) for v in supported}) > 1:  # different formats / layouts
         return None
-    return sorted(alive, key=lambda v: (not v.kernel_supported, v.name))[0]
+    if supported:  # readers that agreed on every probe: the same function there
+        return min(supported, key=lambda v: v.preference)
+    return sorted(alive, key=lambda v: v.name)[0]
 
 
 def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_bytes=DEFAULT_BUDGET_BYTES):
