@@ -144,3 +144,30 @@ def test_bad_options_raise_naming_the_field():
         OpSpec("mxfp4", w_e8m0_byte255="zero")
     with pytest.raises(ValueError, match="w_scale_order"):
         OpSpec("nvfp4", w_scale_order="a*s")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxfp8_e4m3"])
+def test_mx_ceil_activation_scale(fmt):
+    """MX activation scale_mode "ceil" (torchao CEIL): A bit-identical at the ceil boundaries
+    (powers of two, one ulp above), zeros, subnormals, Inf, NaN."""
+    spec = OpSpec(fmt, act_kind="block", act_fmt=fmt, act_scale_mode="ceil")
+    f = FORMATS[fmt]
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 256, (32, f.packed_size(64)), generator=g).to(torch.uint8)
+    scales = torch.randint(118, 130, (32, 2), generator=g).to(torch.uint8)
+    x = torch.randn(10, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (10, 1), generator=g).float())
+    x[0, :32] = torch.exp2(torch.arange(32).float() - 10)  # amax exactly a power of two
+    x[1, :32] = torch.exp2(torch.arange(32).float() - 10) * (1 + 2.0 ** -7)  # one bf16 ulp above
+    x[2, :32] = 0.0
+    x[3, 5] = float("inf")
+    x[4, 40] = float("nan")
+    x[5, 32:] = 2.0 ** -130  # fp32 subnormal block
+    x = x.to(torch.bfloat16)
+    out = linear_triton(x, codes, scales, None, None, None, spec)
+    ref = linear_reference(x, codes, scales, None, None, None, spec)
+    _same(out, ref)
+    floor = OpSpec(fmt, act_kind="block", act_fmt=fmt, act_scale_mode="floor")
+    assert _differs(ref, linear_reference(x, codes, scales, None, None, None, floor))
+    qe, se = codes.reshape(2, 16, -1), scales.reshape(2, 16, 2)
+    offs = torch.tensor([4, 10], dtype=torch.int32)
+    _same(grouped_mm_triton(x, qe, se, None, offs, None, spec), grouped_mm_reference(x, qe, se, None, offs, None, spec))

@@ -121,10 +121,10 @@ def test_opaque_mismatches_stay_with_reason(declared):
     assert "weight is torch.int8, expected packed torch.uint8 (mxfp4)" in str(report), str(report)
     assert not report.fused
     # a scale mode the fused ops do not have: only the weight side fuses (w4a16 over the QDQ'd x)
-    m = OpaqueLinear(_ql(), "ceil")
+    m = OpaqueLinear(_ql(), "rceil_log2")
     _, out, code = _compile_run(m, x)
     assert counters["mxemu"]["linear"] == 1 and '"act_kind":"none"' in code
-    assert any("scale mode 'ceil'" in r["reason"] for r in recorder.RECORDS if not r["fused"])
+    assert any("scale mode 'rceil_log2'" in r["reason"] for r in recorder.RECORDS if not r["fused"])
     with torch.no_grad():
         _exact(out, m(x))
 

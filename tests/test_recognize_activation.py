@@ -269,9 +269,9 @@ def test_unquantized_operand_is_none():
     assert isinstance(v, ActVerdict) and v.variant.kind == "none"
 
 
-def test_ceil_scale_recognised_but_not_fused():
-    v = expect(lambda x: fake_quantize(x, "mxfp4", scale_mode="ceil"), kind="mx", scale_mode="ceil", supported=False)
-    assert "ceil" in v.unsupported_reason
+def test_ceil_scale_recognised_and_fused():
+    v = expect(lambda x: fake_quantize(x, "mxfp4", scale_mode="ceil"), kind="mx", scale_mode="ceil")
+    assert v.act_quant().scale_mode == "ceil"
 
 
 def test_grouped_mm_moe_gemm_both_sides():

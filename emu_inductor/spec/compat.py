@@ -7,7 +7,8 @@ module; nothing else keeps a list of pairs.
 An activation is named by its element format ("nvfp4", "mxfp4", ...) for block QDQ, or
 "fp8" for one per-tensor E4M3 scale (vLLM's `a_fp8`). NVFP4 activations go only with
 NVFP4 weights, MX activations only with MX weights. The fused kernels implement the MX
-activation scale modes in `FUSED_MX_SCALE_MODES` ("ceil" exists in the reference only).
+activation scale modes in `FUSED_MX_SCALE_MODES` ("rceil_log2" and "even_fp4" exist in
+the reference only).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
 }
 
 #: MX activation scale modes the generated kernels implement.
-FUSED_MX_SCALE_MODES = ("even", "floor", "rceil")
+FUSED_MX_SCALE_MODES = ("even", "floor", "rceil", "ceil")
 
 
 def act_name(act) -> str:
