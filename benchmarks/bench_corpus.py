@@ -31,10 +31,10 @@ SHAPES = {  # H, I, E, top_k
     "tiny": (64, 32, 4, 2),
 }
 QUICK = ["resp_all_slots", "vllm_nvfp4_linear", "resp_moe_chunk"]
-DEFAULT = [
-    "vllm_nvfp4_linear", "vllm_mxfp4_linear", "quark_mxfp4_linear", "microxcaling_mx_linear",
-    "gptoss_mxfp4_linear", "resp_all_slots", "resp_vllm_nvfp4_where", "resp_e8m0_frexp",
-    "resp_round_bucketize", "resp_moe_chunk", "gptoss_mxfp4_moe", "torchao_nvfp4_moe",
+DEFAULT = [  # most informative first: a time limit keeps the rows already written
+    "vllm_nvfp4_linear", "gptoss_mxfp4_linear", "resp_all_slots", "quark_mxfp4_linear",
+    "resp_moe_chunk", "vllm_mxfp4_linear", "microxcaling_mx_linear", "resp_vllm_nvfp4_where",
+    "resp_e8m0_frexp", "resp_round_bucketize", "gptoss_mxfp4_moe", "torchao_nvfp4_moe",
 ]
 
 
