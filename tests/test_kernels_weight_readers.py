@@ -171,3 +171,12 @@ def test_mx_ceil_activation_scale(fmt):
     qe, se = codes.reshape(2, 16, -1), scales.reshape(2, 16, 2)
     offs = torch.tensor([4, 10], dtype=torch.int32)
     _same(grouped_mm_triton(x, qe, se, None, offs, None, spec), grouped_mm_reference(x, qe, se, None, offs, None, spec))
+
+
+def test_moe_op_refuses_non_default_readers():
+    """mxemu::moe's oracle (moe_emulated) reads weights the default way only."""
+    from emu_inductor.ops.validate import check_moe_inputs
+
+    for spec in (OpSpec("mxfp4", w_e8m0_byte255="inf"), OpSpec("nvfp4", w_scale_order="s/g")):
+        with pytest.raises(ValueError, match="spec: expected the default weight reader"):
+            check_moe_inputs(*([None] * 12), spec)
