@@ -8,7 +8,9 @@ from emu_inductor.formats import QDQOptions, QuantizedTensor, get_format
 
 
 def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    # On the default device, so benchmarks/bench_corpus.py can build layers on a GPU with
+    # torch.set_default_device("cuda") (the layers' in-forward constants follow it too).
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
 
 
 def weight(g: torch.Generator, *shape, dtype=torch.bfloat16, spread: float = 1.0) -> torch.Tensor:
