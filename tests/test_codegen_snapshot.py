@@ -67,6 +67,6 @@ class TestInline(expecttest.TestCase):
                  or "bits = (bits +" in l or "tl.minimum(tl.abs(y)" in l]
         self.assertExpectedInline("\n".join(lines), """\
 def _round_e3m2_rne(y):
-a = tl.minimum(tl.abs(y), 28.0)
+a = tl.minimum(tl.abs(y), 28.0, propagate_nan=tl.PropagateNan.ALL)
 def _e8m0_scale(amax):
 bits = (bits + 1048576) & 0x7F800000""")

@@ -11,7 +11,7 @@ rather than computing something else.
 
 Translation (x, s, g, the block amax `a` are fp32 scalars/tiles in the kernel):
   + - * & comparisons      the same operator;  a / b -> tl.math.div_rn(a, b) (IEEE, as torch)
-  torch.clamp(t, lo, hi)   tl.minimum(tl.maximum(t, lo), hi)
+  torch.clamp(t, lo, hi)   tl.minimum(tl.maximum(t, lo), hi), NaN propagated as torch does
   torch.where              tl.where;   zeros_like / ones_like / full_like -> the literal
   round_to_element(t, E4M3) the rendered E4M3 RNE rounder (_round_e4m3_rne)
   t.to(float32)            nothing (fp32 already), or `.to(tl.float32)` of a comparison
@@ -139,9 +139,9 @@ def _node_expr(n: torch.fx.Node, env) -> _Expr:
             raise RecipeNotRenderable("clamp of a non-fp32 value or with tensor bounds")
         text = x.text
         if lo is not None:
-            text = f"tl.maximum({text}, {lo.text})"
+            text = f"tl.maximum({text}, {lo.text}, propagate_nan=tl.PropagateNan.ALL)"  # as torch.clamp
         if hi is not None:
-            text = f"tl.minimum({text}, {hi.text})"
+            text = f"tl.minimum({text}, {hi.text}, propagate_nan=tl.PropagateNan.ALL)"
         return _Expr(text, _ATOM, "f32")
     if n.op == "call_function" and t is torch.where:
         c, a, b = args

@@ -62,8 +62,9 @@ def _round_elem(el: ElementSpec, rounding: str) -> str:
         rnd = "f = tl.floor(n)\nr = f + (n - f >= 0.5).to(tl.float32)"
     return f"""@triton.jit
 def _round_{el.name}_{rounding}(y):
-    # round fp32 onto the {el.name} grid (max normal {el.max_normal}, emin {el.emin}), saturating
-    a = tl.minimum(tl.abs(y), {_f(el.max_normal)})
+    # round fp32 onto the {el.name} grid (max normal {el.max_normal}, emin {el.emin}), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), {_f(el.max_normal)}, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, {el.emin}), {el.emax + 1})
     n = a * _pow2({el.mbits} - e)
@@ -167,7 +168,8 @@ def _qdq_a(x, s, ROWS: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _fp8_scale(amax):
     # dynamic per-tensor scale: max(amax / {_E4M3_MAX:g}, 1 / ({_E4M3_MAX:g} * 512))
-    return tl.maximum(tl.math.div_rn(amax, {_E4M3_MAX!r}), {_f(1.0 / (_E4M3_MAX * 512.0))})
+    return tl.maximum(tl.math.div_rn(amax, {_E4M3_MAX!r}), {_f(1.0 / (_E4M3_MAX * 512.0))},
+                      propagate_nan=tl.PropagateNan.ALL)
 """
     fmt: BlockFormat = FORMATS[op.act_fmt]
     el = fmt.element
@@ -207,8 +209,9 @@ def _act_helper(spec: KernelSpec) -> str:
     elif act == "gelu":
         body = f"return _rnd({gelu} * u)"
     elif act == "swigluoai":
-        body = (f"g = tl.minimum(g, {lim})\n"
-                f"u = tl.minimum(tl.maximum(u, -{lim}), {lim})\n"
+        nan = "propagate_nan=tl.PropagateNan.ALL"  # torch.clamp keeps NaN
+        body = (f"g = tl.minimum(g, {lim}, {nan})\n"
+                f"u = tl.minimum(tl.maximum(u, -{lim}, {nan}), {lim}, {nan})\n"
                 f"t = _rnd(g * {alpha})\n"
                 f"sg = _rnd(tl.math.div_rn(1.0, 1.0 + tl.exp(-t)))\n"
                 f"return _rnd(_rnd(u + 1.0) * _rnd(g * sg))")
@@ -217,7 +220,7 @@ def _act_helper(spec: KernelSpec) -> str:
     elif act == "gelu_no_mul":
         body = f"return {gelu}"
     elif act == "relu2_no_mul":
-        body = "r = tl.maximum(g, 0.0)\nreturn _rnd(r * r)"
+        body = "r = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)\nreturn _rnd(r * r)"
     else:  # pragma: no cover - OpSpec validates
         raise ValueError(f"activation: {act!r}")
     return (f"@triton.jit\ndef _act(g, u):\n    # {act}: the eager {spec.dtype} op order, each op rounded"

@@ -57,8 +57,9 @@ def _decode_e4m3(c):
 
 @triton.jit
 def _round_e4m3_rne(y):
-    # round fp32 onto the e4m3 grid (max normal 448.0, emin -6), saturating
-    a = tl.minimum(tl.abs(y), 448.0)
+    # round fp32 onto the e4m3 grid (max normal 448.0, emin -6), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), 448.0, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, -6), 9)
     n = a * _pow2(3 - e)
@@ -69,8 +70,9 @@ def _round_e4m3_rne(y):
 
 @triton.jit
 def _round_e2m1_rne(y):
-    # round fp32 onto the e2m1 grid (max normal 6.0, emin 0), saturating
-    a = tl.minimum(tl.abs(y), 6.0)
+    # round fp32 onto the e2m1 grid (max normal 6.0, emin 0), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), 6.0, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, 0), 3)
     n = a * _pow2(1 - e)
@@ -88,7 +90,7 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     # term is NaN for a block holding a NaN (so the whole block is NaN, as in formats)
     a = (tl.max(xa, axis=2) + tl.sum(tl.where(xa != xa, xa, 0.0), axis=2))[:, :, None]
     x = xb
-    s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -448.0), 448.0))
+    s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, propagate_nan=tl.PropagateNan.ALL))
     y = x * tl.where(s == 0, 0.0, tl.math.div_rn(g, s))
     v = _round_e2m1_rne(y)
     deq = tl.math.div_rn(s, g)

@@ -44,8 +44,9 @@ def _decode_w(c):
 
 @triton.jit
 def _round_e4m3_rne(y):
-    # round fp32 onto the e4m3 grid (max normal 448.0, emin -6), saturating
-    a = tl.minimum(tl.abs(y), 448.0)
+    # round fp32 onto the e4m3 grid (max normal 448.0, emin -6), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), 448.0, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, -6), 9)
     n = a * _pow2(3 - e)
@@ -81,7 +82,8 @@ def _qdq_a(x, s, ROWS: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _fp8_scale(amax):
     # dynamic per-tensor scale: max(amax / 448, 1 / (448 * 512))
-    return tl.maximum(tl.math.div_rn(amax, 448.0), 4.359654017857143e-06)
+    return tl.maximum(tl.math.div_rn(amax, 448.0), 4.359654017857143e-06,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

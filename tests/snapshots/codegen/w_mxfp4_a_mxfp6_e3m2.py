@@ -44,8 +44,9 @@ def _decode_w(c):
 
 @triton.jit
 def _round_e3m2_rne(y):
-    # round fp32 onto the e3m2 grid (max normal 28.0, emin -2), saturating
-    a = tl.minimum(tl.abs(y), 28.0)
+    # round fp32 onto the e3m2 grid (max normal 28.0, emin -2), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), 28.0, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, -2), 5)
     n = a * _pow2(2 - e)

@@ -46,8 +46,9 @@ def _decode_w(c):
 
 @triton.jit
 def _round_e2m3_rne(y):
-    # round fp32 onto the e2m3 grid (max normal 7.5, emin 0), saturating
-    a = tl.minimum(tl.abs(y), 7.5)
+    # round fp32 onto the e2m3 grid (max normal 7.5, emin 0), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), 7.5, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, 0), 3)
     n = a * _pow2(3 - e)

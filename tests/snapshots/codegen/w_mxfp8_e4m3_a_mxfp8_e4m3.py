@@ -47,8 +47,9 @@ def _decode_w(c):
 
 @triton.jit
 def _round_e4m3_rne(y):
-    # round fp32 onto the e4m3 grid (max normal 448.0, emin -6), saturating
-    a = tl.minimum(tl.abs(y), 448.0)
+    # round fp32 onto the e4m3 grid (max normal 448.0, emin -6), saturating;
+    # NaN stays NaN as in torch (a GPU min/max drops NaN unless told to propagate it)
+    a = tl.minimum(tl.abs(y), 448.0, propagate_nan=tl.PropagateNan.ALL)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(tl.maximum(e, -6), 9)
     n = a * _pow2(3 - e)
