@@ -18,8 +18,8 @@ import torch
 pytest.importorskip("transformers")
 
 from emu_inductor.models import quantize_model, quantized_modules  # noqa: E402
-from test_models_compile import _backend  # noqa: E402
-from test_models_structure import ARCHS, Stack, UserListMoE, hf_model, ids  # noqa: E402
+from helpers import model_backend as _backend  # noqa: E402
+from structure_models import ARCHS, Stack, UserListMoE, hf_model, ids  # noqa: E402
 
 
 def _compile_counts(fn):
