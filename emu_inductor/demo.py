@@ -140,7 +140,7 @@ def _compiled_part(cfg, model, x, y_eager, out) -> dict:
     out(f"  torch.compile(backend='mxemu'): compiled in {compile_s:.1f} s"
         + (" (graphs loaded from Inductor's cache)" if fused.graphs_from_cache else ""))
     out(f"    pattern families fired: {fired or 'none'}" + (" (the layer is one mxemu::moe call)" if fired.get("moe") else ""))
-    out(f"    fused ops in the compiled graph: "
+    out("    fused ops in the compiled graph: "
         + (", ".join(f"mxemu::{k} x{v}" for k, v in sorted(fused.ops.items())) or "none"))
     if variants:
         out(f"    pattern variants: {variants}")

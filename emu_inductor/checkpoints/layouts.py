@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import E4M3, MXFP4, NVFP4, BlockFormat
+from ..formats import MXFP4, NVFP4, BlockFormat
 from .io import SafetensorsCheckpoint
 
 __all__ = ["LAYOUTS", "Layout", "ProjectionTensors", "detect_layout", "get_layout", "check_block_scales"]

@@ -4,7 +4,6 @@ for QuantizedLinear, in place."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -12,7 +11,6 @@ from torch import nn
 
 from ..formats import NVFP4
 from ..models.adapters import MoEAdapter
-from ..models.block import EmulatedMoEBlock
 from ..models.experts import BiasedQuantizedExperts
 from ..models.linear import RowQuantizedLinear
 from ..models.quantize import default_gemm_style, set_submodule, build_block, find_moe_blocks

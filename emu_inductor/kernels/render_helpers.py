@@ -87,7 +87,7 @@ def _decode(el: ElementSpec, name: str) -> str:
                 f"    b = tl.where(m < 2, m * 0x3F000000, (m + 252) << 22) | ((c >> 3) << 31)\n"
                 f"    return b.to(tl.float32, bitcast=True)\n")
     lines = [
-        f"@triton.jit",
+        "@triton.jit",
         f"def {name}(c):",
         f"    # {el.name} codes (int32, low {el.bits} bits) -> fp32 values, from the exponent bits",
         f"    ef = (c >> {el.mbits}) & {emask}",

@@ -4,7 +4,7 @@ layers) for emulated-quantized modules, in place."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn

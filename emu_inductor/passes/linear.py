@@ -25,7 +25,7 @@ from torch._inductor.virtualized import V
 from ..patterns import checks
 from ..patterns import opaque as declared
 from ..patterns.catalogue import dequant_styles_for, qdq_styles_for
-from ..patterns.dequant import E2M1_LUT
+from ..patterns.dequant import E2M1_LUT, DequantStyle
 from .fingerprint import declarations_file
 from .guards import register_family_pattern
 from .matching import guard_eq, meta_val, sym_eq

@@ -24,12 +24,12 @@ from . import probes as P
 from .candidates import ActCone, cut
 from .compare import difference
 from .extract import extract, real_mode
-from .leaves import known_value, table_hypotheses
+from .leaves import leaf_bindings
 from .resize import plan as make_plan
 from .shapes import concrete_shape
 from .structure import check_activation_cone, constant_nodes, packet_name, value_preserving
-from .variants import ActVariant, act_variants
-from .verdict import ActVerdict, Guard, Rejection
+from .variants import act_variants
+from .verdict import ActVerdict, Rejection
 
 __all__ = ["recognize_activation_uncached"]
 
@@ -115,32 +115,10 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
             c = cut(cone, [gs])
             sub = ActCone(c.nodes, [cone.x] + [x for x in c.leaves if x is not cone.x], cone.output,
                           x=cone.x, post=cone.post)
-        consts, guards, missing = {}, [], None
-        for leaf in sub.leaves[1:]:
-            if leaf is gs or leaf in tables or not (leaf in others or leaf in scalars):
-                continue
-            kv = known_value(leaf, values)
-            if kv is None:
-                missing = leaf
-                break
-            consts[leaf] = kv
-            if leaf.op == "placeholder":
-                guards.append(Guard(leaf, tuple(kv.detach().float().reshape(-1).tolist()), "constant input"))
-        if missing is not None:
-            continue
-        table_opts = [[]]
-        for t in tables:
-            if t not in sub.leaves:
-                continue
-            kv = known_value(t, values)
-            opts = [("its value", kv)] if kv is not None else table_hypotheses(t)
-            table_opts = [prev + [(t, lab, val)] for prev in table_opts for lab, val in opts]
-        for tab in table_opts:
-            c2, g2 = dict(consts), list(guards)
-            for t, lab, val in tab:
-                c2[t] = val
-                g2.append(Guard(t, tuple(val.detach().float().reshape(-1).tolist()), lab))
-            hyps.append(_Hyp(gs, c2, tuple(g2), sub))
+        bindings = leaf_bindings(sub.leaves[1:], skip=(gs,), tables=tables, values=values,
+                                 wanted=lambda leaf: leaf in others or leaf in scalars)
+        for c2, g2 in bindings or ():
+            hyps.append(_Hyp(gs, c2, g2, sub))
     if not hyps:
         return [], "the values of the cone's scalar inputs are unknown at compile time"
     return hyps, None

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from torch.fx import Node
 
 from .activation import recognize_activation_uncached
-from .candidates import ActCone, activation_cone, gemm_nodes, operands, weight_cone
+from .candidates import activation_cone, gemm_nodes, operands, weight_cone
 from .extract import attr_value, real_mode
 from .variants import NO_ACT
 from .verdict import CACHE, ActVerdict, Guard, Rejection, WeightVerdict, cone_key

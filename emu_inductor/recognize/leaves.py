@@ -17,8 +17,9 @@ from torch.fx import Node
 
 from ..formats import ELEMENTS, decode
 from .extract import attr_value
+from .verdict import Guard
 
-__all__ = ["known_value", "table_hypotheses", "is_graph_input"]
+__all__ = ["known_value", "table_hypotheses", "is_graph_input", "leaf_bindings"]
 
 
 def is_graph_input(node: Node) -> bool:
@@ -73,4 +74,44 @@ def table_hypotheses(node: Node) -> list:
             out.append((f"{elem.name} value table", decode(codes, elem).to(v.dtype)))
         elif elem.num_codes // 2 == n:
             out.append((f"{elem.name} magnitude table", decode(codes, elem).to(v.dtype)))
+    return out
+
+
+def _flat(t: torch.Tensor) -> tuple:
+    return tuple(t.detach().float().reshape(-1).tolist())
+
+
+def leaf_bindings(leaves, *, skip, wanted, tables, values: Optional[dict]) -> Optional[list]:
+    """The value bindings under which a cone can be evaluated, as [(consts, guards)].
+
+    Every `wanted(leaf)` leaf not in `skip` takes its known value (a graph input's value
+    becomes a guard: the proof used it); every small table leaf takes its known value or,
+    when unknown, each of its hypotheses (one binding per combination). None when a wanted
+    value is unknown: the cone cannot be evaluated. Shared by the weight and activation
+    sides so both bind and guard leaves the same way.
+    """
+    consts, guards = {}, []
+    for leaf in leaves:
+        if leaf in skip or leaf in tables or not wanted(leaf):
+            continue
+        kv = known_value(leaf, values)
+        if kv is None:
+            return None
+        consts[leaf] = kv
+        if leaf.op == "placeholder":
+            guards.append(Guard(leaf, _flat(kv), "constant input"))
+    table_opts = [[]]
+    for t in tables:
+        if t not in leaves:
+            continue
+        kv = known_value(t, values)
+        opts = [("its value", kv)] if kv is not None else table_hypotheses(t)
+        table_opts = [prev + [(t, lab, val)] for prev in table_opts for lab, val in opts]
+    out = []
+    for tab in table_opts:
+        c2, g2 = dict(consts), list(guards)
+        for t, lab, val in tab:
+            c2[t] = val
+            g2.append(Guard(t, _flat(val), lab))
+        out.append((c2, tuple(g2)))
     return out

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..formats import E2M1, E4M3, ELEMENTS, decode, round_to_element
+from ..formats import E2M1, E4M3, decode
 
 __all__ = ["WeightRound", "weight_rounds", "WEIGHT_SCALES", "GLOBAL_SCALES", "ActBlocks", "act_blocks",
            "fp8_tensors", "STATIC_FP8_SCALES"]

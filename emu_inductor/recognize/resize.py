@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional
 
 import torch
 from torch.fx import Node

@@ -22,15 +22,15 @@ import torch
 from torch.fx import Node
 
 from . import probes as P
-from .candidates import Cone, cut, operands, weight_cone
+from .candidates import Cone, cut, operands
 from .compare import first_difference
 from .extract import evaluate, extract, real_mode
-from .leaves import known_value, table_hypotheses
+from .leaves import known_value, leaf_bindings
 from .resize import plan as make_plan
 from .shapes import concrete_shape
-from .structure import check_weight_cone, constant_nodes, packet_name, value_preserving
+from .structure import check_weight_cone, constant_nodes, value_preserving
 from .variants import weight_variants
-from .verdict import Guard, Rejection, WeightVerdict
+from .verdict import Rejection, WeightVerdict
 
 __all__ = ["recognize_weight_uncached", "DEFAULT_BUDGET_BYTES"]
 
@@ -144,32 +144,10 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
                 continue
             for a in a_options:
                 sub = cone if a is None or a in cone.leaves else cut(cone, [a])
-                consts, guards, missing = {}, [], None
-                for leaf in sub.leaves:
-                    if leaf in (c, s, a) or leaf in tables or not (leaf in others or leaf in alpha_c):
-                        continue
-                    kv = known_value(leaf, values)
-                    if kv is None:
-                        missing = leaf
-                        break
-                    consts[leaf] = kv
-                    if leaf.op == "placeholder":
-                        guards.append(Guard(leaf, tuple(kv.detach().float().reshape(-1).tolist()), "constant input"))
-                if missing is not None:
-                    continue
-                table_opts = [[]]
-                for t in tables:
-                    if t not in sub.leaves:
-                        continue
-                    kv = known_value(t, values)
-                    opts = [("its value", kv)] if kv is not None else table_hypotheses(t)
-                    table_opts = [prev + [(t, lab, val)] for prev in table_opts for lab, val in opts]
-                for tab in table_opts:
-                    c2, g2 = dict(consts), list(guards)
-                    for t, lab, val in tab:
-                        c2[t] = val
-                        g2.append(Guard(t, tuple(val.detach().float().reshape(-1).tolist()), lab))
-                    hyps.append(_Hyp(c, s, a, bits, block, c2, tuple(g2), sub))
+                bindings = leaf_bindings(sub.leaves, skip=(c, s, a), tables=tables, values=values,
+                                         wanted=lambda leaf: leaf in others or leaf in alpha_c)
+                for c2, g2 in bindings or ():
+                    hyps.append(_Hyp(c, s, a, bits, block, c2, g2, sub))
     if not hyps:
         return [], "leaf values needed for the proof are unknown at compile time"
     return hyps, None

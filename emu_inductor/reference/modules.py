@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import torch
 from torch import nn
 
 from ..formats import default_global_scale, quantize
-from .activations import check_activation, is_gated
+from .activations import check_activation
 from .moe import check_moe_args, dequantize_experts, moe_emulated
 from .qdq import act_fake_quantize, dequantize_weight
 from .routing import sigmoid_topk, softmax_topk
