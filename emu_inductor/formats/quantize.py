@@ -28,7 +28,7 @@ from .scales import (
 from .spec import E4M3, BlockFormat, get_format
 from .variants import get_variant
 
-__all__ = ["QuantizedTensor", "QDQOptions", "quantize", "dequantize", "fake_quantize"]
+__all__ = ["QuantizedTensor", "QDQOptions", "quantize", "dequantize", "fake_quantize", "MIN_GLOBAL_SCALE"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -162,7 +162,9 @@ def _check_input(x: torch.Tensor, fmt: BlockFormat, axis: int) -> int:
 
 # Smallest global scale accepted: fp32's smallest normal. Below it the reciprocal that
 # every recipe forms (1/g, g/s or s/g) overflows to Inf or loses all precision.
-_MIN_GLOBAL_SCALE = torch.finfo(torch.float32).tiny
+#: The smallest NVFP4 global scale accepted (fp32's smallest normal: below it every
+#: recipe's reciprocal overflows). Public so the fused ops check the same bound.
+MIN_GLOBAL_SCALE = torch.finfo(torch.float32).tiny
 
 
 def _eager_cpu(t: torch.Tensor) -> bool:
@@ -185,9 +187,9 @@ def _check_global_scale(g, fmt: BlockFormat) -> Optional[torch.Tensor]:
     if _eager_cpu(g) and g.numel():
         if not bool(torch.all(torch.isfinite(g) & (g > 0))):
             raise ValueError(f"global_scale: expected finite positive values, got {g.flatten()[:4].tolist()}")
-        if bool(torch.any(g < _MIN_GLOBAL_SCALE)):
+        if bool(torch.any(g < MIN_GLOBAL_SCALE)):
             raise ValueError(
-                f"global_scale: expected values >= {_MIN_GLOBAL_SCALE:g} (fp32's smallest normal; "
+                f"global_scale: expected values >= {MIN_GLOBAL_SCALE:g} (fp32's smallest normal; "
                 f"below it the recipe's reciprocal overflows), got {g.min().item():g}"
             )
     return g

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..formats import FORMATS
+from ..formats import FORMATS, MIN_GLOBAL_SCALE
 from ..reference.moe import check_act_scale, check_bias, check_moe_args
 from ..spec.opspec import OpSpec
 
@@ -33,11 +33,8 @@ __all__ = ["check_devices", "check_moe_inputs", "check_moe_biases", "check_group
            "check_grouped_mm_op", "check_moe_values", "check_linear_values", "check_grouped_mm_values",
            "require", "MIN_ACT_GLOBAL_SCALE"]
 
-#: The smallest NVFP4 activation global scale `formats.quantize` / `fake_quantize` accept
-#: (fp32's smallest normal; below it every recipe's reciprocal overflows). The formats
-#: check it on CPU tensors only; `tests/test_ops_validation.py` pins this value to the
-#: formats' own ValueError, so the two cannot drift apart.
-MIN_ACT_GLOBAL_SCALE = torch.finfo(torch.float32).tiny
+#: The smallest NVFP4 activation global scale: the formats layer's own bound, read from it.
+MIN_ACT_GLOBAL_SCALE = MIN_GLOBAL_SCALE
 
 
 def _fail(arg, got, expected):
