@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call for the decode issue (#9): install, checks, profile, ncu, quick kernel bench.
+#   device run (repo root):  OUT=$OUT bash benchmarks/gpu_decode.sh [profile|quick|full]
+# Each step has its own limit; logs and JSON land in $OUT as each step ends.
+set -u
+cd "$(dirname "$0")/.."
+what=${1:-quick}
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "editable install failed"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+slug=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name: rc=$? in $((SECONDS - t0))s"; tail -n ${TAILN:-14} "$OUT/$name.log"
+}
+NCU_SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
+case $what in
+  profile)
+    step profile 200 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
+    step ncu 150 ncu --clock-control none --profile-from-start off --target-processes all $NCU_SECTIONS \
+         --csv --page details --log-file "$OUT/ncu_stderr.txt" python3 benchmarks/profile_decode.py --ncu-target --tokens 1,32
+    cp "$OUT/ncu.log" "$OUT/ncu_decode_qwen3_nvfp4_$slug.csv" 2>/dev/null ;;
+esac
+case $what in
+  quick) step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         step quick 120 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT" ;;
+  full)  step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         step recipes 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_recipes.py
+         step profile 200 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
+         step kernels 330 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 300 --out "$OUT" ;;
+esac
+echo "=== done in ${SECONDS}s"
