@@ -1,0 +1,204 @@
+"""Recognise a whole MoE layer around two grouped GEMMs, by evaluation.
+
+`recognize_moe(second, site_of)` takes the second grouped GEMM of a pair (as a
+`GemmSite`; `site_of(node)` says which nodes are grouped GEMMs and where their rows and
+group ends are) and returns a `MoeVerdict` or a `Rejection`:
+
+1. structure (`moe_region`): the first GEMM, the activation cone between them, the
+   routing tensor, hidden states, router weights and the combine's result;
+2. the activation: its cone is evaluated on GEMM1-output probes (every 16-bit pattern of
+   the dtype in both halves, random data at many magnitudes, specials) and compared bit
+   for bit with each activation of `emu_inductor.reference.activations` whose width
+   fits; exactly the survivors may be used;
+3. routing and combine: the body (hidden states, ids, weights -> result) is evaluated
+   with both GEMMs replaced by probe GEMMs (`moe_probes`) on probe routings (repeated
+   experts in a token, empty experts, all rows on one expert, zero weights) and compared
+   bit for bit with mxemu::moe's semantics run on the same probe GEMMs, for each k-sum
+   order in `COMBINE_ORDERS`.
+Anything unproven is a `Rejection` whose reason names the probe that failed. Verdicts
+are cached by the structure of the cones (`cone_key`), so identical layers cost one
+evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional, Union
+
+import torch
+from torch.fx import Node
+
+from ..reference.activations import ACTIVATIONS
+from .compare import difference
+from .extract import attr_value, real_mode
+from .moe_probes import (COMBINE_ORDERS, ProbeGemm, activation_probes, activation_width, extract_with_gemms,
+                         reference_moe, routing_probes)
+from .moe_region import GemmSite, MoeRegion, find_moe_regions, live_nodes
+from .shapes import concrete_shape
+from .verdict import CACHE, Rejection, cone_key
+
+__all__ = ["recognize_moe", "MoeVerdict", "GemmSite", "prove_activation"]
+
+
+@dataclasses.dataclass
+class MoeVerdict:
+    region: MoeRegion
+    activation: str
+    combine: str  # a key of COMBINE_ORDERS
+    probes: int
+    seconds: float = 0.0
+    cached: bool = False
+    key: str = ""
+
+    kernel_supported = True
+
+    def describe(self) -> str:
+        r = self.region
+        return (f"MoE proven: {self.activation} between the GEMMs, rows gathered from {r.hidden.name} by "
+                f"{r.topk_ids.name} (top-{r.top_k}), combined with {r.topk_weights.name} summed "
+                f"{COMBINE_ORDERS[self.combine]}" + (" (cached verdict)" if self.cached else
+                                                     f" ({self.probes} probe routings)"))
+
+
+MoeResult = Union[MoeVerdict, Rejection]
+
+
+def _val(n):
+    return n.meta.get("val")
+
+
+def _fmt(t: torch.Tensor, i: int) -> str:
+    v = t.reshape(-1)[i]
+    return f"{float(v):.8g}"
+
+
+def prove_activation(act, first: GemmSite) -> tuple[Optional[str], str]:
+    """(activation name, note) or (None, reason): the act cone against every reference
+    activation of the right width, bit for bit."""
+    R, n1 = concrete_shape(_val(first.node))
+    out = _val(act.output)
+    n2 = concrete_shape(out)[-1]
+    dtype = _val(first.node).dtype
+    alive = [a for a in ACTIVATIONS if activation_width(a, n1) == n2]
+    if not alive:
+        return None, f"the activation maps width {n1} to {n2}: no gated or elementwise activation does"
+    gm = extract_with_gemms(act, [first.node], {})
+    gen = torch.Generator().manual_seed(1234)
+    told: dict = {}
+    for i, c1 in enumerate(activation_probes(R, n1, dtype, gen)):
+        y = gm(c1)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (R, n2) or y.dtype != out.dtype:
+            return None, f"the activation cone gives {getattr(y, 'dtype', type(y))} of another shape on probe data"
+        for a in list(alive):
+            ref = ACTIVATIONS[a](c1)
+            if ref.dtype != y.dtype:
+                alive.remove(a)
+                told[a] = (1 << 60, f"it rounds to {y.dtype}, {a} to {ref.dtype}")
+                continue
+            first_i, n = difference(y, ref)
+            if first_i is not None:
+                alive.remove(a)
+                text = (f"probe batch {i}: {n} of {y.numel()} values differ, first at {first_i}: "
+                        f"graph gives {_fmt(y, first_i)}, {a} gives {_fmt(ref, first_i)}")
+                told[a] = (n, text)
+        if not alive:
+            closest = min(told, key=lambda a: told[a][0])
+            return None, f"the activation is none of {', '.join(told)}; closest {closest}: {told[closest][1]}"
+    return alive[0], ("equivalent on every probe: " + ", ".join(alive) if len(alive) > 1 else "")
+
+
+def _prove_body(region: MoeRegion, activation: str) -> tuple[Optional[str], str, int]:
+    """(combine order, "", probes) or (None, reason, probes)."""
+    first, second = region.first, region.second
+    T, k = concrete_shape(_val(region.topk_ids))
+    H = concrete_shape(_val(region.hidden))[1]
+    out = _val(region.output)
+    H2 = concrete_shape(out)[1]
+    xv = _val(region.hidden)
+    if H2 != H or out.dtype != xv.dtype:
+        return None, f"the result {out.dtype}[{T}, {H2}] is not the hidden states' {xv.dtype}[{T}, {H}]", 0
+    E = first.experts
+    gen = torch.Generator().manual_seed(4321)
+    g1 = ProbeGemm(E, concrete_shape(_val(first.node))[1], gen)
+    g2 = ProbeGemm(E, H2, gen)
+    gm = extract_with_gemms(region.body, [region.hidden, region.topk_ids, region.topk_weights], {
+        first.node: (first.rows, first.offs, g1.grouped), second.node: (second.rows, second.offs, g2.grouped)})
+    alive = list(COMBINE_ORDERS)
+    told: dict = {}
+    probes = routing_probes(T, H, k, E, xv.dtype, _val(region.topk_weights).dtype, _val(region.topk_ids).dtype, gen)
+    for what, x, ids, w in probes:
+        try:
+            y = gm(x, ids, w)
+        except Exception as e:  # e.g. an index the body computes from the ids is out of range
+            return None, f"probe routing '{what}': evaluating the body raised {type(e).__name__}: {e}", len(probes)
+        for order in list(alive):
+            ref = reference_moe(x, ids, w, activation, g1, g2, order)
+            first_i, n = difference(y, ref) if isinstance(y, torch.Tensor) else (0, -1)
+            if first_i is not None:
+                alive.remove(order)
+                tok = first_i // H if n >= 0 else 0
+                told[order] = (f"probe routing '{what}': {n} of {ref.numel()} values differ, first at token {tok} "
+                               f"(ids {ids[tok].tolist()}): graph gives "
+                               f"{_fmt(y, first_i) if n >= 0 else type(y).__name__}, mxemu::moe gives "
+                               f"{_fmt(ref, first_i)}")
+        if not alive:
+            return None, ("routing/combine differ from mxemu::moe (every k-sum order): "
+                          + told["sum"]), len(probes)
+    return alive[0], "", len(probes)
+
+
+def recognize_moe(second: GemmSite, site_of: Callable[[Node], Optional[GemmSite]], *,
+                  live: Optional[set] = None, use_cache: bool = True) -> MoeResult:
+    """Prove that the layer around `second` (and the grouped GEMM above it) computes
+    mxemu::moe: a `MoeVerdict` (activation, combine order, the nodes by role), or a
+    `Rejection` (side "moe") with the reason for explain()."""
+    if not isinstance(second, GemmSite):
+        raise TypeError(f"second: expected a GemmSite, got {type(second).__name__}")
+    with real_mode():
+        return _recognize(second, site_of, live, use_cache)
+
+
+def _recognize(second, site_of, live, use_cache) -> MoeResult:
+    t0 = time.perf_counter()
+
+    def rej(reason):
+        return Rejection("moe", second.node, reason, seconds=time.perf_counter() - t0)
+
+    if live is None:
+        live = live_nodes(second.node.graph)
+    regions, why = find_moe_regions(second, site_of, live)
+    if not regions:
+        return rej(why)
+    act = regions[0].act
+    akey = cone_key("moe_activation", act, attr_value)
+    hit = CACHE.get(akey) if use_cache else None
+    if hit is None:
+        try:
+            name, note = prove_activation(act, regions[0].first)
+        except Exception as e:
+            name, note = None, f"evaluating the activation raised {type(e).__name__}: {e}"
+        hit = ("ok", name) if name else ("rej", note)
+        if use_cache:
+            CACHE.put(akey, hit)
+    if hit[0] == "rej":
+        return rej(f"activation between the GEMMs not proven: {hit[1]}")
+    activation = hit[1]
+    reasons = []
+    for region in regions:
+        key = cone_key("moe_body", region.body, attr_value, extra=activation)
+        entry = CACHE.get(key) if use_cache else None
+        cached = entry is not None
+        if entry is None:
+            try:
+                order, why, n = _prove_body(region, activation)
+            except Exception as e:
+                order, why, n = None, f"evaluating the body raised {type(e).__name__}: {e}", 0
+            entry = ("ok", order, n) if order else ("rej", why, n)
+            if use_cache:
+                CACHE.put(key, entry)
+        if entry[0] == "ok":
+            return MoeVerdict(region, activation, entry[1], entry[2], seconds=time.perf_counter() - t0,
+                              cached=cached, key=key)
+        reasons.append(f"result {region.output.name}: {entry[1]}")
+    return rej("; ".join(reasons))
