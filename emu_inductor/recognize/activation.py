@@ -279,7 +279,11 @@ def _choose(alive):
 
 
 def recognize_activation_uncached(gemm: Node, cone: ActCone, *, values=None):
-    const = constant_nodes(cone.nodes, set())
+    # small float inputs (ModelOpt's E2M1 bounds) are tables: their values, known or
+    # hypothesised, are bound and guarded by leaf_bindings like the weight side's
+    const = constant_nodes(cone.nodes, {n for n in cone.leaves[1:] if n.op == "placeholder" and
+                                        isinstance(_val(n), torch.Tensor) and _val(n).is_floating_point() and
+                                        _val(n).dim() == 1 and (_shape(n) or (999,))[0] <= 256})
     why = check_activation_cone(cone.nodes, const)
     if why:
         return Rejection("activation", gemm, why)

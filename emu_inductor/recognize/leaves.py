@@ -71,7 +71,14 @@ def table_hypotheses(node: Node) -> list:
     for elem in ELEMENTS.values():
         codes = torch.arange(n, dtype=torch.int32).to(torch.uint8)
         if elem.num_codes == n:
-            out.append((f"{elem.name} value table", decode(codes, elem).to(v.dtype)))
+            table = decode(codes, elem).to(v.dtype)
+            out.append((f"{elem.name} value table", table))
+            neg0 = n // 2  # sign-magnitude codes: the top bit is the sign, code n/2 is -0
+            if table[neg0].item() == 0 and bool(torch.signbit(table[neg0])):
+                plus = table.clone()
+                plus[neg0] = 0.0
+                # ModelOpt's e2m1_values: +0 for code 8 (a real library's table)
+                out.append((f"{elem.name} value table with +0 for code {neg0}", plus))
         elif elem.num_codes // 2 == n:
             out.append((f"{elem.name} magnitude table", decode(codes, elem).to(v.dtype)))
     return out

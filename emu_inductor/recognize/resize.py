@@ -129,12 +129,14 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
                 out[f] = (od, inner, outer)
         return out
 
-    uniform: set = set()  # full/zeros/ones outputs: one value everywhere, any size fits
+    # full/zeros/ones (one value everywhere) and empty (written before read: buffers.py)
+    # outputs -> index of their size argument: any size fits
+    uniform: dict = {}
 
-    def elementwise(node, out_shape) -> Info:
+    def elementwise(node, out_shape, inputs=None) -> Info:
         contribs: dict = {}
         uses = []
-        for a in node.all_input_nodes:
+        for a in (node.all_input_nodes if inputs is None else inputs):
             ts = shape(a)
             if ts is None:
                 continue
@@ -161,9 +163,9 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
             for f, (od, _, _) in out.items():
                 j = od - off
                 if 0 <= j < len(ts) and ts[j] != 1:
-                    key = (a, 0, j)
+                    key = (a, uniform[a], j)
                     if not any(r[:3] == key for r in rewrites):
-                        rewrites.append((a, 0, j, (f,)))
+                        rewrites.append((a, uniform[a], j, (f,)))
         return out
 
     for node in nodes:
@@ -171,8 +173,12 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
             continue
         inputs = node.all_input_nodes
         in_f = set().union(*[set(info.get(a, {})) for a in inputs]) if inputs else set()
-        if packet_name(node.target) in ("aten.full", "aten.zeros", "aten.ones") and not inputs:
-            uniform.add(node)
+        if packet_name(node.target) in ("aten.full", "aten.zeros", "aten.ones", "aten.empty") and not inputs:
+            uniform[node] = 0
+        if packet_name(node.target) in ("aten.new_empty", "aten.new_zeros", "aten.new_ones", "aten.new_full"):
+            uniform[node] = 1  # the tensor argument gives only dtype and device
+            info[node] = {}
+            continue
         if not in_f:
             info[node] = {}
             continue
@@ -196,6 +202,27 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
                 continue
             if kind == "elementwise" and name != "aten.frexp":
                 info[node] = elementwise(node, out_shape)
+            elif name == "aten.copy":  # src broadcast into dst's shape; dst's values unused
+                info[node] = elementwise(node, out_shape, [node.args[1]])
+            elif name == "aten.slice_scatter":  # a factor along the written dim is lost by the broadcast rule
+                info[node] = elementwise(node, out_shape, [node.args[0], node.args[1]])
+            elif name == "aten.index_put":  # a masked fill (buffers.index_put_problem): elementwise
+                if len(shape(node.args[1][0])) != len(out_shape):
+                    raise _Lost("index_put with a mask over leading dims")
+                info[node] = elementwise(node, out_shape)
+            elif name == "aten.select_scatter":
+                dim = _norm(node.args[2], len(out_shape))
+                base, src = node.args[0], node.args[1]
+                bi = {} if base in uniform else info.get(base, {})
+                si = {f: (d + (d >= dim), i, o) for f, (d, i, o) in info.get(src, {}).items()}
+                if any(d == dim for d, _, _ in bi.values()) or \
+                        (base not in uniform and any(bi.get(f) != v for f, v in si.items())) or \
+                        any(f not in si for f in bi):
+                    raise _Lost("select_scatter mixes it with data that lacks it")
+                info[node] = si if base in uniform else bi
+                if base in uniform:
+                    for f, (d, _, _) in si.items():
+                        rewrites.append((base, uniform[base], d, (f,)))
             elif name == "aten.frexp":
                 info[node] = dict(xi)
             elif name in ("aten.reshape", "aten.view", "aten._unsafe_view"):

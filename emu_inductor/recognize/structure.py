@@ -7,8 +7,12 @@ from a fixed tuple of leaf elements (its code byte, its block's scale byte, its 
 scale), so probes covering every byte value at every position under every scale byte
 cover its whole domain. An activation cone may also reduce, but only over the last dim
 (a block made by a reshape, or a small table dim) or over the whole tensor (per-tensor
-scale). Anything data-dependent (sorting, random numbers, in-place writes, nonzero,
-data-indexed gathers from data) is refused before any evaluation.
+scale). Anything data-dependent (sorting, random numbers, nonzero, data-indexed gathers
+from data, writes at data-dependent positions) is refused before any evaluation.
+Preallocated buffers filled by writes (`empty` + `copy` / `slice_scatter` /
+`select_scatter`, `x[mask] = v` as `index_put`) are allowed when `buffers.check_buffers`
+proves that no uninitialised element and no other position of the buffer being written
+reaches the output.
 
 Ops are named by their OpOverloadPacket (`aten.mul`, any overload), so `.Tensor` and
 `.Scalar` forms are treated alike.
@@ -22,6 +26,7 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
+from .buffers import ALLOCATIONS, WRITES, check_buffers, index_put_problem
 from .shapes import hint
 
 __all__ = [
@@ -29,6 +34,8 @@ __all__ = [
     "ELEMENTWISE",
     "LAYOUT",
     "CONSTRUCTORS",
+    "ALLOCATIONS",
+    "WRITES",
     "REDUCTIONS",
     "TABLE_LOOKUPS",
     "SYMBOLIC",
@@ -69,7 +76,7 @@ LAYOUT = frozenset({
 #: Tensors made from literals alone (their values are constants of the graph).
 CONSTRUCTORS = frozenset({
     "aten.full", "aten.arange", "aten.scalar_tensor", "aten.zeros", "aten.ones", "prims.iota",
-    "aten._tensor_constant", "aten.tensor",
+    "aten._tensor_constant", "aten.tensor", "aten.new_zeros", "aten.new_ones", "aten.new_full",
 })
 
 #: Reductions (activation cones only; dims checked by `_reduction_ok`).
@@ -104,7 +111,7 @@ def packet_name(target) -> str:
 
 
 def op_kind(node: Node) -> str:
-    """elementwise | layout | constructor | reduction | lookup | symbolic | getitem | other."""
+    """elementwise | layout | constructor | alloc | write | reduction | lookup | symbolic | getitem | other."""
     if node.op != "call_function":
         return node.op
     t = node.target
@@ -114,6 +121,7 @@ def op_kind(node: Node) -> str:
         return "symbolic"
     name = packet_name(t)
     for kind, names in (("elementwise", ELEMENTWISE), ("layout", LAYOUT), ("constructor", CONSTRUCTORS),
+                        ("alloc", ALLOCATIONS), ("write", WRITES),
                         ("reduction", REDUCTIONS), ("lookup", TABLE_LOOKUPS), ("symbolic", SYMBOLIC)):
         if name in names:
             return kind
@@ -217,7 +225,8 @@ def constant_nodes(nodes, leaves_with_values: set[Node]) -> set[Node]:
     return const
 
 
-def _check(nodes, allowed_kinds, constant: set[Node], side: str) -> Optional[str]:
+def _check(nodes, allowed_kinds, constant: set[Node], side: str, output: Optional[Node]) -> Optional[str]:
+    calls = [n for n in nodes if n.op == "call_function"]
     for n in nodes:
         if n.op != "call_function":
             continue
@@ -232,15 +241,26 @@ def _check(nodes, allowed_kinds, constant: set[Node], side: str) -> Optional[str
             why = _reduction_ok(n)
             if why:
                 return why
+        if packet_name(n.target) == "aten.index_put":
+            why = index_put_problem(n)
+            if why:
+                return f"{side} cone: {why}"
+    if calls and any(op_kind(n) in ("alloc", "write") for n in calls):
+        why = check_buffers(calls, output if output is not None else calls[-1])
+        if why:
+            return f"{side} cone: {why}"
     return None
 
 
-def check_weight_cone(nodes, constant: set[Node]) -> Optional[str]:
-    """None if the weight cone is elementwise/layout/constant look-ups only, else why not."""
-    return _check(nodes, {"elementwise", "layout", "constructor", "lookup", "getitem", "symbolic"}, constant, "weight")
+_WEIGHT_KINDS = {"elementwise", "layout", "constructor", "alloc", "write", "lookup", "getitem", "symbolic"}
 
 
-def check_activation_cone(nodes, constant: set[Node]) -> Optional[str]:
+def check_weight_cone(nodes, constant: set[Node], output: Optional[Node] = None) -> Optional[str]:
+    """None if the weight cone is elementwise/layout/constant look-ups only (buffers filled
+    by writes included), else why not. `output`: the cone's output (default: last node)."""
+    return _check(nodes, _WEIGHT_KINDS, constant, "weight", output)
+
+
+def check_activation_cone(nodes, constant: set[Node], output: Optional[Node] = None) -> Optional[str]:
     """None if the activation cone is elementwise/layout/block reductions only, else why not."""
-    return _check(nodes, {"elementwise", "layout", "constructor", "lookup", "getitem", "symbolic", "reduction"},
-                  constant, "activation")
+    return _check(nodes, _WEIGHT_KINDS | {"reduction"}, constant, "activation", output)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, fake_quantize, unpack
+from ..formats.variants import MX_VARIANTS
 from ..reference import fp8_tensor_fake_quantize
 
 from ..spec import FUSED_MX_SCALE_MODES, ActQuant
@@ -190,6 +191,7 @@ class ActVariant:
     rounding: str = "rne"
     e8m0_byte0: str = "pow2"
     static: bool = False
+    named: Optional[str] = None  # a library's MX quantizer (formats.variants.MX_VARIANTS)
 
     @property
     def needs_scalar(self) -> bool:
@@ -206,12 +208,21 @@ class ActVariant:
         if self.kind == "fp8_tensor":
             return "fp8 per-tensor " + ("static" if self.static else "dynamic")
         tail = f" rounding={self.rounding}"
+        if self.named:
+            opts = ", ".join(f"{k}={v}" for k, v in _named_options(self.named, self.fmt).items())
+            return f"{self.fmt} variant={self.named} ({opts})"
         if self.kind == "mx":
             extra = "" if self.e8m0_byte0 == "pow2" else " e8m0(0=zero)"
             return f"{self.fmt} scale_mode={self.scale_mode}{tail}{extra}"
         return f"nvfp4 recipe={self.recipe}{tail}"
 
     def unsupported_reason(self) -> Optional[str]:
+        if self.named:
+            extra = {k: v for k, v in _named_options(self.named, self.fmt).items()
+                     if k not in ("scale_mode", "rounding", "e8m0_byte0") and _KERNEL_DEFAULTS.get(k) != v}
+            if extra:
+                return (f"{self.named}'s " + ", ".join(f"{k}={v}" for k, v in extra.items()) +
+                        " (the kernels keep the sign of zeros and give NaN for NaN elements and Inf blocks)")
         if self.kind == "mx" and self.scale_mode not in FUSED_MX_SCALE_MODES:
             return f"MX scale_mode {self.scale_mode!r} (the kernels implement {FUSED_MX_SCALE_MODES})"
         if self.kind == "mx" and self.e8m0_byte0 != "pow2":
@@ -226,13 +237,17 @@ class ActVariant:
 
     @property
     def kernel_key(self) -> tuple:
-        return dataclasses.astuple(self) if self.kernel_supported else ("unsupported", self.name)
+        if not self.kernel_supported:
+            return ("unsupported", self.name)
+        return dataclasses.astuple(dataclasses.replace(self, named=None))  # the kernel a generic twin uses
 
     def reference(self, x: torch.Tensor, scalar: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.kind == "none":
             return x
         if self.kind == "fp8_tensor":
             return fp8_tensor_fake_quantize(x, scalar.to(torch.float32) if self.static else None)
+        if self.named:
+            return fake_quantize(x, self.fmt, variant=self.named)
         if self.kind == "mx":
             return fake_quantize(x, self.fmt, scale_mode=self.scale_mode, rounding=self.rounding,
                                  e8m0_byte0=self.e8m0_byte0)
@@ -250,6 +265,13 @@ class ActVariant:
 
 
 NO_ACT = ActVariant("none")
+#: QDQOptions values the fused MX activation QDQ computes (beyond scale_mode / rounding / byte 0)
+_KERNEL_DEFAULTS = {"signed_zero": "keep", "nan_element": "nan", "inf_amax": "nan", "byte0_inverse": "pow2",
+                    "e8m0_byte255": "nan"}
+
+
+def _named_options(name: str, fmt: str) -> dict:
+    return dict(MX_VARIANTS[name].options_for(fmt))
 
 
 def act_variants() -> list[ActVariant]:
@@ -259,6 +281,14 @@ def act_variants() -> list[ActVariant]:
             for mode, rnd, b0 in itertools.product(("floor", "ceil", "even", "rceil"), ("rne", "half_away"),
                                                    ("pow2", "zero")):
                 out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0))
+            # the libraries' own quantizers (formats.variants), edge cases included: Quark's
+            # fake_quantize_mx gives +0 where the element rounds to zero, and so on
+            for name, mv in MX_VARIANTS.items():
+                if fmt.name in mv.formats:
+                    o = _named_options(name, fmt.name)
+                    out.append(ActVariant("mx", fmt.name, scale_mode=o.get("scale_mode"),
+                                          rounding=o.get("rounding", "rne"), e8m0_byte0=o.get("e8m0_byte0", "pow2"),
+                                          named=name))
         else:
             for recipe, rnd in itertools.product(NVFP4_RECIPES, ("rne", "half_away")):
                 out.append(ActVariant("nvfp4", fmt.name, recipe=recipe, rounding=rnd))

@@ -169,7 +169,7 @@ def _leaf_repr(leaf: Node, attr_bytes) -> str:
     if leaf.op == "get_attr":
         t = attr_bytes(leaf)
         if t is not None:
-            s += ":" + hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+            s += ":" + hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
     return s
 
 

@@ -372,6 +372,62 @@ def _choose(alive):
     return sorted(alive, key=lambda v: v.name)[0]
 
 
+_KNOWN = ("its value", "constant input")
+
+
+def _table_dependence(h: _Hyp, hyps: list) -> Optional[str]:
+    """None unless the proof rests on a hypothesised table (a graph input whose values are
+    unknown at compile time) and another hypothesis for it gives the cone other weights:
+    then the run-time guard would fail for a model holding the other table (ModelOpt's
+    E2M1 table has +0 where the formats' has -0), so neither is fused."""
+    hyp_tables = {g.node: g for g in h.guards if g.what not in _KNOWN}
+    if not hyp_tables:
+        return None
+    mine = None
+    for h2 in hyps:
+        if h2 is h or (h2.codes, h2.scale, h2.alpha) != (h.codes, h.scale, h.alpha):
+            continue
+        other = {g.node: g for g in h2.guards if g.node in hyp_tables and g.what != hyp_tables[g.node].what}
+        if not other:
+            continue
+        if mine is None:
+            mine = _coverage_output(h)
+        theirs = _coverage_output(h2)
+        if mine is None or theirs is None or first_difference(mine, theirs) is not None:
+            node, g = next(iter(other.items()))
+            return (f"the decode depends on the values of {node.name}, a graph input whose values are not known "
+                    f"at compile time: the {hyp_tables[node].what} and the {g.what} both fit and give different "
+                    f"weights (a run-time guard would fail for one of them)")
+    return None
+
+
+def _coverage_output(h: _Hyp):
+    """The cone of `h` on every code byte under one normal scale byte (None if it does not run)."""
+    cshape, sshape = list(_shape(h.codes)), list(_shape(h.scale))
+    lead = tuple(cshape[:-2])
+    pl = make_plan(h.cone.nodes, h.cone.output, _factor_map(h, lead))
+    new = {f"lead{i}": 1 for i in range(len(lead)) if pl.resizable(f"lead{i}")}
+    rows = cshape[-2]
+    if pl.resizable("rows"):
+        rows = new["rows"] = -(-256 // cshape[-1])
+    lead_n = [new.get(f"lead{i}", lead[i]) for i in range(len(lead))]
+    c = (torch.arange(math.prod(lead_n) * rows * cshape[-1]) % 256).to(torch.uint8).reshape(lead_n + [rows, cshape[-1]])
+    s = torch.full(lead_n + [rows, sshape[-1]], 0x38 if h.block == 16 else 127, dtype=torch.uint8)
+    args = [c.view(_val(h.codes).dtype), s.view(_val(h.scale).dtype)]
+    if h.alpha is not None:
+        ashape = list(_shape(h.alpha))
+        if math.prod(ashape) != 1:
+            ashape[0] = lead_n[0]
+            if len(ashape) >= 2 and ashape[1] != 1:
+                ashape[1] = rows
+        args.append(torch.full(ashape, 1.0, dtype=torch.float32))
+    inputs = [h.codes, h.scale] + ([h.alpha] if h.alpha is not None else [])
+    try:
+        return evaluate(extract(h.cone, inputs, h.consts, pl, new), args)
+    except Exception:  # the cone does not run under this binding
+        return None
+
+
 def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_bytes=DEFAULT_BUDGET_BYTES):
     """(verdict or Rejection); see `api.recognize_weight`."""
     _, w = operands(gemm)
@@ -379,7 +435,7 @@ def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_byt
     tables = {n for n in cone.leaves if n.op == "placeholder" and isinstance(_val(n), torch.Tensor)
               and _val(n).is_floating_point() and _val(n).dim() == 1 and (_shape(n) or (999,))[0] <= 256}
     const = constant_nodes(cone.nodes, tables)
-    why = check_weight_cone(cone.nodes, const)
+    why = check_weight_cone(cone.nodes, const, cone.output)
     if why:
         return Rejection("weight", gemm, why)
     hyps, why = _hypotheses(gemm, cone, values)
@@ -398,6 +454,9 @@ def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_byt
         if alive:
             chosen = _choose(alive)
             if chosen is not None:
+                why = _table_dependence(h, hyps)
+                if why:
+                    return Rejection("weight", gemm, why)
                 return WeightVerdict(chosen, h.codes, h.scale, h.alpha if chosen.alpha_order != "none" else None,
                                      transpose, out_dtype, h.guards,
                                      tuple(v.name for v in alive if v is not chosen),
