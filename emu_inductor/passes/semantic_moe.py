@@ -111,7 +111,11 @@ def _check(match) -> Optional[str]:
     v = recognize_moe(site, grouped_site, live=live_nodes(anchor.graph))
     count(f"{FAMILY}.check_ms", int(v.seconds * 1000))
     if isinstance(v, Rejection):
-        return f"whole-layer mxemu::moe not proven (the GEMMs stay fused alone): {v.reason}"
+        hint = ""
+        if isinstance(anchor.args[6], str) and OpSpec.from_str(anchor.args[6]).act_kind == "none":
+            hint = (" (this GEMM fused weight-only: an activation QDQ the recogniser did not prove stays in the "
+                    "graph and is part of what was compared)")
+        return f"whole-layer mxemu::moe not proven (the GEMMs stay fused alone): {v.reason}{hint}"
     spec, why = _spec(v)
     if why:
         return f"whole-layer mxemu::moe not used (the GEMMs stay fused alone): {why}"

@@ -10,11 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emu_inductor.formats import quantize
 
 from . import E, H, I, TOP_K, CorpusEntry, Variant, WeightVariant
 from . import vllm_style as V
 from .data import gen, moe_weights, qtensor, tokens, weight
-from .spellings import SpelledMXLinear
+from .spellings import (EMAX, SpelledMXLinear, apply_div, decode_lut8_where, exp_frexp, round_where_chain,
+                        unpack_stack, wscale_exp2)
 
 MX_FLOOR = Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor"})
 
@@ -131,6 +133,77 @@ def make_chunk_moe(seed, dtype, **slots):
     return m, (tokens(seed, 5, H, dtype),)
 
 
+# --- MoE: torchtitan's token routing over 3-d packed experts ----------------------------
+
+
+def mx_dequant_experts(q, s, dtype):
+    """[E, N, K/2] codes, [E, N, K/32] E8M0 bytes -> [E, N, K] (stack unpack, LUT + sign where, exp2)."""
+    v = decode_lut8_where(unpack_stack(q)).reshape(*s.shape, 32) * wscale_exp2(s).unsqueeze(-1)
+    return v.reshape(*q.shape[:-1], -1).to(dtype)
+
+
+def mx_qdq_rows(x):
+    """MXFP4 floor/RNE QDQ of [R, K] rows: frexp exponent, x / 2^e, where-chain rounding; a
+    block holding NaN or Inf becomes NaN (as the variant's does)."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(dim=-1, keepdim=True).float()
+    e = (exp_frexp(amax) - EMAX).clamp(-127, 127)
+    q = round_where_chain(apply_div(xb.float(), e))
+    s = torch.where(torch.isfinite(amax), torch.exp2(e.float()), torch.nan)
+    return (q * s).reshape(x.shape).to(x.dtype)
+
+
+class TitanSortedMXMoE(nn.Module):
+    """torchtitan's token routing: argsort of the flat expert ids, scatter_add_ counts and
+    cumsum offsets, rows x[order // k]; torch._grouped_mm over experts held as 3-d packed
+    MXFP4 [E, N, K/2]; chunk(2, -1); router-weighted rows index_add_ into fp32."""
+
+    def __init__(self, router, w13, w2):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False, dtype=router.dtype)
+        self.router.weight.data.copy_(router)
+        q13, q2 = quantize(w13, "mxfp4", scale_mode="floor"), quantize(w2, "mxfp4", scale_mode="floor")
+        self.register_buffer("w13", q13.qdata)
+        self.register_buffer("w13_scale", q13.scale)
+        self.register_buffer("w2", q2.qdata)
+        self.register_buffer("w2_scale", q2.scale)
+
+    def route(self, x):
+        w, ids = torch.topk(torch.softmax(self.router(x).float(), dim=-1), TOP_K, dim=-1)
+        return w / w.sum(-1, keepdim=True), ids
+
+    def act_qdq(self, x):
+        return mx_qdq_rows(x)
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        return {"w13": mx_dequant_experts(self.w13, self.w13_scale, dtype),
+                "w2": mx_dequant_experts(self.w2, self.w2_scale, dtype)}
+
+    def forward(self, x):
+        T = x.shape[0]
+        w, ids = self.route(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(E, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)
+        tok = order // TOP_K
+        W = self.dequantized_weights(x.dtype)
+        h = torch._grouped_mm(mx_qdq_rows(x[tok]), W["w13"].transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(mx_qdq_rows(F.silu(gate) * up), W["w2"].transpose(-2, -1), offs=offs)
+        out = torch.zeros(T, H, dtype=torch.float32)
+        out.index_add_(0, tok, y.float() * w.reshape(-1)[order].unsqueeze(-1))
+        return out.to(x.dtype)
+
+    def emu_view(self):
+        return {"w13": qtensor("mxfp4", self.w13, self.w13_scale), "w2": qtensor("mxfp4", self.w2, self.w2_scale)}
+
+
+def make_titan_moe(seed, dtype):
+    g = gen(seed)
+    return TitanSortedMXMoE(*moe_weights(g, E, H, I, dtype)), (tokens(seed, 5, H, dtype),)
+
+
 ENTRIES = [
     _entry("unpack_strided", "nibbles into out[..., 0::2] / out[..., 1::2]", unpack="strided"),
     _entry("unpack_repeat_shift", "repeat_interleave(2) >> (arange % 2) * 4", unpack="repeat_shift"),
@@ -160,5 +233,12 @@ ENTRIES = [
         "written here: emu_inductor's reference MoE skeleton with gate/up by chunk(2, -1) (issue 8: loses mxemu::moe)",
         MX_FLOOR, make_chunk_moe,
         plumbing="argsort + index_add counts/cumsum + torch._grouped_mm, chunk(2), scatter back, view(T,k,H) fp32 sum",
+    ),
+    CorpusEntry(
+        "resp_moe_titan", "moe", "respelling",
+        "written here: torchtitan's MoE token routing (argsort, scatter_add_ counts, cumsum offsets, x[order // k]) "
+        "over 3-d packed MXFP4 experts, frexp + where-chain QDQ, index_add_ combine in fp32",
+        MX_FLOOR, make_titan_moe, expect_fused=True, fused_today="mxemu::moe (semantic_moe)",
+        plumbing="argsort + scatter_add_ counts/cumsum + x[order // k] + torch._grouped_mm, chunk(2), index_add_ fp32",
     ),
 ]
