@@ -108,6 +108,10 @@ ENTRIES = [
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_linear,
         dtypes=(torch.bfloat16, torch.float32),
         exact_gemm=False, plumbing="x @ W with W [K, N] from convert_moe_packed_tensors (not F.linear)",
+        fused_today="nothing (2026-12-02): its empty buffer + slice writes pass the structure check, but the "
+                    "blocks are stored [E, N, G, 16] and selected by [0], which is not the packed-codes role "
+                    "[.., N, K/2]; and its traced ldexp gives 0 for a zero code under scale byte 255, which no "
+                    "E8M0 reader variant does (0 * inf = NaN)",
     ),
     CorpusEntry(
         "gptoss_mxfp4_moe", "moe", "transformers",

@@ -116,6 +116,11 @@ ENTRIES = [
         Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="modelopt"),
                 act={"fmt": "nvfp4", "recipe": "modelopt", "signed_zero": "positive"}, act_global="static"),
         make_linear,
+        fused_today="nothing (2026-12-02): both cones pass the structure check now (empty + slice writes, "
+                    "masked fill), but e2m1_values / e2m1_bounds are module globals that reach the graph as inputs "
+                    "whose values the pass does not see: the formats' E2M1 table (-0 at code 8) and ModelOpt's own "
+                    "(+0) both fit and give different weights, so the weight is refused rather than guarded (a "
+                    "guard would fail at run time), and the activation's searchsorted bounds are unknown",
     ),
     CorpusEntry(
         "modelopt_mxfp4_moe", "moe", "modelopt",
