@@ -135,3 +135,98 @@ def test_near_miss_combine_keeps_gemm_only_fusion(combine, why):
     assert len(reasons) == 1 and "whole-layer mxemu::moe not proven" in reasons[0] and why in reasons[0], reasons
     with torch.no_grad():
         assert_within_accumulation(out, model(x), combine)
+
+
+# --- the recogniser alone, on traced graphs (no torch.compile: ~0.1 s a spelling) ------------
+
+E_, H_, I_, T_, K_ = 4, 64, 32, 5, 2
+
+
+def _spelled_layer(spec, counts="scatter_add", act="silu_chunk", combine="index_add"):
+    """Routing -> mxemu::grouped_mm -> activation -> mxemu::grouped_mm -> combine, one
+    slot spelled differently per case (the GEMMs stand for what the GEMM fusion made)."""
+
+    def fn(x, router, w13, s13, w2, s2):
+        w, ids = torch.topk(torch.softmax((x @ router.t()).float(), -1), K_, -1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        c = {"scatter_add": lambda: torch.zeros(E_, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat)),
+             "one_hot": lambda: F.one_hot(flat, E_).sum(0),
+             "eq_arange": lambda: (flat.unsqueeze(-1) == torch.arange(E_)).sum(0),
+             "histc": lambda: torch.histc(flat.float(), bins=E_, min=0, max=E_)}[counts]()
+        offs = torch.cumsum(c, 0).to(torch.int32)
+        tok = order // K_
+        h = torch.ops.mxemu.grouped_mm(x[tok], w13, s13, None, offs, None, spec)
+        if act == "silu_slice":
+            a = F.silu(h[:, :I_]) * h[:, I_:]
+        elif act == "silu_fp32":  # near miss: silu(g) * u in fp32, one rounding (the reference rounds twice)
+            g, u = h.float().chunk(2, -1)
+            a = (F.silu(g) * u).to(x.dtype)
+        else:
+            g, u = h.chunk(2, -1)
+            a = (F.gelu(g, approximate="tanh") if act == "gelu_tanh" else F.silu(g)) * u
+        y = torch.ops.mxemu.grouped_mm(a, w2, s2, None, offs, None, spec)
+        wr = w.reshape(-1)[order].unsqueeze(-1)
+        if combine == "view_sum":
+            back = torch.empty_like(y)
+            back[order] = y
+            return (back.view(T_, K_, H_).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
+        if combine == "view_sum_bf16_weights":  # near miss: weights rounded to bf16 first
+            back = torch.empty_like(y)
+            back[order] = y
+            return (back.view(T_, K_, H_) * w.to(x.dtype).unsqueeze(-1)).float().sum(1).to(x.dtype)
+        out = torch.zeros(T_, H_, dtype=torch.float32)
+        if combine == "scatter_add":
+            return out.scatter_add_(0, tok.unsqueeze(-1).expand(-1, H_), y.float() * wr).to(x.dtype)
+        if combine == "wrong_token":  # near miss: row r goes back to token r % T
+            return out.index_add_(0, order % T_, y.float() * wr).to(x.dtype)
+        if combine == "unsorted_weights":  # near miss: weights in slot order, rows in expert order
+            return out.index_add_(0, tok, y.float() * w.reshape(-1).unsqueeze(-1)).to(x.dtype)
+        return out.index_add_(0, tok, y.float() * wr).to(x.dtype)
+
+    return fn
+
+
+def _recognise(**spelling):
+    from torch.func import functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from emu_inductor import ops  # noqa: F401  (registers mxemu::grouped_mm)
+    from emu_inductor.passes.semantic_moe import grouped_site
+    from emu_inductor.recognize.moe import recognize_moe
+    from emu_inductor.spec import OpSpec
+
+    spec = OpSpec("mxfp4", "block", "mxfp4", "floor").to_str()
+    g = torch.Generator().manual_seed(0)
+    q13, q2 = quantize(torch.randn(E_, 2 * I_, H_, generator=g), MXFP4), quantize(torch.randn(E_, H_, I_, generator=g),
+                                                                                  MXFP4)
+    args = (torch.randn(T_, H_).bfloat16(), torch.randn(E_, H_).bfloat16(), q13.qdata, q13.scale, q2.qdata, q2.scale)
+    graph = make_fx(functionalize(_spelled_layer(spec, **spelling), remove="mutations_and_views"), tracing_mode="fake")(
+        *args).graph
+    second = [n for n in graph.nodes if grouped_site(n) is not None][-1]
+    return recognize_moe(grouped_site(second), grouped_site)
+
+
+@pytest.mark.parametrize("spelling", [
+    {}, {"counts": "one_hot"}, {"counts": "eq_arange"}, {"counts": "histc"}, {"act": "silu_slice"},
+    {"combine": "scatter_add"}, {"combine": "view_sum"},
+], ids=lambda s: "-".join(s.values()) or "base")
+def test_spellings_proven(spelling):
+    from emu_inductor.recognize.moe import MoeVerdict
+
+    v = _recognise(**spelling)
+    assert isinstance(v, MoeVerdict), v.reason
+    assert v.activation == "silu" and v.region.top_k == K_ and v.region.hidden.name.startswith("x")
+
+
+@pytest.mark.parametrize("spelling,why", [
+    ({"combine": "view_sum_bf16_weights"}, "routing/combine differ from mxemu::moe"),
+    ({"combine": "wrong_token"}, "routing/combine differ from mxemu::moe"),
+    ({"combine": "unsorted_weights"}, "routing/combine differ from mxemu::moe"),
+    ({"act": "gelu_tanh"}, "activation between the GEMMs not proven"),
+    ({"act": "silu_fp32"}, "activation between the GEMMs not proven"),
+], ids=lambda s: "-".join(s.values()) if isinstance(s, dict) else "")
+def test_near_misses_rejected_with_the_probe(spelling, why):
+    v = _recognise(**spelling)
+    assert getattr(v, "reason", None) is not None and why in v.reason and "probe" in v.reason, v

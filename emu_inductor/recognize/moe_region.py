@@ -235,16 +235,22 @@ def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSi
     if why:
         return [], f"activation: {why}"
 
-    ids = next((n for n in _ancestors_bfs(first.offs, sites) if _is_int(n) and _val(n).dim() == 2), None)
-    if ids is None:
-        return [], "no 2-d integer [T, k] routing tensor above the group ends"
-    T, k = _shape(ids)
-    H1 = _shape(first.rows)[-1]
-    hidden = None
-    for n in _ancestors_bfs(first.rows, sites, stop={ids}):
-        if _is_float(n) and _shape(n) == (T, H1) and _val(n).dtype == _val(first.rows).dtype \
-                and not _depends_on(n, ids, sites):
-            hidden = n
+    # routing: a 2-d integer tensor with one entry per gathered row, above the group ends;
+    # the earliest such (topk's ids rather than a reshaped copy), provided hidden states
+    # not depending on it are found above the rows
+    R, H1 = _shape(first.rows)
+    order = {n: i for i, n in enumerate(second.node.graph.nodes)}
+    cands = sorted((n for n in _ancestors_bfs(first.offs, sites) if _is_int(n) and _val(n).dim() == 2
+                    and _shape(n)[0] * _shape(n)[1] == R), key=order.__getitem__)
+    if not cands:
+        return [], f"no 2-d integer routing tensor with {R} entries (one per gathered row) above the group ends"
+    ids = hidden = None
+    for ids in cands:
+        T, k = _shape(ids)
+        hidden = next((n for n in _ancestors_bfs(first.rows, sites, stop={ids})
+                       if _is_float(n) and _shape(n) == (T, H1) and _val(n).dtype == _val(first.rows).dtype
+                       and not _depends_on(n, ids, sites)), None)
+        if hidden is not None:
             break
     if hidden is None:
         return [], f"no [T={T}, {H1}] hidden-state tensor the first GEMM's rows are gathered from"
@@ -256,11 +262,10 @@ def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSi
             if u not in seen and u in live:
                 seen.add(u)
                 q.append(u)
-                if _is_float(u) and _shape(u) == (T, H2) and u.op == "call_function":
+                if _is_float(u) and _shape(u) == (T, H2) and _val(u).dtype == _val(hidden).dtype:
                     outs.append(u)
     if not outs:
-        return [], f"no [T={T}, {H2}] result below the second GEMM (no combine over the top-k)"
-    order = {n: i for i, n in enumerate(second.node.graph.nodes)}
+        return [], f"no {_val(hidden).dtype}[T={T}, {H2}] result below the second GEMM (no combine over the top-k)"
     outs.sort(key=order.__getitem__)
     found, reasons = [], []
     stop = set(sites) | {ids, hidden}
