@@ -142,7 +142,7 @@ def test_near_miss_combine_keeps_gemm_only_fusion(combine, why):
 E_, H_, I_, T_, K_ = 4, 64, 32, 5, 2
 
 
-def _spelled_layer(spec, counts="scatter_add", act="silu_chunk", combine="index_add"):
+def _spelled_layer(spec, counts="scatter_add", act="silu_chunk", combine="index_add", rows="tok"):
     """Routing -> mxemu::grouped_mm -> activation -> mxemu::grouped_mm -> combine, one
     slot spelled differently per case (the GEMMs stand for what the GEMM fusion made)."""
 
@@ -154,10 +154,13 @@ def _spelled_layer(spec, counts="scatter_add", act="silu_chunk", combine="index_
         c = {"scatter_add": lambda: torch.zeros(E_, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat)),
              "one_hot": lambda: F.one_hot(flat, E_).sum(0),
              "eq_arange": lambda: (flat.unsqueeze(-1) == torch.arange(E_)).sum(0),
-             "histc": lambda: torch.histc(flat.float(), bins=E_, min=0, max=E_)}[counts]()
+             "histc": lambda: torch.histc(flat.float(), bins=E_, min=0, max=E_),
+             "index_add": lambda: torch.zeros(E_, dtype=torch.int32).index_add(
+                 0, flat, torch.ones_like(flat, dtype=torch.int32))}[counts]()
         offs = torch.cumsum(c, 0).to(torch.int32)
         tok = order // K_
-        h = torch.ops.mxemu.grouped_mm(x[tok], w13, s13, None, offs, None, spec)
+        xr = x[tok] if rows == "tok" else x.repeat_interleave(K_, dim=0)[order]
+        h = torch.ops.mxemu.grouped_mm(xr, w13, s13, None, offs, None, spec)
         if act == "silu_slice":
             a = F.silu(h[:, :I_]) * h[:, I_:]
         elif act == "silu_fp32":  # near miss: silu(g) * u in fp32, one rounding (the reference rounds twice)
@@ -209,7 +212,8 @@ def _recognise(**spelling):
 
 
 @pytest.mark.parametrize("spelling", [
-    {}, {"counts": "one_hot"}, {"counts": "eq_arange"}, {"counts": "histc"}, {"act": "silu_slice"},
+    {}, {"counts": "one_hot"}, {"counts": "eq_arange"}, {"counts": "histc"}, {"counts": "index_add"},
+    {"rows": "repeat_interleave"}, {"act": "silu_slice"},
     {"combine": "scatter_add"}, {"combine": "view_sum"},
 ], ids=lambda s: "-".join(s.values()) or "base")
 def test_spellings_proven(spelling):
