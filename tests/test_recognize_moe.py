@@ -137,6 +137,48 @@ def test_near_miss_combine_keeps_gemm_only_fusion(combine, why):
         assert_within_accumulation(out, model(x), combine)
 
 
+class ReferenceSkeletonChunk(torch.nn.Module):
+    """Issue 8's example: emu_inductor's own reference MoE (expert_gemm scatters each GEMM's
+    rows back to slot order and recomputes the group ends) with gate/up by chunk(2, -1),
+    which the traced "moe" family does not match."""
+
+    def __init__(self, E=4, H=64, I=32, k=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.E, self.k = E, k
+        q13, q2 = quantize(torch.randn(E, 2 * I, H, generator=g), MXFP4), quantize(torch.randn(E, H, I, generator=g),
+                                                                                    MXFP4)
+        for name, t in (("w13", q13.qdata), ("s13", q13.scale), ("w2", q2.qdata), ("s2", q2.scale),
+                        ("router", torch.randn(E, H, generator=g).to(torch.bfloat16))):
+            self.register_buffer(name, t)
+
+    def forward(self, x):
+        from emu_inductor.reference import get_scheme
+        from emu_inductor.reference.moe import dequantize_experts, expert_gemm
+        from emu_inductor.reference.qdq import act_fake_quantize
+
+        s = get_scheme("mxfp4_w4a4")
+        w, ids = torch.topk(torch.softmax((x @ self.router.t()).float(), -1), self.k, -1)
+        key = ids.reshape(-1)
+        c1 = expert_gemm(act_fake_quantize(x.repeat_interleave(self.k, dim=0), s.act, None),
+                         dequantize_experts(self.w13, self.s13, s.weight_fmt, None, x.dtype), key, self.E, "grouped_mm")
+        gate, up = c1.chunk(2, -1)
+        c3 = expert_gemm(act_fake_quantize(F.silu(gate) * up, s.act, None),
+                         dequantize_experts(self.w2, self.s2, s.weight_fmt, None, x.dtype), key, self.E, "grouped_mm")
+        return (c3.reshape(x.shape[0], self.k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def test_reference_skeleton_with_chunk_becomes_one_mxemu_moe():
+    """Routing inside the activation region (scatter back, gather again, ends computed
+    twice): the activation is proven inside the body on identity probe GEMMs."""
+    model = ReferenceSkeletonChunk()
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    _, out, ops, records = _compile(model, x)
+    assert ops.count("mxemu.moe.default") == 1 and not any("grouped_mm" in o for o in ops), ops
+    with torch.no_grad():
+        assert_within_accumulation(out, model(x), "reference skeleton with chunk")
+
+
 # --- the recogniser alone, on traced graphs (no torch.compile: ~0.1 s a spelling) ------------
 
 E_, H_, I_, T_, K_ = 4, 64, 32, 5, 2

@@ -32,8 +32,8 @@ from torch.fx import Node
 from ..reference.activations import ACTIVATIONS
 from .compare import difference
 from .extract import attr_value, real_mode
-from .moe_probes import (COMBINE_ORDERS, ProbeGemm, activation_probes, activation_width, extract_with_gemms,
-                         reference_moe, routing_probes)
+from .moe_probes import (COMBINE_ORDERS, ProbeGemm, activation_probes, activation_routings, activation_width,
+                         extract_with_gemms, reference_moe, routing_probes)
 from .moe_region import GemmSite, MoeRegion, find_moe_regions, live_nodes
 from .shapes import concrete_shape
 from .verdict import CACHE, Rejection, cone_key
@@ -108,44 +108,70 @@ def prove_activation(act, first: GemmSite) -> tuple[Optional[str], str]:
     return alive[0], ("equivalent on every probe: " + ", ".join(alive) if len(alive) > 1 else "")
 
 
-def _prove_body(region: MoeRegion, activation: str) -> tuple[Optional[str], str, int]:
-    """(combine order, "", probes) or (None, reason, probes)."""
+def _no_signed_zero(t):
+    return t + 0.0 if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _prove_body(region: MoeRegion, activations: list) -> tuple[Optional[tuple], str, int]:
+    """((activation, combine order), "", probes) or (None, reason, probes): the body with
+    probe GEMMs against mxemu::moe's semantics for each candidate activation and k-sum
+    order. An activation not proven on its own cone (routing inside it) is proven here on
+    identity probe GEMMs and hidden states holding every 16-bit pattern."""
     first, second = region.first, region.second
     T, k = concrete_shape(_val(region.topk_ids))
     H = concrete_shape(_val(region.hidden))[1]
     out = _val(region.output)
     H2 = concrete_shape(out)[1]
+    n1 = concrete_shape(_val(first.node))[1]
     xv = _val(region.hidden)
     if H2 != H or out.dtype != xv.dtype:
         return None, f"the result {out.dtype}[{T}, {H2}] is not the hidden states' {xv.dtype}[{T}, {H}]", 0
     E = first.experts
     gen = torch.Generator().manual_seed(4321)
-    g1 = ProbeGemm(E, concrete_shape(_val(first.node))[1], gen)
-    g2 = ProbeGemm(E, H2, gen)
-    gm = extract_with_gemms(region.body, [region.hidden, region.topk_ids, region.topk_weights], {
-        first.node: (first.rows, first.offs, g1.grouped), second.node: (second.rows, second.offs, g2.grouped)})
-    alive = list(COMBINE_ORDERS)
+    dtypes = (xv.dtype, _val(region.topk_weights).dtype, _val(region.topk_ids).dtype)
+    inputs = [region.hidden, region.topk_ids, region.topk_weights]
+    runs = []  # (probe GEMM1, probe GEMM2, probes, k-sum orders to try)
+    g1, g2 = ProbeGemm(E, n1, gen), ProbeGemm(E, H2, gen)
+    runs.append((g1, g2, routing_probes(T, H, k, E, *dtypes, gen), list(COMBINE_ORDERS)))
+    if not region.act_direct:
+        if H2 < concrete_shape(_val(second.rows))[1]:
+            return None, "the activation is not proven on its own and GEMM2's output is narrower than its input", 0
+        runs.append((ProbeGemm.identity(E, n1), ProbeGemm.identity(E, H2),
+                     activation_routings(T, H, k, E, *dtypes, gen), ["sum"]))
+    alive = [(a, o) for a in activations for o in COMBINE_ORDERS]
     told: dict = {}
-    probes = routing_probes(T, H, k, E, xv.dtype, _val(region.topk_weights).dtype, _val(region.topk_ids).dtype, gen)
-    for what, x, ids, w in probes:
-        try:
-            y = gm(x, ids, w)
-        except Exception as e:  # e.g. an index the body computes from the ids is out of range
-            return None, f"probe routing '{what}': evaluating the body raised {type(e).__name__}: {e}", len(probes)
-        for order in list(alive):
-            ref = reference_moe(x, ids, w, activation, g1, g2, order)
-            first_i, n = difference(y, ref) if isinstance(y, torch.Tensor) else (0, -1)
-            if first_i is not None:
-                alive.remove(order)
-                tok = first_i // H if n >= 0 else 0
-                told[order] = (f"probe routing '{what}': {n} of {ref.numel()} values differ, first at token {tok} "
-                               f"(ids {ids[tok].tolist()}): graph gives "
-                               f"{_fmt(y, first_i) if n >= 0 else type(y).__name__}, mxemu::moe gives "
-                               f"{_fmt(ref, first_i)}")
-        if not alive:
-            return None, ("routing/combine differ from mxemu::moe (every k-sum order): "
-                          + told["sum"]), len(probes)
-    return alive[0], "", len(probes)
+    n_probes = 0
+    for p1, p2, probes, orders in runs:
+        gm = extract_with_gemms(region.body, inputs, {first.node: (first.rows, first.offs, p1.grouped),
+                                                      second.node: (second.rows, second.offs, p2.grouped)})
+        exact = len(orders) > 1  # identity runs: the sign of a zero sum is the k-sum order's, not compared
+        for what, x, ids, w in probes:
+            n_probes += 1
+            try:
+                y = gm(x, ids, w)
+            except Exception as e:  # e.g. an index the body computes from the ids is out of range
+                return None, f"probe routing '{what}': evaluating the body raised {type(e).__name__}: {e}", n_probes
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != (T, H) or y.dtype != xv.dtype:
+                return None, f"probe routing '{what}': the body gives {getattr(y, 'dtype', type(y))}", n_probes
+            for a in sorted({a for a, _ in alive}):
+                for o in ([o for aa, o in alive if aa == a] if exact else ["sum"]):
+                    ref = reference_moe(x, ids, w, a, p1, p2, o)
+                    first_i, n = difference(y, ref) if exact else difference(_no_signed_zero(y), _no_signed_zero(ref))
+                    if first_i is None:
+                        continue
+                    tok = first_i // H
+                    why = (f"probe routing '{what}': {n} of {ref.numel()} values differ, first at token {tok} "
+                           f"(ids {ids[tok].tolist()}): graph gives {_fmt(y, first_i)}, mxemu::moe with {a} "
+                           f"gives {_fmt(ref, first_i)}")
+                    for d in ([(a, o)] if exact else [(a, oo) for oo in COMBINE_ORDERS]):
+                        if d in alive:
+                            alive.remove(d)
+                            told.setdefault(d, (n, why))
+            if not alive:
+                n_best, why = min(told.values(), key=lambda t: t[0])
+                return None, f"routing/combine differ from mxemu::moe (every activation and k-sum order): {why}", \
+                    n_probes
+    return alive[0], "", n_probes
 
 
 def recognize_moe(second: GemmSite, site_of: Callable[[Node], Optional[GemmSite]], *,
@@ -170,35 +196,42 @@ def _recognize(second, site_of, live, use_cache) -> MoeResult:
     regions, why = find_moe_regions(second, site_of, live)
     if not regions:
         return rej(why)
-    act = regions[0].act
-    akey = cone_key("moe_activation", act, attr_value)
-    hit = CACHE.get(akey) if use_cache else None
-    if hit is None:
-        try:
-            name, note = prove_activation(act, regions[0].first)
-        except Exception as e:
-            name, note = None, f"evaluating the activation raised {type(e).__name__}: {e}"
-        hit = ("ok", name) if name else ("rej", note)
-        if use_cache:
-            CACHE.put(akey, hit)
-    if hit[0] == "rej":
-        return rej(f"activation between the GEMMs not proven: {hit[1]}")
-    activation = hit[1]
+    region0 = regions[0]
+    if region0.act_direct:  # the activation's own cone: every 16-bit pattern, bit for bit
+        akey = cone_key("moe_activation", region0.act, attr_value)
+        hit = CACHE.get(akey) if use_cache else None
+        if hit is None:
+            try:
+                name, note = prove_activation(region0.act, region0.first)
+            except Exception as e:
+                name, note = None, f"evaluating the activation raised {type(e).__name__}: {e}"
+            hit = ("ok", name) if name else ("rej", note)
+            if use_cache:
+                CACHE.put(akey, hit)
+        if hit[0] == "rej":
+            return rej(f"activation between the GEMMs not proven: {hit[1]}")
+        activations = [hit[1]]
+    else:  # routing inside the activation cone: candidates by width, proven in the body
+        n1 = concrete_shape(_val(region0.first.node))[1]
+        n2 = concrete_shape(_val(region0.second.rows))[1]
+        activations = [a for a in ACTIVATIONS if activation_width(a, n1) == n2]
+        if not activations:
+            return rej(f"the activation maps width {n1} to {n2}: no gated or elementwise activation does")
     reasons = []
     for region in regions:
-        key = cone_key("moe_body", region.body, attr_value, extra=activation)
+        key = cone_key("moe_body", region.body, attr_value, extra=",".join(activations))
         entry = CACHE.get(key) if use_cache else None
         cached = entry is not None
         if entry is None:
             try:
-                order, why, n = _prove_body(region, activation)
+                found, why, n = _prove_body(region, activations)
             except Exception as e:
-                order, why, n = None, f"evaluating the body raised {type(e).__name__}: {e}", 0
-            entry = ("ok", order, n) if order else ("rej", why, n)
+                found, why, n = None, f"evaluating the body raised {type(e).__name__}: {e}", 0
+            entry = ("ok", found, n) if found else ("rej", why, n)
             if use_cache:
                 CACHE.put(key, entry)
         if entry[0] == "ok":
-            return MoeVerdict(region, activation, entry[1], entry[2], seconds=time.perf_counter() - t0,
-                              cached=cached, key=key)
+            (activation, order), n = entry[1], entry[2]
+            return MoeVerdict(region, activation, order, n, seconds=time.perf_counter() - t0, cached=cached, key=key)
         reasons.append(f"result {region.output.name}: {entry[1]}")
     return rej("; ".join(reasons))

@@ -30,8 +30,8 @@ from torch.fx import Graph, GraphModule
 from ..reference.activations import ACTIVATIONS, is_gated
 from .shapes import hint
 
-__all__ = ["COMBINE_ORDERS", "ProbeGemm", "routing_probes", "activation_probes", "reference_moe",
-           "extract_with_gemms"]
+__all__ = ["COMBINE_ORDERS", "ProbeGemm", "routing_probes", "activation_probes", "activation_routings",
+           "reference_moe", "extract_with_gemms", "activation_width"]
 
 #: name -> what it sums like
 COMBINE_ORDERS = {
@@ -48,6 +48,13 @@ class ProbeGemm:
         self.scale = torch.randn(experts, n_out, generator=gen) * 2.0
         self.shift = torch.randn(experts, n_out, generator=gen)
         self.experts = experts
+
+    @classmethod
+    def identity(cls, experts: int, n_out: int) -> "ProbeGemm":
+        """Row r -> dtype(a[r, j % K]): carries GEMM1 outputs / activations through unchanged."""
+        g = cls.__new__(cls)
+        g.scale, g.shift, g.experts = torch.ones(experts, n_out), torch.zeros(experts, n_out), experts
+        return g
 
     def rows(self, a: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         n = self.scale.shape[1]
@@ -86,6 +93,35 @@ def routing_probes(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_d
             add("distinct experts per token (top-k)", perm, scale=0.25, zero_weights=True)
     add("every row on expert 0", torch.zeros(T, k, dtype=torch.long), zero_weights=True)
     return out
+
+
+def activation_routings(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_dtype,
+                        gen: torch.Generator) -> list:
+    """[(what, hidden, topk_ids, topk_weights)] for proving the activation inside the body
+    (with identity probe GEMMs): hidden states holding every 16-bit pattern of the dtype,
+    random data at many magnitudes and specials; slot 0 weighted 1, the others 0 (so the
+    k-sum order cannot matter)."""
+    flat = torch.cat(_activation_values(x_dtype, max(T * H, 1024), gen))
+    pad = (-flat.numel()) % (T * H)
+    flat = torch.cat([flat, torch.randn(pad, generator=gen).to(x_dtype)])
+    w = torch.zeros(T, k)
+    w[:, 0] = 1.0
+    out = []
+    for i, x in enumerate(flat.reshape(-1, T, H)):
+        ids = torch.randint(0, experts, (T, k), generator=gen)
+        out.append((f"activation values {i}", x, ids.to(ids_dtype), w.to(w_dtype)))
+    return out
+
+
+def _activation_values(dtype, n: int, gen: torch.Generator) -> list:
+    vals = []
+    if dtype in (torch.bfloat16, torch.float16):
+        vals.append(torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype))
+    for e in range(-24, 12, 3):
+        vals.append((torch.randn(n, generator=gen) * 2.0 ** e).to(dtype))
+    sp = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 7.0, -7.0, 6.9999, 1e-30, -1e-30])
+    vals.append(sp.to(dtype))
+    return vals
 
 
 def activation_probes(rows: int, cols: int, dtype, gen: torch.Generator) -> list:

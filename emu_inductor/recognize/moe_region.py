@@ -3,10 +3,12 @@
 Given the second GEMM of a pair (its rows computed, through an elementwise activation,
 from the first GEMM's output) this module finds, by role and shape only:
 
-- `first`: the nearest grouped GEMM above the second one's rows; both must use the SAME
-  group-ends node (one expert order);
-- `act`: the cone from the first GEMM's output to the second GEMM's rows (the activation;
-  its only input is that output, everything else must be a constant);
+- `first`: the nearest grouped GEMM above the second one's rows, with as many experts;
+- `act`: the nodes between the first GEMM's output and the second GEMM's rows that depend
+  on that output (the activation). Usually its only tensor input is that output
+  (`act_direct`); this project's reference skeleton also scatters GEMM1's rows back to
+  slot order and gathers them again for GEMM2 (with group ends computed twice): then
+  routing tensors are inputs too, and the activation is proven inside the body;
 - `topk_ids`: the 2-d integer tensor [T, k] nearest above the group ends (the routing
   the expert order was computed from);
 - `hidden`: the [T, H] float tensor nearest above the first GEMM's rows that does not
@@ -70,6 +72,7 @@ class MoeRegion:
     output: Node
     act: Region
     body: Region
+    act_direct: bool = True  # the activation cone's only tensor input is GEMM1's output
 
     @property
     def top_k(self) -> int:
@@ -145,16 +148,19 @@ def live_nodes(graph) -> set:
     return live
 
 
-def cone(output: Node, inputs: list, sites: dict) -> tuple[Optional[Region], Optional[str]]:
+def cone(output: Node, inputs: list, sites: dict, leaf=None) -> tuple[Optional[Region], Optional[str]]:
     """The nodes between `inputs` and `output` (GEMMs followed through rows and ends only).
     Constants (get_attr, nodes without tensor inputs) and SymInt values are allowed
-    leaves; any other graph input is a reason to refuse."""
+    leaves, and nodes `leaf(n)` accepts; any other graph input is a reason to refuse."""
     inset = set(inputs)
     nodes, seen, stack = [], {output}, [output]
     leaves = list(inputs)
     while stack:
         n = stack.pop()
         if n in inset:
+            continue
+        if leaf is not None and n is not output and leaf(n):
+            leaves.append(n)
             continue
         if n.op == "placeholder":
             if _is_sym(n):
@@ -204,6 +210,21 @@ def find_first_gemm(second: GemmSite, site_of: Callable[[Node], Optional[GemmSit
     return None
 
 
+def _dependents(src: Node, end: Node) -> set:
+    """Ancestors of `end` (inclusive) that depend on `src` (inclusive)."""
+    anc, stack = {end}, [end]
+    while stack and len(anc) < 4 * _SEARCH:
+        for a in stack.pop().all_input_nodes:
+            if a not in anc:
+                anc.add(a)
+                stack.append(a)
+    dep = {src}
+    for n in end.graph.nodes:  # topological order
+        if n in anc and n is not src and any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
 def _used_outside(region: Region, keep: Node, live: set) -> Optional[str]:
     inside = set(region.nodes)
     for n in region.nodes:
@@ -220,20 +241,23 @@ def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSi
     first = find_first_gemm(second, site_of)
     if first is None:
         return [], "no grouped GEMM feeds the second GEMM's rows"
-    if first.offs is not second.offs:
-        return [], (f"the two grouped GEMMs use different group ends ({first.offs.name}, {second.offs.name}): "
-                    "not one expert order")
     if first.experts != second.experts:
         return [], f"the two grouped GEMMs have {first.experts} and {second.experts} experts"
     sites = {first.node: first, second.node: second}
-    act, why = cone(second.rows, [first.node], {})
+    dep = _dependents(first.node, second.rows)
+    # nodes not depending on GEMM1's output (routing) are leaves; constants stay inside
+    act, why = cone(second.rows, [first.node], {}, leaf=lambda n: n not in dep and bool(n.all_input_nodes))
     if act is None:
         return [], f"between the GEMMs: {why}"
     if any(n in sites for n in act.nodes):
         return [], "another grouped GEMM sits between the two"
-    why = _used_outside(act, second.rows, live) or (None if act.nodes else "no activation between the GEMMs")
-    if why:
-        return [], f"activation: {why}"
+    if not act.nodes:
+        return [], "no activation between the GEMMs"
+    act_direct = all(lf is first.node or lf.op == "get_attr" or _is_sym(lf) for lf in act.leaves)
+    if act_direct:
+        why = _used_outside(act, second.rows, live)
+        if why:
+            return [], f"activation: {why}"
 
     # routing: a 2-d integer tensor with one entry per gathered row, above the group ends;
     # the earliest such (topk's ids rather than a reshaped copy), provided hidden states
@@ -286,5 +310,5 @@ def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSi
         if why:
             reasons.append(f"{out.name}: {why}")
             continue
-        found.append(MoeRegion(first, second, hidden, ids, tw, out, act, body))
+        found.append(MoeRegion(first, second, hidden, ids, tw, out, act, body, act_direct))
     return found, ("; ".join(reasons) if not found else None)
