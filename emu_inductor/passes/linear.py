@@ -359,15 +359,20 @@ LINEAR_DTYPES = (torch.bfloat16, torch.float32)  # bf16 patterns also match fp16
 
 
 
-def _init_family(pm_pass, input_device=None):
-    LinearPatterns(pm_pass).ensure(LINEAR_DTYPES)
+def _init_family(pm_pass, input_device=None, dtypes=LINEAR_DTYPES):
+    """Rules for the graph's GEMM dtypes only (per_dtype family: called again, into the same
+    pass, for dtypes a later graph brings); one LinearPatterns per pass remembers what it built."""
+    lp = getattr(pm_pass, "_mxemu_linear_patterns", None)
+    if lp is None:
+        lp = pm_pass._mxemu_linear_patterns = LinearPatterns(pm_pass)
+    lp.ensure(dtypes)
 
 
 
 def _register():
     decl = declarations_file(declared.fingerprint())
     register_pattern_family(
-        FAMILY, _init_family, order=30, replace=True, files=[decl] if decl else (),
+        FAMILY, _init_family, order=30, replace=True, files=[decl] if decl else (), per_dtype=True,
         # Tracing this family's patterns costs seconds: skip it for graphs with no GEMM.
         anchors=(torch.ops.aten.mm, torch.ops.aten.addmm),
         description="QDQ(x) @ dequant(W).T (+bias) -> mxemu::linear (every dequant/QDQ style in emu_inductor.patterns)")

@@ -65,15 +65,31 @@ def _graph_device(graph: torch.fx.Graph) -> torch.device | None:
     return None
 
 
-def _has_anchor(graph: torch.fx.Graph, anchors: Iterable[Any]) -> bool:
+def _anchor_nodes(graph: torch.fx.Graph, anchors: Iterable[Any]) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
     for a in anchors:
         targets = [a]
         if isinstance(a, torch._ops.OpOverloadPacket):
             targets = [getattr(a, o) for o in a.overloads()]
         for t in targets:
-            if graph.find_nodes(op="call_function", target=t):
-                return True
-    return False
+            out.extend(graph.find_nodes(op="call_function", target=t))
+    return out
+
+
+def _has_anchor(graph: torch.fx.Graph, anchors: Iterable[Any]) -> bool:
+    return bool(_anchor_nodes(graph, anchors))
+
+
+def _graph_dtypes(graph: torch.fx.Graph, anchors: Iterable[Any]) -> frozenset:
+    """dtypes of the anchor nodes' values (of every node's without anchors): the rule sets
+    a per-dtype family needs for this graph."""
+    nodes = _anchor_nodes(graph, anchors) if anchors else [n for n in graph.nodes if n.op == "call_function"]
+    out = set()
+    for n in nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            out.add(v.dtype)
+    return frozenset(out)
 
 
 
@@ -171,10 +187,11 @@ class MxemuPass(CustomGraphPass):
                     log.debug("family %s skipped on graph %s: none of its anchor ops", fam.name,
                               label)
                     continue
-                if fam.state == "new":
+                dtypes = _graph_dtypes(graph, fam.anchors) if fam.per_dtype else None
+                if fam.state == "new" or (fam.state == "ready" and dtypes and not dtypes <= fam.dtypes_seen):
                     if device is None:
                         device = _graph_device(graph)
-                    self._init_family(fam, device)
+                    self._init_family(fam, device, dtypes)
                 if fam.state != "ready":
                     recorder.note(f"pattern family {fam.name} is disabled: {fam.error}")
                     continue
@@ -186,9 +203,15 @@ class MxemuPass(CustomGraphPass):
             recorder.end_graph(label, total)
             log.debug("mxemu pass on graph %s done: %d candidate(s) fused", label, total)
 
-    def _init_family(self, fam: registry.PatternFamily, device: torch.device | None) -> None:
+    def _init_family(self, fam: registry.PatternFamily, device: torch.device | None,
+                     dtypes: frozenset | None = None) -> None:
+        """Build the family's rules (once; a per-dtype family again for dtypes not seen yet,
+        into the same PatternMatcherPass). New rules get the guard and verify wrappers."""
         with registry._lock:
-            if fam.state != "new":
+            new = None
+            if fam.per_dtype and dtypes is not None:
+                new = frozenset(dtypes) - fam.dtypes_seen
+            if fam.state == "failed" or (fam.state == "ready" and not new):
                 return
             try:
                 params = inspect.signature(fam.init_fn).parameters
@@ -196,32 +219,40 @@ class MxemuPass(CustomGraphPass):
                     p.kind is p.VAR_KEYWORD for p in params.values())
             except (TypeError, ValueError):
                 takes_device = False
+            kwargs = {"dtypes": new} if new is not None else {}
 
             def _init(input_device: Any = None) -> Any:
-                pm = PatternMatcherPass(pass_name=f"mxemu_{fam.name}")
+                pm = fam.pm_pass if fam.pm_pass is not None else PatternMatcherPass(pass_name=f"mxemu_{fam.name}")
                 if takes_device:
-                    fam.init_fn(pm, input_device=input_device)
+                    fam.init_fn(pm, input_device=input_device, **kwargs)
                 else:
-                    fam.init_fn(pm)
+                    fam.init_fn(pm, **kwargs)
                 return pm
 
             t0 = time.perf_counter()
-            timings.progress("building pattern rules for family %s (once per process) ...",
-                             fam.name)
+            what = fam.name if new is None else f"{fam.name} ({', '.join(sorted(str(d) for d in new))})"
+            timings.progress("building pattern rules for family %s (once per process) ...", what)
+            before = {id(e) for entries in (fam.pm_pass.patterns.values() if fam.pm_pass is not None else ())
+                      for e in entries}
             try:
                 with timings.timed(f"rules:{fam.name}"):
                     pm = _compat.init_once_fakemode(_init)(device)
-                n = 0
+                n, added = len(before), 0
                 for (_op, _target), entries in pm.patterns.items():
                     for entry in entries:
+                        if id(entry) in before:
+                            continue  # built for an earlier graph: already wrapped
                         n += 1
+                        added += 1
                         guard_entry(fam, entry, f"{fam.name}#{n}")
                         # outside the guard: keeps the original of each rewrite (mxemu.verify)
                         verify.wrap_entry(entry, fam.name,
                                           pattern_name_of(entry) or f"{fam.name}#{n}")
                 fam.pm_pass = pm
                 fam.state = "ready"
-                timings.progress("built %d pattern rule(s) for family %s in %.1f s", n, fam.name,
+                if new is not None:
+                    fam.dtypes_seen = fam.dtypes_seen | new
+                timings.progress("built %d pattern rule(s) for family %s in %.1f s", added, what,
                                  time.perf_counter() - t0)
             except Exception as e:
                 fam.state = "failed"

@@ -15,7 +15,11 @@ fake mode, through torch's ``init_once_fakemode``)::
 
 ``init_fn(pm_pass)`` or ``init_fn(pm_pass, input_device=None)`` receives the family's
 own ``torch._inductor.pattern_matcher.PatternMatcherPass`` and registers
-``register_replacement`` / ``register_graph_pattern`` rules into it. Options a family
+``register_replacement`` / ``register_graph_pattern`` rules into it. A family whose rules
+are traced once per dtype registers with ``per_dtype=True``: its ``init_fn`` also takes
+``dtypes=`` (the dtypes of the anchor nodes' values in the graph being compiled) and is
+called again, into the same pass, when a later graph brings dtypes it has not seen, so a
+bf16 model never pays for the fp32 rules. Options a family
 declares become valid ``mxemu.<name>`` backend options; read them at match time (in an
 ``extra_check``) with ``get_option(name)`` -- never at init time, which runs only once.
 
@@ -103,11 +107,13 @@ class PatternFamily:
     description: str = ""
     order: int = 0
     anchors: tuple[Any, ...] = ()  # op targets; () = always run
+    per_dtype: bool = False  # init_fn(..., dtypes=...) builds rules only for the dtypes it is given
     # runtime state (owned by the pass)
     state: str = "new"  # "new" | "ready" | "failed"
     error: str | None = None
     pm_pass: Any = None  # PatternMatcherPass once initialised
     seq: int = 0
+    dtypes_seen: frozenset = frozenset()  # per_dtype: the graph dtypes init_fn was given so far
 
 
 _lock = threading.RLock()
@@ -134,6 +140,7 @@ def register_pattern_family(
     order: int = 0,
     anchors: Iterable[Any] = (),
     replace: bool = False,
+    per_dtype: bool = False,
 ) -> Any:
     """Register a pattern family; usable as a decorator when ``init_fn`` is omitted.
 
@@ -153,12 +160,15 @@ def register_pattern_family(
                  family contains. A graph without any of them skips the family entirely,
                  including its (possibly slow) first-use tracing. Recommended.
     replace:     allow re-registering an existing name (module reloads).
+    per_dtype:   ``init_fn`` takes ``dtypes=`` (a frozenset of torch dtypes: those of the
+                 anchor nodes' values, or of every node without anchors) and registers the
+                 rules for those only; it is called again for dtypes a later graph brings.
     """
     if init_fn is None:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             register_pattern_family(name, fn, options=options, files=files,
                                     description=description, order=order, anchors=anchors,
-                                    replace=replace)
+                                    replace=replace, per_dtype=per_dtype)
             return fn
 
         return deco
@@ -187,7 +197,7 @@ def register_pattern_family(
         _seq += 1
         fam = PatternFamily(name=name, init_fn=init_fn, options=opts,
                             files=tuple(sorted(set(all_files))), description=description,
-                            order=order, anchors=tuple(anchors), seq=_seq)
+                            order=order, anchors=tuple(anchors), per_dtype=bool(per_dtype), seq=_seq)
         _families[name] = fam
     log.debug("registered pattern family %r (options=%s)", name, sorted(opts))
     return init_fn
