@@ -68,6 +68,7 @@ def _check_cases():
 CHECK_CFG = TileConfig(16, 64, 128, 4, 3)  # pinned: the check tests numerics, not tiles
 CHECK_WDQ_CFG = TileConfig(64, 128, 64, 4, 3, wdq=1)
 CHECK_BM64_CFG = TileConfig(64, 128, 64, 4, 3)
+CHECK_SPLIT_CFG = TileConfig(16, 64, 64, 4, 3, split1=2, split2=2)  # decode: split-K + combine_kernel
 
 
 def _check_worker(args):
@@ -148,6 +149,13 @@ def gpu_check(dev, budget=float("inf"), part=(0, 1)):
                     d_b = moe_triton(*args, reduction="deterministic", config=CHECK_CFG, w13_bias=b13, w2_bias=b2)
                     d_b = d_b["out"] if isinstance(d_b, dict) else d_b
                     row["out_bias_mismatch"] = int((d_b != ref_b).sum())
+                    # decode path: split-K GEMM1 (+ act_epilogue_kernel), GEMM2 partials + combine_kernel
+                    d_s = moe_triton(*args, debug=True, config=CHECK_SPLIT_CFG)
+                    d_sb = moe_triton(*args, config=CHECK_SPLIT_CFG, w13_bias=b13, w2_bias=b2)
+                    row["out_split_max_abs_err"] = float((d_s["out"].float() - ref.float()).abs().max())
+                    row["out_split_bias_max_abs_err"] = float((d_sb.float() - ref_b.float()).abs().max())
+                    row["out_split_mismatch"] = int((d_s["out"] != ref).sum())
+                    row["a1_split_mismatch"] = int((d_s["a1"] != d["a1"]).sum() - d["a1"].isnan().sum())
                     row["out_bias_max_abs_err"] = float((d_b.float() - ref_b.float()).abs().max())
                     sch = SCHEMES[scheme]
                     v = d["valid"]
@@ -170,7 +178,14 @@ def gpu_check(dev, budget=float("inf"), part=(0, 1)):
                         row[f"out_{name}_max_abs_err"] = float((o.float() - ref.float()).abs().max())
                     row["ref_max_abs"] = float(ref.float().abs().max())
                     row["numel"] = ref.numel()
+                    if d_s["a2"] is not None:
+                        vs = d_s["valid"]
+                        a2s = act_fake_quantize(d_s["c2"][vs].to(x.dtype), sch.act, qe.a2_global_scale).float()
+                        row["a2_split_mismatch"] = int((d_s["a2"][vs] != a2s).sum())
                     row["ok"] = (row["a1_mismatch"] == 0 and row.get("a2_mismatch", 0) == 0
+                                 and row["a1_split_mismatch"] == 0 and row.get("a2_split_mismatch", 0) == 0
+                                 and row["out_split_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
+                                 and row["out_split_bias_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
                                  and row["out_atomic_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
                                  and row["out_bias_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
                                  and row["a1_prequant_vs_inloop_mismatch"] == 0)
@@ -183,7 +198,7 @@ def gpu_check(dev, budget=float("inf"), part=(0, 1)):
                 res.append(row)
                 log("check", {kk_: vv for kk_, vv in row.items() if kk_ in ("scheme", "activation", "ok",
                     "a1_mismatch", "a2_mismatch", "c2_mismatch", "out_deterministic_mismatch",
-                    "out_atomic_max_abs_err", "out_wdq_mismatch", "out_bias_mismatch", "out_prequant_vs_inloop_mismatch", "error")})
+                    "out_atomic_max_abs_err", "out_split_max_abs_err", "out_split_mismatch", "out_wdq_mismatch", "out_bias_mismatch", "out_prequant_vs_inloop_mismatch", "error")})
     return res
 
 
@@ -223,6 +238,18 @@ def random_experts(scheme, E, H, I, dev, gen):
     w13, s13, a13 = one(2 * I, H)
     w2, s2, a2 = one(H, I)
     return w13, s13, a13, w2, s2, a2
+
+
+def dequant_chunked(w, s, fmt, alpha, chunk=16):
+    """bf16 [E, N, K] weights, dequantized `chunk` experts at a time: the reference
+    dequantizes in fp32 and would need E*N*K*4 bytes of temporaries at once (DeepSeek-V3's
+    256 experts ran out of memory)."""
+    E = w.shape[0]
+    out = torch.empty((E, w.shape[1], fmt.logical_size(w.shape[2])), dtype=torch.bfloat16, device=w.device)
+    for e0 in range(0, E, chunk):
+        sl = slice(e0, min(E, e0 + chunk))
+        out[sl] = dequantize_experts(w[sl], s[sl], fmt, alpha[sl] if alpha is not None else None)
+    return out
 
 
 def packed_bytes(scheme, H, I):
@@ -333,8 +360,8 @@ def bench_all(dev, out_dir, budget, bw, flops, result, with_ref=False):
                                           and _spec_digest(scheme) in kk_), None)
                     # bf16 grouped_mm on dequantized weights (both GEMMs)
                     if W13 is None:
-                        W13 = dequantize_experts(w13, s13, SCHEMES[scheme].weight_fmt, a13).transpose(-2, -1)
-                        W2 = dequantize_experts(w2, s2, SCHEMES[scheme].weight_fmt, a2).transpose(-2, -1)
+                        W13 = dequant_chunked(w13, s13, SCHEMES[scheme].weight_fmt, a13).transpose(-2, -1)
+                        W2 = dequant_chunked(w2, s2, SCHEMES[scheme].weight_fmt, a2).transpose(-2, -1)
                     key = ids.reshape(-1).long()
                     order = torch.argsort(key, stable=True)
                     offs = torch.cumsum(torch.bincount(key, minlength=E), 0).to(torch.int32)
@@ -386,6 +413,122 @@ def bench_all(dev, out_dir, budget, bw, flops, result, with_ref=False):
                 write(out_dir, result)
             del w13, s13, w2, s2, W13, W2, compiled
             torch.cuda.empty_cache()
+
+
+QUICK_CONFIGS = [TileConfig(16, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 3, split1=4, split2=2),
+                 TileConfig(16, 32, 128, 4, 4, split1=4, split2=2), TileConfig(16, 64, 256, 4, 3, split1=4, split2=2),
+                 TileConfig(16, 64, 128, 4, 3, split1=8, split2=4), TileConfig(16, 64, 128, 4, 3, split1=1, split2=1),
+                 TileConfig(16, 128, 128, 8, 3, split1=4, split2=2), TileConfig(16, 32, 256, 4, 4, split1=2, split2=1),
+                 TileConfig(16, 64, 128, 8, 3, split1=1, split2=1), TileConfig(16, 32, 128, 4, 4, split1=8, split2=4)]
+
+
+def _quick_precompile_worker(jobs):
+    import torch as _t
+
+    dev = _t.device("cuda")
+    gen = _t.Generator(device=dev).manual_seed(0)
+    for scheme, (E, k, H, I), T, cfg in jobs:
+        try:
+            # one expert's weights viewed as E (stride 0): the real grid and split choices
+            # (they depend on E, H, I, T) at a few MB of memory
+            one = random_experts(scheme, 1, H, I, dev, gen)
+            w13, s13, a13, w2, s2, a2 = (t.expand(E, *t.shape[1:]) if t is not None else None for t in one)
+            nv = SCHEMES[scheme].weight_fmt.has_global_scale
+            gs = _t.tensor([2688.0 / 4.0], device=dev) if nv else None
+            x = _t.randn(T, H, device=dev, generator=gen).to(_t.bfloat16)
+            tw, ids = _t.topk(_t.softmax(_t.randn(T, E, device=dev, generator=gen), -1), k, -1)
+            moe_triton(x, w13, s13, a13, w2, s2, a2, tw, ids.to(_t.int32), gs, gs, None,
+                       OpSpec.from_scheme(scheme), validate=False, config=cfg)
+            _t.cuda.synchronize()
+        except Exception as e:
+            print("precompile failed", scheme, cfg, type(e).__name__, str(e)[:300], flush=True)
+    return 0
+
+
+def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14):
+    """One shape, a few token counts, a handful of explicit tile configs: each config's
+    CUDA-graph time, against bf16 grouped_mm and the memory floor (kernel variants
+    compared in one device call; under a minute with the precompile in worker processes)."""
+    import multiprocessing as mp
+    import triton
+    import triton.testing as tt
+
+    E, k, H, I = SHAPES[shape_name]
+    jobs = [(sc, (E, k, H, I), T, c) for sc in schemes for T in tokens for c in configs]
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        pool.map(_quick_precompile_worker, [jobs[i::workers] for i in range(workers)])
+    log(f"quick: precompiled {len(jobs)} (scheme, T, config) jobs")
+    bw, flops = ceilings(dev)
+    result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
+              "mode": "quick", "shape": shape_name, "copy_bandwidth_GBps": bw / 1e9,
+              "bf16_matmul_TFLOPs": flops / 1e12, "rows": []}
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for scheme in schemes:
+        w13, s13, a13, w2, s2, a2 = random_experts(scheme, E, H, I, dev, gen)
+        nv = SCHEMES[scheme].weight_fmt.has_global_scale
+        gs = torch.tensor([2688.0 / 4.0], device=dev) if nv else None
+        spec = OpSpec.from_scheme(scheme)
+        W13 = dequant_chunked(w13, s13, SCHEMES[scheme].weight_fmt, a13).transpose(-2, -1)
+        W2 = dequant_chunked(w2, s2, SCHEMES[scheme].weight_fmt, a2).transpose(-2, -1)
+        for T in tokens:
+            x = torch.randn(T, H, device=dev, generator=gen).to(torch.bfloat16)
+            tw, ids = torch.topk(torch.softmax(torch.randn(T, E, device=dev, generator=gen), -1), k, -1)
+            ids = ids.to(torch.int32)
+            touched = int(torch.unique(ids).numel())
+            floor = touched * packed_bytes(scheme, H, I) / bw * 1e3
+            row = {"scheme": scheme, "tokens": T, "touched_experts": touched, "floor_mem_ms": floor, "configs": []}
+            ref = None
+            for cfg in configs:
+                fn = lambda: moe_triton(x, w13, s13, a13, w2, s2, a2, tw, ids, gs, gs, None, spec,  # noqa: E731
+                                        validate=False, config=cfg)
+                try:
+                    y = fn()
+                    if ref is None:
+                        ref = y
+                    t = tt.do_bench_cudagraph(fn, rep=30)
+                    d = (y.float() - ref.float()).abs().max().item()
+                    row["configs"].append({**cfg.to_dict(), "graph_ms": t, "pct_floor": 100 * floor / t,
+                                           "max_abs_diff_vs_first": d})
+                    log(f"  {scheme} T={T} {cfg}: {t * 1e3:.1f} us ({100 * floor / t:.0f}% of floor), diff {d:.3g}")
+                except Exception as e:
+                    row["configs"].append({**cfg.to_dict(), "error": f"{type(e).__name__}: {e}"[:500]})
+                    log(f"  {scheme} T={T} {cfg}: ERROR {type(e).__name__}: {str(e)[:200]}")
+            key = ids.reshape(-1).long()
+            order = torch.argsort(key, stable=True)
+            offs = torch.cumsum(torch.bincount(key, minlength=E), 0).to(torch.int32)
+            xs = x.repeat_interleave(k, 0)[order]
+
+            def gmm():
+                c1 = torch._grouped_mm(xs, W13, offs=offs)
+                return torch._grouped_mm(c1[:, :I].contiguous(), W2, offs=offs)
+
+            row["grouped_mm_bf16_graph_ms"] = tt.do_bench_cudagraph(gmm, rep=30)
+            # routing prep alone: the one-program Triton kernel at several warp counts, the torch path
+            from emu_inductor.kernels.launch import moe_align
+
+            row["routing_us"] = {}
+            for impl, warps in (("triton", 4), ("triton", 8), ("triton", 16), ("torch", 0)):
+                os.environ["EMU_INDUCTOR_ROUTING_WARPS"] = str(warps or 4)
+                try:
+                    moe_align(ids, None, E, 16, impl=impl)
+                    t = tt.do_bench_cudagraph(lambda: moe_align(ids, None, E, 16, impl=impl), rep=20)
+                    row["routing_us"][f"{impl}{warps or ''}"] = t * 1e3
+                except Exception as e:
+                    row["routing_us"][f"{impl}{warps or ''}"] = f"{type(e).__name__}: {e}"[:200]
+            os.environ.pop("EMU_INDUCTOR_ROUTING_WARPS", None)
+            log(f"routing T={T}: {row['routing_us']}")
+            ok = [c for c in row["configs"] if "graph_ms" in c]
+            best = min(ok, key=lambda c: c["graph_ms"]) if ok else None
+            row["best"] = best
+            log(f"{scheme} T={T}: floor {floor * 1e3:.1f} us, best {best and best['graph_ms'] * 1e3:.1f} us, "
+                f"bf16 grouped_mm {row['grouped_mm_bf16_graph_ms'] * 1e3:.1f} us")
+            result["rows"].append(row)
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, f"moe_kernels_quick_{shape_name}_{_device_slug()}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        del w13, w2, W13, W2
+        torch.cuda.empty_cache()
+    return result
 
 
 def _spec_digest(scheme):
@@ -474,7 +617,18 @@ def main():
     ap.add_argument("--ref", action="store_true", help="also time the eager reference and stock compile")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--quick", action="store_true",
+                    help="one shape, tokens 1 and 32, the QUICK_CONFIGS tile configs (under a minute)")
+    ap.add_argument("--shape", default="Qwen3-30B-A3B", choices=sorted(SHAPES))
+    ap.add_argument("--schemes", default="nvfp4_w4a4")
+    ap.add_argument("--decode", action="store_true", help="full sweep at decode token counts (1, 8, 32) only")
     args = ap.parse_args()
+    if args.quick:
+        quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), [1, 32], QUICK_CONFIGS,
+              args.workers)
+        return
+    if args.decode:
+        args.tokens = "1,8,32" if args.tokens == ",".join(map(str, TOKENS)) else args.tokens
     if args.plot:
         with open(args.plot) as f:
             result = json.load(f)
@@ -499,7 +653,18 @@ def main():
         result["check_all_ok"] = all(r.get("ok") for r in result["check"])
         write(args.out, result)
     TOKENS[:] = [int(t) for t in args.tokens.split(",")]
-    n_ok, n_jobs = precompile(args.workers)
+    if args.decode:
+        # the decode candidates at the real shapes (their K splits depend on the shape)
+        import multiprocessing as mp
+
+        jobs = [(sc, SHAPES[sh], T, c) for sc in BENCH_SCHEMES for sh in SHAPES for T in TOKENS
+                for c in candidates(T * SHAPES[sh][1] / max(1, min(SHAPES[sh][0], T * SHAPES[sh][1])))]
+        w = args.workers
+        with mp.get_context("spawn").Pool(min(w, len(jobs))) as pool:
+            pool.map(_quick_precompile_worker, [jobs[i::w] for i in range(w)])
+        n_ok = n_jobs = len(jobs)
+    else:
+        n_ok, n_jobs = precompile(args.workers)
     result["precompiled"] = f"{n_ok}/{n_jobs}"
     log(f"precompiled {n_ok}/{n_jobs} (scheme, E, config) jobs")
     bw, flops = ceilings(dev)

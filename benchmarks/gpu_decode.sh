@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the decode issue (#9): install, checks, profile, ncu, quick kernel bench.
-#   device run (repo root):  OUT=$OUT bash benchmarks/gpu_decode.sh [profile|quick|full]
+#   device run (repo root):  OUT=$OUT bash benchmarks/gpu_decode.sh [profile|quick|iterate|full]
+# profile: profile + ncu; quick: checks + quick bench + profile; iterate: quick bench + profile;
+# full: checks + profile + the decode sweep of bench_moe_kernels
 # Each step has its own limit; logs and JSON land in $OUT as each step ends.
 set -u
 cd "$(dirname "$0")/.."
@@ -26,11 +28,15 @@ case $what in
     cp "$OUT/ncu.log" "$OUT/ncu_decode_qwen3_nvfp4_$slug.csv" 2>/dev/null ;;
 esac
 case $what in
-  quick) step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
-         step quick 120 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT" ;;
-  full)  step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
-         step recipes 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_recipes.py
-         step profile 200 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
-         step kernels 330 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 300 --out "$OUT" ;;
+  quick) step check 120 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         step values 90 python3 benchmarks/gpu_value_checks.py
+         step quick 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"
+         step profile 150 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
+  iterate) step quick 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"
+         step profile 150 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
+  full)  step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         step values 75 python3 benchmarks/gpu_value_checks.py
+         step profile 100 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
+         TAILN=40 step kernels 290 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 260 --out "$OUT" ;;
 esac
 echo "=== done in ${SECONDS}s"

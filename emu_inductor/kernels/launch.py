@@ -27,13 +27,14 @@ import torch
 import triton.testing
 
 from ..formats import FORMATS
+from ..spec.activations import is_gated
 from ..spec.opspec import OpSpec
 from .autotune import select_config, wdq_enabled
 from .cache import load_module
 from .kernel_spec import KernelSpec, alpha_mode_of
 from .render import render
 from .routing import moe_align_kernel
-from .tiles import TileConfig, interpreter_config, token_bucket
+from .tiles import TileConfig, auto_split, interpreter_config, token_bucket
 
 __all__ = ["GemmWeights", "Routing", "ActScales", "BlockRouting", "KernelScales", "MoEWorkspaces", "moe_align",
            "launch_moe", "launch_linear", "launch_grouped_mm", "get_module", "kernel_spec_for", "interpreting"]
@@ -97,11 +98,12 @@ def _moe_align_triton(topk_ids, expert_map, E: int, BM: int):
     BE = max(16, _np2(E))
     BR = max(16, min(_np2(R), 8192 // BE))
     BF = max(16, 8192 // BE)
+    warps = int(os.environ.get("EMU_INDUCTOR_ROUTING_WARPS", "4"))
     emap = expert_map.contiguous() if expert_map is not None else ids
     moe_align_kernel[(1,)](ids.contiguous(), emap, sorted_ids, block_expert, pos_of_id, R, E,
                            expert_map.shape[0] if expert_map is not None else E, P, max_blocks,
                            HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
-                           **({} if interpreting() else {"num_warps": 4}))
+                           **({} if interpreting() else {"num_warps": warps}))
     return sorted_ids, block_expert, pos_of_id
 
 
@@ -158,6 +160,27 @@ def _launch_kw(cfg: TileConfig) -> dict:
     if interpreting():
         return {}
     return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return 132
+
+
+def _splits(requested: int, programs: int, K: int, BK: int, dev: torch.device) -> int:
+    """K splits of one GEMM: `requested` (>= 1), or -1 for `tiles.auto_split`."""
+    k_tiles = _cdiv(K, BK)
+    if requested < 0:
+        return auto_split(programs, k_tiles, _num_sms(dev))
+    return max(1, min(requested, k_tiles))
+
+
+def _k_per_split(K: int, BK: int, split: int) -> int:
+    """K tiles (of BK) per split: the kernels start split s at s * KTS * BK, a multiple of
+    BK the compiler can prove (aligned loads; a runtime K offset would cost vectorisation)."""
+    return _cdiv(_cdiv(K, BK), split)
 
 
 # --- launch arguments ----------------------------------------------------------------------------
@@ -323,7 +346,7 @@ def _moe_run(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
     _moe_gemm1(plan, cfg, blocks, scales, ws, a_src, a_index, wdq, dbg, dummy)
     del a_src
     out = _moe_gemm2(plan, cfg, blocks, scales, ws, wdq, dummy)
-    y = _moe_combine(plan, out)
+    y = out if cfg.split2 != 0 else _moe_combine(plan, out)
     if not dbg:
         return y
     return _moe_debug_rows(plan, blocks, ws, y)
@@ -379,18 +402,32 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         w1s = (w1a.stride(0), w1a.stride(1))
     fp8 = plan.spec.act_kind == "fp8_tensor"
     grid1 = (blocks.num_blocks, _cdiv(plan.I, cfg.BN))
-    plan.mod.gemm_act_kernel[grid1](
+    split = _splits(cfg.split1, grid1[0] * grid1[1], plan.H, cfg.BK, plan.x.device)
+    P = blocks.padded_rows
+    pw = 2 * plan.I if is_gated(plan.spec.activation) else plan.I  # gate and up sums side by side
+    part = torch.empty((split, P, pw), dtype=torch.float32, device=plan.x.device) if split > 1 else dummy
+    bias = (w13.bias,) if w13.bias is not None else ()  # b1_ptr exists only in bias1 kernels
+    amax_out = fp8 and not plan.kspec.a2_static
+    plan.mod.gemm_act_kernel[grid1 + (split,)](
         a_src, a_src.stride(0), w1a, s1a, w13.alpha if w13.alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights, scales.gs1, scales.gs2, ws.a2,
-        ws.a2.stride(0), ws.dbg_a, ws.dbg_c, scales.amax2,
-        *((w13.bias,) if w13.bias is not None else ()),  # b1_ptr exists only in bias1 kernels
+        ws.a2.stride(0), ws.dbg_a, ws.dbg_c, scales.amax2, *bias, part,
         plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
-        TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=fp8 and not plan.kspec.a2_static,
-        PREQ=plan.prequant, WDQ=wdq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        _k_per_split(plan.H, cfg.BK, split), P, pw,
+        TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
+        PREQ=plan.prequant, WDQ=wdq, SPLIT=split, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+    if split > 1:
+        plan.mod.act_epilogue_kernel[grid1](
+            part, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
+            scales.amax2, *bias, plan.I, plan.R, plan.E, plan.N1, P, pw, DEBUG=dbg, AMAX_OUT=amax_out,
+            SPLIT=split, BM=cfg.BM, BN=cfg.BN, **({} if interpreting() else {"num_warps": 4}))
 
 
 def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: KernelScales, ws: MoEWorkspaces,
                wdq: bool, dummy) -> torch.Tensor:
+    """GEMM2. split2 == 0: fp32 atomics into [T, H] (atomic) or per-slot rows [R, H]
+    (deterministic), finished by `_moe_combine`; split2 >= 1 (or -1, auto): fp32 partial
+    sums [split, P, H] and combine_kernel, which returns the finished output."""
     w2, H, I = plan.w2, plan.H, plan.I
     dev, dtype = plan.x.device, plan.x.dtype
     w2a = w2.w
@@ -398,22 +435,39 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
     if wdq:
         w2a = _dequant_all(plan.mod, w2.w, w2.scale, w2.alpha, H, I, 2, dtype, dummy)
         w2s = (w2a.stride(0), w2a.stride(1))
-    atomic = plan.reduction == "atomic"
-    if atomic:
+    grid2 = (blocks.num_blocks, _cdiv(H, cfg.BN))
+    P = blocks.padded_rows
+    partial = cfg.split2 != 0
+    split = _splits(cfg.split2, grid2[0] * grid2[1], I, cfg.BK, dev) if partial else 1
+    if partial:
+        out = torch.empty((split, P, H), dtype=torch.float32, device=dev)
+        store = 2
+    elif plan.reduction == "atomic":
         out = torch.zeros((plan.T, H), dtype=torch.float32, device=dev)
+        store = 1
     else:
         out = torch.zeros((plan.R, H), dtype=dtype, device=dev)
-    grid2 = (blocks.num_blocks, _cdiv(H, cfg.BN))
-    plan.mod.gemm_out_kernel[grid2](
+        store = 0
+    plan.mod.gemm_out_kernel[grid2 + (split,)](
         ws.a2, ws.a2.stride(0), w2a, _scale_u8(w2.scale), w2.alpha if w2.alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights,
         scales.gs2_static if scales.gs2_static is not None else scales.amax2,
         w2.bias if w2.bias is not None else dummy,
-        out, out.stride(0), H, I, plan.R, plan.E, H, w2s[0], w2s[1], w2.scale.stride(0), w2.scale.stride(1),
+        out, H if partial else out.stride(0), H, I, plan.R, plan.E, H, w2s[0], w2s[1], w2.scale.stride(0),
+        w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
-        HAS_BIAS=w2.bias is not None, STORE=1 if atomic else 0, MUL_W=not plan.spec.router_weight_on_input,
+        HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
         WDQ=wdq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
-    return out
+    if not partial:
+        return out
+    y = torch.empty((plan.T, H), dtype=dtype, device=dev)
+    BH = min(1024, _np2(H))
+    plan.mod.combine_kernel[(plan.T, _cdiv(H, BH))](
+        out, blocks.pos_of_id, blocks.block_expert, plan.routing.topk_weights,
+        w2.bias if w2.bias is not None else dummy, y, plan.T, H, P, TOPK=plan.top_k, SPLIT=split,
+        HAS_BIAS=w2.bias is not None, MUL_W=not plan.spec.router_weight_on_input, BM=cfg.BM, BH=BH,
+        **({} if interpreting() else {"num_warps": 4}))
+    return y
 
 
 def _moe_combine(plan: _MoEPlan, out: torch.Tensor) -> torch.Tensor:
@@ -467,9 +521,17 @@ def _dequant_all(mod, w, w_scale, w_alpha, N: int, K: int, which: int, dtype, du
 
 
 def _bencher(run):
+    """Autotuning timer: CUDA-graph replay time (what decode with CUDA graphs pays: kernel
+    time, not the per-launch host overhead that would favour fewer, slower launches), or
+    plain event timing where a graph cannot be captured."""
     def bench(cfg):
         run(cfg)  # compile
-        return triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20)
+        try:
+            return triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=20)
+        except Exception as e:  # e.g. a launch path that cannot be captured
+            log.debug("emu_inductor: CUDA-graph timing failed (%s); timing eagerly", e)
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20)
 
     return bench
 
@@ -493,12 +555,12 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else a.abs().amax().to(torch.float32).reshape(1)
     else:
         gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else dummy
-    grid = (blocks.num_blocks, _cdiv(N, cfg.BN))
+    grid = (blocks.num_blocks, _cdiv(N, cfg.BN), 1)
     mod.gemm_out_kernel[grid](
         a, a.stride(0), w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
         out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
-        TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
+        _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
         STORE=0, MUL_W=False, WDQ=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     return out
 

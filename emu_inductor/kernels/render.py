@@ -39,7 +39,37 @@ from .render_helpers import (
 
 __all__ = ["render", "TEMPLATE_VERSION"]
 
-TEMPLATE_VERSION = 2
+TEMPLATE_VERSION = 3
+
+
+def _act_epilogue(spec: KernelSpec) -> str:
+    """acc_g / acc_u (fp32 [BM, BN], bias not yet added) -> C1 rounded once, the activation,
+    QDQ_a2 (or the a2 amax) and the store of the A2 rows: shared by gemm_act_kernel and the
+    split-K epilogue kernel, so both paths run the same ops."""
+    op = spec.op
+    gated = is_gated(op.activation)
+    epi_q = "c2 = _qdq_a(c2, g2, BM, BN)" if op.act_kind == "block" else ""
+    amax = ("if AMAX_OUT:\n    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(omask, tl.abs(c2), 0.0), axis=1), axis=0))"
+            if op.act_kind == "fp8_tensor" else "")
+    bias_add = ""
+    if spec.bias1:
+        # per-expert GEMM1 bias (w13_bias [E, NW], indexed by weight row) added to the fp32
+        # accumulators before C1's one rounding (vLLM's HAS_BIAS)
+        bias_add = ("brow = b1_ptr + e.to(tl.int64) * NW\n"
+                    "acc_g = acc_g + tl.load(brow + grow, mask=cmask, other=0.0).to(tl.float32)[None, :]")
+        if gated:
+            bias_add += "\nacc_u = acc_u + tl.load(brow + urow, mask=cmask, other=0.0).to(tl.float32)[None, :]"
+    body = f"""{bias_add}
+cg = _rnd(acc_g)
+{"cu = _rnd(acc_u)" if gated else "cu = cg"}
+c2 = _act(cg, cu)
+omask = rmask[:, None] & cmask[None, :]
+if DEBUG:
+    tl.store(dbg_c_ptr + offs[:, None] * NOUT + cols[None, :], c2, mask=omask)
+{amax}
+{epi_q}
+tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)"""
+    return "\n".join(l for l in body.split("\n") if l.strip())
 
 
 def _gemm_act_kernel(spec: KernelSpec) -> str:
@@ -54,32 +84,19 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     qdq1 = "a = _qdq_a(a, g1, BM, BK)" if op.act_kind != "none" else ""
     up_dot = ""
     up_init = ""
-    up_epi = "cu = cg"
+    part_u = ""
     if gated:
         up_init = "acc_u = tl.zeros((BM, BN), dtype=tl.float32)"
         up_dot = ("if WDQ:\n    wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)\nelse:\n"
                   "    wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se,"
                   " stride_sn, BN, BK)\nacc_u = _dot(ao, tl.trans(wu), acc_u)")
-        up_epi = "cu = _rnd(acc_u)"
+        part_u = "\n    tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)"
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
     # PREQ: the rows come already router-weighted and fake-quantized (prequant_kernel)
     prologue = ("if not PREQ:\n" + _ind(pro)) if pro else ""
-    if op.act_kind == "block":
-        epi_q = "c2 = _qdq_a(c2, g2, BM, BN)"
-    else:
-        epi_q = ""
-    amax = ("if AMAX_OUT:\n    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(omask, tl.abs(c2), 0.0), axis=1), axis=0))"
-            if op.act_kind == "fp8_tensor" else "")
-    bias_add = ""
-    if spec.bias1:
-        # per-expert GEMM1 bias (w13_bias [E, NW], indexed by weight row) added to the fp32
-        # accumulators before C1's one rounding (vLLM's HAS_BIAS)
-        bias_add = ("brow = b1_ptr + e.to(tl.int64) * NW\n"
-                    "acc_g = acc_g + tl.load(brow + grow, mask=cmask, other=0.0).to(tl.float32)[None, :]")
-        if gated:
-            bias_add += "\nacc_u = acc_u + tl.load(brow + urow, mask=cmask, other=0.0).to(tl.float32)[None, :]"
     body = f"""pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
+pid_k = tl.program_id(2)
 e = tl.load(bexp_ptr + pid_m)
 if e >= NE:
     return
@@ -93,7 +110,8 @@ urow = {urow}
 {router}
 acc_g = tl.zeros((BM, BN), dtype=tl.float32)
 {up_init}
-for k0 in range(0, K, BK):
+k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
+for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
 {_ind(_load_a_block())}
 {_ind(prologue)}
     if DEBUG:
@@ -106,25 +124,62 @@ for k0 in range(0, K, BK):
         wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
     acc_g = _dot(ao, tl.trans(wg), acc_g)
 {_ind(up_dot)}
-{bias_add}
-cg = _rnd(acc_g)
-{up_epi}
-c2 = _act(cg, cu)
-omask = rmask[:, None] & cmask[None, :]
-if DEBUG:
-    tl.store(dbg_c_ptr + offs[:, None] * NOUT + cols[None, :], c2, mask=omask)
-{amax}
-{epi_q}
-tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)"""
+if SPLIT > 1:
+    # split-K: this program's fp32 sums go to part [SPLIT, PROWS, PW]; act_epilogue_kernel
+    # adds the splits in order and runs the epilogue below
+    pmask = rmask[:, None] & cmask[None, :]
+    prow = part_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * PW
+    tl.store(prow + cols[None, :], acc_g, mask=pmask){part_u}
+else:
+{_ind(_act_epilogue(spec))}"""
+    body = "\n".join(l for l in body.split("\n") if l.strip())
+    return f"""@triton.jit(do_not_specialize=["R", "KTS"])
+def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
+                    out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""} part_ptr,
+                    NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
+                    TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
+    # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
+    # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
+    # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue in act_epilogue_kernel)
+{_ind(body)}
+"""
+
+
+def _act_epilogue_kernel(spec: KernelSpec) -> str:
+    op = spec.op
+    gated = is_gated(op.activation)
+    grow, urow = _gate_up_rows(op.activation)
+    s2 = _a_scale_prologue(op.act_kind if op.act_kind == "block" else "none", False, "gs2_ptr", "g2")
+    sum_u = "\n    acc_u += tl.load(prow + NOUT + cols[None, :], mask=pmask, other=0.0)" if gated else ""
+    body = f"""pid_m = tl.program_id(0)
+pid_n = tl.program_id(1)
+e = tl.load(bexp_ptr + pid_m)
+if e >= NE:
+    return
+offs = pid_m * BM + tl.arange(0, BM)
+ids = tl.load(ids_ptr + offs)
+rmask = ids < R
+cols = pid_n * BN + tl.arange(0, BN)
+cmask = cols < NOUT
+grow = {grow}
+urow = {urow}
+{s2}
+pmask = rmask[:, None] & cmask[None, :]
+acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+{"acc_u = tl.zeros((BM, BN), dtype=tl.float32)" if gated else ""}
+for s in tl.static_range(SPLIT):
+    prow = part_ptr + (s * PROWS + offs).to(tl.int64)[:, None] * PW
+    acc_g += tl.load(prow + cols[None, :], mask=pmask, other=0.0){sum_u}
+{_act_epilogue(spec)}"""
     body = "\n".join(l for l in body.split("\n") if l.strip())
     return f"""@triton.jit(do_not_specialize=["R"])
-def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
-                    out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""}
-                    NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn,
-                    TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
-    # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")}
+def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""}
+                        NOUT, R, NE, NW, PROWS, PW, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
+                        SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # split-K GEMM1's epilogue: the SPLIT fp32 partial sums added in order, then the same
+    # epilogue as gemm_act_kernel ({op.activation}, C1 rounded once, QDQ_a2 / a2 amax)
 {_ind(body)}
 """
 
@@ -133,6 +188,7 @@ def _gemm_out_kernel(spec: KernelSpec) -> str:
     op = spec.op
     body = f"""pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
+pid_k = tl.program_id(2)
 e = tl.load(bexp_ptr + pid_m)
 if e >= NE:
     return
@@ -146,7 +202,8 @@ if QDQ_A:
     else:
         g = {"_fp8_scale(tl.load(gs_ptr))" if op.act_kind == "fp8_tensor" else "tl.load(gs_ptr)"}
 acc = tl.zeros((BM, BN), dtype=tl.float32)
-for k0 in range(0, K, BK):
+k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
+for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
 {_ind(_load_a_block())}
     if QDQ_A:
         a = _qdq_a(a, g, BM, BK)
@@ -155,6 +212,11 @@ for k0 in range(0, K, BK):
     else:
         w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
     acc = _dot(_opnd(a), tl.trans(w), acc)
+if STORE == 2:
+    # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)
+    tl.store(out_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
+             mask=rmask[:, None] & cmask[None, :])
+    return
 if HAS_BIAS:
     c = _rnd(acc + tl.load(bias_ptr + {"e.to(tl.int64) * NOUT + " if spec.bias2 else ""}cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
 else:
@@ -167,16 +229,47 @@ if STORE == 1:
     tl.atomic_add(out_ptr + (tl.where(rmask, ids, 0) // TOPK)[:, None] * stride_o + cols[None, :], c, mask=omask)
 else:
     tl.store(out_ptr + ids[:, None] * stride_o + cols[None, :], c, mask=omask)"""
-    return f"""@triton.jit(do_not_specialize=["R"])
+    return f"""@triton.jit(do_not_specialize=["R", "KTS", "PROWS"])
 def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs_ptr, bias_ptr,
-                    out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn,
+                    out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
-    # out[id // TOPK] (times the router weight when MUL_W)
+    # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
+    # pid_k (grid axis 2) at padded row positions, for combine_kernel
 {_ind(body)}
+"""
+
+
+_COMBINE_KERNEL = """@triton.jit(do_not_specialize=["T", "PROWS"])
+def combine_kernel(part_ptr, pos_ptr, bexp_ptr, tw_ptr, bias_ptr, out_ptr, T, H, PROWS, TOPK: tl.constexpr,
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_W: tl.constexpr, BM: tl.constexpr,
+                   BH: tl.constexpr):
+    # MoE output of token t: sum over its top-k slots j (in order, fp32) of
+    # rnd(sum of GEMM2's SPLIT partial sums (+ bias)) (* router weight): the reference's
+    # per-slot rounding and summation order, one launch (no atomics, no memset, no cast)
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    cm = cols < H
+    y = tl.zeros([BH], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        r = t * TOPK + j
+        pos = tl.load(pos_ptr + r)
+        ok = pos < PROWS
+        p = tl.where(ok, pos, 0)
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(part_ptr + (s * PROWS + p) * H + cols, mask=cm & ok, other=0.0)
+        if HAS_BIAS:
+            e = tl.load(bexp_ptr + p // BM)
+            acc = acc + tl.load(bias_ptr + e.to(tl.int64) * H + cols, mask=cm & ok, other=0.0).to(tl.float32)
+        c = tl.where(ok, _rnd(acc), 0.0)  # a row of no local expert is zeros, as in the reference
+        if MUL_W:
+            c = c * tl.load(tw_ptr + r).to(tl.float32)
+        y += c
+    tl.store(out_ptr + t.to(tl.int64) * H + cols, _rnd(y).to(out_ptr.dtype.element_ty), mask=cm)
 """
 
 
@@ -280,7 +373,9 @@ def render(spec: KernelSpec) -> str:
     parts.append(_w_tile_helper(spec, "_w_tile2", spec.alpha2))
     parts.append(_W_WS)
     parts.append(_gemm_act_kernel(spec))
+    parts.append(_act_epilogue_kernel(spec))
     parts.append(_gemm_out_kernel(spec))
+    parts.append(_COMBINE_KERNEL)
     gs_dyn = ("_fp8_scale(tl.load(gs_ptr))" if op.act_kind == "fp8_tensor" else
               "tl.load(gs_ptr)" if op.act_kind == "block" else "0.0")
     parts.append(_QDQ_KERNEL.replace("GS_DYNAMIC", gs_dyn))

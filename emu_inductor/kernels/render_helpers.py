@@ -48,11 +48,14 @@ def _dot_helper(spec: KernelSpec) -> str:
     if spec.interpret or spec.dtype == "fp32":
         body = ("return tl.dot(a, b, acc, input_precision=\"ieee\")")
         cast = "return x"
+        wq = "return _opnd(_rnd(x))"
     else:
         body = "return tl.dot(a, b, acc)"
         cast = f"return x.to({_TL_DTYPE[spec.dtype]})"
+        wq = cast  # one RNE cast gives the rounded operand (no round trip through fp32)
     return (f"@triton.jit\ndef _dot(a, b, acc):\n{_ind(body)}\n\n\n"
-            f"@triton.jit\ndef _opnd(x):\n    # a dot operand (values already on the {spec.dtype} grid)\n{_ind(cast)}\n")
+            f"@triton.jit\ndef _opnd(x):\n    # a dot operand (values already on the {spec.dtype} grid)\n{_ind(cast)}\n\n\n"
+            f"@triton.jit\ndef _wq(x):\n    # fp32 weights rounded (RNE) to {spec.dtype}, as a dot operand\n{_ind(wq)}\n")
 
 
 def _round_elem(el: ElementSpec, rounding: str) -> str:
@@ -74,18 +77,29 @@ def _round_{el.name}_{rounding}(y):
 """
 
 
+def is_e2m1(el: ElementSpec) -> bool:
+    """FP4 E2M1 (no Inf/NaN codes): decoded by bit placement, with a high-nibble variant."""
+    return (el.ebits, el.mbits, el.bias) == (2, 1, 1) and not el.has_inf and not el.nan_codes
+
+
 def _decode(el: ElementSpec, name: str) -> str:
     emask = (1 << el.ebits) - 1
-    if (el.ebits, el.mbits, el.bias) == (2, 1, 1) and not el.has_inf and not el.nan_codes:
-        # E2M1: magnitude code m = c & 7; m >= 2 is the normal 2^(e-1) * (1 + mt/2), whose fp32
-        # bits are (m + 252) << 22 (exponent e + 126, mantissa bit 22); m = 0 / 1 are 0.0 / 0.5;
-        # the sign bit lands on bit 31. Same values as the generic decode, fewer ops.
+    if is_e2m1(el):
+        # E2M1 by bit placement: the magnitude bits (e1 e0 m) go to fp32 bits 24..22, which
+        # reads as 2^(e-127) * (1 + m/2) for e >= 1 and as the subnormal m * 2^-127 for e = 0:
+        # exactly the E2M1 value times 2^-126 in every case, so one exact multiply by 2^126
+        # finishes it (no select for the two subnormal codes); the sign goes to bit 31.
+        # `_hi` decodes the high nibble of a byte in place (no shift down first).
         return (f"@triton.jit\n"
                 f"def {name}(c):\n"
-                f"    # {el.name} codes (int32, low 4 bits) -> fp32 values by bit construction\n"
-                f"    m = c & 7\n"
-                f"    b = tl.where(m < 2, m * 0x3F000000, (m + 252) << 22) | ((c >> 3) << 31)\n"
-                f"    return b.to(tl.float32, bitcast=True)\n")
+                f"    # {el.name} codes (int32, low 4 bits) -> fp32 values by bit placement\n"
+                f"    b = ((c & 7) << 22) | ((c & 8) << 28)\n"
+                f"    return b.to(tl.float32, bitcast=True) * {_f(2.0 ** 126)}\n\n\n"
+                f"@triton.jit\n"
+                f"def {name}_hi(c):\n"
+                f"    # the {el.name} code in bits 4..7 of c -> fp32 value (as {name})\n"
+                f"    b = ((c & 0x70) << 18) | ((c & 0x80) << 24)\n"
+                f"    return b.to(tl.float32, bitcast=True) * {_f(2.0 ** 126)}\n")
     lines = [
         "@triton.jit",
         f"def {name}(c):",
@@ -278,9 +292,11 @@ def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
     bs = fmt.block_size
     base = "w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn"
     if fmt.pack_bits == 4:
+        hi = "_decode_w_hi(byt)" if is_e2m1(fmt.element) else "_decode_w(byt >> 4)"
+        lo = "_decode_w(byt)" if is_e2m1(fmt.element) else "_decode_w(byt & 15)"
         load = f"""kb = k0 // 2 + tl.arange(0, BK // 2)
 byt = tl.load({base} + kb[None, :], mask=rmask[:, None] & (kb < K // 2)[None, :], other=0).to(tl.int32)
-v = tl.interleave(_decode_w(byt & 15), _decode_w(byt >> 4))  # even k in the low nibble"""
+v = tl.interleave({lo}, {hi})  # even k in the low nibble"""
     elif fmt.pack_bits == 8:
         load = f"""kk = k0 + tl.arange(0, BK)
 byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
@@ -314,7 +330,7 @@ def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride
 {_ind(sload)}
 {_ind(scale.strip())}
     v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK)){post}
-    return _opnd(_rnd(v))
+    return _wq(v)
 """
 
 

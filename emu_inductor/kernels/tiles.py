@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["TileConfig", "token_bucket", "interpreter_config", "candidates", "heuristic"]
+__all__ = ["TileConfig", "token_bucket", "interpreter_config", "candidates", "heuristic", "auto_split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +21,26 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     wdq: int = 0  # MoE: 1 = dequantize every expert's weights once into a workspace, then plain GEMMs
+    # MoE decode: split1 > 1 splits GEMM1's K loop over that many programs (fp32 partial
+    # sums, then act_epilogue_kernel); split2 >= 1 writes GEMM2's fp32 partial sums over
+    # split2 K ranges and combine_kernel does bias, per-slot rounding, router weight and the
+    # top-k sum in one launch (no atomics, deterministic); 0 = the atomic / row-store path.
+    # -1 in either: chosen from the grid size (`auto_split`)
+    split1: int = 1
+    split2: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def auto_split(programs: int, k_tiles: int, sms: int = 132) -> int:
+    """K splits so that `programs` (the grid without splitting) fills about 4 programs per
+    SM: decode grids have a handful of row blocks, so without splitting most SMs idle
+    while each program streams a whole K range. A power of two, at most k_tiles."""
+    s = 1
+    while programs * s < 4 * sms and s * 2 <= k_tiles:
+        s *= 2
+    return s
 
 
 def token_bucket(T: int) -> int:
@@ -52,8 +69,10 @@ def candidates(rows_per_expert: float, allow_wdq: bool = False) -> list[TileConf
     and deeper pipelines; large: big tiles, and (allow_wdq) the dequantized-workspace
     path whose GEMMs are plain bf16 tiles."""
     if rows_per_expert <= 16:
-        return [TileConfig(16, 32, 256, 4, 4), TileConfig(16, 64, 128, 4, 4), TileConfig(16, 32, 128, 4, 4),
-                TileConfig(16, 64, 256, 8, 3), TileConfig(16, 128, 128, 8, 3)]
+        # decode: K split to fill the SMs (auto), GEMM2 through fp32 partials + combine_kernel
+        return [TileConfig(16, 64, 128, 4, 3, split1=-1, split2=-1), TileConfig(16, 32, 128, 4, 4, split1=-1, split2=-1),
+                TileConfig(16, 64, 256, 4, 3, split1=-1, split2=-1), TileConfig(16, 128, 128, 8, 3, split1=-1, split2=-1),
+                TileConfig(16, 32, 256, 4, 4), TileConfig(16, 64, 128, 4, 4)]
     if rows_per_expert <= 64:
         c = [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),
              TileConfig(32, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3)]

@@ -11,15 +11,17 @@ Two kinds of checks:
   values       global / static scales (zero, negative, NaN, Inf; NVFP4 activation global
                scales below fp32's smallest normal, as `formats` rejects them), expert ids
                and expert-map entries out of range, grouped-GEMM offsets that decrease:
-               on CPU a ValueError now (reading a CPU tensor costs no sync); on an
-               accelerator `torch._assert_async`, which fails the stream later without a
-               device-to-host sync and is captured by CUDA graphs. Skipped while the
+               on CPU a ValueError now (reading a CPU tensor costs no sync); on a CUDA
+               device one Triton launch for all of an op's values (`kernels.checks`, a
+               device assert), elsewhere `torch._assert_async`: both fail the stream
+               later without a device-to-host sync and are captured by CUDA graphs. Skipped while the
                passes trace patterns on example tensors and under `is_compiling()` (the
                fake implementations never see values).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -183,12 +185,42 @@ def _values_checkable() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _act_scale_rule(name: str, g: Optional[torch.Tensor], spec: OpSpec):
+    act = spec.scheme().act
+    if g is None or act is None:
+        return None
+    from ..kernels.checks import FloatRule
+
+    if act.kind == "block" and act.fmt.has_global_scale:
+        return FloatRule(g, f"{name}: expected a finite positive global scale >= {MIN_ACT_GLOBAL_SCALE:g}",
+                         MIN_ACT_GLOBAL_SCALE)
+    return FloatRule(g, f"{name}: expected finite positive scales")
+
+
+def _one_launch(device: torch.device) -> bool:
+    """Value checks on a CUDA device run as one Triton launch (kernels.checks) instead of
+    ~5 torch launches per argument; EMU_INDUCTOR_VALUE_CHECKS=torch keeps the latter."""
+    return device.type == "cuda" and os.environ.get("EMU_INDUCTOR_VALUE_CHECKS", "triton") != "torch"
+
+
 def check_moe_values(topk_ids, w13, w13_alpha, w2_alpha, a1_gs, a2_gs, expert_map, spec: OpSpec) -> None:
     """What the reference rejects by value, for mxemu::moe (no device sync)."""
     if not _values_checkable():
         return
     E = w13.shape[0]
     n_global = expert_map.shape[0] if expert_map is not None else E
+    if _one_launch(topk_ids.device):
+        from ..kernels.checks import FloatRule, IntRule, check_values
+
+        floats = [FloatRule(a, f"{n}: expected finite positive scales") for n, a in
+                  (("w13_alpha", w13_alpha), ("w2_alpha", w2_alpha)) if a is not None]
+        floats += [r for r in (_act_scale_rule("a1_global_scale", a1_gs, spec),
+                               _act_scale_rule("a2_global_scale", a2_gs, spec)) if r is not None]
+        ints = [IntRule(topk_ids, f"topk_ids: expected ids in [0, {n_global - 1}]", 0, n_global)]
+        if expert_map is not None:
+            ints.append(IntRule(expert_map, f"expert_map: expected -1 or 0..{E - 1}", -1, E))
+        check_values(floats, ints)
+        return
     _positive_scale("w13_alpha", w13_alpha)
     _positive_scale("w2_alpha", w2_alpha)
     _act_scale_values("a1_global_scale", a1_gs, spec)
@@ -202,6 +234,14 @@ def check_moe_values(topk_ids, w13, w13_alpha, w2_alpha, a1_gs, a2_gs, expert_ma
 
 def check_linear_values(alpha, input_global_scale, spec: OpSpec) -> None:
     if not _values_checkable():
+        return
+    dev = alpha.device if alpha is not None else (input_global_scale.device if input_global_scale is not None else None)
+    if dev is not None and _one_launch(dev):
+        from ..kernels.checks import FloatRule, check_values
+
+        floats = [FloatRule(alpha, "alpha: expected finite positive scales")] if alpha is not None else []
+        r = _act_scale_rule("input_global_scale", input_global_scale, spec)
+        check_values(floats + ([r] if r is not None else []))
         return
     _positive_scale("alpha", alpha)
     _act_scale_values("input_global_scale", input_global_scale, spec)
