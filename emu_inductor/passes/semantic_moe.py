@@ -23,7 +23,7 @@ from torch._inductor import pattern_matcher as pm
 from ..ops.validate import check_moe_inputs
 from ..recognize import Rejection
 from ..recognize.moe import GemmSite, recognize_moe
-from ..recognize.moe_region import live_nodes
+from ..recognize.moe_region import is_size_query, live_nodes
 from ..spec import OpSpec
 from .guards import register_family_pattern
 from .recorder import count, record
@@ -133,17 +133,18 @@ def _check(match) -> Optional[str]:
 
 def _erase_region(graph, nodes, keep) -> None:
     """Erase the region and the dead code hanging off it (decode / QDQ copies the GEMM
-    fusion left without a use; the check made sure nothing live uses the region)."""
+    fusion left without a use; the check made sure nothing live uses the region except
+    size queries under dynamic shapes, which keep the nodes they read)."""
     doomed, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
-        if n not in doomed:
+        if n not in doomed and not is_size_query(n):
             doomed.add(n)
             stack.extend(n.users)
     if keep in doomed:  # cannot happen for a region the check accepted; the guard restores the graph
         raise RuntimeError(f"the MoE region reaches its own replacement {keep.name}")
-    for n in reversed(list(graph.nodes)):
-        if n in doomed:
+    for n in reversed(list(graph.nodes)):  # users before producers
+        if n in doomed and not n.users:
             graph.erase_node(n)
 
 

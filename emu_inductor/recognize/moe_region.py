@@ -38,7 +38,8 @@ from torch.fx import Node
 
 from .shapes import concrete_shape
 
-__all__ = ["GemmSite", "Region", "MoeRegion", "find_first_gemm", "find_moe_regions", "live_nodes", "cone"]
+__all__ = ["GemmSite", "Region", "MoeRegion", "find_first_gemm", "find_moe_regions", "live_nodes", "cone",
+           "is_size_query"]
 
 #: how far the searches look (nodes visited); MoE plumbing is a few dozen nodes
 _SEARCH = 600
@@ -225,13 +226,23 @@ def _dependents(src: Node, end: Node) -> set:
     return dep
 
 
+_SIZE_QUERIES = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+                 torch.ops.aten.sym_storage_offset.default)
+
+
+def is_size_query(n: Node) -> bool:
+    """A node reading only a tensor's sizes (dynamic shapes): it does not need its values,
+    so it does not keep a region from being replaced (the region's nodes it reads stay)."""
+    return n.op == "call_function" and n.target in _SIZE_QUERIES
+
+
 def _used_outside(region: Region, keep: Node, live: set) -> Optional[str]:
     inside = set(region.nodes)
     for n in region.nodes:
         if n is keep:
             continue
         for u in n.users:
-            if u not in inside and u in live:
+            if u not in inside and u in live and not is_size_query(u):
                 return f"{n.name} (inside the MoE) is also used by {u.name}"
     return None
 
