@@ -69,6 +69,7 @@ CHECK_CFG = TileConfig(16, 64, 128, 4, 3)  # pinned: the check tests numerics, n
 CHECK_WDQ_CFG = TileConfig(64, 128, 64, 4, 3, wdq=1)
 CHECK_BM64_CFG = TileConfig(64, 128, 64, 4, 3)
 CHECK_SPLIT_CFG = TileConfig(16, 64, 64, 4, 3, split1=2, split2=2)  # decode: split-K + combine_kernel
+CHECK_SWAP_CFG = TileConfig(16, 64, 64, 4, 3, split1=2, split2=2, swap=1)  # W @ A^T, weights in registers
 
 
 def _check_worker(args):
@@ -155,6 +156,9 @@ def gpu_check(dev, budget=float("inf"), part=(0, 1)):
                     row["out_split_max_abs_err"] = float((d_s["out"].float() - ref.float()).abs().max())
                     row["out_split_bias_max_abs_err"] = float((d_sb.float() - ref_b.float()).abs().max())
                     row["out_split_mismatch"] = int((d_s["out"] != ref).sum())
+                    d_w = moe_triton(*args, debug=True, config=CHECK_SWAP_CFG)
+                    row["out_swap_max_abs_err"] = float((d_w["out"].float() - ref.float()).abs().max())
+                    row["a1_swap_mismatch"] = int((d_w["a1"] != d["a1"]).sum() - d["a1"].isnan().sum())
                     row["a1_split_mismatch"] = int((d_s["a1"] != d["a1"]).sum() - d["a1"].isnan().sum())
                     row["out_bias_max_abs_err"] = float((d_b.float() - ref_b.float()).abs().max())
                     sch = SCHEMES[scheme]
@@ -185,6 +189,8 @@ def gpu_check(dev, budget=float("inf"), part=(0, 1)):
                     row["ok"] = (row["a1_mismatch"] == 0 and row.get("a2_mismatch", 0) == 0
                                  and row["a1_split_mismatch"] == 0 and row.get("a2_split_mismatch", 0) == 0
                                  and row["out_split_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
+                                 and row["out_swap_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
+                                 and row["a1_swap_mismatch"] == 0
                                  and row["out_split_bias_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
                                  and row["out_atomic_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
                                  and row["out_bias_max_abs_err"] <= 0.02 * max(1.0, row["ref_max_abs"])
@@ -198,7 +204,7 @@ def gpu_check(dev, budget=float("inf"), part=(0, 1)):
                 res.append(row)
                 log("check", {kk_: vv for kk_, vv in row.items() if kk_ in ("scheme", "activation", "ok",
                     "a1_mismatch", "a2_mismatch", "c2_mismatch", "out_deterministic_mismatch",
-                    "out_atomic_max_abs_err", "out_split_max_abs_err", "out_split_mismatch", "out_wdq_mismatch", "out_bias_mismatch", "out_prequant_vs_inloop_mismatch", "error")})
+                    "out_atomic_max_abs_err", "out_split_max_abs_err", "out_split_mismatch", "out_swap_max_abs_err", "out_wdq_mismatch", "out_bias_mismatch", "out_prequant_vs_inloop_mismatch", "error")})
     return res
 
 
@@ -419,7 +425,9 @@ QUICK_CONFIGS = [TileConfig(16, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 3, sp
                  TileConfig(16, 32, 128, 4, 4, split1=4, split2=2), TileConfig(16, 64, 256, 4, 3, split1=4, split2=2),
                  TileConfig(16, 64, 128, 4, 3, split1=8, split2=4), TileConfig(16, 64, 128, 4, 3, split1=1, split2=1),
                  TileConfig(16, 128, 128, 8, 3, split1=4, split2=2), TileConfig(16, 32, 256, 4, 4, split1=2, split2=1),
-                 TileConfig(16, 64, 128, 8, 3, split1=1, split2=1), TileConfig(16, 32, 128, 4, 4, split1=8, split2=4)]
+                 TileConfig(16, 64, 128, 8, 3, split1=1, split2=1), TileConfig(16, 32, 128, 4, 4, split1=8, split2=4),
+                 TileConfig(16, 64, 128, 4, 3, split1=4, split2=2, swap=1), TileConfig(16, 64, 128, 4, 3, split1=1, split2=1, swap=1),
+                 TileConfig(16, 128, 128, 8, 3, split1=4, split2=2, swap=1), TileConfig(16, 64, 256, 4, 3, split1=4, split2=2, swap=1)]
 
 
 def _quick_precompile_worker(jobs):

@@ -35,8 +35,9 @@ case $what in
   iterate) step quick 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"
          step profile 150 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
   full)  step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
-         step values 75 python3 benchmarks/gpu_value_checks.py
+         [ -n "${SKIP_VALUES:-}" ] || step values 75 python3 benchmarks/gpu_value_checks.py
+         step quick 100 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"
          step profile 100 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
-         TAILN=40 step kernels 290 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 260 --out "$OUT" ;;
+         TAILN=40 step kernels 200 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 170 --out "$OUT" ;;
 esac
 echo "=== done in ${SECONDS}s"

@@ -6,6 +6,7 @@
   A2 = QDQ of the kernel's own C2, C2 within a bf16 ulp of the reference, output within
   fp32-accumulation tolerance of the reference; with one K split the partial path is
   bit-identical to the deterministic row path (same sums, same order);
+* swap=1 (W @ A^T, the dequantized weights as the dot's left operand) is the same function;
 * `auto_split` fills the SMs without splitting past the K tiles.
 Fresh random inputs per case (seeded by the case name, so reruns are reproducible)."""
 
@@ -52,16 +53,17 @@ def _run(qe, scheme, activation, x, tw, ids, cfg, *, emap=None, rw_in=False, b13
                       reduction="deterministic", w13_bias=b13, w2_bias=b2)
 
 
-SPLITS = [(2, 1), (4, 2), (-1, -1)]
+SPLITS = [(2, 1, 0), (4, 2, 0), (-1, -1, 0), (2, 2, 1), (1, 0, 1)]
 
 
-@pytest.mark.parametrize("split1,split2", SPLITS, ids=[f"s{a}_{b}" for a, b in SPLITS])
+@pytest.mark.parametrize("split1,split2,swap", SPLITS, ids=[f"s{a}_{b}_w{c}" for a, b, c in SPLITS])
 @pytest.mark.parametrize("scheme,activation", [("nvfp4_w4a4", "silu"), ("w_mxfp4_a_mxfp4", "swigluoai"),
                                                ("w_mxfp4_a_fp8", "silu"), ("nvfp4_w4a16", "relu2_no_mul"),
                                                ("w_mxfp6_e3m2_a_mxfp6_e3m2", "gelu")])
-def test_split_paths_match_reference(scheme, activation, split1, split2):
-    qe, x, tw, ids, _, _ = _case(scheme, activation, f"{scheme}/{activation}/{split1}/{split2}")
-    cfg = TileConfig(16, 32, 32, 4, 1, split1=split1, split2=split2)
+def test_split_paths_match_reference(scheme, activation, split1, split2, swap):
+    """swap=1: the GEMMs as W @ A^T (weights as the left operand), same function."""
+    qe, x, tw, ids, _, _ = _case(scheme, activation, f"{scheme}/{activation}/{split1}/{split2}/{swap}")
+    cfg = TileConfig(16, 32, 32, 4, 1, split1=split1, split2=split2, swap=swap)
     d = _run(qe, scheme, activation, x, tw, ids, cfg)
     base = _run(qe, scheme, activation, x, tw, ids, BASE)
     ref = moe_emulated(x, qe.w13, qe.w2, tw, ids, scheme=scheme, w13_scale=qe.w13_scale, w2_scale=qe.w2_scale,

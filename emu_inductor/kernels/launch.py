@@ -148,8 +148,18 @@ def moe_align(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], E: int
     return sorted_ids[:P], block_expert, pos_of_id
 
 
+_DUMMIES: dict = {}
+
+
 def _dummy(dev, dtype=torch.float32):
-    return torch.zeros(1, dtype=dtype, device=dev)
+    """A one-element placeholder for pointer arguments a launch does not use (never read
+    or written under the flags that go with it): cached per device, so a decode call does
+    not pay a memset launch for it."""
+    key = (str(dev), dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=dev)
+    return t
 
 
 def _scale_u8(scale: torch.Tensor) -> torch.Tensor:
@@ -415,7 +425,7 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
         _k_per_split(plan.H, cfg.BK, split), P, pw,
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
-        PREQ=plan.prequant, WDQ=wdq, SPLIT=split, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        PREQ=plan.prequant, WDQ=wdq, SPLIT=split, SWAP=cfg.swap, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if split > 1:
         plan.mod.act_epilogue_kernel[grid1](
             part, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
@@ -457,7 +467,7 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
-        WDQ=wdq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        WDQ=wdq, SWAP=cfg.swap, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if not partial:
         return out
     y = torch.empty((plan.T, H), dtype=dtype, device=dev)
@@ -561,7 +571,7 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
         out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
-        STORE=0, MUL_W=False, WDQ=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        STORE=0, MUL_W=False, WDQ=False, SWAP=cfg.swap, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     return out
 
 

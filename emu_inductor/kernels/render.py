@@ -86,10 +86,10 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     up_init = ""
     part_u = ""
     if gated:
-        up_init = "acc_u = tl.zeros((BM, BN), dtype=tl.float32)"
+        up_init = "acc_u = _acc0(BM, BN, SWAP)"
         up_dot = ("if WDQ:\n    wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)\nelse:\n"
                   "    wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se,"
-                  " stride_sn, BN, BK)\nacc_u = _dot(ao, tl.trans(wu), acc_u)")
+                  " stride_sn, BN, BK)\nacc_u = _mma(ao, wu, acc_u, SWAP)")
         part_u = "\n    tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)"
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
     # PREQ: the rows come already router-weighted and fake-quantized (prequant_kernel)
@@ -108,7 +108,7 @@ urow = {urow}
 {s1}
 {s2}
 {router}
-acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+acc_g = _acc0(BM, BN, SWAP)
 {up_init}
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
 for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
@@ -122,8 +122,10 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
     else:
         wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-    acc_g = _dot(ao, tl.trans(wg), acc_g)
+    acc_g = _mma(ao, wg, acc_g, SWAP)
 {_ind(up_dot)}
+acc_g = _acc_rows(acc_g, SWAP)
+{"acc_u = _acc_rows(acc_u, SWAP)" if gated else ""}
 if SPLIT > 1:
     # split-K: this program's fp32 sums go to part [SPLIT, PROWS, PW]; act_epilogue_kernel
     # adds the splits in order and runs the epilogue below
@@ -138,8 +140,8 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""} part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
     # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue in act_epilogue_kernel)
@@ -201,7 +203,7 @@ if QDQ_A:
         g = tl.load(gs_ptr)
     else:
         g = {"_fp8_scale(tl.load(gs_ptr))" if op.act_kind == "fp8_tensor" else "tl.load(gs_ptr)"}
-acc = tl.zeros((BM, BN), dtype=tl.float32)
+acc = _acc0(BM, BN, SWAP)
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
 for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
 {_ind(_load_a_block())}
@@ -211,7 +213,8 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
     else:
         w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-    acc = _dot(_opnd(a), tl.trans(w), acc)
+    acc = _mma(_opnd(a), w, acc, SWAP)
+acc = _acc_rows(acc, SWAP)
 if STORE == 2:
     # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)
     tl.store(out_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
@@ -234,7 +237,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split

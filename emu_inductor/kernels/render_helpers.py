@@ -55,7 +55,39 @@ def _dot_helper(spec: KernelSpec) -> str:
         wq = cast  # one RNE cast gives the rounded operand (no round trip through fp32)
     return (f"@triton.jit\ndef _dot(a, b, acc):\n{_ind(body)}\n\n\n"
             f"@triton.jit\ndef _opnd(x):\n    # a dot operand (values already on the {spec.dtype} grid)\n{_ind(cast)}\n\n\n"
-            f"@triton.jit\ndef _wq(x):\n    # fp32 weights rounded (RNE) to {spec.dtype}, as a dot operand\n{_ind(wq)}\n")
+            f"@triton.jit\ndef _wq(x):\n    # fp32 weights rounded (RNE) to {spec.dtype}, as a dot operand\n{_ind(wq)}\n\n\n"
+            + _SWAP_HELPERS)
+
+
+# SWAP=1 computes the transposed product W @ A^T: the dequantized weight tile, made in
+# registers, is the dot's left operand (which Hopper's wgmma and mma read from registers),
+# so it is not staged through shared memory as a right operand must be; the rows (tokens)
+# become the narrow N side. The accumulator is [BN, BM] until `_acc_rows` turns it back.
+_SWAP_HELPERS = """@triton.jit
+def _acc0(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        return tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        return tl.zeros((BM, BN), dtype=tl.float32)
+
+
+@triton.jit
+def _mma(a, w, acc, SWAP: tl.constexpr):
+    # acc += a @ w^T ([BM, BK] x [BN, BK]), or its transpose when SWAP
+    if SWAP:
+        return _dot(w, tl.trans(a), acc)
+    else:
+        return _dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def _acc_rows(acc, SWAP: tl.constexpr):
+    # the accumulator as [BM, BN]
+    if SWAP:
+        return tl.trans(acc)
+    else:
+        return acc
+"""
 
 
 def _round_elem(el: ElementSpec, rounding: str) -> str:

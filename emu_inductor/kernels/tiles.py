@@ -28,6 +28,8 @@ class TileConfig:
     # -1 in either: chosen from the grid size (`auto_split`)
     split1: int = 1
     split2: int = 0
+    # 1: the GEMMs compute W @ A^T (dequantized weights as the left, register operand)
+    swap: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -72,6 +74,8 @@ def candidates(rows_per_expert: float, allow_wdq: bool = False) -> list[TileConf
         # decode: K split to fill the SMs (auto), GEMM2 through fp32 partials + combine_kernel
         return [TileConfig(16, 64, 128, 4, 3, split1=-1, split2=-1), TileConfig(16, 32, 128, 4, 4, split1=-1, split2=-1),
                 TileConfig(16, 64, 256, 4, 3, split1=-1, split2=-1), TileConfig(16, 128, 128, 8, 3, split1=-1, split2=-1),
+                TileConfig(16, 64, 128, 4, 3, split1=-1, split2=-1, swap=1),
+                TileConfig(16, 128, 128, 8, 3, split1=-1, split2=-1, swap=1),
                 TileConfig(16, 32, 256, 4, 4), TileConfig(16, 64, 128, 4, 4)]
     if rows_per_expert <= 64:
         c = [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),

@@ -35,6 +35,32 @@ def _wq(x):
 
 
 @triton.jit
+def _acc0(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        return tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        return tl.zeros((BM, BN), dtype=tl.float32)
+
+
+@triton.jit
+def _mma(a, w, acc, SWAP: tl.constexpr):
+    # acc += a @ w^T ([BM, BK] x [BN, BK]), or its transpose when SWAP
+    if SWAP:
+        return _dot(w, tl.trans(a), acc)
+    else:
+        return _dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def _acc_rows(acc, SWAP: tl.constexpr):
+    # the accumulator as [BM, BN]
+    if SWAP:
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
 def _pow2(e):
     # 2^e as fp32 for int32 e in [-126, 127], from the exponent bits
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
@@ -118,13 +144,13 @@ def _w_ws(w_ptr, e, rows, rmask, k0, K, stride_we, stride_wn, BN: tl.constexpr, 
     return _opnd(w.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["R", "KSPLIT"])
+@triton.jit(do_not_specialize=["R", "KTS"])
 def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr, part_ptr,
-                    NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KSPLIT, PROWS, PW,
+                    NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then no QDQ (weight-only);
     # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue in act_epilogue_kernel)
@@ -150,10 +176,10 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     urow = cols + NOUT
     g1 = 0.0
     g2 = 0.0
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    k_lo = pid_k * KSPLIT
-    for k0 in range(k_lo, tl.minimum(K, k_lo + KSPLIT), BK):
+    acc_g = _acc0(BM, BN, SWAP)
+    acc_u = _acc0(BM, BN, SWAP)
+    k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
+    for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         kk = k0 + tl.arange(0, BK)
         a = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
                     other=0.0).to(tl.float32)
@@ -165,12 +191,14 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
             wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-        acc_g = _dot(ao, tl.trans(wg), acc_g)
+        acc_g = _mma(ao, wg, acc_g, SWAP)
         if WDQ:
             wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
             wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-        acc_u = _dot(ao, tl.trans(wu), acc_u)
+        acc_u = _mma(ao, wu, acc_u, SWAP)
+    acc_g = _acc_rows(acc_g, SWAP)
+    acc_u = _acc_rows(acc_u, SWAP)
     if SPLIT > 1:
         # split-K: this program's fp32 sums go to part [SPLIT, PROWS, PW]; act_epilogue_kernel
         # adds the splits in order and runs the epilogue below
@@ -223,12 +251,12 @@ def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o,
     tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)
 
 
-@triton.jit(do_not_specialize=["R", "KSPLIT", "PROWS"])
+@triton.jit(do_not_specialize=["R", "KTS", "PROWS"])
 def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs_ptr, bias_ptr,
-                    out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KSPLIT, PROWS,
+                    out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -257,9 +285,9 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             g = tl.load(gs_ptr)
         else:
             g = tl.load(gs_ptr)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    k_lo = pid_k * KSPLIT
-    for k0 in range(k_lo, tl.minimum(K, k_lo + KSPLIT), BK):
+    acc = _acc0(BM, BN, SWAP)
+    k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
+    for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         kk = k0 + tl.arange(0, BK)
         a = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
                     other=0.0).to(tl.float32)
@@ -269,7 +297,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
             w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-        acc = _dot(_opnd(a), tl.trans(w), acc)
+        acc = _mma(_opnd(a), w, acc, SWAP)
+    acc = _acc_rows(acc, SWAP)
     if STORE == 2:
         # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)
         tl.store(out_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
