@@ -154,8 +154,8 @@ def _prove_body(region: MoeRegion, activations: list) -> tuple[Optional[tuple], 
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != (T, H) or y.dtype != xv.dtype:
                 return None, f"probe routing '{what}': the body gives {getattr(y, 'dtype', type(y))}", n_probes
             for a in sorted({a for a, _ in alive}):
-                for o in ([o for aa, o in alive if aa == a] if exact else ["sum"]):
-                    ref = reference_moe(x, ids, w, a, p1, p2, o)
+                todo = [o for aa, o in alive if aa == a] if exact else ["sum"]
+                for o, ref in reference_moe(x, ids, w, a, p1, p2, todo).items():
                     first_i, n = difference(y, ref) if exact else difference(_no_signed_zero(y), _no_signed_zero(ref))
                     if first_i is None:
                         continue

@@ -4,8 +4,8 @@ The GEMMs' operands are proven on their own (the weight and activation recognise
 what `recognize_moe` proves here is everything around them: which rows each expert gets,
 how the outputs come back to their (token, slot) and how they are weighted and summed.
 For that each grouped GEMM is replaced by a *probe GEMM*: a row-wise function of the row
-and of its expert (row r of group e gives `dtype(fp32(a[r, j % K]) * s_e[j] + b_e[j])`,
-random s_e, b_e per expert). It is exact, row-independent and expert-dependent, so a row
+and of its expert (row r of group e gives `dtype((fp32(a[r, j % K]) * s[j]) * c_e + b_e)`,
+a random column scale, random per-expert scale and shift). It is exact, row-independent and expert-dependent, so a row
 sent to the wrong expert, combined into the wrong token or slot, weighted with the wrong
 weight or rounded at another point gives other bits. Rows past the last group end get
 NaN (a body that reads them is wrong). The same probe GEMMs run inside the reference
@@ -42,25 +42,29 @@ COMBINE_ORDERS = {
 
 
 class ProbeGemm:
-    """A grouped GEMM stand-in: row r of expert e -> dtype(fp32(a[r, j % K]) * s[e, j] + b[e, j])."""
+    """A grouped GEMM stand-in: row r of expert e ->
+    dtype((fp32(a[r, j % K]) * s[j]) * c[e] + b[e]) (a column scale, an expert scale and
+    shift: elementwise passes only, so a probe costs little even at 16k rows x 1.5k)."""
 
     def __init__(self, experts: int, n_out: int, gen: torch.Generator):
-        self.scale = torch.randn(experts, n_out, generator=gen) * 2.0
-        self.shift = torch.randn(experts, n_out, generator=gen)
+        self.col = torch.randn(n_out, generator=gen) * 2.0
+        self.scale = torch.randn(experts, generator=gen) + 2.0 * torch.randint(0, 2, (experts,), generator=gen) - 1.0
+        self.shift = torch.randn(experts, generator=gen)
         self.experts = experts
 
     @classmethod
     def identity(cls, experts: int, n_out: int) -> "ProbeGemm":
         """Row r -> dtype(a[r, j % K]): carries GEMM1 outputs / activations through unchanged."""
         g = cls.__new__(cls)
-        g.scale, g.shift, g.experts = torch.ones(experts, n_out), torch.zeros(experts, n_out), experts
+        g.col, g.scale, g.shift, g.experts = torch.ones(n_out), torch.ones(experts), torch.zeros(experts), experts
         return g
 
     def rows(self, a: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        n = self.scale.shape[1]
-        cols = torch.arange(n) % a.shape[-1]
+        n, K = self.col.shape[0], a.shape[-1]
+        if n != K:
+            a = a.repeat(1, -(-n // K))[:, :n]  # column j reads a[:, j % K]
         e = expert.clamp(0, self.experts - 1)
-        y = a.float()[:, cols] * self.scale[e] + self.shift[e]
+        y = a.float().mul_(self.col).mul_(self.scale[e].unsqueeze(-1)).add_(self.shift[e].unsqueeze(-1))
         y[(expert < 0) | (expert >= self.experts)] = float("nan")
         return y.to(a.dtype)
 
@@ -82,16 +86,16 @@ def routing_probes(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_d
         x = torch.randn(T, H, generator=gen) * scale
         out.append((what, x.to(x_dtype), ids.to(ids_dtype), w.to(w_dtype)))
 
-    add("random ids (experts repeat within tokens)", torch.randint(0, experts, (T, k), generator=gen))
+    add("random ids (experts repeat within tokens), zero weights", torch.randint(0, experts, (T, k), generator=gen),
+        zero_weights=True)
     if experts > 1:
         skip = experts // 2
         ids = torch.randint(0, experts - 1, (T, k), generator=gen)
         add(f"expert {skip} empty", ids + (ids >= skip).to(ids.dtype))
-        add("every row on the last expert", torch.full((T, k), experts - 1), scale=8.0)
         if k <= experts:
             perm = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(T)])
-            add("distinct experts per token (top-k)", perm, scale=0.25, zero_weights=True)
-    add("every row on expert 0", torch.zeros(T, k, dtype=torch.long), zero_weights=True)
+            add("distinct experts per token (top-k)", perm, scale=0.25)
+    add("every row on the last expert", torch.full((T, k), experts - 1), scale=8.0)
     return out
 
 
@@ -101,65 +105,68 @@ def activation_routings(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, 
     (with identity probe GEMMs): hidden states holding every 16-bit pattern of the dtype,
     random data at many magnitudes and specials; slot 0 weighted 1, the others 0 (so the
     k-sum order cannot matter)."""
-    flat = torch.cat(_activation_values(x_dtype, max(T * H, 1024), gen))
-    pad = (-flat.numel()) % (T * H)
-    flat = torch.cat([flat, torch.randn(pad, generator=gen).to(x_dtype)])
     w = torch.zeros(T, k)
     w[:, 0] = 1.0
     out = []
-    for i, x in enumerate(flat.reshape(-1, T, H)):
+    for i, x in enumerate(_batches(_activation_values(x_dtype, gen), T, H)):
         ids = torch.randint(0, experts, (T, k), generator=gen)
         out.append((f"activation values {i}", x, ids.to(ids_dtype), w.to(w_dtype)))
     return out
 
 
-def _activation_values(dtype, n: int, gen: torch.Generator) -> list:
-    vals = []
-    if dtype in (torch.bfloat16, torch.float16):
-        vals.append(torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype))
-    for e in range(-24, 12, 3):
-        vals.append((torch.randn(n, generator=gen) * 2.0 ** e).to(dtype))
-    sp = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 7.0, -7.0, 6.9999, 1e-30, -1e-30])
-    vals.append(sp.to(dtype))
-    return vals
+_RANDOM_PER_MAGNITUDE = 8192
 
 
-def activation_probes(rows: int, cols: int, dtype, gen: torch.Generator) -> list:
-    """Batches [rows, cols] of GEMM1 outputs: every 16-bit pattern of the dtype (both
-    halves of a gated input see each), then random data at many magnitudes and specials."""
+def _activation_values(dtype, gen: torch.Generator) -> torch.Tensor:
     vals = []
     if dtype in (torch.bfloat16, torch.float16):
-        vals.append(torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype))
-        vals.append(vals[0][torch.randperm(vals[0].numel(), generator=gen)])
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        vals += [every, every[torch.randperm(every.numel(), generator=gen)]]  # each pattern beside others
     for e in range(-24, 12, 3):
-        vals.append((torch.randn(rows * cols, generator=gen) * 2.0 ** e).to(dtype))
+        vals.append((torch.randn(_RANDOM_PER_MAGNITUDE, generator=gen) * 2.0 ** e).to(dtype))
     sp = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 7.0, -7.0, 6.9999, 1e-30, -1e-30])
     vals.append(sp.to(dtype))
-    flat = torch.cat(vals)
+    return torch.cat(vals)
+
+
+def _batches(flat: torch.Tensor, rows: int, cols: int) -> list:
+    """`flat` as [rows, cols] batches; the last one filled up by repeating the values."""
     n = rows * cols
     pad = (-flat.numel()) % n
-    flat = torch.cat([flat, (torch.randn(pad, generator=gen)).to(dtype)])
+    if pad:
+        flat = torch.cat([flat, flat.repeat(-(-pad // flat.numel()))[:pad]])
     return list(flat.reshape(-1, rows, cols))
 
 
-def reference_moe(x, ids, w, activation: str, g1: ProbeGemm, g2: ProbeGemm, order: str) -> torch.Tensor:
-    """mxemu::moe's semantics with probe GEMMs; the k-sum in `order` (COMBINE_ORDERS)."""
+def activation_probes(rows: int, cols: int, dtype, gen: torch.Generator) -> list:
+    """Batches [rows, cols] of GEMM1 outputs: every 16-bit pattern of the dtype (twice, the
+    second time shuffled, so both halves of a gated input see each), random data at many
+    magnitudes and specials."""
+    return _batches(_activation_values(dtype, gen), rows, cols)
+
+
+def reference_moe(x, ids, w, activation: str, g1: ProbeGemm, g2: ProbeGemm, orders=tuple(COMBINE_ORDERS)) -> dict:
+    """{k-sum order: mxemu::moe's result} with probe GEMMs (orders from COMBINE_ORDERS)."""
     T, k = ids.shape
     key = ids.reshape(-1).long()
     rows = x.repeat_interleave(k, dim=0)
     c2 = ACTIVATIONS[activation](g1.rows(rows, key))
     c3 = g2.rows(c2, key)
     p = c3.reshape(T, k, -1).float() * w.float().unsqueeze(-1)
-    if order == "sum":
-        s = p.sum(dim=1)
-    else:
+    out = {}
+    for order in orders:
+        if order == "sum":
+            out[order] = p.sum(dim=1).to(x.dtype)
+            continue
+        q = p
         if order == "experts":
             perm = torch.sort(ids.long(), dim=1, stable=True).indices
-            p = p.gather(1, perm.unsqueeze(-1).expand_as(p))
+            q = p.gather(1, perm.unsqueeze(-1).expand_as(p))
         s = torch.zeros_like(p[:, 0])
         for j in range(k):
-            s = s + p[:, j]
-    return s.to(x.dtype)
+            s = s + q[:, j]
+        out[order] = s.to(x.dtype)
+    return out
 
 
 def activation_width(activation: str, n1: int) -> int:
