@@ -44,7 +44,9 @@ COMBINE_ORDERS = {
 class ProbeGemm:
     """A grouped GEMM stand-in: row r of expert e ->
     dtype((fp32(a[r, j % K]) * s[j]) * c[e] + b[e]) (a column scale, an expert scale and
-    shift: elementwise passes only, so a probe costs little even at 16k rows x 1.5k)."""
+    shift: elementwise passes only, so a probe costs little even at 16k rows x 1.5k); an
+    output narrower than the input adds the further columns in (0.75 a[r, j + n], ...), so
+    every input column reaches the output."""
 
     def __init__(self, experts: int, n_out: int, gen: torch.Generator):
         self.col = torch.randn(n_out, generator=gen) * 2.0
@@ -61,10 +63,13 @@ class ProbeGemm:
 
     def rows(self, a: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         n, K = self.col.shape[0], a.shape[-1]
-        if n != K:
+        if n > K:
             a = a.repeat(1, -(-n // K))[:, :n]  # column j reads a[:, j % K]
+        y = a[:, :n].float()
+        for start in range(n, K, n):  # narrower output: every input column still counts
+            y[:, :min(n, K - start)] += a[:, start:start + n].float() * 0.75
         e = expert.clamp(0, self.experts - 1)
-        y = a.float().mul_(self.col).mul_(self.scale[e].unsqueeze(-1)).add_(self.shift[e].unsqueeze(-1))
+        y.mul_(self.col).mul_(self.scale[e].unsqueeze(-1)).add_(self.shift[e].unsqueeze(-1))
         y[(expert < 0) | (expert >= self.experts)] = float("nan")
         return y.to(a.dtype)
 
