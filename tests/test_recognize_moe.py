@@ -142,10 +142,12 @@ class ReferenceSkeletonChunk(torch.nn.Module):
     rows back to slot order and recomputes the group ends) with gate/up by chunk(2, -1),
     which the traced "moe" family does not match."""
 
-    def __init__(self, E=4, H=64, I=32, k=2):
+    def __init__(self, E=4, H=64, I=32, k=2, bias=False):
         super().__init__()
         g = torch.Generator().manual_seed(1)
         self.E, self.k = E, k
+        self.b13 = torch.randn(E, 2 * I, generator=g).to(torch.bfloat16) if bias else None
+        self.b2 = torch.randn(E, H, generator=g).to(torch.bfloat16) if bias else None
         q13, q2 = quantize(torch.randn(E, 2 * I, H, generator=g), MXFP4), quantize(torch.randn(E, H, I, generator=g),
                                                                                     MXFP4)
         for name, t in (("w13", q13.qdata), ("s13", q13.scale), ("w2", q2.qdata), ("s2", q2.scale),
@@ -161,19 +163,22 @@ class ReferenceSkeletonChunk(torch.nn.Module):
         w, ids = torch.topk(torch.softmax((x @ self.router.t()).float(), -1), self.k, -1)
         key = ids.reshape(-1)
         c1 = expert_gemm(act_fake_quantize(x.repeat_interleave(self.k, dim=0), s.act, None),
-                         dequantize_experts(self.w13, self.s13, s.weight_fmt, None, x.dtype), key, self.E, "grouped_mm")
+                         dequantize_experts(self.w13, self.s13, s.weight_fmt, None, x.dtype), key, self.E, "grouped_mm",
+                         self.b13)
         gate, up = c1.chunk(2, -1)
         c3 = expert_gemm(act_fake_quantize(F.silu(gate) * up, s.act, None),
-                         dequantize_experts(self.w2, self.s2, s.weight_fmt, None, x.dtype), key, self.E, "grouped_mm")
+                         dequantize_experts(self.w2, self.s2, s.weight_fmt, None, x.dtype), key, self.E, "grouped_mm",
+                         self.b2)
         return (c3.reshape(x.shape[0], self.k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
 
 
-def test_reference_skeleton_with_chunk_becomes_one_mxemu_moe():
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_skeleton_with_chunk_becomes_one_mxemu_moe(bias):
     """Routing inside the activation region (scatter back, gather again, ends computed
     twice): the activation is proven inside the body on identity probe GEMMs. Dynamic
     token count: size queries of the routing do not block the rewrite; one compile
-    serves other token counts."""
-    model = ReferenceSkeletonChunk()
+    serves other token counts. Per-expert GEMM biases go to mxemu::moe's w13/w2_bias."""
+    model = ReferenceSkeletonChunk(bias=bias)
     x = torch.randn(5, 64).to(torch.bfloat16)
     compiled, out, ops, records = _compile(model, x, dynamic=True)
     assert ops.count("mxemu.moe.default") == 1 and not any("grouped_mm" in o for o in ops), ops

@@ -33,7 +33,8 @@ FAMILY = "semantic_moe"
 
 __all__ = ["FAMILY", "grouped_site"]
 
-_ARGS = 7  # mxemu::grouped_mm(a, w, w_scale, w_alpha, offs, a_global_scale, spec): no bias
+#: mxemu::grouped_mm(a, w, w_scale, w_alpha, offs, a_global_scale, spec[, bias])
+_ARGS = (7, 8)
 
 
 def _val(n):
@@ -41,9 +42,9 @@ def _val(n):
 
 
 def grouped_site(node) -> Optional[GemmSite]:
-    """The GemmSite of an unbiased mxemu::grouped_mm node, else None."""
+    """The GemmSite of an mxemu::grouped_mm node (its bias, if any, is the op's own), else None."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function" \
-            or node.target is not torch.ops.mxemu.grouped_mm.default or len(node.args) != _ARGS or node.kwargs:
+            or node.target is not torch.ops.mxemu.grouped_mm.default or len(node.args) not in _ARGS or node.kwargs:
         return None
     rows, w, offs = node.args[0], node.args[1], node.args[4]
     if not all(isinstance(n, torch.fx.Node) for n in (rows, w, offs)) or _val(w) is None:
@@ -96,18 +97,25 @@ def _spec(verdict) -> tuple[Optional[str], Optional[str]]:
     return dataclasses.replace(o1, activation=verdict.activation, router_weight_on_input=False).to_str(), None
 
 
+def _bias(gemm):
+    return gemm.args[7] if len(gemm.args) > 7 else None
+
+
 def _moe_args(verdict, spec):
     r = verdict.region
     g1, g2 = r.first.node, r.second.node
-    return (r.hidden, g1.args[1], g1.args[2], g1.args[3], g2.args[1], g2.args[2], g2.args[3],
+    args = (r.hidden, g1.args[1], g1.args[2], g1.args[3], g2.args[1], g2.args[2], g2.args[3],
             r.topk_weights, r.topk_ids, g1.args[5], g2.args[5], None, spec)
+    if _bias(g1) is None and _bias(g2) is None:
+        return args
+    return args + (_bias(g1), _bias(g2))  # per-expert biases, added as the grouped GEMMs added them
 
 
 def _check(match) -> Optional[str]:
     anchor = match.output_node()
     site = grouped_site(anchor)
     if site is None:
-        return "the GEMM carries a bias (not covered)"
+        return "not a grouped GEMM of a known argument layout"
     v = recognize_moe(site, grouped_site, live=live_nodes(anchor.graph))
     count(f"{FAMILY}.check_ms", int(v.seconds * 1000))
     if isinstance(v, Rejection):
@@ -124,7 +132,7 @@ def _check(match) -> Optional[str]:
         return f"hidden states are {x.dtype}; mxemu::moe is fused for bfloat16"
     args = [_meta(a) if isinstance(a, torch.fx.Node) else a for a in _moe_args(v, spec)]
     try:
-        check_moe_inputs(*args[:12], OpSpec.from_str(spec))
+        check_moe_inputs(*args[:12], OpSpec.from_str(spec), *args[13:])
     except (ValueError, TypeError) as e:
         return f"whole-layer mxemu::moe refused its arguments (the GEMMs stay fused alone): {e}"
     match._mxemu_moe = (v, spec)
@@ -165,6 +173,8 @@ def _replace(match) -> None:
                          description="routing + 2 proven grouped GEMMs + activation + combine, "
                                      "proven by evaluation -> mxemu::moe")
 def _init(pm_pass, input_device=None):
-    rest = [pm.Ignored() for _ in range(_ARGS - 1)]  # distinct objects: a repeated one must match one node
-    register_family_pattern(pm.CallFunction(torch.ops.mxemu.grouped_mm.default, FedByGroupedGemm(), *rest),
-                            pm_pass, family=FAMILY, name="moe", check=_check, replace=_replace)
+    for n in _ARGS:
+        rest = [pm.Ignored() for _ in range(n - 1)]  # distinct objects: a repeated one must match one node
+        register_family_pattern(pm.CallFunction(torch.ops.mxemu.grouped_mm.default, FedByGroupedGemm(), *rest),
+                                pm_pass, family=FAMILY, name="moe" if n == 7 else "moe_bias", check=_check,
+                                replace=_replace)

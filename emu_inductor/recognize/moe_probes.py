@@ -53,12 +53,14 @@ class ProbeGemm:
         self.scale = torch.randn(experts, generator=gen) + 2.0 * torch.randint(0, 2, (experts,), generator=gen) - 1.0
         self.shift = torch.randn(experts, generator=gen)
         self.experts = experts
+        self.fold = True
 
     @classmethod
     def identity(cls, experts: int, n_out: int) -> "ProbeGemm":
         """Row r -> dtype(a[r, j % K]): carries GEMM1 outputs / activations through unchanged."""
         g = cls.__new__(cls)
         g.col, g.scale, g.shift, g.experts = torch.ones(n_out), torch.ones(experts), torch.zeros(experts), experts
+        g.fold = False  # a pure copy: the 16-bit patterns reach the activation as they are
         return g
 
     def rows(self, a: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,7 @@ class ProbeGemm:
         if n > K:
             a = a.repeat(1, -(-n // K))[:, :n]  # column j reads a[:, j % K]
         y = a[:, :n].float()
-        for start in range(n, K, n):  # narrower output: every input column still counts
+        for start in range(n, K if self.fold else n, n):  # narrower output: every input column still counts
             y[:, :min(n, K - start)] += a[:, start:start + n].float() * 0.75
         e = expert.clamp(0, self.experts - 1)
         y.mul_(self.col).mul_(self.scale[e].unsqueeze(-1)).add_(self.shift[e].unsqueeze(-1))
