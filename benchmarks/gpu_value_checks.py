@@ -1,6 +1,8 @@
 """GPU check of the one-launch value checks (kernels.checks): a bad argument must fail
 the stream with a device assert naming it, a good call must not; each case runs in a
-subprocess (a device assert poisons the CUDA context).
+subprocess (a device assert poisons the CUDA context). Also: the eager MoE layer (routing,
+validation, kernels) makes no device-to-host sync (torch.cuda.set_sync_debug_mode("error"),
+new token counts after the first call, so autotuning of a new bucket is inside the check).
 
     PYTHONPATH=. python3 benchmarks/gpu_value_checks.py
 """
@@ -31,7 +33,29 @@ torch.cuda.synchronize()
 print("FINISHED", float(y.float().abs().sum()))
 """
 
+NOSYNC = r"""
+import torch
+from emu_inductor.demo import DemoConfig, build_default_model
+m, _, _ = build_default_model(DemoConfig(device="cuda", compile=False, tokens=4))
+x = torch.randn(4, m.router.in_features, device="cuda").bfloat16()
+with torch.no_grad():
+    m(x)  # autotune, compile, calibrate outside the checked call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync in the layer raises
+    for T in (1, 4, 33):
+        m(torch.randn(T, x.shape[1], device="cuda").bfloat16())
+    torch.cuda.set_sync_debug_mode(0)
+torch.cuda.synchronize()
+print("FINISHED no sync")
+"""
+
 ok = True
+p = subprocess.run([sys.executable, "-c", NOSYNC], capture_output=True, text=True, timeout=180)
+nosync = "FINISHED no sync" in p.stdout
+ok &= nosync
+print(f"{'no_host_sync':16s} rc={p.returncode} -> {'ok' if nosync else 'WRONG'}")
+if not nosync:
+    print((p.stdout + p.stderr)[-1500:])
 for bad in ("none", "w13_alpha", "topk_ids", "a1_global_scale"):
     p = subprocess.run([sys.executable, "-c", CASE.format(bad=bad)], capture_output=True, text=True, timeout=120)
     text = p.stdout + p.stderr
