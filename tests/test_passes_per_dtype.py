@@ -71,3 +71,26 @@ def test_rules_added_for_a_later_dtype_are_guarded():
         # reported by the guard wrapper, which names the rule (numbered after the bf16 one)
         errors = [c.reason for c in sink.candidates if "internal error while rewriting" in c.reason]
         assert errors and "tmp_per_dtype_guard#2" in errors[0] and "fp32 rule fails" in errors[0], errors
+
+
+def test_family_requiring_packed_bytes_skips_unquantized_graphs():
+    from emu_inductor.passes.registry import PACKED_DTYPES
+
+    calls = []
+    with temp_family("tmp_packed", lambda pm: calls.append(1), anchors=[aten.mm], requires_dtypes=PACKED_DTYPES):
+        run = MxemuPass({"enabled_patterns": ["tmp_packed"]})
+        run(_mm(torch.bfloat16).graph)
+        assert calls == []  # an unquantized graph: no rule building at all
+        w = torch.randint(0, 255, (4, 2), dtype=torch.uint8)
+        gm = graph_of(lambda a, w: a @ (w & 15).to(torch.float32).repeat(1, 2), torch.randn(4, 4), w)
+        run(gm.graph)
+        assert calls == [1]
+
+
+def test_builtin_packed_weight_families_declare_it():
+    from emu_inductor.passes import registry
+
+    registry.load_builtin_families()
+    for name in ("linear", "grouped_mm"):
+        assert registry.get_pattern_family(name).requires_dtypes == registry.PACKED_DTYPES, name
+    assert registry.get_pattern_family("linear").per_dtype

@@ -48,7 +48,7 @@ from .opaque_ops import (opaque_dequant_piece, opaque_dequant_reason, opaque_deq
                          opaque_qdq_reason, opaque_qdq_style, opaque_spec_fn)
 from .pieces import (TRACE_E, TRACE_K, TRACE_N, dequant3_piece, match_val, qdq_piece, scheme_pairs, spec_for,
                      variant_name, weight_arg)
-from .registry import register_pattern_family
+from .registry import PACKED_DTYPES, register_pattern_family
 from .surgery import build_pattern, substitute
 from .tracing import tracing_context
 
@@ -363,6 +363,8 @@ def _register():
     register_pattern_family(
         FAMILY, _init_grouped, order=10, replace=True, anchors=(torch.ops.aten._grouped_mm, torch.ops.aten.bmm),
         files=[decl] if decl else (),
+        # every traced dequant reads packed bytes; a declared opaque dequant op may not
+        requires_dtypes=() if declared.dequant_ops() else PACKED_DTYPES,
         description="_grouped_mm(QDQ(a)[order], dequant(W).transpose) -> mxemu::grouped_mm (stage 1)")
 
 

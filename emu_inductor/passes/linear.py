@@ -32,7 +32,7 @@ from .matching import guard_eq, meta_val, sym_eq
 from .opaque_ops import (opaque_dequant_piece, opaque_dequant_reason, opaque_dequant_style, opaque_qdq_piece,
                          opaque_qdq_reason, opaque_qdq_style, opaque_spec_fn)
 from .pieces import dequant3_piece, dequant_piece, match_val, qdq_piece, scheme_pairs, spec_for, variant_name, weight_arg
-from .registry import register_pattern_family
+from .registry import PACKED_DTYPES, register_pattern_family
 from .runtime_guards import guard_tensor_input
 from .surgery import with_users
 
@@ -373,6 +373,8 @@ def _register():
     decl = declarations_file(declared.fingerprint())
     register_pattern_family(
         FAMILY, _init_family, order=30, replace=True, files=[decl] if decl else (), per_dtype=True,
+        # every traced dequant reads packed bytes; a declared opaque dequant op may not
+        requires_dtypes=() if declared.dequant_ops() else PACKED_DTYPES,
         # Tracing this family's patterns costs seconds: skip it for graphs with no GEMM.
         anchors=(torch.ops.aten.mm, torch.ops.aten.addmm),
         description="QDQ(x) @ dequant(W).T (+bias) -> mxemu::linear (every dequant/QDQ style in emu_inductor.patterns)")

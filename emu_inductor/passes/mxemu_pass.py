@@ -80,6 +80,11 @@ def _has_anchor(graph: torch.fx.Graph, anchors: Iterable[Any]) -> bool:
     return bool(_anchor_nodes(graph, anchors))
 
 
+def _placeholder_dtypes(graph: torch.fx.Graph) -> frozenset:
+    return frozenset(v.dtype for n in graph.find_nodes(op="placeholder")
+                     if isinstance(v := n.meta.get("val"), torch.Tensor))
+
+
 def _graph_dtypes(graph: torch.fx.Graph, anchors: Iterable[Any]) -> frozenset:
     """dtypes of the anchor nodes' values (of every node's without anchors): the rule sets
     a per-dtype family needs for this graph."""
@@ -182,11 +187,18 @@ class MxemuPass(CustomGraphPass):
             if self.options.get("remove_noop_ops"):
                 remove_noop_ops(graph)
             device = None
+            held = None  # dtypes of the graph's values, for requires_dtypes
             for fam in fams:
                 if fam.anchors and not _has_anchor(graph, fam.anchors):
                     log.debug("family %s skipped on graph %s: none of its anchor ops", fam.name,
                               label)
                     continue
+                if fam.requires_dtypes:
+                    held = _graph_dtypes(graph, ()) | _placeholder_dtypes(graph) if held is None else held
+                    if not held & fam.requires_dtypes:
+                        log.debug("family %s skipped on graph %s: no value of %s", fam.name, label,
+                                  sorted(map(str, fam.requires_dtypes)))
+                        continue
                 dtypes = _graph_dtypes(graph, fam.anchors) if fam.per_dtype else None
                 if fam.state == "new" or (fam.state == "ready" and dtypes and not dtypes <= fam.dtypes_seen):
                     if device is None:

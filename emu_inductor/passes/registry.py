@@ -41,6 +41,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+
 from .._logging import get_logger
 from .recorder import note
 from .timings import timed
@@ -50,6 +52,7 @@ log = get_logger("passes")
 
 __all__ = [
     "CORE_OPTIONS",
+    "PACKED_DTYPES",
     "PatternFamily",
     "register_pattern_family",
     "unregister_pattern_family",
@@ -92,6 +95,12 @@ CORE_OPTIONS: dict[str, tuple[Any, str]] = {
     ),
 }
 
+#: The dtypes packed weights and block scales are stored in: families whose every rule
+#: dequantizes such a tensor declare ``requires_dtypes=PACKED_DTYPES`` and cost nothing on
+#: graphs without one (an unquantized model).
+PACKED_DTYPES = frozenset({torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2} | (
+    {torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else set()))
+
 #: Options the backend consumes itself; they are not part of the pass config/uuid.
 BACKEND_ONLY_OPTIONS = frozenset({"emulate_precision_casts"})
 
@@ -108,6 +117,7 @@ class PatternFamily:
     order: int = 0
     anchors: tuple[Any, ...] = ()  # op targets; () = always run
     per_dtype: bool = False  # init_fn(..., dtypes=...) builds rules only for the dtypes it is given
+    requires_dtypes: frozenset = frozenset()  # skip graphs holding no value of these dtypes
     # runtime state (owned by the pass)
     state: str = "new"  # "new" | "ready" | "failed"
     error: str | None = None
@@ -141,6 +151,7 @@ def register_pattern_family(
     anchors: Iterable[Any] = (),
     replace: bool = False,
     per_dtype: bool = False,
+    requires_dtypes: Iterable[Any] = (),
 ) -> Any:
     """Register a pattern family; usable as a decorator when ``init_fn`` is omitted.
 
@@ -163,12 +174,16 @@ def register_pattern_family(
     per_dtype:   ``init_fn`` takes ``dtypes=`` (a frozenset of torch dtypes: those of the
                  anchor nodes' values, or of every node without anchors) and registers the
                  rules for those only; it is called again for dtypes a later graph brings.
+    requires_dtypes: dtypes at least one node value of the graph must have for any rule
+                 to match (``PACKED_DTYPES`` for families that dequantize packed weights);
+                 other graphs skip the family, including its rule building.
     """
     if init_fn is None:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             register_pattern_family(name, fn, options=options, files=files,
                                     description=description, order=order, anchors=anchors,
-                                    replace=replace, per_dtype=per_dtype)
+                                    replace=replace, per_dtype=per_dtype,
+                                    requires_dtypes=requires_dtypes)
             return fn
 
         return deco
@@ -197,7 +212,8 @@ def register_pattern_family(
         _seq += 1
         fam = PatternFamily(name=name, init_fn=init_fn, options=opts,
                             files=tuple(sorted(set(all_files))), description=description,
-                            order=order, anchors=tuple(anchors), per_dtype=bool(per_dtype), seq=_seq)
+                            order=order, anchors=tuple(anchors), per_dtype=bool(per_dtype),
+                            requires_dtypes=frozenset(requires_dtypes), seq=_seq)
         _families[name] = fam
     log.debug("registered pattern family %r (options=%s)", name, sorted(opts))
     return init_fn
