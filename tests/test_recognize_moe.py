@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from emu_inductor import _compat
 from emu_inductor.formats import MXFP4, quantize
 from emu_inductor.passes import recording
+from emu_inductor.spec import OpSpec
 from tests.corpus.oracle import assert_within_accumulation
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -192,6 +193,7 @@ def test_reference_skeleton_with_chunk_becomes_one_mxemu_moe(bias):
 # --- the recogniser alone, on traced graphs (no torch.compile: ~0.1 s a spelling) ------------
 
 E_, H_, I_, T_, K_ = 4, 64, 32, 5, 2
+SPEC_MX = OpSpec("mxfp4", "block", "mxfp4", "floor").to_str()  # what the GEMM fusion would have written
 
 
 def _spelled_layer(spec, counts="scatter_add", act="silu_chunk", combine="index_add", rows="tok"):
@@ -243,22 +245,24 @@ def _spelled_layer(spec, counts="scatter_add", act="silu_chunk", combine="index_
     return fn
 
 
-def _recognise(**spelling):
+def _traced(fn):
     from torch.func import functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from emu_inductor import ops  # noqa: F401  (registers mxemu::grouped_mm)
-    from emu_inductor.passes.semantic_moe import grouped_site
-    from emu_inductor.recognize.moe import recognize_moe
-    from emu_inductor.spec import OpSpec
 
-    spec = OpSpec("mxfp4", "block", "mxfp4", "floor").to_str()
     g = torch.Generator().manual_seed(0)
     q13, q2 = quantize(torch.randn(E_, 2 * I_, H_, generator=g), MXFP4), quantize(torch.randn(E_, H_, I_, generator=g),
                                                                                   MXFP4)
     args = (torch.randn(T_, H_).bfloat16(), torch.randn(E_, H_).bfloat16(), q13.qdata, q13.scale, q2.qdata, q2.scale)
-    graph = make_fx(functionalize(_spelled_layer(spec, **spelling), remove="mutations_and_views"), tracing_mode="fake")(
-        *args).graph
+    return make_fx(functionalize(fn, remove="mutations_and_views"), tracing_mode="fake")(*args).graph
+
+
+def _recognise(**spelling):
+    from emu_inductor.passes.semantic_moe import grouped_site
+    from emu_inductor.recognize.moe import recognize_moe
+
+    graph = _traced(_spelled_layer(SPEC_MX, **spelling))
     second = [n for n in graph.nodes if grouped_site(n) is not None][-1]
     return recognize_moe(grouped_site(second), grouped_site)
 
@@ -286,3 +290,22 @@ def test_spellings_proven(spelling):
 def test_near_misses_rejected_with_the_probe(spelling, why):
     v = _recognise(**spelling)
     assert getattr(v, "reason", None) is not None and why in v.reason and "probe" in v.reason, v
+
+
+def test_previous_layer_gemm_does_not_pair():
+    """Two layers in a row, the first one not fusable whole: the second layer's GEMM1 is fed
+    by the first layer's GEMM2 but routed by other ids, so it is no second GEMM (no
+    record), while each layer's own pair is found."""
+    from emu_inductor.passes.semantic_moe import grouped_site
+    from emu_inductor.recognize.moe_region import pair_of
+
+    one = _spelled_layer(SPEC_MX, combine="wrong_token")
+
+    def two(x, router, w13, s13, w2, s2):
+        h = x + one(x, router, w13, s13, w2, s2)
+        return h + one(h, router.flip(0), w13, s13, w2, s2)
+
+    gemms = [grouped_site(n) for n in _traced(two).nodes if grouped_site(n) is not None]
+    assert len(gemms) == 4
+    assert [pair_of(s, grouped_site) is not None for s in gemms] == [False, True, False, True]
+    assert pair_of(gemms[1], grouped_site).node is gemms[0].node and pair_of(gemms[3], grouped_site).node is gemms[2].node

@@ -23,7 +23,7 @@ from torch._inductor import pattern_matcher as pm
 from ..ops.validate import check_moe_inputs
 from ..recognize import Rejection
 from ..recognize.moe import GemmSite, recognize_moe
-from ..recognize.moe_region import is_size_query, live_nodes
+from ..recognize.moe_region import is_size_query, live_nodes, pair_of
 from ..spec import OpSpec
 from .guards import register_family_pattern
 from .recorder import count, record
@@ -52,29 +52,19 @@ def grouped_site(node) -> Optional[GemmSite]:
     return GemmSite(node, rows, offs, int(_val(w).shape[0]))
 
 
-class FedByGroupedGemm(pm.PatternExpr):
-    """Matches a rows operand computed (within a few hundred nodes) from another
-    mxemu::grouped_mm: the anchor is then the second GEMM of a pair. First GEMMs do not
-    match, so they cost nothing and do not clutter explain()."""
+class SecondGroupedGemm(pm.CallFunction):
+    """mxemu::grouped_mm whose rows are computed from another grouped GEMM routed by the
+    same top-k ids: the second GEMM of an MoE. First GEMMs (and a layer's GEMM1 fed by
+    the previous layer's GEMM2) do not match, so they cost nothing and leave no record."""
 
     def _match(self, node, ctx):
-        if isinstance(node, torch.fx.Node):
-            seen, stack = {node}, [node]
-            while stack and len(seen) < 400:
-                n = stack.pop()
-                if grouped_site(n) is not None:
-                    return pm.Match(ctx, self)
-                for a in n.all_input_nodes:
-                    if a not in seen:
-                        seen.add(a)
-                        stack.append(a)
-        return pm.FailedMatch("{} is not computed from a grouped GEMM", node)
-
-    def __repr__(self):
-        return "FedByGroupedGemm()"
-
-    def pretty_print(self, pp):
-        return "FedByGroupedGemm()"
+        m = super()._match(node, ctx)
+        if not pm.is_match(m):
+            return m
+        site = grouped_site(node)
+        if site is None or pair_of(site, grouped_site) is None:
+            return pm.FailedMatch("{} is not the second grouped GEMM of an MoE", node)
+        return m
 
 
 def _meta(n):
@@ -174,7 +164,7 @@ def _replace(match) -> None:
                                      "proven by evaluation -> mxemu::moe")
 def _init(pm_pass, input_device=None):
     for n in _ARGS:
-        rest = [pm.Ignored() for _ in range(n - 1)]  # distinct objects: a repeated one must match one node
-        register_family_pattern(pm.CallFunction(torch.ops.mxemu.grouped_mm.default, FedByGroupedGemm(), *rest),
+        args = [pm.Ignored() for _ in range(n)]  # distinct objects: a repeated one must match one node
+        register_family_pattern(SecondGroupedGemm(torch.ops.mxemu.grouped_mm.default, *args),
                                 pm_pass, family=FAMILY, name="moe" if n == 7 else "moe_bias", check=_check,
                                 replace=_replace)

@@ -39,7 +39,7 @@ from torch.fx import Node
 from .shapes import concrete_shape
 
 __all__ = ["GemmSite", "Region", "MoeRegion", "find_first_gemm", "find_moe_regions", "live_nodes", "cone",
-           "is_size_query"]
+           "is_size_query", "pair_of", "routing_candidates"]
 
 #: how far the searches look (nodes visited); MoE plumbing is a few dozen nodes
 _SEARCH = 600
@@ -247,11 +247,44 @@ def _used_outside(region: Region, keep: Node, live: set) -> Optional[str]:
     return None
 
 
-def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSite]], live: set):
-    """(list of MoeRegion candidates, nearest output first; reason when there is none)."""
+def routing_candidates(site: GemmSite, order: Optional[dict] = None) -> list:
+    """2-d integer tensors above `site`'s group ends with one entry per gathered row,
+    earliest first (the router's top-k ids before any reshaped copy)."""
+    if order is None:
+        order = {n: i for i, n in enumerate(site.node.graph.nodes)}
+    R = _shape(site.rows)[0]
+    # the routing chain is integer (or 1-d float, histc) tensors; 2-d float tensors are the
+    # router's scores or hidden states: the walk stops there, so the previous layer's ids
+    # (above this layer's router) are not candidates
+    seen, q, cands = {site.offs}, deque([site.offs]), []
+    while q and len(seen) < _SEARCH:
+        n = q.popleft()
+        if _is_int(n) and _val(n).dim() == 2 and _shape(n)[0] * _shape(n)[1] == R:
+            cands.append(n)
+        if _is_float(n) and _val(n).dim() >= 2:
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                q.append(a)
+    return sorted(cands, key=order.__getitem__)
+
+
+def pair_of(second: GemmSite, site_of: Callable[[Node], Optional[GemmSite]]) -> Optional[GemmSite]:
+    """The first GEMM of `second`'s MoE: the nearest grouped GEMM above its rows whose group
+    ends come from the same routing tensor (a GEMM of the previous layer does not pair)."""
     first = find_first_gemm(second, site_of)
     if first is None:
-        return [], "no grouped GEMM feeds the second GEMM's rows"
+        return None
+    a, b = routing_candidates(first), routing_candidates(second)
+    return first if a and b and a[0] is b[0] else None
+
+
+def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSite]], live: set):
+    """(list of MoeRegion candidates, nearest output first; reason when there is none)."""
+    first = pair_of(second, site_of)
+    if first is None:
+        return [], "no grouped GEMM routed by the same top-k ids feeds the second GEMM's rows"
     if first.experts != second.experts:
         return [], f"the two grouped GEMMs have {first.experts} and {second.experts} experts"
     sites = {first.node: first, second.node: second}
@@ -275,8 +308,7 @@ def find_moe_regions(second: GemmSite, site_of: Callable[[Node], Optional[GemmSi
     # not depending on it are found above the rows
     R, H1 = _shape(first.rows)
     order = {n: i for i, n in enumerate(second.node.graph.nodes)}
-    cands = sorted((n for n in _ancestors_bfs(first.offs, sites) if _is_int(n) and _val(n).dim() == 2
-                    and _shape(n)[0] * _shape(n)[1] == R), key=order.__getitem__)
+    cands = routing_candidates(first, order)
     if not cands:
         return [], f"no 2-d integer routing tensor with {R} entries (one per gathered row) above the group ends"
     ids = hidden = None
