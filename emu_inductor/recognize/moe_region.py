@@ -3,26 +3,28 @@
 Given the second GEMM of a pair (its rows computed, through an elementwise activation,
 from the first GEMM's output) this module finds, by role and shape only:
 
-- `first`: the nearest grouped GEMM above the second one's rows, with as many experts;
+- `first`: the nearest grouped GEMM above the second one's rows, routed by the same top-k
+  ids (`pair_of`), with as many experts;
 - `act`: the nodes between the first GEMM's output and the second GEMM's rows that depend
   on that output (the activation). Usually its only tensor input is that output
   (`act_direct`); this project's reference skeleton also scatters GEMM1's rows back to
   slot order and gathers them again for GEMM2 (with group ends computed twice): then
   routing tensors are inputs too, and the activation is proven inside the body;
-- `topk_ids`: the 2-d integer tensor [T, k] nearest above the group ends (the routing
-  the expert order was computed from);
+- `topk_ids`: the earliest 2-d integer tensor with one entry per gathered row on the
+  integer chain above the group ends (`routing_candidates`: the router's top-k ids);
 - `hidden`: the [T, H] float tensor nearest above the first GEMM's rows that does not
   depend on `topk_ids` (the rows are gathered from it);
-- `output`: a [T, H2] float tensor below the second GEMM (the combine's result); every
+- `output`: a [T, H2] tensor of the hidden dtype below the second GEMM (the combine's result); every
   candidate is tried, nearest first;
 - `topk_weights`: the float [T, k] tensor nearest above `output` on a path that avoids
   the GEMMs (the router weights the combine applies);
 - `body`: every node between (hidden, topk_ids, topk_weights) and `output`, the two GEMMs
   included (only their rows and group ends are followed: their weights are already
   proven by the GEMM fusion). A body that reads another graph input, or an intermediate
-  used outside the body, is refused: replacing it would change or recompute that use.
+  used outside the body (other than by a size query), is refused: replacing it would
+  change or recompute that use.
 
-Nothing here evaluates anything; `moe_verdict` does (probe routings and activations).
+Nothing here evaluates anything; `moe.recognize_moe` does (probe routings and activations).
 Cones are `Region`s (leaves, nodes in graph order, output), the shape `cone_key` and
 the evaluators take.
 """
