@@ -2,7 +2,8 @@
 pieces are proven, written in any spelling.
 
 Anchor: the second of two `mxemu::grouped_mm` calls (fused from the user's GEMMs by the
-"semantic" or "grouped_mm" family) whose rows are computed from the first one's output.
+"semantic" or "grouped_mm" family) whose rows are computed from the first one's output,
+both routed by the same top-k ids (`SecondGroupedGemm`).
 `emu_inductor.recognize.moe.recognize_moe` proves the activation between them and the
 routing and combine around them by evaluation (docs/recognize.md); the two GEMMs must
 use the same scheme (one OpSpec, one expert order) and mxemu::moe's default weight
@@ -110,7 +111,8 @@ def _check(match) -> Optional[str]:
     count(f"{FAMILY}.check_ms", int(v.seconds * 1000))
     if isinstance(v, Rejection):
         hint = ""
-        if isinstance(anchor.args[6], str) and OpSpec.from_str(anchor.args[6]).act_kind == "none":
+        compared = "activation" in v.reason or "differ" in v.reason
+        if compared and isinstance(anchor.args[6], str) and OpSpec.from_str(anchor.args[6]).act_kind == "none":
             hint = (" (this GEMM fused weight-only: an activation QDQ the recogniser did not prove stays in the "
                     "graph and is part of what was compared)")
         return f"whole-layer mxemu::moe not proven (the GEMMs stay fused alone): {v.reason}{hint}"
