@@ -80,9 +80,23 @@ def _has_anchor(graph: torch.fx.Graph, anchors: Iterable[Any]) -> bool:
     return bool(_anchor_nodes(graph, anchors))
 
 
-def _placeholder_dtypes(graph: torch.fx.Graph) -> frozenset:
-    return frozenset(v.dtype for n in graph.find_nodes(op="placeholder")
-                     if isinstance(v := n.meta.get("val"), torch.Tensor))
+def _input_dtypes(graph: torch.fx.Graph) -> frozenset:
+    """dtypes of the graph's inputs and attributes (constants need not carry meta 'val')."""
+    out = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("val")
+        elif n.op == "get_attr":
+            v = n.meta.get("val")
+            if v is None:
+                v = graph.owning_module
+                for part in str(n.target).split("."):
+                    v = getattr(v, part, None)
+        else:
+            continue
+        if isinstance(v, torch.Tensor):
+            out.add(v.dtype)
+    return frozenset(out)
 
 
 def _graph_dtypes(graph: torch.fx.Graph, anchors: Iterable[Any]) -> frozenset:
@@ -194,7 +208,7 @@ class MxemuPass(CustomGraphPass):
                               label)
                     continue
                 if fam.requires_dtypes:
-                    held = _graph_dtypes(graph, ()) | _placeholder_dtypes(graph) if held is None else held
+                    held = _graph_dtypes(graph, ()) | _input_dtypes(graph) if held is None else held
                     if not held & fam.requires_dtypes:
                         log.debug("family %s skipped on graph %s: no value of %s", fam.name, label,
                                   sorted(map(str, fam.requires_dtypes)))
