@@ -4,6 +4,7 @@ probes: every code byte, E8M0 scale bytes 0 / 1 / 127 / 254 / 255, every E4M3 sc
 (NaN included), awkward float scales. Each test also checks that the option changes the
 reference's output on these probes, so a kernel ignoring it would fail."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -173,10 +174,48 @@ def test_mx_ceil_activation_scale(fmt):
     _same(grouped_mm_triton(x, qe, se, None, offs, None, spec), grouped_mm_reference(x, qe, se, None, offs, None, spec))
 
 
-def test_moe_op_refuses_non_default_readers():
-    """mxemu::moe's oracle (moe_emulated) reads weights the default way only."""
-    from emu_inductor.ops.validate import check_moe_inputs
+@pytest.mark.parametrize("scheme,reader,dtype", [("w_mxfp4_a_mxfp4", {"w_e8m0_byte255": "inf"}, torch.bfloat16),
+                                                 ("nvfp4_w4a4", {"w_scale_order": "s/g"}, torch.bfloat16),
+                                                 # (v*s)*a and v*(s*a) part in fp32 (bf16 rounding hides it)
+                                                 ("nvfp4_w4a16", {"w_scale_order": "(v*s)*a"}, torch.float32)])
+def test_moe_takes_non_default_readers(scheme, reader, dtype):
+    """mxemu::moe with the weight readers of ModelOpt / Quark / compressed-tensors / gpt-oss:
+    the fused kernels equal the reference (moe_emulated reading the weights the same way),
+    and the reader matters (NVFP4: the default reader gives another result on these
+    weights; E8M0 byte 255: the kernels decode it with the +inf reader)."""
+    from emu_inductor.ops.reference_impl import moe_reference
+    from emu_inductor.ops.triton_impl import moe_triton
+    from emu_inductor.reference.modules import QuantizedExperts
 
-    for spec in (OpSpec("mxfp4", w_e8m0_byte255="inf"), OpSpec("nvfp4", w_scale_order="s/g")):
-        with pytest.raises(ValueError, match="spec: expected the default weight reader"):
-            check_moe_inputs(*([None] * 12), spec)
+    E, H, I, T = 4, 64, 32, 6
+    g = torch.Generator().manual_seed(11)
+    qe = QuantizedExperts.from_float((torch.randn(E, 2 * I, H, generator=g) * 0.3).bfloat16(),
+                                     (torch.randn(E, H, I, generator=g) * 0.3).bfloat16(), scheme=scheme)
+    if qe.a1_global_scale is not None:
+        qe.a1_global_scale.fill_(2688.0 / 4.0)
+        qe.a2_global_scale.fill_(2688.0 / 8.0)
+    w13_scale, w2_scale = qe.w13_scale.clone(), qe.w2_scale.clone()
+    if "w_e8m0_byte255" in reader:  # a few scale bytes 255: NaN for the default reader, +inf here
+        w13_scale.view(torch.uint8)[1, 3, 0] = 255
+        w2_scale.view(torch.uint8)[2, 5, 0] = 255
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)]).to(torch.int32)
+    tw = torch.softmax(torch.randn(T, 2, generator=g), -1)
+    spec = dataclasses.replace(OpSpec.from_scheme(scheme), **reader)
+    # global scales off powers of two, so the product orders round differently
+    a13 = qe.w13_alpha * 1.3711 if qe.w13_alpha is not None else None
+    a2 = qe.w2_alpha * 0.7293 if qe.w2_alpha is not None else None
+    args = (x, qe.w13, w13_scale, a13, qe.w2, w2_scale, a2, tw, ids, qe.a1_global_scale, qe.a2_global_scale, None)
+    ref = moe_reference(*args, spec)
+    out = moe_triton(*args, spec, reduction="deterministic")
+    if dtype == torch.bfloat16:
+        _same(out, ref)
+    else:  # fp32 GEMMs: the kernels' and the reference's summation orders differ (the contract's tolerance)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if "w_scale_order" in reader:
+        assert _differs(ref, moe_reference(*args, OpSpec.from_scheme(scheme)))
+    else:  # a 255 byte poisons whole GEMM rows either way (inf * 0, inf - inf): check the kernel's reader
+        from emu_inductor.kernels.launch import kernel_spec_for
+
+        src = render(kernel_spec_for(spec, torch.bfloat16, device=torch.device("cpu")))
+        assert "s = _e8m0_decode_w(sc)" in src

@@ -23,6 +23,7 @@ def moe_reference(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alp
         a2_global_scale=a2_global_scale, activation=spec.activation,
         apply_router_weight_on_input=spec.router_weight_on_input, expert_map=expert_map,
         gemm_style=style, fp6_layout=spec.fp6_layout, validate=False, w13_bias=w13_bias, w2_bias=w2_bias,
+        e8m0_byte255=spec.w_e8m0_byte255, scale_order=spec.w_scale_order,
     )
 
 

@@ -52,10 +52,6 @@ def check_devices(dev, **tensors):
 def check_moe_inputs(x, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
                      a1_gs, a2_gs, expert_map, spec: OpSpec, w13_bias=None, w2_bias=None):
     """Every argument of the fused MoE launcher; returns (T, H, E, I)."""
-    if not spec.weight_reader_default:
-        # moe_emulated (the oracle of mxemu::moe) reads weights the default way only
-        _fail("spec", f"w_e8m0_byte255={spec.w_e8m0_byte255!r}, w_scale_order={spec.w_scale_order!r}",
-              "the default weight reader (w_e8m0_byte255='nan', w_scale_order='s*a') for mxemu::moe")
     check_devices(x.device, w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, w2=w2, w2_scale=w2_scale,
                   w2_alpha=w2_alpha, topk_weights=topk_weights, topk_ids=topk_ids, a1_global_scale=a1_gs,
                   a2_global_scale=a2_gs, expert_map=expert_map, w13_bias=w13_bias, w2_bias=w2_bias)

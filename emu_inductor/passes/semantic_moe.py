@@ -82,9 +82,6 @@ def _spec(verdict) -> tuple[Optional[str], Optional[str]]:
     o1, o2 = OpSpec.from_str(s1), OpSpec.from_str(s2)
     if o1 != o2:
         return None, f"GEMM1 ({o1.short_name()}) and GEMM2 ({o2.short_name()}) use different schemes"
-    if not o1.weight_reader_default:
-        return None, (f"the weights are read with w_e8m0_byte255={o1.w_e8m0_byte255!r}, "
-                      f"w_scale_order={o1.w_scale_order!r}; mxemu::moe takes the default reader only")
     return dataclasses.replace(o1, activation=verdict.activation, router_weight_on_input=False).to_str(), None
 
 

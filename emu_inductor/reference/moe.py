@@ -279,6 +279,8 @@ def moe_emulated(
     validate: bool = True,
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
+    e8m0_byte255: str = "nan",
+    scale_order: str = "s*a",
 ) -> torch.Tensor:
     """Emulated quantized MoE forward; see the module docstring for the exact numerics.
 
@@ -289,6 +291,9 @@ def moe_emulated(
     scales (quantize direction). `a_fp8` schemes take optional static a1/a2 scales.
     w13_bias [E, N1] / w2_bias [E, H] (activation dtype, optional): per-expert GEMM biases
     added to the fp32 accumulator before the GEMM's one rounding (vLLM's HAS_BIAS).
+    e8m0_byte255 / scale_order: how both GEMMs' weights are read, as `dequantize_weight`
+    takes them (MX scale byte 255 as NaN or +inf; NVFP4 s*a, s/g or (v*s)*a): the readers
+    of ModelOpt, Quark, compressed-tensors and gpt-oss that the passes prove.
     """
     scheme = get_scheme(scheme)
     check_gemm_style(gemm_style, hidden_states)
@@ -306,8 +311,10 @@ def moe_emulated(
     fmt = scheme.weight_fmt
     top_k = topk_ids.shape[1]
 
-    W13 = dequantize_experts(w13, w13_scale, fmt, w13_alpha, dtype, fp6_layout)
-    W2 = dequantize_experts(w2, w2_scale, fmt, w2_alpha, dtype, fp6_layout)
+    W13 = dequantize_experts(w13, w13_scale, fmt, w13_alpha, dtype, fp6_layout, e8m0_byte255=e8m0_byte255,
+                             scale_order=scale_order)
+    W2 = dequantize_experts(w2, w2_scale, fmt, w2_alpha, dtype, fp6_layout, e8m0_byte255=e8m0_byte255,
+                            scale_order=scale_order)
 
     ids = topk_ids.reshape(-1).long()
     local = expert_map.long()[ids] if expert_map is not None else ids
