@@ -99,6 +99,21 @@ def oracle_byte(amax: float, elem, mode: str) -> int:
             if eps < spacing / 2:
                 k -= 1
         e = k
+    elif mode == "floor_log2":
+        # floor(fl32(log2 amax)) (microxcaling): the exact floor is k - 1; a correctly
+        # rounded fp32 log2 reaches k when k - log2(amax) is below half the fp32 spacing
+        # next to k on the side towards k - 1
+        k = floor_log2(q) + 1
+        e = k - 1
+        if q != Fraction(2) ** (k - 1) and k != 0:
+            eps = -math.log1p(float(q / Fraction(2) ** k - 1)) / math.log(2)
+            m = abs(k)
+            spacing = 2.0 ** (math.floor(math.log2(m)) - 23)
+            if k > 0 and m & (m - 1) == 0:
+                spacing /= 2  # below a power of two the fp32 grid is twice as fine
+            if eps < spacing / 2:
+                e = k
+        e -= elem.emax
     else:
         raise AssertionError(mode)
     return max(-127, min(127, e)) + 127
@@ -122,6 +137,7 @@ TABLE = {
     "rceil": [-2, -2, -2, -1, -1, -1, 0, 1, 1],
     "rceil_log2": [-2, -2, -2, -1, -1, -1, 0, 1, 1],  # equal to rceil away from 2^k boundaries
     "even_fp4": [-2, -2, -2, -2, -1, -1, 0, 0, 1],  # E2M1 has 1 mantissa bit: = even
+    "floor_log2": [-2, -2, -2, -2, -2, -2, 0, 0, 0],  # = floor away from just below 2^k
 }
 
 
@@ -235,7 +251,11 @@ def test_scale_accepts_bf16_and_fp16_amax():
     for dt in (torch.bfloat16, torch.float16):
         a = a32.to(dt)
         for mode in MX_SCALE_MODES:
-            assert torch.equal(e8m0_scale(a, E2M1, mode), e8m0_scale(a.float(), E2M1, mode))
+            if mode != "floor_log2":  # the one mode whose log2 is rounded in amax's dtype
+                assert torch.equal(e8m0_scale(a, E2M1, mode), e8m0_scale(a.float(), E2M1, mode))
+    # bf16(3e38) = 1.766 * 2^127: its log2 rounds to 128 in bf16, not in fp32
+    top = torch.tensor([3e38]).to(torch.bfloat16)
+    assert int(e8m0_scale(top, E2M1, "floor_log2")) == int(e8m0_scale(top.float(), E2M1, "floor_log2")) + 1
 
 
 def test_largest_bytes():

@@ -37,7 +37,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class QDQOptions:
     """The variant knobs of one quantizer, validated once.
 
-    scale_mode (MX only): floor | ceil | even | rceil | rceil_log2.  recipe (NVFP4 only):
+    scale_mode (MX only): floor | ceil | even | rceil | rceil_log2 | even_fp4 | floor_log2.  recipe (NVFP4 only):
     see `emu_inductor.formats.nvfp4`.  rounding: rne | half_away | half_toward_zero.
     signed_zero: keep | lt0 | le0 | positive (NVFP4: the recipe's own when omitted).
     nan_element: nan | max.  inf_amax (MX): nan | nan_or_overflow | exponent | max.
@@ -290,7 +290,8 @@ def _qdq_values(x: torch.Tensor, fmt: BlockFormat, opts: QDQOptions, g: Optional
     x32 = xb.to(torch.float32)
     rnd = dict(rounding=opts.rounding, signed_zero=opts.signed_zero, nan_element=opts.nan_element)
     if fmt.is_mx:
-        u = e8m0_scale(amax, fmt.element, opts.scale_mode, inf_amax=opts.inf_amax)
+        # the amax in x's dtype: "floor_log2" rounds its log2 there (the others read fp32)
+        u = e8m0_scale(amax_x, fmt.element, opts.scale_mode, inf_amax=opts.inf_amax)
         y = x32 * e8m0_inverse(u, byte0=opts.byte0_inverse)  # exact power-of-two scaling
         v = round_to_element(y, fmt.element, **rnd)
         return v, u, None

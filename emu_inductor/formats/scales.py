@@ -19,6 +19,11 @@ MX `scale_mode` (unbiased exponent before clamping; `m` = amax's fp32 mantissa f
   even_fp4  "even" with the amax rounded to FP4's single mantissa bit whatever the
          element (compressed-tensors 0.20's MXFP8, whose generate_mx_scales hard-codes
          FP4_E2M1's mantissa width for every format but FP6)
+  floor_log2  floor(log2 amax) - emax with log2 rounded to amax's own dtype (the input
+         dtype): microxcaling's `_shared_exponents` (Python path, its 2^-126 zero guard
+         included), where an amax just below 2^k gets exponent k. Computed exactly from the
+         exponent bits and per-binade thresholds (formats.log2_floor), equal to torch's
+         CPU log2 in fp32, bf16 and fp16; pass the amax in the input dtype.
 All-zero blocks give byte 0 (2^-127); a block holding NaN gives byte 255, and one holding
 +-Inf too unless `inf_amax` says otherwise (INF_AMAX_MODES).
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .elements import check_element, check_tensor
+from .log2_floor import LOG2_DTYPE_BITS, log2_floor_exponent
 from .spec import ElementSpec
 
 __all__ = [
@@ -41,7 +47,7 @@ __all__ = [
     "e8m0_inverse",
 ]
 
-MX_SCALE_MODES = ("floor", "ceil", "even", "rceil", "rceil_log2", "even_fp4")
+MX_SCALE_MODES = ("floor", "ceil", "even", "rceil", "rceil_log2", "even_fp4", "floor_log2")
 # The scale of a block whose amax is +-Inf, or (for "even") a finite amax that the
 # rounding carries past fp32's largest binade:
 #   "nan"              Inf -> byte 255 (the block dequantizes to NaN); a rounding carry
@@ -68,13 +74,22 @@ _MANT_MASK = 0x007FFFFF
 def e8m0_scale(
     amax: torch.Tensor, elem: ElementSpec, scale_mode: str = "floor", *, inf_amax: str = "nan"
 ) -> torch.Tensor:
-    """E8M0 scale bytes (uint8) for block maxima `amax` (any float dtype, >= 0 or NaN)."""
+    """E8M0 scale bytes (uint8) for block maxima `amax` (any float dtype, >= 0 or NaN).
+
+    Only "floor_log2" reads amax's dtype (the dtype its log2 is rounded to)."""
     if scale_mode not in MX_SCALE_MODES:
         raise ValueError(f"scale_mode: got {scale_mode!r}, expected one of {MX_SCALE_MODES}")
     if inf_amax not in INF_AMAX_MODES:
         raise ValueError(f"inf_amax: got {inf_amax!r}, expected one of {INF_AMAX_MODES}")
     check_tensor(amax, "amax")
     check_element(elem)
+    log2_dtype = amax.dtype
+    if scale_mode == "floor_log2":
+        if log2_dtype not in LOG2_DTYPE_BITS:
+            raise ValueError(f"amax: scale_mode 'floor_log2' rounds log2 to amax's dtype, one of "
+                             f"{list(LOG2_DTYPE_BITS)}; got {log2_dtype}")
+        if elem.emax < 1:  # subnormal amax would need their own thresholds (see below)
+            raise ValueError(f"elem: scale_mode 'floor_log2' needs an element with emax >= 1, got {elem.name}")
     amax = amax.to(torch.float32)
     nan = torch.isnan(amax)
     inf = torch.isinf(amax)
@@ -94,6 +109,11 @@ def e8m0_scale(
         sub_u = (mant > (1 << 22)).to(torch.int32)
         u = torch.where(exp_field == 0, sub_u, normal_u)
         u = torch.clamp(u, max=254)
+    elif scale_mode == "floor_log2":
+        # fp32-subnormal and zero amax give -127 (floor(log2) <= -126 there; every MX
+        # element has emax >= 2, so the clamp below makes both byte 0)
+        e = log2_floor_exponent(amax, log2_dtype)
+        u = torch.clamp(e - elem.emax, min=-127, max=127) + 127
     else:
         bits = amax.view(torch.int32)
         if scale_mode in ("even", "even_fp4"):

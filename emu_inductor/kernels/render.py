@@ -369,7 +369,7 @@ def render(spec: KernelSpec) -> str:
     if op.act_kind == "block":
         afmt = FORMATS[op.act_fmt]
         if afmt.is_mx:
-            parts.append(_e8m0_scale(afmt.element, op.act_scale_mode or "floor"))
+            parts.append(_e8m0_scale(afmt.element, op.act_scale_mode or "floor", spec.dtype))
     parts.append(_qdq_helper(spec))
     parts.append(_act_helper(spec))
     parts.append(_w_tile_helper(spec, "_w_tile1", spec.alpha1))

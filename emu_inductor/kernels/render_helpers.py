@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import textwrap
 
-from ..formats import FORMATS, E4M3, ElementSpec
+import torch
+
+from ..formats import FORMATS, E4M3, ElementSpec, log2_floor_runs
 from ..formats.nvfp4 import E4M3_MAX as _E4M3_MAX
 from ..formats.spec import BlockFormat
 from ..spec.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, is_gated
@@ -171,7 +173,26 @@ def _e8m0_inverse(u):
 """
 
 
-def _e8m0_scale(el: ElementSpec, mode: str) -> str:
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _log2_floor_lines(dtype: str) -> list[str]:
+    """floor(log2 amax) with log2 rounded to `dtype` (formats.log2_floor), without a log2:
+    the exponent field, +1 when the fraction field reaches its binade's threshold. The
+    thresholds are the formats' exact table, written as runs over the exponent field."""
+    runs = log2_floor_runs(_TORCH_DTYPE[dtype])
+    lines = ["bits = amax.to(tl.int32, bitcast=True)",
+             "ef = (bits >> 23) & 0xFF",
+             f"# log2 rounded to {dtype} reaches the next integer from fraction field thr on",
+             f"thr = tl.where(ef >= {runs[1][0]}, {runs[1][2]}, {runs[0][2]})"]
+    lines += [f"thr = tl.where(ef >= {first}, {t}, thr)" for first, _, t in runs[2:]]
+    lines.append("e = ef - 127 + ((bits & 0x7FFFFF) >= thr).to(tl.int32)")
+    return lines
+
+
+def _e8m0_scale(el: ElementSpec, mode: str, dtype: str = "fp32") -> str:
+    """The E8M0 scale-byte helper for `mode`; `dtype` (the activation dtype) matters only
+    to "floor_log2", whose log2 is rounded in it."""
     if mode == "rceil":
         body = f"""d = amax * {_f(1.0 / el.max_normal)}
 bits = d.to(tl.int32, bitcast=True)
@@ -181,16 +202,21 @@ u = tl.where(ef == 0, (mant > 4194304).to(tl.int32), ef + (mant != 0).to(tl.int3
 u = tl.minimum(u, 254)"""
     else:
         lines = ["bits = amax.to(tl.int32, bitcast=True)"]
+        if mode == "floor_log2":
+            lines = _log2_floor_lines(dtype)
+        elif mode not in ("floor", "ceil", "even"):
+            raise ValueError(f"act_scale_mode: the kernels render floor, ceil, even, rceil and floor_log2; got {mode!r}")
         if mode == "even":
             lines.append(f"bits = (bits + {1 << (22 - el.mbits)}) & 0x7F800000")
-        lines.append("e = ((bits >> 23) & 0xFF) - 127")
+        if mode != "floor_log2":
+            lines.append("e = ((bits >> 23) & 0xFF) - 127")
         if mode == "ceil":
             lines.append("e = e + ((amax.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)")
         lines.append(f"u = tl.minimum(tl.maximum(e - {el.emax}, -127), 127) + 127")
         body = "\n".join(lines)
     return f"""@triton.jit
 def _e8m0_scale(amax):
-    # E8M0 scale byte (as int32) of a block amax, scale_mode={mode!r}, element {el.name}
+    # E8M0 scale byte (as int32) of a block amax, scale_mode={mode!r}{f" ({dtype})" if mode == "floor_log2" else ""}, element {el.name}
 {_ind(body)}
     finite = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) != 255
     return tl.where(finite, u, 255)

@@ -278,7 +278,8 @@ def act_variants() -> list[ActVariant]:
     out = []
     for fmt in FORMATS.values():
         if fmt.is_mx:
-            for mode, rnd, b0 in itertools.product(("floor", "ceil", "even", "rceil"), ("rne", "half_away"),
+            # floor_log2: microxcaling's floor(log2 amax) with log2 rounded in the graph's dtype
+            for mode, rnd, b0 in itertools.product(("floor", "ceil", "even", "rceil", "floor_log2"), ("rne", "half_away"),
                                                    ("pow2", "zero")):
                 out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0))
             # the libraries' own quantizers (formats.variants), edge cases included: Quark's

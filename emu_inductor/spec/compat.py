@@ -8,7 +8,8 @@ An activation is named by its element format ("nvfp4", "mxfp4", ...) for block Q
 "fp8" for one per-tensor E4M3 scale (vLLM's `a_fp8`). NVFP4 activations go only with
 NVFP4 weights, MX activations only with MX weights. The fused kernels implement the MX
 activation scale modes in `FUSED_MX_SCALE_MODES` ("rceil_log2" and "even_fp4" exist in
-the reference only).
+the reference only; "floor_log2", microxcaling's floor(log2) in the activation dtype, is
+rendered from the formats' exact per-binade thresholds).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
 }
 
 #: MX activation scale modes the generated kernels implement.
-FUSED_MX_SCALE_MODES = ("even", "floor", "rceil", "ceil")
+FUSED_MX_SCALE_MODES = ("even", "floor", "rceil", "ceil", "floor_log2")
 
 
 def act_name(act) -> str:
