@@ -333,8 +333,10 @@ def test_nvfp4_zero_and_tiny_blocks_per_recipe():
     x[0, 0] = 1000.0
     x[2, :] = 1e-3 * torch.tensor([1.0, -1.0] * 8)
     x[2, 5] = 0.0
-    want_zero = {"vllm": 0x00, "vllm_ref": 0x00, "te": 0x00, "compressed_tensors": 0x20, "modelopt": 0x38, "torchao": 0x08}
-    want_tiny = {"vllm": 0x00, "vllm_ref": 0x00, "te": 0x00, "compressed_tensors": 0x20, "modelopt": 0x01, "torchao": 0x08}
+    want_zero = {"vllm": 0x00, "vllm_ref": 0x00, "te": 0x00, "compressed_tensors": 0x20, "modelopt": 0x38, "torchao": 0x08,
+                 "torchao_moe": 0x08}
+    want_tiny = {"vllm": 0x00, "vllm_ref": 0x00, "te": 0x00, "compressed_tensors": 0x20, "modelopt": 0x01, "torchao": 0x08,
+                 "torchao_moe": 0x08}
     for r in NVFP4_RECIPES:
         q = quantize(x, "nvfp4", recipe=r)
         b = q.scale.view(torch.uint8)[:, 0].tolist()

@@ -15,6 +15,7 @@ global scale in its *native direction* (see `RECIPES[name].global_direction`):
   compressed_tensors  clamp(g*(amax_b/6 in x's dtype), +-448)  s = 0.125   x/(s/g)              q*(s/g)
   modelopt            clamp(amax_b/(6*g), 2^-9, 448), 0 -> 1   s = 1.0     x/(s*g)              q*(s*g)
   torchao             clamp((amax_b/6)/g, 2^-6, 448)           s = 2^-6    x*((1/g)/s)          q*(g*s)
+  torchao_moe         same as torchao                                                          (q*s)*g
 rcp(t) = 1/(t + (t==0)*1e8) is vLLM's graph-capture-safe zero guard. `signed_zero` is the
 sign a zero result takes (elements.SIGNED_ZERO_MODES): compressed-tensors and ModelOpt
 take it from x < 0, so -0.0 gives +0.0; the others keep the sign. ModelOpt stores the
@@ -27,6 +28,10 @@ tiny and huge blocks next to large ones):
   compressed_tensors  compressed-tensors 0.20.1 calculate_qparams + fake_quantize (fp32
                       and bf16 observers), generate_gparam for the global scale
   torchao             torchao 0.18.0 nvfp4_quantize (two-level) + NVFP4Tensor dequant
+  torchao_moe         torchao 0.18.0 nvfp4_quantize (two-level) + moe_training's
+                      _nvfp4_dequantize(per_tensor_scale=) (its emulated grouped GEMMs'
+                      order: block scale first, then the per-tensor scale); equal to
+                      `torchao` after rounding to bf16 on random data, not in fp32
 Recipes checked against the published algorithm only (float64 transcriptions with every
 fp32 rounding emulated, tests/test_formats_quantize.py), because the library does not
 install on this CPU beside torch 2.13:
@@ -83,8 +88,9 @@ class NVFP4Recipe:
     block_scale: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     # (x fp32, s, g) -> y, the values rounded to E2M1 (after a +-6 clamp)
     scale_elements: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    # (s, g) -> per-block factor multiplied onto the E2M1 values
-    dequant_factor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # (v, s, g) -> the dequantized fp32 values from the E2M1 values v, in the library's
+    # product order (v * f(s, g) for most; (v * s) * g for torchao_moe)
+    dequant: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     # sign of a zero element (elements.SIGNED_ZERO_MODES)
     signed_zero: str = "keep"
     # the reader's value for the -0 code 0x8: -0.0, or +0.0 where the library decodes by
@@ -104,8 +110,8 @@ def _vllm_ref_mul(x, s, g):
     return x * _vllm_rcp(s * _vllm_rcp(g))
 
 
-def _s_over_g(s, g):
-    return s / g
+def _s_over_g(v, s, g):
+    return v * (s / g)
 
 
 def _te_block(a32, a_x, g):
@@ -116,8 +122,8 @@ def _te_mul(x, s, g):
     return x * torch.clamp(1.0 / (s * (1.0 / g)), max=_F32_MAX)
 
 
-def _te_deq(s, g):
-    return s * (1.0 / g)
+def _te_deq(v, s, g):
+    return v * (s * (1.0 / g))
 
 
 def _ct_block(a32, a_x, g):
@@ -148,8 +154,8 @@ def _modelopt_mul(x, s, g):
     return torch.where((d == 0) & (x == 0), torch.full_like(x, float("inf")), x / d)
 
 
-def _modelopt_deq(s, g):
-    return s * g
+def _modelopt_deq(v, s, g):
+    return v * (s * g)
 
 
 def _torchao_block(a32, a_x, g):
@@ -160,8 +166,12 @@ def _torchao_mul(x, s, g):
     return x * ((1.0 / g) / s)
 
 
-def _torchao_deq(s, g):
-    return g * s
+def _torchao_deq(v, s, g):
+    return v * (g * s)
+
+
+def _torchao_moe_deq(v, s, g):
+    return (v * s) * g
 
 
 RECIPES: dict[str, NVFP4Recipe] = {
@@ -173,6 +183,7 @@ RECIPES: dict[str, NVFP4Recipe] = {
         NVFP4Recipe("compressed_tensors", "quantize", _ct_block, _ct_mul, _s_over_g, "lt0"),
         NVFP4Recipe("modelopt", "dequantize", _modelopt_block, _modelopt_mul, _modelopt_deq, "lt0", "positive"),
         NVFP4Recipe("torchao", "dequantize", _torchao_block, _torchao_mul, _torchao_deq),
+        NVFP4Recipe("torchao_moe", "dequantize", _torchao_block, _torchao_mul, _torchao_moe_deq),
     )
 }
 

@@ -312,7 +312,7 @@ def _dequant_values(v, scale_state, g, fmt: BlockFormat, opts: QDQOptions, dtype
         recipe = _nv.get_recipe(opts.recipe)
         if recipe.negzero_decode == "positive":
             v = v + 0.0  # -0.0 + 0.0 is +0.0; every other value (NaN too) unchanged
-        out = v * recipe.dequant_factor(scale_state, g)
+        out = recipe.dequant(v, scale_state, g)
     return out.reshape(shape).to(dtype)
 
 

@@ -1,7 +1,7 @@
 """NVFP4 activation recipes rendered from `emu_inductor.formats.nvfp4.RECIPES` itself.
 
 The formats describe each recipe once, as three small torch functions (block scale,
-element multiplier, dequant factor) plus data (`signed_zero`, `negzero_decode`). This
+element multiplier, dequantization) plus data (`signed_zero`, `negzero_decode`). This
 module traces those functions with torch.fx and writes the same operations as Triton
 source, op for op, so the kernels compute what `formats.fake_quantize` computes and
 never hold a copy of a recipe's formula. An operation it cannot write exactly (an op
@@ -241,7 +241,7 @@ def recipe_lines(recipe: str, element: str, rounding: str) -> str:
                               {"a32": "f32", "a_x": "act", "g": "f32"}, "s")
     mul_tmp, mul = _translate(r.scale_elements, {"x": "x", "s": "s", "g": "g"},
                               {"x": "f32", "s": "f32", "g": "f32"}, "y")
-    deq_tmp, deq = _translate(r.dequant_factor, {"s": "s", "g": "g"}, {"s": "f32", "g": "f32"}, "d")
+    deq_tmp, deq = _translate(r.dequant, {"v": "v", "s": "s", "g": "g"}, {"v": "f32", "s": "f32", "g": "f32"}, "d")
     if r.signed_zero not in _ZERO_SIGN:
         raise RecipeNotRenderable(f"signed_zero {r.signed_zero!r}")
     if r.negzero_decode not in ("keep", "positive"):
@@ -251,7 +251,7 @@ def recipe_lines(recipe: str, element: str, rounding: str) -> str:
         lines.append(_ZERO_SIGN[r.signed_zero])
     if r.negzero_decode == "positive":
         lines.append("v = v + 0.0  # the reader decodes the -0 code as +0.0")
-    lines += [*deq_tmp, f"deq = {deq}", "out = v * deq"]
+    lines += [*deq_tmp, f"out = {deq}"]
     return "\n".join(lines)
 
 

@@ -40,7 +40,10 @@ WEIGHT_SCALES = (0.01731, 1.0, 2.0 ** -15, 0.0025, 117.3, 3.7e-7, 3.1e5, 0.7071)
 #: NVFP4 activation global scales (quantize direction, 448*6/amax ~ 2688/amax).
 #: 6 * 2^-k (= 2688 / (448 * 2^k)) puts bf16 block amaxes exactly on E4M3 midpoints, where
 #: g*(amax*(1/6)) and amax*(g*(1/6)) (vLLM vs TransformerEngine) round apart.
-GLOBAL_SCALES = (1.0, 6.0, 0.1875, 7.0, 71.68, 0.0123, 2.688, 1.0e4)
+#: 0.9979166388511658 (fp32, just below 1) makes the dequantization products (v*s)*g and
+#: v*(g*s) round to different bf16 values for some E4M3 block scales (torchao_moe vs
+#: torchao: equal after bf16 rounding for the other scales here, different functions).
+GLOBAL_SCALES = (1.0, 6.0, 0.1875, 7.0, 71.68, 0.0123, 2.688, 1.0e4, 0.9979166388511658)
 #: Static per-tensor fp8 scales.
 STATIC_FP8_SCALES = (0.0625, 0.0173, 1.0, 3.7)
 N_PAIRS = 256 * 256

@@ -141,9 +141,6 @@ def make_moe(seed, dtype):
     return m, (tokens(seed, 5, H, dtype),)
 
 
-_QSG = ("emu_inductor.formats has no NVFP4 dequant product (q*s)*g (torchao's moe_training _nvfp4_dequantize "
-        "with per_tensor_scale); the nearest, recipe torchao's q*(g*s), agrees after rounding to bf16 but in fp32 "
-        "differs on 4023/32768 weights and 5332/12608 activation probe values (measured)")
 ENTRIES = [
     CorpusEntry(
         "torchao_mx_linear", "linear", "torchao", "installed torchao 0.18: to_mx, to_dtype (FLOOR)",
@@ -159,11 +156,11 @@ ENTRIES = [
         "torchao_nvfp4_linear_two_level", "linear", "torchao",
         "installed torchao 0.18: nvfp4_quantize (two level), per_tensor_amax_to_scale, "
         "moe_training _nvfp4_dequantize(per_tensor_scale=)",
-        Variant(WeightVariant("nvfp4", "(q*s)*g"), act={"fmt": "nvfp4", "recipe": "torchao"}, act_global="static"),
+        Variant(WeightVariant("nvfp4", "(q*s)*g", recipe="torchao_moe"), act={"fmt": "nvfp4", "recipe": "torchao_moe"},
+                act_global="static"),
         make_two_level, dtypes=(torch.bfloat16, torch.float32), expect_fused=True,
-        fused_today="one mxemu::linear with the NVFP4 torchao activation QDQ (weights recognised as (v*s)*a "
-                    "through the masked-fill index_put; measured bf16 2026-12-02)",
-        xfail={k: _QSG for k in ("layer", "weights", "weights_sign", "act@float32")},
+        fused_today="one mxemu::linear with the NVFP4 torchao_moe activation QDQ (weights recognised as (v*s)*a "
+                    "through the masked-fill index_put; measured bf16 and fp32 2026-12-02)",
     ),
     CorpusEntry(
         "torchao_nvfp4_moe", "moe", "torchao",

@@ -129,8 +129,7 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     s = _round_e4m3_rne(tl.minimum(tl.maximum(g * (a * SIXTH), -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, propagate_nan=tl.PropagateNan.ALL))
     y = x * tl.where(s == 0, 0.0, tl.math.div_rn(g, s))
     v = _round_e2m1_rne(y)
-    deq = tl.math.div_rn(s, g)
-    out = v * deq
+    out = v * tl.math.div_rn(s, g)
     return _rnd(tl.reshape(out, (ROWS, W)))
 
 
