@@ -226,8 +226,10 @@ def _replace_linear(match) -> None:
 
 def _check_grouped(match) -> Optional[str]:
     anchor = match.output_node()
-    if len(anchor.args) > 3 or anchor.kwargs:
-        return "_grouped_mm with bias/out_dtype arguments"
+    extra = anchor.args[3:]  # (bias, out_dtype): torchao passes out_dtype=bf16 for bf16 operands
+    same_dtype = len(extra) < 2 or extra[1] is None or extra[1] == _val(anchor.args[0]).dtype
+    if anchor.kwargs or (extra and extra[0] is not None) or not same_dtype:
+        return "_grouped_mm with a bias or an out_dtype other than the operands' dtype"
     _, _, why = _verdicts(match, anchor, 3)
     return why
 
@@ -256,3 +258,7 @@ def _init(pm_pass, input_device=None):
     register_family_pattern(pm.CallFunction(aten._grouped_mm.default, pm.KeywordArg("a"), PackedWeightOperand(),
                                             pm.KeywordArg("offs")), pm_pass,
                             family=FAMILY, name="grouped_mm", check=_check_grouped, replace=_replace_grouped)
+    register_family_pattern(pm.CallFunction(aten._grouped_mm.default, pm.KeywordArg("a"), PackedWeightOperand(),
+                                            pm.KeywordArg("offs"), pm.KeywordArg("bias"), pm.KeywordArg("out_dtype")),
+                            pm_pass, family=FAMILY, name="grouped_mm_out_dtype", check=_check_grouped,
+                            replace=_replace_grouped)
