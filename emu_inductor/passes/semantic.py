@@ -14,10 +14,12 @@ recogniser's reason (the probe that told the variants apart) for explain().
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
 import torch
+from torch._guards import detect_fake_mode
 from torch._inductor import pattern_matcher as pm
 
 from ..formats import FORMATS
@@ -185,7 +187,17 @@ def _operands(graph, w: WeightVerdict, act: Optional[ActVerdict], a_node, anchor
         for p in act.post:  # the layout the graph applied to the QDQ output, now to its input
             x = _call(graph, p.target, (x,) + tuple(p.args[1:]), _val(p))
             x.meta.update({k: v for k, v in p.meta.items() if k != "val"})
-        return x, codes, scale, alpha, act.global_scale
+        gs = act.global_scale
+        if gs is None and act.global_value is not None:
+            # proven at a constant global scale (single-level NVFP4: g = 1): the op takes it
+            # as a tensor like any other, built in-graph so it lowers on any device
+            xv = _val(act.x)
+            gs = graph.call_function(aten.full.default, ([], act.global_value),
+                                     dict(dtype=torch.float32, layout=torch.strided, device=xv.device,
+                                          pin_memory=False))
+            with (detect_fake_mode([xv]) or contextlib.nullcontext()):
+                gs.meta["val"] = torch.full([], act.global_value, dtype=torch.float32, device=xv.device)
+        return x, codes, scale, alpha, gs
 
 
 def _done(new, name, w, act, note) -> None:

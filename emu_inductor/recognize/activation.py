@@ -9,6 +9,11 @@
    need (`resize`); per-tensor cones keep their real (hinted) shape. Each probe set of
    `probes` is run through the cone and every variant of the family; the first probe
    block that separates a variant from the cone is kept for explain().
+4. A cone with no candidate global scale at all is also tested against the NVFP4 recipes
+   at the constant global scale `UNIT_GLOBAL_SCALE` (1.0): single-level NVFP4 (torchao's
+   nvfp4_quantize with per_tensor_scale=None, block scale e4m3(amax/6)) is a two-level
+   recipe with g = 1, since multiplying or dividing by 1.0 is exact. The verdict then
+   carries `global_value`, and the pass hands the fused op a constant 1.0 tensor.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from ..formats import E2M1, FORMATS
+from ..formats import E2M1, E4M3, FORMATS, NVFP4_RECIPES, decode
 from . import probes as P
 from .candidates import ActCone, cut
 from .compare import difference
@@ -32,6 +37,9 @@ from .variants import act_variants
 from .verdict import ActVerdict, Rejection
 
 __all__ = ["recognize_activation_uncached"]
+
+#: The global scale an NVFP4 cone without one is tested with (step 4 above).
+UNIT_GLOBAL_SCALE = 1.0
 
 _RED = ("aten.amax", "aten.amin", "aten.max", "aten.min", "aten.sum", "aten.argmax", "aten.argmin")
 
@@ -90,8 +98,12 @@ def _scalar_candidates(cone: ActCone, leaves: list) -> list:
 
 
 class _Hyp:
-    def __init__(self, scalar, consts, guards, cone):
+    """scalar: the global-scale node (or None); const: the constant global value NVFP4
+    variants are tested with when the cone has no scalar candidate (else None)."""
+
+    def __init__(self, scalar, consts, guards, cone, const=None):
         self.scalar, self.consts, self.guards, self.cone = scalar, consts, guards, cone
+        self.const = const
 
 
 def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
@@ -109,7 +121,11 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
         else:
             others.append(leaf)
     hyps = []
-    for gs in [None] + _scalar_candidates(cone, scalars)[::-1]:  # nearest its use first
+    candidates = _scalar_candidates(cone, scalars)
+    # no scalar that could be a global scale: NVFP4 variants are tried at g = 1 (cheap to
+    # skip when there is one: its own hypotheses below cover two-level NVFP4)
+    const = UNIT_GLOBAL_SCALE if not candidates else None
+    for gs in [None] + candidates[::-1]:  # nearest its use first
         sub = cone
         if gs is not None and gs not in cone.leaves:
             c = cut(cone, [gs])
@@ -118,7 +134,7 @@ def _hypotheses(cone: ActCone, values) -> tuple[list, Optional[str]]:
         bindings = leaf_bindings(sub.leaves[1:], skip=(gs,), tables=tables, values=values,
                                  wanted=lambda leaf: leaf in others or leaf in scalars)
         for c2, g2 in bindings or ():
-            hyps.append(_Hyp(gs, c2, g2, sub))
+            hyps.append(_Hyp(gs, c2, g2, sub, const if gs is None else None))
     if not hyps:
         return [], "the values of the cone's scalar inputs are unknown at compile time"
     return hyps, None
@@ -160,6 +176,8 @@ class _Evaluator:
         return gm(*args)
 
     def scalar_tensor(self, value: float) -> torch.Tensor:
+        if self.h.scalar is None:  # the constant hypothesis: what the fused op will be given
+            return torch.tensor(value, dtype=torch.float32)
         v = _val(self.h.scalar)
         return torch.full(tuple(concrete_shape(v)), value, dtype=v.dtype)
 
@@ -221,8 +239,9 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
         for var in alive:
             separated.append((var, f"row length {ev.K} is not a multiple of the block size {bs}", (-(1 << 62), -1, -1)))
         return []
-    if ev.h.scalar is not None:
-        gsets = [(g, P.act_blocks(bs, dtype, [E2M1], global_scale=g)) for g in P.GLOBAL_SCALES]
+    if ev.h.scalar is not None or (ev.h.const is not None and all(v.kind == "nvfp4" for v in alive)):
+        glist = P.GLOBAL_SCALES if ev.h.scalar is not None else (ev.h.const,)
+        gsets = [(g, P.act_blocks(bs, dtype, [E2M1], global_scale=g)) for g in glist]
     else:
         elems = []
         for v in alive:
@@ -271,9 +290,32 @@ def _test_family(ev: _Evaluator, fam, variants: list, separated: list) -> list:
     return alive
 
 
-def _choose(alive):
-    supported = {v.kernel_key for v in alive if v.kernel_supported}
-    if len(supported) > 1:
+def _same_at(g: float, a, b) -> bool:
+    """NVFP4 variants `a` and `b` are the same function at the constant global scale g:
+    the same rounding, the same block-scale and element-scaling formulas (the recipes share
+    the functions), the same zero-sign rules, and dequantization products that agree on
+    every (E2M1 value, E4M3 block scale) pair at g -- a finite domain, so this is a proof
+    (torchao and torchao_moe at g = 1: v*(1*s) == (v*s)*1)."""
+    if a.kind != "nvfp4" or b.kind != "nvfp4" or a.rounding != b.rounding:
+        return False
+    ra, rb = NVFP4_RECIPES[a.recipe], NVFP4_RECIPES[b.recipe]
+    if ra.block_scale is not rb.block_scale or ra.scale_elements is not rb.scale_elements or \
+            (ra.signed_zero, ra.negzero_decode) != (rb.signed_zero, rb.negzero_decode):
+        return False
+    v = decode(torch.arange(16, dtype=torch.uint8), E2M1).reshape(-1, 1)
+    s = decode(torch.arange(256, dtype=torch.int32).to(torch.uint8), E4M3).reshape(1, -1)
+    gt = torch.tensor(g, dtype=torch.float32)
+    return difference(ra.dequant(v, s, gt), rb.dequant(v, s, gt))[0] is None
+
+
+def _choose(alive, const=None):
+    supported = [v for v in alive if v.kernel_supported]
+    if const is not None and supported:
+        # at a constant global scale, recipes that differ only where g != 1 are one function
+        first = sorted(supported, key=lambda v: v.name)[0]
+        if all(_same_at(const, first, v) for v in supported):
+            return first
+    if len({v.kernel_key for v in supported}) > 1:
         return None
     return sorted(alive, key=lambda v: (not v.kernel_supported, v.name))[0]
 
@@ -301,7 +343,8 @@ def recognize_activation_uncached(gemm: Node, cone: ActCone, *, values=None):
         try:
             with real_mode():
                 for fam in sorted(fams, key=str):
-                    vs = [v for v in all_vars if v.needs_scalar == (h.scalar is not None) and
+                    vs = [v for v in all_vars if (v.needs_scalar == (h.scalar is not None) or
+                                                  (h.const is not None and v.kind == "nvfp4")) and
                           (v.block == fam if fam != "tensor" else v.kind == "fp8_tensor")]
                     if vs:
                         alive_all += _test_family(ev, fam, vs, separated)
@@ -309,11 +352,13 @@ def recognize_activation_uncached(gemm: Node, cone: ActCone, *, values=None):
             errors.append(f"evaluating the cone failed: {type(e).__name__}: {e}")
             continue
         if alive_all:
-            chosen = _choose(alive_all)
+            const = h.const if h.scalar is None else None
+            chosen = _choose(alive_all, const)
             if chosen is not None:
                 return ActVerdict(chosen, cone.x, h.scalar, cone.output, cone.post, h.guards,
                                   tuple(v.name for v in alive_all if v is not chosen),
-                                  tuple((v.name, t) for v, t, _ in sorted(separated, key=lambda e: e[2])[-8:]))
+                                  tuple((v.name, t) for v, t, _ in sorted(separated, key=lambda e: e[2])[-8:]),
+                                  global_value=const if chosen.needs_scalar else None)
             ambiguous = ambiguous or alive_all
         elif separated and closest is None:
             # closest: fewest differing elements where it failed, then the latest first difference

@@ -50,7 +50,8 @@ def _abstract(v, cone):
                 v.transpose, v.out_dtype, tuple((_node_index(cone, g.node), g.values, g.what) for g in v.guards),
                 v.equivalent, v.separated)
     return ("a", v.variant, _node_index(cone, v.global_scale),
-            tuple((_node_index(cone, g.node), g.values, g.what) for g in v.guards), v.equivalent, v.separated)
+            tuple((_node_index(cone, g.node), g.values, g.what) for g in v.guards), v.equivalent, v.separated,
+            v.global_value)
 
 
 def _concrete(entry, cone, gemm, side, post=()):
@@ -61,9 +62,10 @@ def _concrete(entry, cone, gemm, side, post=()):
         return WeightVerdict(var, _node_at(cone, c), _node_at(cone, s), _node_at(cone, a), tr, dt,
                              tuple(Guard(_node_at(cone, n), vals, what) for n, vals, what in guards), eq, sep,
                              cached=True)
-    _, var, gs, guards, eq, sep = entry
+    _, var, gs, guards, eq, sep, gv = entry
     return ActVerdict(var, cone.x, _node_at(cone, gs), cone.output, post,
-                      tuple(Guard(_node_at(cone, n), vals, what) for n, vals, what in guards), eq, sep, cached=True)
+                      tuple(Guard(_node_at(cone, n), vals, what) for n, vals, what in guards), eq, sep, cached=True,
+                      global_value=gv)
 
 
 def recognize_weight(gemm_node: Node, *, values: Optional[dict] = None,

@@ -86,7 +86,10 @@ class ActVerdict:
 
     output: the QDQ result node (x's shape and dtype); post: layout nodes (row gathers,
     leading-dim reshapes) between it and the GEMM operand, innermost first. For
-    variant.kind == "none" the operand is not quantized (x is the operand's source)."""
+    variant.kind == "none" the operand is not quantized (x is the operand's source).
+    global_value: the constant global scale an NVFP4 variant was proven with when the
+    graph has none (global_scale is None; single-level NVFP4 is g = 1.0): the fused op
+    must be given exactly this value."""
 
     variant: ActVariant
     x: Node
@@ -99,6 +102,7 @@ class ActVerdict:
     seconds: float = 0.0
     cached: bool = False
     key: str = ""
+    global_value: Optional[float] = None
 
     @property
     def kernel_supported(self) -> bool:
@@ -113,10 +117,14 @@ class ActVerdict:
         return self.variant.act_quant()
 
     def reference(self, x, global_scale=None) -> torch.Tensor:
+        if global_scale is None and self.global_value is not None:
+            global_scale = torch.tensor(self.global_value, dtype=torch.float32)
         return self.variant.reference(x, global_scale)
 
     def describe(self) -> str:
         s = f"activation: {self.variant.name}"
+        if self.global_value is not None:
+            s += f" at constant global scale {self.global_value:g} (the graph has none)"
         if not self.kernel_supported:
             s += f" (not fused: {self.unsupported_reason})"
         return s
