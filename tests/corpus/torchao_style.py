@@ -168,9 +168,14 @@ ENTRIES = [
         "_emulated_nvfp4_scaled_grouped_mm_2d_3d / _nvfp4_dequantize",
         Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="torchao"),
                 act={"fmt": "nvfp4", "recipe": "torchao"}, act_global="static"),
-        make_moe, compile_smoke=False,
-        compile_note="compiles (measured 106 s, 1 graph break at torch.bincount's data-dependent output size); "
-                     "no fusion; left out of the compile test for time",
+        make_moe,
+        compile_note="default Dynamo config: 1 graph break at torch.bincount's data-dependent output size, so the "
+                     "layer is two graphs and cannot become one mxemu::moe (measured 13 s to compile); with "
+                     "capture_scalar_outputs / capture_dynamic_output_shape_ops it is one graph",
+        fused_today="default config: both grouped GEMMs mxemu::grouped_mm with the activation QDQ (weights nvfp4 v*s; "
+                    "activation recognised as recipe torchao at the constant global scale 1.0, the single-level "
+                    "function; the op gets a full([], 1.0) scale); with the data-dependent capture flags the whole "
+                    "layer is one mxemu::moe (tests/test_recognize_single_level_nvfp4.py; measured bf16 2026-12-02)",
         plumbing="argsort + bincount/cumsum offs + torch._grouped_mm; chunk(2); index_add_ fp32",
     ),
 ]
