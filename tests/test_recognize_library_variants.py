@@ -2,8 +2,8 @@
 
 * Activation QDQ: the libraries' own MX quantizers (emu_inductor.formats.variants) are
   activation variants, so AMD Quark's fake_quantize_mx (+0 where an element rounds to
-  zero, Inf blocks scaled from the max) is recognised as `quark_hw` and reported as not
-  fusable (the fused MX QDQ keeps -0 and gives NaN blocks) instead of "no variant matches".
+  zero, Inf blocks scaled from the max) is recognised as `quark_hw` instead of "no variant
+  matches", and fused: its edge cases map to OpSpec act_signed_zero / act_inf_amax.
 * Weight tables held in graph inputs whose values are unknown at compile time: when two
   hypotheses fit and give different weights (the formats' E2M1 table with -0 at code 8
   and ModelOpt's e2m1_values with +0), the weight is refused, not fused under a guard
@@ -39,8 +39,8 @@ def test_quark_activation_is_the_named_variant_quark_hw():
     (gemm,) = gemm_nodes(gm.graph)
     v = recognize_activation(gemm, use_cache=False)
     assert isinstance(v, ActVerdict), v.reason
-    assert v.variant.named == "quark_hw" and not v.kernel_supported
-    assert "signed_zero=positive" in v.unsupported_reason
+    assert v.variant.named == "quark_hw" and v.kernel_supported, v.unsupported_reason
+    assert v.variant.spec_fields == {"act_signed_zero": "positive", "act_inf_amax": "max"}
     for seed in (3, 4):  # the named variant reproduces Quark's function on fresh data, -0 included
         g = torch.Generator().manual_seed(seed)
         xs = (torch.randn(16, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (16, 1), generator=g))).bfloat16()

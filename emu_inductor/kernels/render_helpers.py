@@ -223,6 +223,38 @@ def _e8m0_scale(amax):
 """
 
 
+def _mx_inf_amax_lines(op, el: ElementSpec) -> str:
+    """The scale byte of an Inf block, or of a finite amax that "even" rounds past 2^127
+    (OpSpec.act_inf_amax = formats' inf_amax); "" for the default "nan" (`_e8m0_scale`
+    gives 255 for Inf and counts a carry as 2^128, as formats does)."""
+    mode = op.act_inf_amax
+    if mode == "nan":
+        return ""
+    byte = 254 if mode == "max" else 255
+    if op.act_scale_mode == "even":
+        # amax's bits + the rounding increment reach the all-ones exponent: Inf or a carry
+        # (NaN keeps 255 from _e8m0_scale)
+        return (f"# inf_amax={mode!r}: an Inf amax or a rounding carry past 2^127 -> byte {byte}\n"
+                f"top = ((a.to(tl.int32, bitcast=True) + {1 << (22 - el.mbits)}) & 0x7F800000) == 0x7F800000\n"
+                f"u = tl.where(top & (a == a), {byte}, u)\n")
+    if mode == "nan_or_overflow":
+        return ""  # no carry outside "even": the same bytes as "nan"
+    return f"# inf_amax='max': an Inf amax -> byte 254 (2^127)\nu = tl.where(a == float(\"inf\"), 254, u)\n"
+
+
+def _signed_zero_lines(mode: str) -> str:
+    """The sign of an element that rounds to zero (OpSpec.act_signed_zero = formats'
+    signed_zero); `_round_*` keeps the input's sign ("keep"). NaN is never == 0."""
+    if mode == "keep":
+        return ""
+    if mode == "positive":
+        zero = "0.0"
+    else:  # -0.0 built from its bits: lt0 negative iff y < 0, le0 iff not y > 0
+        neg = "y < 0.0" if mode == "lt0" else "y <= 0.0"
+        zero = f"(({neg}).to(tl.int32) << 31).to(tl.float32, bitcast=True)"
+    return f"# signed_zero={mode!r}\nv = tl.where(v == 0.0, {zero}, v)\n"
+
+
 def _qdq_helper(spec: KernelSpec) -> str:
     op = spec.op
     if op.act_kind == "none":
@@ -257,9 +289,9 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
 """
     if fmt.is_mx:
         body = f"""    u = _e8m0_scale(a)
-    y = xb * _e8m0_inverse(u)
+{_ind(_mx_inf_amax_lines(op, el))}    y = xb * _e8m0_inverse(u)
     v = _round_{el.name}_{op.act_rounding}(y)
-    out = v * _e8m0_decode(u)
+{_ind(_signed_zero_lines(op.act_signed_zero))}    out = v * _e8m0_decode(u)
 """
     else:
         # the recipe as `formats` computes it, traced and written op for op (recipe_source)

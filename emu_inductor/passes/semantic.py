@@ -154,6 +154,7 @@ def _spec(w: WeightVerdict, act: Optional[ActVerdict]) -> str:
         act_rounding=v.rounding if v is not None else "rne",
         fp6_layout=w.variant.fp6_layout,
         **w.variant.spec_fields,  # how the scales are read: E8M0 byte 255, float-scale order
+        **(v.spec_fields if v is not None else {}),  # MX activation zero sign / Inf blocks
     ).to_str()
 
 

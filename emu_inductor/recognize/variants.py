@@ -5,8 +5,10 @@ Weight dequantization: format x nibble order x FP6 layout x E8M0 reader (byte 25
 (none; v*(s*a); (v*s)*a; v*(s/g) with g in the quantize direction) x the dtype the
 products are formed in (fp32, or the output dtype as torchao does) -> output dtype.
 Activation fake-quantization: every MX format x scale_mode x rounding x E8M0 byte-0
-reader; every NVFP4 recipe of `formats.nvfp4` x rounding, its global scale a graph
-scalar; per-tensor fp8 (dynamic, or a static scale).
+reader x the sign of zeros (keep, lt0, positive; byte 0 read as 2^-127 only), plus the
+libraries' named MX quantizers (formats.variants); every NVFP4 recipe of
+`formats.nvfp4` x rounding, its global scale a graph scalar; per-tensor fp8 (dynamic, or a
+static scale).
 
 Each variant's `reference` is built from `emu_inductor.formats` / `reference` only, and
 `kernel_supported` says whether today's fused kernels compute exactly that function.
@@ -25,7 +27,7 @@ from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, fake_qu
 from ..formats.variants import MX_VARIANTS
 from ..reference import fp8_tensor_fake_quantize
 
-from ..spec import FUSED_MX_SCALE_MODES, ActQuant
+from ..spec import FUSED_MX_INF_AMAX, FUSED_MX_SCALE_MODES, ActQuant
 
 __all__ = ["WeightVariant", "ActVariant", "weight_variants", "act_variants", "NO_ACT"]
 
@@ -192,6 +194,9 @@ class ActVariant:
     e8m0_byte0: str = "pow2"
     static: bool = False
     named: Optional[str] = None  # a library's MX quantizer (formats.variants.MX_VARIANTS)
+    # MX edge cases (formats.QDQOptions): sign of elements that round to zero, Inf blocks
+    signed_zero: str = "keep"
+    inf_amax: str = "nan"
 
     @property
     def needs_scalar(self) -> bool:
@@ -213,16 +218,21 @@ class ActVariant:
             return f"{self.fmt} variant={self.named} ({opts})"
         if self.kind == "mx":
             extra = "" if self.e8m0_byte0 == "pow2" else " e8m0(0=zero)"
+            extra += "" if self.signed_zero == "keep" else f" signed_zero={self.signed_zero}"
             return f"{self.fmt} scale_mode={self.scale_mode}{tail}{extra}"
         return f"nvfp4 recipe={self.recipe}{tail}"
 
     def unsupported_reason(self) -> Optional[str]:
         if self.named:
             extra = {k: v for k, v in _named_options(self.named, self.fmt).items()
-                     if k not in ("scale_mode", "rounding", "e8m0_byte0") and _KERNEL_DEFAULTS.get(k) != v}
+                     if k not in ("scale_mode", "rounding", "e8m0_byte0", "signed_zero", "inf_amax")
+                     and _KERNEL_DEFAULTS.get(k) != v}
+            if self.inf_amax not in FUSED_MX_INF_AMAX:
+                extra["inf_amax"] = self.inf_amax
             if extra:
                 return (f"{self.named}'s " + ", ".join(f"{k}={v}" for k, v in extra.items()) +
-                        " (the kernels keep the sign of zeros and give NaN for NaN elements and Inf blocks)")
+                        f" (the kernels give NaN for NaN elements, read byte 255 as NaN, scale byte 0 by "
+                        f"2^127, and render inf_amax {FUSED_MX_INF_AMAX} only)")
         if self.kind == "mx" and self.scale_mode not in FUSED_MX_SCALE_MODES:
             return f"MX scale_mode {self.scale_mode!r} (the kernels implement {FUSED_MX_SCALE_MODES})"
         if self.kind == "mx" and self.e8m0_byte0 != "pow2":
@@ -250,7 +260,8 @@ class ActVariant:
             return fake_quantize(x, self.fmt, variant=self.named)
         if self.kind == "mx":
             return fake_quantize(x, self.fmt, scale_mode=self.scale_mode, rounding=self.rounding,
-                                 e8m0_byte0=self.e8m0_byte0)
+                                 e8m0_byte0=self.e8m0_byte0, signed_zero=self.signed_zero,
+                                 inf_amax=self.inf_amax)
         g = scalar.to(torch.float32).reshape(())
         return fake_quantize(x, "nvfp4", recipe=self.recipe, rounding=self.rounding, global_scale=g)
 
@@ -261,11 +272,22 @@ class ActVariant:
         if self.kind == "fp8_tensor":
             return ActQuant("fp8_tensor")
         return ActQuant("block", FORMATS[self.fmt], scale_mode=self.scale_mode, recipe=self.recipe,
-                                    rounding=self.rounding)
+                        rounding=self.rounding, **self.edge_options)
+
+    @property
+    def edge_options(self) -> dict:
+        """signed_zero / inf_amax for an MX ActQuant ({} otherwise: NVFP4 recipes fix their own)."""
+        return {"signed_zero": self.signed_zero, "inf_amax": self.inf_amax} if self.kind == "mx" else {}
+
+    @property
+    def spec_fields(self) -> dict:
+        """The OpSpec activation edge-case fields (spec.OpSpec) that make the kernels compute this QDQ."""
+        return {"act_" + k: v for k, v in self.edge_options.items()}
 
 
 NO_ACT = ActVariant("none")
-#: QDQOptions values the fused MX activation QDQ computes (beyond scale_mode / rounding / byte 0)
+#: QDQOptions values the fused MX activation QDQ computes (beyond scale_mode / rounding / byte 0 /
+#: signed_zero / inf_amax, which OpSpec carries)
 _KERNEL_DEFAULTS = {"signed_zero": "keep", "nan_element": "nan", "inf_amax": "nan", "byte0_inverse": "pow2",
                     "e8m0_byte255": "nan"}
 
@@ -279,9 +301,12 @@ def act_variants() -> list[ActVariant]:
     for fmt in FORMATS.values():
         if fmt.is_mx:
             # floor_log2: microxcaling's floor(log2 amax) with log2 rounded in the graph's dtype
-            for mode, rnd, b0 in itertools.product(("floor", "ceil", "even", "rceil", "floor_log2"), ("rne", "half_away"),
-                                                   ("pow2", "zero")):
-                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0))
+            # zeros: copysign ("keep"), "lt0" (sign(a) * round(|a|): microxcaling) or always +0
+            for mode, rnd, (b0, zero) in itertools.product(
+                    ("floor", "ceil", "even", "rceil", "floor_log2"), ("rne", "half_away"),
+                    (("pow2", "keep"), ("zero", "keep"), ("pow2", "lt0"), ("pow2", "positive"))):
+                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0,
+                                      signed_zero=zero))
             # the libraries' own quantizers (formats.variants), edge cases included: Quark's
             # fake_quantize_mx gives +0 where the element rounds to zero, and so on
             for name, mv in MX_VARIANTS.items():
@@ -289,7 +314,8 @@ def act_variants() -> list[ActVariant]:
                     o = _named_options(name, fmt.name)
                     out.append(ActVariant("mx", fmt.name, scale_mode=o.get("scale_mode"),
                                           rounding=o.get("rounding", "rne"), e8m0_byte0=o.get("e8m0_byte0", "pow2"),
-                                          named=name))
+                                          named=name, signed_zero=o.get("signed_zero", "keep"),
+                                          inf_amax=o.get("inf_amax", "nan")))
         else:
             for recipe, rnd in itertools.product(NVFP4_RECIPES, ("rne", "half_away")):
                 out.append(ActVariant("nvfp4", fmt.name, recipe=recipe, rounding=rnd))

@@ -9,12 +9,12 @@ opspec       OpSpec: the hashable configuration the mxemu ops carry as a string 
 """
 
 from .activations import ACTIVATION_NAMES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, check_activation, is_gated
-from .compat import ACT_FOR_WEIGHT, FUSED_MX_SCALE_MODES, act_name, is_compatible
+from .compat import ACT_FOR_WEIGHT, FUSED_MX_INF_AMAX, FUSED_MX_SCALE_MODES, act_name, is_compatible
 from .opspec import OpSpec
 from .schemes import ALIASES, SCHEMES, ActQuant, Scheme, get_scheme
 
 __all__ = [
     "ACTIVATION_NAMES", "SWIGLUOAI_ALPHA", "SWIGLUOAI_LIMIT", "check_activation", "is_gated", "ACT_FOR_WEIGHT",
-    "FUSED_MX_SCALE_MODES", "act_name", "is_compatible", "OpSpec", "ALIASES", "SCHEMES", "ActQuant", "Scheme",
+    "FUSED_MX_SCALE_MODES", "FUSED_MX_INF_AMAX", "act_name", "is_compatible", "OpSpec", "ALIASES", "SCHEMES", "ActQuant", "Scheme",
     "get_scheme",
 ]

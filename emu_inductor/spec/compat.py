@@ -9,14 +9,17 @@ An activation is named by its element format ("nvfp4", "mxfp4", ...) for block Q
 NVFP4 weights, MX activations only with MX weights. The fused kernels implement the MX
 activation scale modes in `FUSED_MX_SCALE_MODES` ("rceil_log2" and "even_fp4" exist in
 the reference only; "floor_log2", microxcaling's floor(log2) in the activation dtype, is
-rendered from the formats' exact per-binade thresholds).
+rendered from the formats' exact per-binade thresholds). Their MX activation QDQ renders
+every `formats` zero sign (signed_zero keep / lt0 / le0 / positive) and the Inf-block rules
+in `FUSED_MX_INF_AMAX` (formats.scales.INF_AMAX_MODES; "exponent" is not rendered).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "act_name", "is_compatible", "incompatibility"]
+__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "FUSED_MX_INF_AMAX", "act_name", "is_compatible",
+           "incompatibility"]
 
 #: weight format name -> activation names the fused ops take with it.
 ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
@@ -30,6 +33,9 @@ ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
 
 #: MX activation scale modes the generated kernels implement.
 FUSED_MX_SCALE_MODES = ("even", "floor", "rceil", "ceil", "floor_log2")
+#: MX activation Inf-block rules (formats inf_amax) the generated kernels implement: an Inf
+#: amax (or one the "even" rounding carries past 2^127) gives byte 255 / 255 / 254.
+FUSED_MX_INF_AMAX = ("nan", "nan_or_overflow", "max")
 
 
 def act_name(act) -> str:
@@ -49,6 +55,11 @@ def is_compatible(weight_fmt, act) -> bool:
             return False
         if act.fmt.is_mx and act.scale_mode not in FUSED_MX_SCALE_MODES:
             return False
+        if act.fmt.is_mx and getattr(act, "inf_amax", "nan") not in FUSED_MX_INF_AMAX:
+            return False
+        if not act.fmt.is_mx and (getattr(act, "signed_zero", "keep"), getattr(act, "inf_amax", "nan")) != \
+                ("keep", "nan"):
+            return False  # NVFP4 recipes fix their own zero sign
     return True
 
 

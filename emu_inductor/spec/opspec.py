@@ -12,11 +12,13 @@ import json
 from typing import Optional
 
 from ..formats import FORMATS
+from ..formats.elements import SIGNED_ZERO_MODES
 from ..formats.scales import E8M0_BYTE255
 from .activations import ACTIVATION_NAMES
+from .compat import FUSED_MX_INF_AMAX
 from .schemes import ActQuant, Scheme, get_scheme
 
-__all__ = ["OpSpec", "W_SCALE_ORDERS", "WEIGHT_READER_DEFAULTS"]
+__all__ = ["OpSpec", "W_SCALE_ORDERS", "WEIGHT_READER_DEFAULTS", "ACT_QDQ_DEFAULTS"]
 
 #: How the weight's float (global) scale enters the NVFP4 decode, fp32 throughout:
 #:   "s*a"      v * (s * a), a dequantize direction (vLLM dequantize_to_dtype, ModelOpt)
@@ -28,6 +30,9 @@ W_SCALE_ORDERS = ("s*a", "s/g", "(v*s)*a")
 #: the kernel spec JSON) at these values, so specs and kernels that existed before the
 #: fields render byte for byte as before.
 WEIGHT_READER_DEFAULTS = {"w_e8m0_byte255": "nan", "w_scale_order": "s*a"}
+#: MX activation-QDQ edge-case fields (formats.QDQOptions signed_zero / inf_amax) and their
+#: defaults, left out of the spec string and kernel JSON the same way.
+ACT_QDQ_DEFAULTS = {"act_signed_zero": "keep", "act_inf_amax": "nan"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +50,13 @@ class OpSpec:
     # compressed-tensors, ModelOpt, Quark HIP); the NVFP4 float-scale product order
     w_e8m0_byte255: str = "nan"
     w_scale_order: str = "s*a"
+    # MX activation QDQ edge cases, as formats.QDQOptions names them: the sign of an element
+    # that rounds to zero (keep | lt0 | le0 | positive; Quark's fake_quantize_mx gives +0,
+    # microxcaling's sign(a) * floor(...) gives +0 for -0.0) and the scale of a block whose
+    # amax is Inf or rounds past fp32's top binade (nan | nan_or_overflow | max). NVFP4
+    # recipes carry their own zero sign: these stay at the defaults there.
+    act_signed_zero: str = "keep"
+    act_inf_amax: str = "nan"
 
     def __post_init__(self):
         if self.weight_fmt not in FORMATS:
@@ -59,11 +71,21 @@ class OpSpec:
             raise ValueError(f"w_e8m0_byte255: expected one of {E8M0_BYTE255}, got {self.w_e8m0_byte255!r}")
         if self.w_scale_order not in W_SCALE_ORDERS:
             raise ValueError(f"w_scale_order: expected one of {W_SCALE_ORDERS}, got {self.w_scale_order!r}")
+        if self.act_signed_zero not in SIGNED_ZERO_MODES:
+            raise ValueError(f"act_signed_zero: expected one of {SIGNED_ZERO_MODES}, got {self.act_signed_zero!r}")
+        if self.act_inf_amax not in FUSED_MX_INF_AMAX:
+            raise ValueError(f"act_inf_amax: expected one of {FUSED_MX_INF_AMAX}, got {self.act_inf_amax!r}")
+        mx_act = self.act_kind == "block" and FORMATS[self.act_fmt].is_mx
+        for k, v in ACT_QDQ_DEFAULTS.items():
+            if getattr(self, k) != v and not mx_act:
+                raise ValueError(f"{k}: {getattr(self, k)!r} applies to MX block activations only "
+                                 f"(act_kind={self.act_kind!r}, act_fmt={self.act_fmt!r}); expected {v!r}")
 
     def to_dict(self) -> dict:
-        """The fields as a dict, weight-reader fields left out at their defaults."""
+        """The fields as a dict, weight-reader and activation edge-case fields left out at
+        their defaults."""
         d = dataclasses.asdict(self)
-        for k, v in WEIGHT_READER_DEFAULTS.items():
+        for k, v in {**WEIGHT_READER_DEFAULTS, **ACT_QDQ_DEFAULTS}.items():
             if d[k] == v:
                 del d[k]
         return d
@@ -86,6 +108,8 @@ class OpSpec:
             act_scale_mode=a.scale_mode if a is not None else None,
             act_recipe=a.recipe if a is not None else None,
             act_rounding=a.rounding if a is not None else "rne",
+            act_signed_zero=a.signed_zero if a is not None else "keep",
+            act_inf_amax=a.inf_amax if a is not None else "nan",
             activation=activation,
             router_weight_on_input=router_weight_on_input,
             fp6_layout=fp6_layout,
@@ -95,7 +119,8 @@ class OpSpec:
         act = None
         if self.act_kind != "none":
             act = ActQuant(self.act_kind, FORMATS[self.act_fmt] if self.act_fmt else None,
-                           self.act_scale_mode, self.act_recipe, self.act_rounding)
+                           self.act_scale_mode, self.act_recipe, self.act_rounding,
+                           self.act_signed_zero, self.act_inf_amax)
         return Scheme(f"spec:{self.weight_fmt}/{self.act_kind}:{self.act_fmt}", FORMATS[self.weight_fmt], act)
 
     def to_str(self) -> str:
@@ -119,6 +144,8 @@ class OpSpec:
         """Readable id for logs, explain() and kernel file names."""
         act = "a16" if self.act_kind == "none" else (
             "afp8" if self.act_kind == "fp8_tensor" else f"a{self.act_fmt}-{self.act_scale_mode or self.act_recipe}")
+        act += ("" if self.act_signed_zero == "keep" else f"-z{self.act_signed_zero}") + \
+            ("" if self.act_inf_amax == "nan" else f"-inf{self.act_inf_amax.replace('_', '')}")
         reader = ("" if self.w_e8m0_byte255 == "nan" else "_e8m0inf") + {
             "s*a": "", "s/g": "_sdivg", "(v*s)*a": "_vsa"}[self.w_scale_order]
         return (f"w{self.weight_fmt}{reader}_{act}_{self.activation}"

@@ -23,6 +23,8 @@ class ActQuant:
 
     kind "block": per-row blocks along K in `fmt` (MX scale_mode or NVFP4 recipe).
     kind "fp8_tensor": one dynamic per-tensor E4M3 scale (vLLM's `a_fp8` schemes).
+    signed_zero / inf_amax (MX only; formats.QDQOptions): the sign of elements that round
+    to zero and the scale of Inf / overflowing blocks (NVFP4 recipes fix their own).
     """
 
     kind: str
@@ -30,6 +32,8 @@ class ActQuant:
     scale_mode: Optional[str] = None
     recipe: Optional[str] = None
     rounding: str = "rne"
+    signed_zero: str = "keep"
+    inf_amax: str = "nan"
 
 
 @dataclasses.dataclass(frozen=True)

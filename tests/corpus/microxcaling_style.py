@@ -161,6 +161,9 @@ ENTRIES = [
         Variant(WeightVariant("mxfp4"),
                 act={"fmt": "mxfp4", "scale_mode": "floor_log2", "signed_zero": "lt0"}),
         make_linear, dtypes=(torch.float32,),
+        fused_today="fp32: mxemu::linear with the activation QDQ (floor_log2, rne, act_signed_zero='lt0'; "
+                    "tests/test_semantic_act_edges.py); bf16 (the compile test's dtype): weight-only, the "
+                    "element rounding in bf16 is no formats rounding mode (see the MoE entry's xfail)",
     ),
     CorpusEntry(
         "microxcaling_mx_moe", "moe", "microxcaling", _SRC + ", round='nearest' (default)",

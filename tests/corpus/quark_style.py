@@ -163,10 +163,10 @@ ENTRIES = [
         "quark_mxfp4_linear", "linear", "amd-quark", _SRC,
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
                 act={"fmt": "mxfp4", "scale_mode": "even", "signed_zero": "positive"}),
-        make_linear, dtypes=(torch.bfloat16, torch.float32),
-        fused_today="mxemu::linear weight-only: the activation QDQ is recognised as formats variant quark_hw "
-                    "(+0 where an element rounds to zero, Inf blocks scaled from the max), which the fused MX "
-                    "QDQ does not compute (it keeps -0 and gives NaN blocks), so it is left as written",
+        make_linear, dtypes=(torch.bfloat16, torch.float32), expect_fused=True,
+        fused_today="mxemu::linear with the activation QDQ: recognised as formats variant quark_hw (+0 where "
+                    "an element rounds to zero, Inf blocks scaled by 2^127), which the kernels compute through "
+                    "OpSpec act_signed_zero='positive', act_inf_amax='max'",
     ),
     CorpusEntry(
         "quark_mxfp4_moe", "moe", "amd-quark", _SRC,
