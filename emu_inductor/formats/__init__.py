@@ -8,7 +8,8 @@ from .nvfp4 import RECIPES as NVFP4_RECIPES, GlobalScaleWarning, default_global_
 from .log2_floor import LOG2_DTYPE_BITS, log2_floor_exponent, log2_floor_runs, log2_floor_thresholds
 from .packing import FP6_LAYOUTS, pack, unpack
 from .quantize import MIN_GLOBAL_SCALE, QDQOptions, QuantizedTensor, dequantize, fake_quantize, quantize
-from .scales import BYTE0_INVERSE_MODES, INF_AMAX_MODES, MX_SCALE_MODES, e8m0_decode, e8m0_inverse, e8m0_scale
+from .scales import (BYTE0_INVERSE_MODES, INF_AMAX_MODES, MX_SCALE_MODES, e8m0_decode, e8m0_inverse, e8m0_multiply,
+                     e8m0_scale)
 from .variants import MX_VARIANTS, MXVariant
 from .spec import (
     E2M1,

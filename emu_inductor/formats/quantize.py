@@ -21,8 +21,8 @@ from .scales import (
     E8M0_BYTE255,
     INF_AMAX_MODES,
     MX_SCALE_MODES,
-    e8m0_decode,
     e8m0_inverse,
+    e8m0_multiply,
     e8m0_scale,
 )
 from .spec import E4M3, BlockFormat, get_format
@@ -306,8 +306,7 @@ def _qdq_values(x: torch.Tensor, fmt: BlockFormat, opts: QDQOptions, g: Optional
 
 def _dequant_values(v, scale_state, g, fmt: BlockFormat, opts: QDQOptions, dtype, shape):
     if fmt.is_mx:
-        s = e8m0_decode(scale_state, byte255=opts.e8m0_byte255, byte0=opts.e8m0_byte0)
-        out = v * s
+        out = e8m0_multiply(v, scale_state, byte255=opts.e8m0_byte255, byte0=opts.e8m0_byte0)
     else:
         recipe = _nv.get_recipe(opts.recipe)
         if recipe.negzero_decode == "positive":

@@ -44,6 +44,7 @@ __all__ = [
     "E8M0_BYTE0",
     "e8m0_scale",
     "e8m0_decode",
+    "e8m0_multiply",
     "e8m0_inverse",
 ]
 
@@ -63,9 +64,12 @@ INF_AMAX_MODES = ("nan", "nan_or_overflow", "exponent", "max")
 #   "one"         1.0: torchao 0.18 RCEIL's eager reciprocal special-cases byte 0
 BYTE0_INVERSE_MODES = ("pow2", "min_normal", "one")
 # How readers decode the two edge bytes. OCP/torch/ml_dtypes/torchao: 255 is NaN;
-# compressed-tensors, ModelOpt and Quark's HIP kernels produce +inf. Byte 0 is 2^-127
-# everywhere except Quark's Triton dequant, which builds 0.0.
-E8M0_BYTE255 = ("nan", "inf")
+# compressed-tensors, ModelOpt and Quark's HIP kernels produce +inf. "ldexp" is
+# transformers' gpt-oss `convert_moe_packed_tensors`: `torch.ldexp(v, u - 127)` scales by
+# 2^128 exactly, so under byte 255 a zero element stays +-0 (not 0 * inf = NaN), 0.5
+# becomes 2^127 (finite) and |v| >= 1 overflows to +-inf; it equals "inf" on every other
+# byte. Byte 0 is 2^-127 everywhere except Quark's Triton dequant, which builds 0.0.
+E8M0_BYTE255 = ("nan", "inf", "ldexp")
 E8M0_BYTE0 = ("pow2", "zero")
 
 _MANT_MASK = 0x007FFFFF
@@ -144,6 +148,8 @@ def e8m0_decode(u: torch.Tensor, *, byte255: str = "nan", byte0: str = "pow2") -
     """fp32 value 2^(u-127) of E8M0 bytes, built from bits (exact, no exp2/pow).
 
     Byte 0 is the fp32 subnormal 2^-127 (0x00400000), so this needs a non-FTZ context.
+    Under byte255="ldexp" byte 255 is 2^128, which as an fp32 value is +inf: readers that
+    multiply element values by it must use `e8m0_multiply`, which keeps the product exact.
     """
     if byte255 not in E8M0_BYTE255:
         raise ValueError(f"byte255: got {byte255!r}, expected one of {E8M0_BYTE255}")
@@ -155,6 +161,20 @@ def e8m0_decode(u: torch.Tensor, *, byte255: str = "nan", byte0: str = "pow2") -
     special = 0x7FC00000 if byte255 == "nan" else 0x7F800000
     bits = torch.where(ui == 255, torch.full_like(ui, special), bits)
     return bits.view(torch.float32)
+
+
+def e8m0_multiply(v: torch.Tensor, u: torch.Tensor, *, byte255: str = "nan", byte0: str = "pow2") -> torch.Tensor:
+    """fp32 element values `v` times their E8M0 scales `u` (broadcast), as a reader reads them.
+
+    For every byte but 255 under "ldexp" this is `v * e8m0_decode(u)` (exact for MX
+    elements: a power of two times a value of a few significant bits, fp32 subnormals
+    included). "ldexp" multiplies by 2^128 as (v * 2^127) * 2: both steps exact until the
+    result overflows, so it is torch.ldexp's single rounding of v * 2^128 (0 stays +-0).
+    """
+    out = v * e8m0_decode(u, byte255=byte255, byte0=byte0)
+    if byte255 == "ldexp":
+        out = torch.where(u.to(torch.int32) == 255, (v * 2.0 ** 127) * 2.0, out)
+    return out
 
 
 def e8m0_inverse(u: torch.Tensor, *, byte0: str = "pow2") -> torch.Tensor:

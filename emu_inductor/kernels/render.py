@@ -34,7 +34,7 @@ from ..spec.activations import is_gated
 from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
-    _gate_up_rows, _w_tile_helper, _W_WS, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF,
+    _gate_up_rows, _w_tile_helper, _W_WS, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -364,8 +364,8 @@ def render(spec: KernelSpec) -> str:
         parts.append(_round_elem(el, rd))
     if wfmt.is_mx or (op.act_kind == "block" and FORMATS[op.act_fmt].is_mx):
         parts.append(_E8M0)
-    if wfmt.is_mx and op.w_e8m0_byte255 == "inf":
-        parts.append(_E8M0_W_INF)
+    if wfmt.is_mx and op.w_e8m0_byte255 != "nan":
+        parts.append(_E8M0_W_INF if op.w_e8m0_byte255 == "inf" else _E8M0_W_LDEXP)
     if op.act_kind == "block":
         afmt = FORMATS[op.act_fmt]
         if afmt.is_mx:

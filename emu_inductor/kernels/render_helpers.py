@@ -376,6 +376,15 @@ def _e8m0_decode_w(u):
     return b.to(tl.float32, bitcast=True)
 """
 
+_E8M0_W_LDEXP = """@triton.jit
+def _e8m0_decode_w(u):
+    # weight scales as torch.ldexp applies them (transformers' gpt-oss): 2^(u-127), byte 0 ->
+    # 2^-127; byte 255 -> 2^127 here times 2 in _w_tile, so v * 2^128 stays exact (0 stays 0)
+    b = tl.where(u == 0, 0x00400000, u << 23)
+    b = tl.where(u == 255, 0x7F000000, b)
+    return b.to(tl.float32, bitcast=True)
+"""
+
 
 def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
     fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
@@ -409,9 +418,12 @@ sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks
     if fmt.is_mx:
         scale = "s = _e8m0_decode(sc)" if op.w_e8m0_byte255 == "nan" else "s = _e8m0_decode_w(sc)"
         post = ""
+        if op.w_e8m0_byte255 == "ldexp":  # (v * 2^127) * 2 under byte 255: exact until it overflows
+            scale += "\ns2 = tl.where(sc == 255, 2.0, 1.0)"
     else:
         scale = "s = _decode_e4m3(sc)\n" + _alpha_expr(alpha_mode, op.w_scale_order)
         post = _alpha_post(alpha_mode, op.w_scale_order)
+    twice = " * s2[:, :, None]" if fmt.is_mx and op.w_e8m0_byte255 == "ldexp" else ""
     return f"""@triton.jit
 def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
 {" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr):
@@ -419,7 +431,7 @@ def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride
 {_ind(load)}
 {_ind(sload)}
 {_ind(scale.strip())}
-    v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK)){post}
+    v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None]{twice}, (BN, BK)){post}
     return _wq(v)
 """
 

@@ -1,9 +1,10 @@
 """The known variants, as data: what a recognised cone may compute.
 
-Weight dequantization: format x nibble order x FP6 layout x E8M0 reader (byte 255 NaN or
-+inf, byte 0 2^-127 or 0) x how the per-tensor / per-expert float scale enters
-(none; v*(s*a); (v*s)*a; v*(s/g) with g in the quantize direction) x the dtype the
-products are formed in (fp32, or the output dtype as torchao does) -> output dtype.
+Weight dequantization: format x nibble order x FP6 layout x E8M0 reader (byte 255 NaN,
++inf or an exact 2^128 factor as torch.ldexp applies it; byte 0 2^-127 or 0) x how the
+per-tensor / per-expert float scale enters (none; v*(s*a); (v*s)*a; v*(s/g) with g in the
+quantize direction) x the dtype the products are formed in (fp32, or the output dtype as
+torchao does) -> output dtype.
 Activation fake-quantization: every MX format x scale_mode x rounding x E8M0 byte-0
 reader x the sign of zeros (keep, lt0, positive; byte 0 read as 2^-127 only), plus the
 libraries' named MX quantizers (formats.variants); every NVFP4 recipe of
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, fake_quantize, unpack
+from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, e8m0_multiply, fake_quantize, unpack
 from ..formats.variants import MX_VARIANTS
 from ..reference import fp8_tensor_fake_quantize
 
@@ -34,7 +35,7 @@ __all__ = ["WeightVariant", "ActVariant", "weight_variants", "act_variants", "NO
 ALPHA_ORDERS = ("none", "scale_alpha", "value_scale_alpha", "scale_over_global")
 #: alpha_order -> OpSpec.w_scale_order (the product the kernels form; "none": no float scale)
 _SCALE_ORDER = {"none": "s*a", "scale_alpha": "s*a", "value_scale_alpha": "(v*s)*a", "scale_over_global": "s/g"}
-E8M0_READER_ORDER = ("nan", "inf")
+E8M0_READER_ORDER = ("nan", "inf", "ldexp")
 _ALPHA_TEXT = {"none": "v*s", "scale_alpha": "v*(s*a)", "value_scale_alpha": "(v*s)*a",
                "scale_over_global": "v*(s/g)"}
 
@@ -123,7 +124,8 @@ class WeightVariant:
         cd = torch.float32 if self.compute_dtype == "fp32" else out_dtype
         vb, s = vb.to(cd), s.to(cd)
         if self.alpha_order == "none" or alpha is None:
-            out = vb * s
+            # "ldexp": byte 255 is an exact 2^128 factor, not the fp32 scale +inf
+            out = e8m0_multiply(vb, sb.unsqueeze(-1), byte255="ldexp") if self.e8m0_byte255 == "ldexp" else vb * s
         else:
             a = alpha.to(torch.float32)
             while a.dim() and a.shape[-1] == 1:
@@ -149,6 +151,8 @@ def weight_variants(bits: int, block: int, has_alpha: bool, out_dtype: torch.dty
         nibbles = ("low_first", "high_first") if bits == 4 else ("low_first",)
         layouts = ("unpacked",) if fp6_unpacked else ("quark",)
         readers = list(itertools.product(("nan", "inf"), ("pow2", "zero"))) if fmt.is_mx else [("nan", "pow2")]
+        if fmt.is_mx and not has_alpha:  # torch.ldexp(v, u - 127) (transformers' gpt-oss): byte 0 is 2^-127
+            readers.append(("ldexp", "pow2"))
         if has_alpha:
             orders = ("scale_alpha", "value_scale_alpha", "scale_over_global")
         else:

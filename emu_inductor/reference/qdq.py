@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import BlockFormat, decode, e8m0_decode, fake_quantize, round_to_element, unpack
+from ..formats import BlockFormat, decode, e8m0_decode, e8m0_multiply, fake_quantize, round_to_element, unpack
 from ..formats import E4M3
 from ..spec.opspec import W_SCALE_ORDERS as _SCALE_ORDERS
 from ..spec.schemes import ActQuant
@@ -66,7 +66,8 @@ def dequantize_weight(
     with `alpha` the quantize-direction global g (compressed-tensors, vLLM's
     `dequantize_to_dtype` given `weight_global_scale`), "(v*s)*a" is `(e2m1 * e4m3) * a`.
     MX: `dtype(value * 2^(u-127))`, exact; `e8m0_byte255="inf"` reads byte 255 as +inf
-    (the exponent-bit readers: compressed-tensors, ModelOpt, Quark's HIP kernels).
+    (the exponent-bit readers: compressed-tensors, ModelOpt, Quark's HIP kernels);
+    "ldexp" multiplies by 2^128 exactly (transformers' gpt-oss `torch.ldexp`: 0 stays 0).
     """
     if scale_order not in _SCALE_ORDERS:
         raise ValueError(f"scale_order: expected one of {_SCALE_ORDERS}, got {scale_order!r}")
@@ -85,7 +86,8 @@ def dequantize_weight(
                 s = s * a
             elif scale_order == "s/g":
                 s = s / a
-    out = vb * s.unsqueeze(-1)
+    # MX: e8m0_multiply keeps the "ldexp" reader's byte-255 product exact (0 * 2^128 = 0)
+    out = e8m0_multiply(vb, scale.unsqueeze(-1), byte255=e8m0_byte255) if fmt.is_mx else vb * s.unsqueeze(-1)
     if a is not None and scale_order == "(v*s)*a":
         out = out * a.unsqueeze(-1)
     return out.reshape(v.shape).to(dtype)

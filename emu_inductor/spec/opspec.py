@@ -46,8 +46,9 @@ class OpSpec:
     activation: str = "silu"
     router_weight_on_input: bool = False
     fp6_layout: str = "quark"
-    # how the weights are read: E8M0 byte 255 as NaN (OCP) or +inf (exponent-bit readers:
-    # compressed-tensors, ModelOpt, Quark HIP); the NVFP4 float-scale product order
+    # how the weights are read: E8M0 byte 255 as NaN (OCP), +inf (exponent-bit readers:
+    # compressed-tensors, ModelOpt, Quark HIP) or an exact 2^128 factor ("ldexp":
+    # transformers' gpt-oss, 0 stays 0); the NVFP4 float-scale product order
     w_e8m0_byte255: str = "nan"
     w_scale_order: str = "s*a"
     # MX activation QDQ edge cases, as formats.QDQOptions names them: the sign of an element
@@ -146,7 +147,7 @@ class OpSpec:
             "afp8" if self.act_kind == "fp8_tensor" else f"a{self.act_fmt}-{self.act_scale_mode or self.act_recipe}")
         act += ("" if self.act_signed_zero == "keep" else f"-z{self.act_signed_zero}") + \
             ("" if self.act_inf_amax == "nan" else f"-inf{self.act_inf_amax.replace('_', '')}")
-        reader = ("" if self.w_e8m0_byte255 == "nan" else "_e8m0inf") + {
+        reader = {"nan": "", "inf": "_e8m0inf", "ldexp": "_e8m0ldexp"}[self.w_e8m0_byte255] + {
             "s*a": "", "s/g": "_sdivg", "(v*s)*a": "_vsa"}[self.w_scale_order]
         return (f"w{self.weight_fmt}{reader}_{act}_{self.activation}"
                 + ("_rwin" if self.router_weight_on_input else ""))
