@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -107,11 +108,12 @@ def _verdicts(match, anchor, weight_dims: int):
     if not w.kernel_supported:
         return None, None, f"recognised {w.variant.name}, which the fused kernels do not compute: " \
                            f"{w.unsupported_reason}"
-    if _val(w.codes).dim() != weight_dims:
-        return None, None, f"packed weights are {_val(w.codes).dim()}-d, expected {weight_dims}-d"
+    lead_n = _lead_n(anchor)
+    if len(lead_n) + 1 != weight_dims:
+        return None, None, f"packed weights are {len(lead_n) + 1}-d, expected {weight_dims}-d"
     if w.alpha is not None:
         a = _val(w.alpha)
-        E = _val(w.codes).shape[0]
+        E = lead_n[0]
         if a.numel() != 1 and (weight_dims == 2 or a.numel() != E):
             return None, None, f"float scale of shape {tuple(a.shape)} is not one value or one per expert"
     # per-layer decode nodes (those computed from the codes / scale bytes) used elsewhere
@@ -171,12 +173,30 @@ def _as_dtype(graph, node, dtype):
     return _call(graph, aten.view.dtype, (node, dtype), v.view(dtype))
 
 
+def _lead_n(anchor) -> tuple:
+    """[.., N] of the dequantized weight [.., N, K] that the GEMM reads transposed."""
+    shp = tuple(_val(operands_of(anchor)[1]).shape)
+    return shp[:-2] + shp[-1:]
+
+
+def _canonical(graph, node, lead_n):
+    """The leaf as [.., N, last]: the recogniser proved that its elements, in row-major
+    order, are the packed codes / block scales (gpt-oss's [E, N, G, 16] blocks, experts
+    stored 2-d as [E*N, K/2]); a reshape hands the kernels that layout."""
+    v = _val(node)
+    if tuple(v.shape[:-1]) == tuple(lead_n):
+        return node
+    shape = list(lead_n) + [v.numel() // math.prod(lead_n)]
+    return _call(graph, aten.reshape.default, (node, shape), v.reshape(shape))
+
+
 def _operands(graph, w: WeightVerdict, act: Optional[ActVerdict], a_node, anchor):
     """(activation input node, codes, scale, alpha, global scale) inserted before anchor."""
     fmt = FORMATS[w.variant.fmt]
+    lead_n = _lead_n(anchor)
     with graph.inserting_before(anchor):
-        codes = _as_dtype(graph, w.codes, torch.uint8)
-        scale = _as_dtype(graph, w.scale, fmt.scale.storage_dtype)
+        codes = _as_dtype(graph, _canonical(graph, w.codes, lead_n), torch.uint8)
+        scale = _as_dtype(graph, _canonical(graph, w.scale, lead_n), fmt.scale.storage_dtype)
         alpha = w.alpha
         if alpha is not None and _val(alpha).dim() > 1:
             av = _val(alpha)

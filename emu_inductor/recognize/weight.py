@@ -2,7 +2,11 @@
 
 1. The cone (`candidates.weight_cone`) and its structure (`structure.check_weight_cone`).
 2. Roles by dtype and shape: packed codes [.., N, K*bits/8] and block scales
-   [.., N, K/block] (1-byte leaves: uint8, int8, float8 views), a float32 scale (one
+   [.., N, K/block] (1-byte leaves: uint8, int8, float8 views), or 1-byte leaves holding
+   the same elements in the same row-major order in another shape (gpt-oss's blocks
+   [E, N, G, 16] with scales [E, N, G], or [1, N, G, 16] picked by `[0]`; experts stored
+   2-d as [E*N, K*bits/8] / [E*N, K/block]): those are read through a reshape to the
+   canonical shape, which the probes prove like any other role. A float32 scale (one
    value, per expert [E], [E, 1, 1] or per row [E, N]; also a node computed from it, such
    as 1/weight_global_scale), tables and other constants (values known, or hypothesised
    from the formats and then guarded).
@@ -54,10 +58,27 @@ def _shape(n):
 class _Hyp:
     """One role assignment."""
 
-    def __init__(self, codes, scale, alpha, bits, block, consts, guards, cone):
+    def __init__(self, codes, scale, alpha, bits, block, consts, guards, cone, cshape, sshape, offsets):
         self.codes, self.scale, self.alpha = codes, scale, alpha
         self.bits, self.block = bits, block
         self.consts, self.guards, self.cone = consts, guards, cone
+        # canonical shapes [.., N, K*bits/8] / [.., N, K/block]; where each leaf holds the
+        # canonical leading dims and N (None: reshaped as a whole, evaluated at real size)
+        self.cshape, self.sshape, self.offsets = cshape, sshape, offsets
+
+    def leaf_shape(self, leaf, canonical) -> list:
+        """The leaf's shape holding the canonical tensor `canonical` (a resized one too)."""
+        real = list(_shape(leaf))
+        j = self.offsets[leaf]
+        if j is None:
+            return real
+        nl = len(canonical) - 1  # lead dims + N
+        return real[:j] + list(canonical[:-1]) + real[j + nl:]
+
+    def leaf_args(self, codes, scale) -> list:
+        """Probe tensors in canonical shapes -> the leaves' shapes and dtypes."""
+        return [codes.reshape(self.leaf_shape(self.codes, codes.shape)).view(_val(self.codes).dtype),
+                scale.reshape(self.leaf_shape(self.scale, scale.shape)).view(_val(self.scale).dtype)]
 
 
 def _alpha_candidates(cone: Cone, alpha_leaves: list, lead, n_rows) -> list:
@@ -98,13 +119,33 @@ def _leaf_list(leaves) -> str:
     return ", ".join(f"{n.name}:{getattr(_val(n), 'dtype', None)}{_shape(n)}" for n in leaves)
 
 
+def _layout(shp, lead, N):
+    """(last, offset) when a leaf of shape `shp` can hold [*lead, N, last] row-major: offset j
+    when shp is (1,)*j + lead + (N,) + trailing (its leading dims resize with the cone's),
+    None when only the element count fits (a reshape as a whole). None if neither."""
+    total = math.prod(lead) * N
+    n = math.prod(shp)
+    if not total or n % total:
+        return None
+    last = n // total
+    nl = len(lead) + 1
+    for j in range(len(shp) - nl + 1):
+        if tuple(shp[j:j + nl]) == tuple(lead) + (N,) and all(d == 1 for d in shp[:j]):
+            return last, j
+        if shp[j] != 1:
+            break
+    return last, None
+
+
 def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
     _, w = operands(gemm)
     oshape = _shape(w)
     if oshape is None or len(oshape) < 2:
         return [], f"weight operand {w.name} has no static shape"
     lead, K, N = tuple(oshape[:-2]), oshape[-2], oshape[-1]
+    # (leaf, bits or block, offset); leaves in the canonical shape first, reshaped ones after
     codes_c, scale_c, alpha_c, tables, others = [], [], [], [], []
+    codes_r, scale_r = [], []
     for leaf in cone.leaves:
         v = _val(leaf) if leaf.op != "get_attr" else known_value(leaf, values)
         shp = _shape(leaf) if leaf.op != "get_attr" else (tuple(v.shape) if isinstance(v, torch.Tensor) else None)
@@ -115,14 +156,20 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
             if isinstance(v, (int, torch.SymInt)):
                 continue
             return [], f"leaf {leaf.name} is not a tensor"
-        if v.dtype in _ONE_BYTE and shp is not None and len(shp) == len(lead) + 2 and tuple(shp[:-2]) == lead \
-                and shp[-2] == N:
-            last = shp[-1]
+        lay = _layout(shp, lead, N) if v.dtype in _ONE_BYTE and shp is not None else None
+        if lay is not None:
+            last, j = lay
+            exact = j == 0 and len(shp) == len(lead) + 2
+            codes_l, scale_l = (codes_c, scale_c) if exact else (codes_r, scale_r)
+            role = False
             if last and (last * 8) % K == 0 and (last * 8) // K in (4, 6, 8):
-                codes_c.append((leaf, (last * 8) // K))
+                codes_l.append((leaf, (last * 8) // K, j))
+                role = True
             if last and K % last == 0 and K // last in (16, 32):
-                scale_c.append((leaf, K // last))
-            continue
+                scale_l.append((leaf, K // last, j))
+                role = True
+            if exact or role:
+                continue
         if v.dtype == torch.float32 and _alpha_shape_ok(shp, lead, N):
             alpha_c.append(leaf)
             continue
@@ -130,24 +177,27 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
             tables.append(leaf)
             continue
         others.append(leaf)
+    codes_c += codes_r
+    scale_c += scale_r
     if not codes_c:
         return [], (f"no leaf looks like packed codes [{', '.join(map(str, lead + (N,)))}, K*bits/8] for K={K} "
-                    f"(leaves: {_leaf_list(cone.leaves)})")
+                    f"(or holds as many bytes in that order; leaves: {_leaf_list(cone.leaves)})")
     if not scale_c:
         return [], f"no leaf looks like block scales [{', '.join(map(str, lead + (N,)))}, K/16 or K/32] for K={K}"
     # the scale nearest its use first (1/gs before gs): the graph multiplies by that one
     a_options = [None] + _alpha_candidates(cone, alpha_c, lead, N)[::-1]
     hyps = []
-    for (c, bits) in codes_c:
-        for (s, block) in scale_c:
+    for (c, bits, jc) in codes_c:
+        for (s, block, js) in scale_c:
             if s is c:
                 continue
+            cshape, sshape = lead + (N, K * bits // 8), lead + (N, K // block)
             for a in a_options:
                 sub = cone if a is None or a in cone.leaves else cut(cone, [a])
                 bindings = leaf_bindings(sub.leaves, skip=(c, s, a), tables=tables, values=values,
                                          wanted=lambda leaf: leaf in others or leaf in alpha_c)
                 for c2, g2 in bindings or ():
-                    hyps.append(_Hyp(c, s, a, bits, block, c2, g2, sub))
+                    hyps.append(_Hyp(c, s, a, bits, block, c2, g2, sub, cshape, sshape, {c: jc, s: js}))
     if not hyps:
         return [], "leaf values needed for the proof are unknown at compile time"
     return hyps, None
@@ -155,8 +205,10 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
 
 def _factor_map(h: _Hyp, lead) -> dict:
     nl = len(lead)
-    fmap = {h.codes: {i: f"lead{i}" for i in range(nl)} | {nl: "rows"},
-            h.scale: {i: f"lead{i}" for i in range(nl)} | {nl: "rows"}}
+    if h.offsets[h.codes] is None or h.offsets[h.scale] is None:
+        return {}  # a leaf reshaped as a whole: no factor to resize (evaluated at its real size)
+    fmap = {leaf: {h.offsets[leaf] + i: f"lead{i}" for i in range(nl)} | {h.offsets[leaf] + nl: "rows"}
+            for leaf in (h.codes, h.scale)}
     if h.alpha is not None and nl:
         shp = _shape(h.alpha)
         if math.prod(shp) != 1:
@@ -170,7 +222,7 @@ def _factor_map(h: _Hyp, lead) -> dict:
 def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
     """Evaluate one hypothesis: (survivors, separated list, error text or None)."""
     cone = h.cone
-    cshape, sshape = list(_shape(h.codes)), list(_shape(h.scale))
+    cshape, sshape = list(h.cshape), list(h.sshape)
     ashape = list(_shape(h.alpha)) if h.alpha is not None else None
     lead = tuple(cshape[:-2])
     nb = sshape[-1]
@@ -204,7 +256,6 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
                 ashape2[1] = rows
     inputs = [h.codes, h.scale] + ([h.alpha] if h.alpha is not None else [])
     gm = extract(cone, inputs, h.consts, pl, new)
-    cdt, sdt = _val(h.codes).dtype, _val(h.scale).dtype
     alive = weight_variants(h.bits, h.block, h.alpha is not None, out_dtype)
     separated = []
     try:
@@ -225,7 +276,7 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
 
     with real_mode():
         for r, rnd in enumerate(rounds):
-            args = [rnd.codes.view(cdt), rnd.scale.view(sdt)] + ([rnd.alpha] if h.alpha is not None else [])
+            args = h.leaf_args(rnd.codes, rnd.scale) + ([rnd.alpha] if h.alpha is not None else [])
             try:
                 got = evaluate(gm, args)
             except Exception as e:  # the cone does not run on these shapes/dtypes
@@ -239,18 +290,17 @@ def _run(h: _Hyp, gemm: Node, budget_bytes: int, out_dtype, transpose: bool):
                 alive = prune(alive, sub, sub.got, cshape2)
             if r == 0 and h.alpha is not None and len(alive) > 1:
                 alive = _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb,
-                                      ashape, out_dtype, cdt, sdt, gm)
+                                      ashape, out_dtype, gm)
             alive = prune(alive, rnd, got, cshape2)
             if not alive:
                 break
         if h.alpha is not None and alive:
             alive = _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb, ashape,
-                                  out_dtype, cdt, sdt, gm)
+                                  out_dtype, gm)
     return alive, separated, None
 
 
-def _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb, ashape, out_dtype,
-                  cdt, sdt, gm):
+def _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cshape, nb, ashape, out_dtype, gm):
     """The float scale is not enumerable: products in another order agree with each other
     on most scales once rounded to bf16. Evaluate (on a narrowed cone where possible: a
     few rows holding every code byte) the blocks and scales that separate every pair of
@@ -268,7 +318,7 @@ def _scale_rounds(alive, prune, h, cone, inputs, pl, new, lead, lead_n, rows, cs
             if len(a_s) >= 2 and a_s[1] != 1:
                 a_s[1] = c_s[-2]
     for rnd in _separating_rounds(h, c_s, s_s, a_s, out_dtype):
-        got = evaluate(small, [rnd.codes.view(cdt), rnd.scale.view(sdt), rnd.alpha])
+        got = evaluate(small, h.leaf_args(rnd.codes, rnd.scale) + [rnd.alpha])
         alive = prune(alive, rnd, got, c_s)
         if not alive:
             break
@@ -403,7 +453,7 @@ def _table_dependence(h: _Hyp, hyps: list) -> Optional[str]:
 
 def _coverage_output(h: _Hyp):
     """The cone of `h` on every code byte under one normal scale byte (None if it does not run)."""
-    cshape, sshape = list(_shape(h.codes)), list(_shape(h.scale))
+    cshape, sshape = list(h.cshape), list(h.sshape)
     lead = tuple(cshape[:-2])
     pl = make_plan(h.cone.nodes, h.cone.output, _factor_map(h, lead))
     new = {f"lead{i}": 1 for i in range(len(lead)) if pl.resizable(f"lead{i}")}
@@ -413,7 +463,7 @@ def _coverage_output(h: _Hyp):
     lead_n = [new.get(f"lead{i}", lead[i]) for i in range(len(lead))]
     c = (torch.arange(math.prod(lead_n) * rows * cshape[-1]) % 256).to(torch.uint8).reshape(lead_n + [rows, cshape[-1]])
     s = torch.full(lead_n + [rows, sshape[-1]], 0x38 if h.block == 16 else 127, dtype=torch.uint8)
-    args = [c.view(_val(h.codes).dtype), s.view(_val(h.scale).dtype)]
+    args = h.leaf_args(c, s)
     if h.alpha is not None:
         ashape = list(_shape(h.alpha))
         if math.prod(ashape) != 1:

@@ -62,7 +62,8 @@ class WeightVariant:
     emu_inductor.reference.dequantize_weight (vLLM's dequantize_to_dtype, a = dequantize-
     direction global). `product` documents the fp32 order: "q*(s/g)" (g quantize direction),
     "q*(s*g)" / "q*(s*a)" (dequantize direction), "q*(s*(1/g))" (te).
-    MX: "q*2^e" (exact). e8m0_byte255: the reader of byte 255 ("nan" or "inf").
+    MX: "q*2^e" (exact). e8m0_byte255: the reader of byte 255 ("nan", "inf", or "ldexp":
+    an exact 2^128 factor as torch.ldexp applies it, formats.E8M0_BYTE255).
     """
 
     fmt: str

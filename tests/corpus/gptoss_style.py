@@ -105,18 +105,18 @@ ENTRIES = [
     CorpusEntry(
         "gptoss_mxfp4_linear", "linear", "transformers",
         "installed transformers 5.24: integrations.mxfp4.convert_moe_packed_tensors",
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_linear,
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="ldexp")), make_linear,
         dtypes=(torch.bfloat16, torch.float32),
         exact_gemm=False, plumbing="x @ W with W [K, N] from convert_moe_packed_tensors (not F.linear)",
-        fused_today="nothing (2026-12-02): its empty buffer + slice writes pass the structure check, but the "
-                    "blocks are stored [E, N, G, 16] and selected by [0], which is not the packed-codes role "
-                    "[.., N, K/2]; and its traced ldexp gives 0 for a zero code under scale byte 255, which no "
-                    "E8M0 reader variant does (0 * inf = NaN)",
+        expect_fused=True,
+        fused_today="mxemu::linear (semantic): its empty buffer + slice writes pass the structure check; the "
+                    "[1, N, G, 16] blocks picked by [0] are read as [N, K/2] codes through a reshape; its ldexp "
+                    "is the E8M0 reader 'ldexp' (byte 255: 0 stays 0, 0.5 -> 2^127, |v| >= 1 -> inf)",
     ),
     CorpusEntry(
         "gptoss_mxfp4_moe", "moe", "transformers",
         "installed transformers 5.24: integrations.mxfp4.convert_moe_packed_tensors",
-        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf")), make_moe,
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="ldexp")), make_moe,
         plumbing="topk on logits then softmax; gather W[ids] + bmm; interleaved gate/up [::2]/[1::2]; "
                  "view(T,k,H) weighted sum fp32",
     ),

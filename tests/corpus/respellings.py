@@ -233,6 +233,10 @@ ENTRIES = [
         "written here: emu_inductor's reference MoE skeleton with gate/up by chunk(2, -1) (issue 8: loses mxemu::moe)",
         MX_FLOOR, make_chunk_moe,
         plumbing="argsort + index_add counts/cumsum + torch._grouped_mm, chunk(2), scatter back, view(T,k,H) fp32 sum",
+        fused_today="two mxemu::grouped_mm, weight-only (semantic): the experts' [E*N, K/2] / [E*N, K/32] bytes are "
+                    "read as [E, N, ..] through a reshape; its activation QDQ (SpelledMXLinear: exponent bits of a "
+                    "NaN amax, clamped) gives -0.0 where every known variant gives NaN ('NaN in a normal block'), "
+                    "so the QDQ stays in the graph and the whole layer is not one mxemu::moe",
     ),
     CorpusEntry(
         "resp_moe_titan", "moe", "respelling",
