@@ -168,7 +168,10 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
             if last and K % last == 0 and K // last in (16, 32):
                 scale_l.append((leaf, K // last, j))
                 role = True
-            if exact or role:
+            if exact:
+                continue
+            if role:  # when another leaf plays the role, this one is a value the cone reads, as before
+                others.append(leaf)
                 continue
         if v.dtype == torch.float32 and _alpha_shape_ok(shp, lead, N):
             alpha_c.append(leaf)
