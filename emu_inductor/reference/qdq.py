@@ -86,8 +86,12 @@ def dequantize_weight(
                 s = s * a
             elif scale_order == "s/g":
                 s = s / a
-    # MX: e8m0_multiply keeps the "ldexp" reader's byte-255 product exact (0 * 2^128 = 0)
-    out = e8m0_multiply(vb, scale.unsqueeze(-1), byte255=e8m0_byte255) if fmt.is_mx else vb * s.unsqueeze(-1)
+    if fmt.is_mx and e8m0_byte255 == "ldexp":
+        # e8m0_multiply keeps the "ldexp" reader's byte-255 product exact (0 * 2^128 = 0)
+        out = e8m0_multiply(vb, scale.unsqueeze(-1), byte255=e8m0_byte255)
+    else:
+        # decode, then broadcast: the op order the traced weight patterns are built from
+        out = vb * s.unsqueeze(-1)
     if a is not None and scale_order == "(v*s)*a":
         out = out * a.unsqueeze(-1)
     return out.reshape(v.shape).to(dtype)
