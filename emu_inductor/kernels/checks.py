@@ -77,6 +77,19 @@ def _check_values_kernel(f0, n0, lo0, f1, n1, lo1, f2, n2, lo2, f3, n3, lo3,
         tl.device_assert(((v >= lo_i1) & (v < hi_i1)) | ~m, MI1)
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(dev: torch.device):
+    """Pointer arguments of unused slots (never read: their n is 0), cached per device so a
+    call costs one launch, not two fills besides it."""
+    key = str(dev)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = (torch.ones(1, dtype=torch.float32, device=dev),
+                              torch.zeros(1, dtype=torch.int32, device=dev))
+    return _PLACEHOLDERS[key]
+
+
 def check_values(floats: Sequence[FloatRule] = (), ints: Sequence[IntRule] = (),
                  device: Optional[torch.device] = None) -> None:
     """Launch the one-program check (up to 4 float and 2 integer rules; empty tensors and
@@ -88,8 +101,7 @@ def check_values(floats: Sequence[FloatRule] = (), ints: Sequence[IntRule] = (),
     if not floats and not ints:
         return
     dev = device or (floats or ints)[0].tensor.device
-    dummy_f = torch.ones(1, dtype=torch.float32, device=dev)
-    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy_f, dummy_i = _placeholders(dev)
     fargs, fmsgs = [], []
     for j in range(4):
         if j < len(floats):

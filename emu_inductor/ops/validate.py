@@ -165,13 +165,22 @@ def _positive_scale(name: str, g: Optional[torch.Tensor]) -> None:
         require(name, ok, "finite positive scales", lambda: _first_bad(g, ok))
 
 
-def _act_scale_values(name: str, g: Optional[torch.Tensor], spec: OpSpec) -> None:
+def _act_scale_bound(spec: OpSpec) -> Optional[float]:
+    """The smallest valid activation scale for `spec` (None: the scheme takes none): NVFP4
+    block global scales must reach fp32's smallest normal, other scales be positive."""
     act = spec.scheme().act
-    if g is None or act is None:
+    if act is None:
+        return None
+    return MIN_ACT_GLOBAL_SCALE if act.kind == "block" and act.fmt.has_global_scale else 0.0
+
+
+def _act_scale_values(name: str, g: Optional[torch.Tensor], spec: OpSpec) -> None:
+    lo = _act_scale_bound(spec)
+    if g is None or lo is None:
         return
-    if act.kind == "block" and act.fmt.has_global_scale:
-        ok = torch.isfinite(g) & (g >= MIN_ACT_GLOBAL_SCALE)
-        require(name, ok, f"a finite positive global scale >= {MIN_ACT_GLOBAL_SCALE:g} (fp32's smallest normal; "
+    if lo > 0:
+        ok = torch.isfinite(g) & (g >= lo)
+        require(name, ok, f"a finite positive global scale >= {lo:g} (fp32's smallest normal; "
                           f"below it the recipe's reciprocal overflows)", lambda: _first_bad(g, ok))
     else:
         _positive_scale(name, g)
@@ -182,14 +191,14 @@ def _values_checkable() -> bool:
 
 
 def _act_scale_rule(name: str, g: Optional[torch.Tensor], spec: OpSpec):
-    act = spec.scheme().act
-    if g is None or act is None:
+    """The same rule as `_act_scale_values`, as a `kernels.checks.FloatRule`."""
+    lo = _act_scale_bound(spec)
+    if g is None or lo is None:
         return None
     from ..kernels.checks import FloatRule
 
-    if act.kind == "block" and act.fmt.has_global_scale:
-        return FloatRule(g, f"{name}: expected a finite positive global scale >= {MIN_ACT_GLOBAL_SCALE:g}",
-                         MIN_ACT_GLOBAL_SCALE)
+    if lo > 0:
+        return FloatRule(g, f"{name}: expected a finite positive global scale >= {lo:g}", lo)
     return FloatRule(g, f"{name}: expected finite positive scales")
 
 
