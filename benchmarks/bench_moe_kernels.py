@@ -430,6 +430,17 @@ QUICK_CONFIGS = [TileConfig(16, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 3, sp
                  TileConfig(16, 128, 128, 8, 3, split1=4, split2=2, swap=1), TileConfig(16, 64, 256, 4, 3, split1=4, split2=2, swap=1)]
 
 
+# prefill (#10): large row tiles (dequantized weight tile reused over more rows), wider N,
+# the swapped product (weights as the register operand), deeper pipelines; the first is
+# the pre-#10 heuristic, the last the dequantized-workspace path (speed reference only)
+PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 4),
+                   TileConfig(64, 128, 128, 8, 3), TileConfig(128, 64, 64, 4, 3), TileConfig(128, 128, 64, 4, 3),
+                   TileConfig(256, 64, 64, 8, 3), TileConfig(128, 256, 64, 8, 3),
+                   TileConfig(128, 128, 64, 8, 3, swap=1), TileConfig(256, 128, 64, 8, 3, swap=1),
+                   TileConfig(64, 128, 64, 4, 4, swap=1), TileConfig(128, 128, 128, 8, 3, swap=1),
+                   TileConfig(128, 64, 64, 4, 4, swap=1), TileConfig(128, 128, 64, 8, 3, wdq=1)]
+
+
 def _quick_precompile_worker(jobs):
     import torch as _t
 
@@ -453,7 +464,7 @@ def _quick_precompile_worker(jobs):
     return 0
 
 
-def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14):
+def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14, tag="quick", routing=True):
     """One shape, a few token counts, a handful of explicit tile configs: each config's
     CUDA-graph time, against bf16 grouped_mm and the memory floor (kernel variants
     compared in one device call; under a minute with the precompile in worker processes)."""
@@ -484,7 +495,9 @@ def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14):
             ids = ids.to(torch.int32)
             touched = int(torch.unique(ids).numel())
             floor = touched * packed_bytes(scheme, H, I) / bw * 1e3
-            row = {"scheme": scheme, "tokens": T, "touched_experts": touched, "floor_mem_ms": floor, "configs": []}
+            floor_fl = 2 * T * k * (H * 2 * I + I * H) / flops * 1e3
+            row = {"scheme": scheme, "tokens": T, "touched_experts": touched, "floor_mem_ms": floor,
+                   "floor_flop_ms": floor_fl, "configs": []}
             ref = None
             for cfg in configs:
                 fn = lambda: moe_triton(x, w13, s13, a13, w2, s2, a2, tw, ids, gs, gs, None, spec,  # noqa: E731
@@ -496,8 +509,9 @@ def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14):
                     t = tt.do_bench_cudagraph(fn, rep=30)
                     d = (y.float() - ref.float()).abs().max().item()
                     row["configs"].append({**cfg.to_dict(), "graph_ms": t, "pct_floor": 100 * floor / t,
-                                           "max_abs_diff_vs_first": d})
-                    log(f"  {scheme} T={T} {cfg}: {t * 1e3:.1f} us ({100 * floor / t:.0f}% of floor), diff {d:.3g}")
+                                           "pct_bf16_rate": 100 * floor_fl / t, "max_abs_diff_vs_first": d})
+                    log(f"  {scheme} T={T} {cfg}: {t * 1e3:.1f} us ({100 * floor / t:.0f}% of memory floor, "
+                        f"{100 * floor_fl / t:.0f}% of bf16 rate), diff {d:.3g}")
                 except Exception as e:
                     row["configs"].append({**cfg.to_dict(), "error": f"{type(e).__name__}: {e}"[:500]})
                     log(f"  {scheme} T={T} {cfg}: ERROR {type(e).__name__}: {str(e)[:200]}")
@@ -515,7 +529,7 @@ def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14):
             from emu_inductor.kernels.launch import moe_align
 
             row["routing_us"] = {}
-            for impl, warps in (("triton", 4), ("triton", 8), ("triton", 16), ("torch", 0)):
+            for impl, warps in ([] if not routing else (("triton", 4), ("triton", 8), ("triton", 16), ("torch", 0))):
                 os.environ["EMU_INDUCTOR_ROUTING_WARPS"] = str(warps or 4)
                 try:
                     moe_align(ids, None, E, 16, impl=impl)
@@ -528,11 +542,11 @@ def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14):
             ok = [c for c in row["configs"] if "graph_ms" in c]
             best = min(ok, key=lambda c: c["graph_ms"]) if ok else None
             row["best"] = best
-            log(f"{scheme} T={T}: floor {floor * 1e3:.1f} us, best {best and best['graph_ms'] * 1e3:.1f} us, "
-                f"bf16 grouped_mm {row['grouped_mm_bf16_graph_ms'] * 1e3:.1f} us")
+            log(f"{scheme} T={T}: floors mem {floor * 1e3:.1f} / flop {floor_fl * 1e3:.1f} us, best "
+                f"{best and best['graph_ms'] * 1e3:.1f} us, bf16 grouped_mm {row['grouped_mm_bf16_graph_ms'] * 1e3:.1f} us")
             result["rows"].append(row)
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, f"moe_kernels_quick_{shape_name}_{_device_slug()}.json"), "w") as f:
+            with open(os.path.join(out_dir, f"moe_kernels_{tag}_{shape_name}_{_device_slug()}.json"), "w") as f:
                 json.dump(result, f, indent=1)
         del w13, w2, W13, W2
         torch.cuda.empty_cache()
@@ -627,10 +641,17 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--quick", action="store_true",
                     help="one shape, tokens 1 and 32, the QUICK_CONFIGS tile configs (under a minute)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="with --quick: tokens 2048 and 8192 (or --tokens), the PREFILL_CONFIGS tile configs")
     ap.add_argument("--shape", default="Qwen3-30B-A3B", choices=sorted(SHAPES))
     ap.add_argument("--schemes", default="nvfp4_w4a4")
     ap.add_argument("--decode", action="store_true", help="full sweep at decode token counts (1, 8, 32) only")
     args = ap.parse_args()
+    if args.quick and args.prefill:
+        toks = [2048, 8192] if args.tokens == ",".join(map(str, TOKENS)) else [int(t) for t in args.tokens.split(",")]
+        quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), toks, PREFILL_CONFIGS,
+              args.workers, tag="prefill_quick", routing=False)
+        return
     if args.quick:
         quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), [1, 32], QUICK_CONFIGS,
               args.workers)

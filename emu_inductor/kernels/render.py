@@ -94,6 +94,8 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
     # PREQ: the rows come already router-weighted and fake-quantized (prequant_kernel)
     prologue = ("if not PREQ:\n" + _ind(pro)) if pro else ""
+    # prequantized rows enter the dot as loaded (see _load_a_block)
+    operand = ("if PREQ:\n    ao = _opnd_raw(araw)\nelse:\n    ao = _opnd(a)") if pro else "ao = _opnd_raw(araw)"
     body = f"""pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
 pid_k = tl.program_id(2)
@@ -117,7 +119,7 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
     if DEBUG:
         if pid_n == 0:
             tl.store(dbg_a_ptr + offs[:, None] * K + kk[None, :], a, mask=rmask[:, None] & (kk < K)[None, :])
-    ao = _opnd(a)
+{_ind(operand)}
     if WDQ:
         wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
     else:
@@ -208,12 +210,14 @@ k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vecto
 for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
 {_ind(_load_a_block())}
     if QDQ_A:
-        a = _qdq_a(a, g, BM, BK)
+        ao = _opnd(_qdq_a(a, g, BM, BK))
+    else:
+        ao = _opnd_raw(araw)
     if WDQ:
         w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
     else:
         w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-    acc = _mma(_opnd(a), w, acc, SWAP)
+    acc = _mma(ao, w, acc, SWAP)
 acc = _acc_rows(acc, SWAP)
 if STORE == 2:
     # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)

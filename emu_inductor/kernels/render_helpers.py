@@ -51,12 +51,15 @@ def _dot_helper(spec: KernelSpec) -> str:
         body = ("return tl.dot(a, b, acc, input_precision=\"ieee\")")
         cast = "return x"
         wq = "return _opnd(_rnd(x))"
+        raw = "return x.to(tl.float32)"
     else:
         body = "return tl.dot(a, b, acc)"
         cast = f"return x.to({_TL_DTYPE[spec.dtype]})"
         wq = cast  # one RNE cast gives the rounded operand (no round trip through fp32)
+        raw = cast  # a no-op cast when the tile is stored in the activation dtype
     return (f"@triton.jit\ndef _dot(a, b, acc):\n{_ind(body)}\n\n\n"
             f"@triton.jit\ndef _opnd(x):\n    # a dot operand (values already on the {spec.dtype} grid)\n{_ind(cast)}\n\n\n"
+            f"@triton.jit\ndef _opnd_raw(x):\n    # a loaded tile already on the {spec.dtype} grid, as a dot operand\n{_ind(raw)}\n\n\n"
             f"@triton.jit\ndef _wq(x):\n    # fp32 weights rounded (RNE) to {spec.dtype}, as a dot operand\n{_ind(wq)}\n\n\n"
             + _SWAP_HELPERS)
 
@@ -450,9 +453,13 @@ def _w_ws(w_ptr, e, rows, rmask, k0, K, stride_we, stride_wn, BN: tl.constexpr, 
 
 
 def _load_a_block() -> str:
+    # `araw` (the stored dtype) feeds the dot directly when nothing transforms the rows in
+    # the loop (prequantized rows, weight-only schemes): no fp32 round trip between the load
+    # and the dot, so the load can be pipelined straight into shared memory
     return """kk = k0 + tl.arange(0, BK)
-a = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
-            other=0.0).to(tl.float32)"""
+araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+               other=0.0)
+a = araw.to(tl.float32)"""
 
 
 def _row_index() -> str:

@@ -29,6 +29,12 @@ def _opnd(x):
 
 
 @triton.jit
+def _opnd_raw(x):
+    # a loaded tile already on the bf16 grid, as a dot operand
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
 def _wq(x):
     # fp32 weights rounded (RNE) to bf16, as a dot operand
     return x.to(tl.bfloat16)
@@ -220,14 +226,18 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         kk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
-                    other=0.0).to(tl.float32)
+        araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+                       other=0.0)
+        a = araw.to(tl.float32)
         if not PREQ:
             a = _qdq_a(a, g1, BM, BK)
         if DEBUG:
             if pid_n == 0:
                 tl.store(dbg_a_ptr + offs[:, None] * K + kk[None, :], a, mask=rmask[:, None] & (kk < K)[None, :])
-        ao = _opnd(a)
+        if PREQ:
+            ao = _opnd_raw(araw)
+        else:
+            ao = _opnd(a)
         if WDQ:
             wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
@@ -332,15 +342,18 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         kk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
-                    other=0.0).to(tl.float32)
+        araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+                       other=0.0)
+        a = araw.to(tl.float32)
         if QDQ_A:
-            a = _qdq_a(a, g, BM, BK)
+            ao = _opnd(_qdq_a(a, g, BM, BK))
+        else:
+            ao = _opnd_raw(araw)
         if WDQ:
             w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
             w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
-        acc = _mma(_opnd(a), w, acc, SWAP)
+        acc = _mma(ao, w, acc, SWAP)
     acc = _acc_rows(acc, SWAP)
     if STORE == 2:
         # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)

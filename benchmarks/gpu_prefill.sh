@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device call for the prefill issue (#10): install, checks, quick tile comparison, ncu.
+#   device run (repo root):  OUT=$OUT bash benchmarks/gpu_prefill.sh [iterate|ncu|full]
+# iterate: prefill checks + the quick prefill comparison (Qwen3 NVFP4, 2048 / 8192 tokens)
+#          + ncu of the GEMM kernels at 2048 tokens under the pinned config $NCU_CONFIG;
+# ncu:     only the ncu step; full: gpu_check + prefill checks + the prefill sweep.
+# Every step has its own limit; logs and JSON land in $OUT as each step ends (at most 8 files
+# come back from the device: keep the list short).
+set -u
+cd "$(dirname "$0")/.."
+what=${1:-iterate}
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+slug=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name: rc=$? in $((SECONDS - t0))s"; tail -n ${TAILN:-14} "$OUT/$name.log"
+}
+NCU_SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats"
+ncu_step() {
+  EMU_INDUCTOR_KERNEL_CONFIG="${NCU_CONFIG:-BM=64,BN=128,BK=64,num_warps=8,num_stages=3}" \
+  step ncu ${NCU_LIMIT:-150} ncu --clock-control none --profile-from-start off --target-processes all $NCU_SECTIONS \
+       -k "regex:gemm_act_kernel|gemm_out_kernel|prequant_kernel" \
+       --csv --page details --log-file "$OUT/ncu_stderr.txt" python3 benchmarks/profile_decode.py --ncu-target \
+       --tokens ${NCU_TOKENS:-2048}
+  mv "$OUT/ncu.log" "$OUT/ncu_prefill_qwen3_nvfp4_$slug.csv" 2>/dev/null
+}
+case $what in
+  iterate)
+    step checks 120 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
+    TAILN=40 step quick 240 python3 benchmarks/bench_moe_kernels.py --quick --prefill --out "$OUT"
+    ncu_step ;;
+  ncu) ncu_step ;;
+  full)
+    step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+    step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
+    TAILN=60 step kernels ${SWEEP_LIMIT:-330} python3 benchmarks/bench_moe_kernels.py --skip-check --prefill \
+         --budget $(( ${SWEEP_LIMIT:-330} - 30 )) --out "$OUT" ;;
+esac
+echo "=== done in ${SECONDS}s"
