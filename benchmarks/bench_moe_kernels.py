@@ -433,12 +433,11 @@ QUICK_CONFIGS = [TileConfig(16, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 3, sp
 # prefill (#10): large row tiles (dequantized weight tile reused over more rows), wider N,
 # the swapped product (weights as the register operand), deeper pipelines; the first is
 # the pre-#10 heuristic, the last the dequantized-workspace path (speed reference only)
-PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 4),
-                   TileConfig(64, 128, 128, 8, 3), TileConfig(128, 64, 64, 4, 3), TileConfig(128, 128, 64, 4, 3),
-                   TileConfig(256, 64, 64, 8, 3), TileConfig(128, 256, 64, 8, 3),
-                   TileConfig(128, 128, 64, 8, 3, swap=1), TileConfig(256, 128, 64, 8, 3, swap=1),
-                   TileConfig(64, 128, 64, 4, 4, swap=1), TileConfig(128, 128, 128, 8, 3, swap=1),
-                   TileConfig(128, 64, 64, 4, 4, swap=1), TileConfig(128, 128, 64, 8, 3, wdq=1)]
+PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 128, 8, 3),
+                   TileConfig(128, 64, 64, 4, 3), TileConfig(256, 64, 64, 8, 3), TileConfig(256, 64, 64, 8, 4),
+                   TileConfig(128, 64, 128, 4, 3), TileConfig(64, 64, 64, 4, 4),
+                   TileConfig(128, 64, 64, 4, 4, swap=1), TileConfig(64, 128, 64, 4, 4, swap=1),
+                   TileConfig(128, 128, 128, 8, 3, swap=1), TileConfig(128, 128, 64, 8, 3, wdq=1)]
 
 
 def _quick_precompile_worker(jobs):
@@ -553,6 +552,31 @@ def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14, tag="q
     return result
 
 
+def ncu_target(shape_name, scheme, T, configs):
+    """The process `ncu --profile-from-start off` profiles: each config's kernels once at
+    one shape and token count (compiled and warmed up outside the profiled range)."""
+    dev = torch.device("cuda")
+    E, k, H, I = SHAPES[shape_name]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w13, s13, a13, w2, s2, a2 = random_experts(scheme, E, H, I, dev, gen)
+    nv = SCHEMES[scheme].weight_fmt.has_global_scale
+    gs = torch.tensor([2688.0 / 4.0], device=dev) if nv else None
+    x = torch.randn(T, H, device=dev, generator=gen).to(torch.bfloat16)
+    tw, ids = torch.topk(torch.softmax(torch.randn(T, E, device=dev, generator=gen), -1), k, -1)
+    spec = OpSpec.from_scheme(scheme)
+    for cfg in configs:
+        fn = lambda: moe_triton(x, w13, s13, a13, w2, s2, a2, tw, ids.to(torch.int32), gs, gs, None, spec,  # noqa: E731
+                                validate=False, config=cfg)
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        print("ncu target", cfg, flush=True)
+        torch.cuda.profiler.start()
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+
 def _spec_digest(scheme):
     from emu_inductor.kernels.launch import kernel_spec_for
     from emu_inductor.kernels.kernel_spec import alpha_mode_of  # noqa: F401
@@ -643,18 +667,28 @@ def main():
                     help="one shape, tokens 1 and 32, the QUICK_CONFIGS tile configs (under a minute)")
     ap.add_argument("--prefill", action="store_true",
                     help="with --quick: tokens 2048 and 8192 (or --tokens), the PREFILL_CONFIGS tile configs")
+    ap.add_argument("--configs", help="comma-separated indices into the quick / prefill config list")
+    ap.add_argument("--tag", help="results file tag of a quick run (default quick / prefill_quick)")
+    ap.add_argument("--ncu-target", action="store_true",
+                    help="run the selected configs once each at --shape and the first of --tokens (for ncu)")
     ap.add_argument("--shape", default="Qwen3-30B-A3B", choices=sorted(SHAPES))
     ap.add_argument("--schemes", default="nvfp4_w4a4")
     ap.add_argument("--decode", action="store_true", help="full sweep at decode token counts (1, 8, 32) only")
     args = ap.parse_args()
+    sel = PREFILL_CONFIGS if args.prefill else QUICK_CONFIGS
+    if args.configs:
+        sel = [sel[int(i)] for i in args.configs.split(",")]
+    if args.ncu_target:
+        ncu_target(args.shape, args.schemes.split(",")[0], int(args.tokens.split(",")[0]), sel)
+        return
     if args.quick and args.prefill:
         toks = [2048, 8192] if args.tokens == ",".join(map(str, TOKENS)) else [int(t) for t in args.tokens.split(",")]
-        quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), toks, PREFILL_CONFIGS,
-              args.workers, tag="prefill_quick", routing=False)
+        quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), toks, sel,
+              args.workers, tag=args.tag or "prefill_quick", routing=False)
         return
     if args.quick:
-        quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), [1, 32], QUICK_CONFIGS,
-              args.workers)
+        quick(torch.device("cuda"), args.out, args.shape, args.schemes.split(","), [1, 32], sel,
+              args.workers, tag=args.tag or "quick")
         return
     if args.decode:
         args.tokens = "1,8,32" if args.tokens == ",".join(map(str, TOKENS)) else args.tokens

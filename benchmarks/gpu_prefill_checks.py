@@ -29,16 +29,15 @@ from emu_inductor.reference.moe import dequantize_experts  # noqa: E402
 from emu_inductor.spec import SCHEMES, OpSpec  # noqa: E402
 
 
-def main():
+def run_case(case):
+    scheme, act = case
     os.environ.setdefault("EMU_INDUCTOR_MOE_WDQ", "1")
     dev = torch.device(os.environ.get("CHECK_DEVICE", "cuda"))  # cpu: a smoke run under TRITON_INTERPRET=1
-    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "dequant": [], "moe": []}
+    res = {"dequant": [], "moe": []}
     smoke = dev.type == "cpu"
     E, k, H, I, T = (4, 2, 128, 64, 40) if smoke else (8, 2, 512, 256, 300)
-    cases = [("nvfp4_w4a4", "silu")] if smoke else [(s, a) for s in ("nvfp4_w4a4", "w_mxfp4_a_mxfp4", "nvfp4_w4a16")
-                                                   for a in ("silu", "swigluoai")]
     configs = PREFILL_CONFIGS[:2] + [c for c in PREFILL_CONFIGS if c.swap][:1] if smoke else PREFILL_CONFIGS
-    for scheme, act in cases:
+    if True:
         if True:
             g = torch.Generator(device="cpu").manual_seed(0)
             w13f = (torch.randn(E, 2 * I, H, generator=g) * 0.1).to(torch.bfloat16).to(dev)
@@ -102,6 +101,22 @@ def main():
                     traceback.print_exc()
                 res["moe"].append(row)
                 print("moe", row, flush=True)
+    return res
+
+
+def main():
+    import multiprocessing as mp
+
+    smoke = os.environ.get("CHECK_DEVICE", "cuda") == "cpu"
+    cases = [("nvfp4_w4a4", "silu")] if smoke else [(s, a) for s in ("nvfp4_w4a4", "w_mxfp4_a_mxfp4", "nvfp4_w4a16")
+                                                   for a in ("silu", "swigluoai")]
+    if smoke:
+        parts = [run_case(c) for c in cases]
+    else:  # one process per case: kernel compilation dominates and is per process
+        with mp.get_context("spawn").Pool(len(cases)) as pool:
+            parts = pool.map(run_case, cases)
+    res = {"device": torch.cuda.get_device_name() if not smoke else "cpu",
+           "dequant": [r for p in parts for r in p["dequant"]], "moe": [r for p in parts for r in p["moe"]]}
     res["all_ok"] = all(r.get("ok") for r in res["moe"] if not r["config"].get("wdq"))
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:

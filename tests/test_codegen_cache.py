@@ -87,3 +87,29 @@ def test_wdq_opt_in_warns_that_it_is_unverified(monkeypatch):
     monkeypatch.setenv("EMU_INDUCTOR_MOE_WDQ", "1")
     with pytest.warns(RuntimeWarning, match="WRONG outputs"):
         assert autotune.wdq_enabled() is True
+
+
+def test_autotune_skips_a_candidate_whose_outputs_disagree(fresh_cache, monkeypatch):
+    """A fast config with wrong outputs (a miscompiled tile shape) must never win autotuning."""
+    import torch
+
+    from emu_inductor.kernels.launch import outputs_agree
+
+    monkeypatch.setattr(autotune, "_autotune_enabled", lambda dev: True)
+    monkeypatch.setattr(autotune, "_mem", {})
+    cands = autotune.candidates(1000)
+    fastest, second = cands[0], cands[1]
+    times = {c: (0.5 if c == fastest else 1.0 + i) for i, c in enumerate(cands)}
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 32, generator=g)
+    noise = torch.randn(64, 32, generator=g) * 1e-3
+    outs = {c: (ref + 20.0 if c == fastest else ref + noise) for c in cands}
+    cfg = autotune.select_config("test|verify", torch.device("cpu"), 1000, bench=lambda c: times[c],
+                                 verify=lambda c: outputs_agree(outs[c], ref))
+    assert cfg == second
+    # NaN / Inf positions must match as well
+    y = ref.clone()
+    y[0, 0] = float("nan")
+    assert not outputs_agree(y, ref)
+    assert outputs_agree(y, y.clone())
+    assert outputs_agree(ref + noise, ref) and not outputs_agree(ref * 1.5, ref)

@@ -114,9 +114,15 @@ def _autotune_enabled(device: torch.device) -> bool:
 
 
 def select_config(key: str, device: torch.device, rows_per_expert: float,
-                  bench: Optional[Callable[[TileConfig], float]] = None, allow_wdq: bool = False) -> TileConfig:
+                  bench: Optional[Callable[[TileConfig], float]] = None, allow_wdq: bool = False,
+                  verify: Optional[Callable[[TileConfig], bool]] = None) -> TileConfig:
     """The config for `key` (which includes the token bucket): pinned, else cached in
-    memory or on disk, else autotuned with `bench` (CUDA, not capturing), else heuristic."""
+    memory or on disk, else autotuned with `bench` (CUDA, not capturing), else heuristic.
+
+    verify(cfg) -> False drops a candidate whose outputs disagree with the launcher's
+    reference config on the call's own inputs: Triton 3.6 miscompiles a few tile shapes on
+    the H200 (garbage, not rounding; docs/kernels.md), and a fast wrong config must never
+    win."""
     p = pinned_config()
     if p is not None:
         return p
@@ -138,6 +144,10 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
     for cfg in cands:
         try:
             t = bench(cfg)
+            if verify is not None and not verify(cfg):
+                log.warning("emu_inductor: tile config %s gave outputs different from the reference config on "
+                            "%s; skipped (a compiler fault for this tile shape on this GPU)", cfg, dev_key)
+                continue
         except Exception as e:  # a config that does not compile (registers, smem) is skipped
             log.debug("emu_inductor: config %s failed: %s", cfg, e)
             continue

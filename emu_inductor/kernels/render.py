@@ -34,7 +34,7 @@ from ..spec.activations import is_gated
 from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
-    _gate_up_rows, _w_tile_helper, _W_WS, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP,
+    _gate_up_rows, _w_tile_helper, _W_WS, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -89,7 +89,7 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
         up_init = "acc_u = _acc0(BM, BN, SWAP)"
         up_dot = ("if WDQ:\n    wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)\nelse:\n"
                   "    wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se,"
-                  " stride_sn, BN, BK)\nacc_u = _mma(ao, wu, acc_u, SWAP)")
+                  " stride_sn, BN, BK, EVEN_K)\nacc_u = _mma(ao, wu, acc_u, SWAP)")
         part_u = "\n    tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)"
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
     # PREQ: the rows come already router-weighted and fake-quantized (prequant_kernel)
@@ -123,7 +123,7 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
     if WDQ:
         wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
     else:
-        wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+        wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
     acc_g = _mma(ao, wg, acc_g, SWAP)
 {_ind(up_dot)}
 acc_g = _acc_rows(acc_g, SWAP)
@@ -142,7 +142,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""} part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, BM: tl.constexpr,
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
@@ -216,7 +216,7 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
     if WDQ:
         w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
     else:
-        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
     acc = _mma(ao, w, acc, SWAP)
 acc = _acc_rows(acc, SWAP)
 if STORE == 2:
@@ -241,7 +241,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
-                    SWAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -328,9 +328,9 @@ def dequant_kernel(w_ptr, s_ptr, alpha_ptr, out_ptr, N, K, stride_we, stride_wn,
     rmask = rows < N
     k0 = tl.program_id(2) * BK
     if WHICH == 1:
-        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
     else:
-        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
     kk = k0 + tl.arange(0, BK)
     tl.store(out_ptr + (e.to(tl.int64) * N + rows[:, None]) * K + kk[None, :], w,
              mask=rmask[:, None] & (kk < K)[None, :])
@@ -378,6 +378,7 @@ def render(spec: KernelSpec) -> str:
     parts.append(_act_helper(spec))
     parts.append(_w_tile_helper(spec, "_w_tile1", spec.alpha1))
     parts.append(_w_tile_helper(spec, "_w_tile2", spec.alpha2))
+    parts.append(KMASK)
     parts.append(_W_WS)
     parts.append(_gemm_act_kernel(spec))
     parts.append(_act_epilogue_kernel(spec))

@@ -397,26 +397,26 @@ def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
         hi = "_decode_w_hi(byt)" if is_e2m1(fmt.element) else "_decode_w(byt >> 4)"
         lo = "_decode_w(byt)" if is_e2m1(fmt.element) else "_decode_w(byt & 15)"
         load = f"""kb = k0 // 2 + tl.arange(0, BK // 2)
-byt = tl.load({base} + kb[None, :], mask=rmask[:, None] & (kb < K // 2)[None, :], other=0).to(tl.int32)
+byt = tl.load({base} + kb[None, :], mask=rmask[:, None] & _kmask(kb, K // 2, EVEN_K)[None, :], other=0).to(tl.int32)
 v = tl.interleave({lo}, {hi})  # even k in the low nibble"""
     elif fmt.pack_bits == 8:
         load = f"""kk = k0 + tl.arange(0, BK)
-byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :], other=0).to(tl.int32)
 v = _decode_w(byt)"""
     elif spec.op.fp6_layout == "unpacked":
         load = f"""kk = k0 + tl.arange(0, BK)
-byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :], other=0).to(tl.int32)
 v = _decode_w(byt & 63)"""
     else:  # 6-bit, Quark layout: W = b0 | b1<<8 | b2<<16 holds codes j = 0..3 at bits 6j
         load = f"""kk = k0 + tl.arange(0, BK)
-m = rmask[:, None] & (kk < K)[None, :]
+m = rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :]
 p = {base} + ((kk // 4) * 3)[None, :]
 wd = (tl.load(p, mask=m, other=0).to(tl.int32) | (tl.load(p + 1, mask=m, other=0).to(tl.int32) << 8)
       | (tl.load(p + 2, mask=m, other=0).to(tl.int32) << 16))
 v = _decode_w((wd >> ((kk % 4) * 6)[None, :]) & 63)"""
     sload = f"""ks = k0 // {bs} + tl.arange(0, BK // {bs})
 sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
-             mask=rmask[:, None] & (ks < K // {bs})[None, :], other=0).to(tl.int32)"""
+             mask=rmask[:, None] & _kmask(ks, K // {bs}, EVEN_K)[None, :], other=0).to(tl.int32)"""
     op = spec.op
     if fmt.is_mx:
         scale = "s = _e8m0_decode(sc)" if op.w_e8m0_byte255 == "nan" else "s = _e8m0_decode_w(sc)"
@@ -429,13 +429,25 @@ sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks
     twice = " * s2[:, :, None]" if fmt.is_mx and op.w_e8m0_byte255 == "ldexp" else ""
     return f"""@triton.jit
 def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr):
+{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # dequantize a [BN, BK] {fmt.name} weight tile in registers: {spec.dtype}(value * scale)
 {_ind(load)}
 {_ind(sload)}
 {_ind(scale.strip())}
     v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None]{twice}, (BN, BK)){post}
     return _wq(v)
+"""
+
+
+# EVEN_K (K a multiple of BK, the usual case): no mask along K. A mask like kb < K // 2
+# hides from Triton's alignment analysis that whole 16-byte groups are in bounds, which
+# turns the packed-weight and scale loads into byte loads; the row mask alone keeps them wide.
+KMASK = """@triton.jit
+def _kmask(kk, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.full(kk.shape, 1, tl.int1)
+    else:
+        return kk < K
 """
 
 
@@ -457,7 +469,7 @@ def _load_a_block() -> str:
     # the loop (prequantized rows, weight-only schemes): no fp32 round trip between the load
     # and the dot, so the load can be pipelined straight into shared memory
     return """kk = k0 + tl.arange(0, BK)
-araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
                other=0.0)
 a = araw.to(tl.float32)"""
 

@@ -113,17 +113,17 @@ def _act(g, u):
 
 @triton.jit
 def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-             BN: tl.constexpr, BK: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # dequantize a [BN, BK] mxfp6_e2m3 weight tile in registers: bf16(value * scale)
     kk = k0 + tl.arange(0, BK)
-    m = rmask[:, None] & (kk < K)[None, :]
+    m = rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :]
     p = w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + ((kk // 4) * 3)[None, :]
     wd = (tl.load(p, mask=m, other=0).to(tl.int32) | (tl.load(p + 1, mask=m, other=0).to(tl.int32) << 8)
           | (tl.load(p + 2, mask=m, other=0).to(tl.int32) << 16))
     v = _decode_w((wd >> ((kk % 4) * 6)[None, :]) & 63)
     ks = k0 // 32 + tl.arange(0, BK // 32)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
-                 mask=rmask[:, None] & (ks < K // 32)[None, :], other=0).to(tl.int32)
+                 mask=rmask[:, None] & _kmask(ks, K // 32, EVEN_K)[None, :], other=0).to(tl.int32)
     s = _e8m0_decode(sc)
     v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
     return _wq(v)
@@ -131,20 +131,28 @@ def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stri
 
 @triton.jit
 def _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-             BN: tl.constexpr, BK: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # dequantize a [BN, BK] mxfp6_e2m3 weight tile in registers: bf16(value * scale)
     kk = k0 + tl.arange(0, BK)
-    m = rmask[:, None] & (kk < K)[None, :]
+    m = rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :]
     p = w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + ((kk // 4) * 3)[None, :]
     wd = (tl.load(p, mask=m, other=0).to(tl.int32) | (tl.load(p + 1, mask=m, other=0).to(tl.int32) << 8)
           | (tl.load(p + 2, mask=m, other=0).to(tl.int32) << 16))
     v = _decode_w((wd >> ((kk % 4) * 6)[None, :]) & 63)
     ks = k0 // 32 + tl.arange(0, BK // 32)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
-                 mask=rmask[:, None] & (ks < K // 32)[None, :], other=0).to(tl.int32)
+                 mask=rmask[:, None] & _kmask(ks, K // 32, EVEN_K)[None, :], other=0).to(tl.int32)
     s = _e8m0_decode(sc)
     v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
     return _wq(v)
+
+
+@triton.jit
+def _kmask(kk, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.full(kk.shape, 1, tl.int1)
+    else:
+        return kk < K
 
 
 @triton.jit
@@ -161,7 +169,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr, part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, BM: tl.constexpr,
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then no QDQ (weight-only);
@@ -193,7 +201,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         kk = k0 + tl.arange(0, BK)
-        araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+        araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
                        other=0.0)
         a = araw.to(tl.float32)
         if DEBUG:
@@ -203,12 +211,12 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if WDQ:
             wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
-            wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+            wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc_g = _mma(ao, wg, acc_g, SWAP)
         if WDQ:
             wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
-            wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+            wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc_u = _mma(ao, wu, acc_u, SWAP)
     acc_g = _acc_rows(acc_g, SWAP)
     acc_u = _acc_rows(acc_u, SWAP)
@@ -269,7 +277,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
-                    SWAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -302,7 +310,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         kk = k0 + tl.arange(0, BK)
-        araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :],
+        araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
                        other=0.0)
         a = araw.to(tl.float32)
         if QDQ_A:
@@ -312,7 +320,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if WDQ:
             w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
         else:
-            w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+            w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc = _mma(ao, w, acc, SWAP)
     acc = _acc_rows(acc, SWAP)
     if STORE == 2:
@@ -406,9 +414,9 @@ def dequant_kernel(w_ptr, s_ptr, alpha_ptr, out_ptr, N, K, stride_we, stride_wn,
     rmask = rows < N
     k0 = tl.program_id(2) * BK
     if WHICH == 1:
-        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
     else:
-        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK)
+        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
     kk = k0 + tl.arange(0, BK)
     tl.store(out_ptr + (e.to(tl.int64) * N + rows[:, None]) * K + kk[None, :], w,
              mask=rmask[:, None] & (kk < K)[None, :])
