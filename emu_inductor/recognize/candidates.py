@@ -208,7 +208,7 @@ def activation_cone(gemm: Node) -> tuple[Optional[ActCone], Optional[str]]:
         cone = _cone_from(members, q, order)
         cone.leaves.remove(x)
         cone.leaves.insert(0, x)
-        return ActCone(cone.nodes, cone.leaves, q, x=x, post=tuple(post)), None
+        return ActCone(cone.nodes, cone.leaves, q, x=x, post=tuple(reversed(post))), None  # outermost last
     return None, None
 
 

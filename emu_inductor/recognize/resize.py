@@ -163,9 +163,13 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
             for f, (od, _, _) in out.items():
                 j = od - off
                 if 0 <= j < len(ts) and ts[j] != 1:
+                    # every factor of that dim (a buffer over rows_total = E*N*G holds several)
                     key = (a, uniform[a], j)
-                    if not any(r[:3] == key for r in rewrites):
-                        rewrites.append((a, uniform[a], j, (f,)))
+                    at = next((i for i, r in enumerate(rewrites) if r[:3] == key), None)
+                    if at is None:
+                        rewrites.append(key + ((f,),))
+                    elif f not in rewrites[at][3]:
+                        rewrites[at] = key + (rewrites[at][3] + (f,),)
         return out
 
     for node in nodes:

@@ -1,0 +1,182 @@
+"""Pattern family "semantic_bmm" (order 88, before "semantic"): batched GEMMs over a stack
+of expert weights, rewritten as the grouped GEMMs they are, so that "semantic" proves and
+fuses them (`mxemu::grouped_mm`) and "semantic_moe" can prove the layer around them.
+
+Two forms people write for MoE experts with `torch.bmm`:
+
+- gathered experts: `bmm(a[B, M, K], W[ids])`, W the [E, K, N] expert stack and ids [B]
+  integer expert ids (transformers' gpt-oss reference: every routed row with its expert's
+  matrix, `W[ids]` materialised per row). Rows grouped by expert: a stable sort of ids
+  orders the batches, group ends are the expert counts (scatter_add) summed up, and the
+  result goes back to batch order through the inverse permutation;
+- dense experts: `bmm(a[E, M, K], W[E, K, N])` (every row through every expert,
+  microxcaling's dense MoE): batch e is expert e's group, group ends M, 2M, .., E*M.
+
+Each batch's [M, K] x [K, N] product is the same dot products in either form (fp32
+accumulation; the order inside a dot product is the GEMM contract's, as for any fused
+GEMM). The rewrite is made only when the weight recogniser proves W's cone
+(`recognize_weight`, the verdict "semantic" then reads from its cache): a bmm whose
+weights are not proven stays a bmm, and explain() says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Optional
+
+import torch
+from torch._guards import detect_fake_mode
+from torch._inductor import pattern_matcher as pm
+
+from ..recognize import Rejection, recognize_weight
+from .guards import register_family_pattern
+from .recorder import record_candidate
+from .registry import register_pattern_family
+from .semantic import PackedWeightOperand
+
+aten = torch.ops.aten
+FAMILY = "semantic_bmm"
+
+__all__ = ["FAMILY"]
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _static(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def _gathered(w_node) -> Optional[tuple]:
+    """(stack node, ids node) when the weight operand is `stack[ids]` (aten.index over the
+    first dim with one 1-d integer index), else None."""
+    if w_node.op != "call_function" or w_node.target is not aten.index.Tensor:
+        return None
+    base, idx = w_node.args[0], w_node.args[1]
+    if not isinstance(base, torch.fx.Node) or len(idx) != 1 or not isinstance(idx[0], torch.fx.Node):
+        return None
+    bv, iv = _val(base), _val(idx[0])
+    if not isinstance(bv, torch.Tensor) or not isinstance(iv, torch.Tensor) or bv.dim() != 3 or iv.dim() != 1:
+        return None
+    if iv.dtype not in (torch.int64, torch.int32):
+        return None
+    return base, idx[0]
+
+
+def _form(anchor) -> tuple[Optional[tuple], Optional[str]]:
+    """(("gathered"|"dense", a, stack, ids or None), None) or (None, reason)."""
+    if anchor.kwargs or len(anchor.args) != 2:
+        return None, "bmm with extra arguments"
+    a, w = anchor.args
+    av, wv = _val(a), _val(w)
+    if not isinstance(av, torch.Tensor) or not isinstance(wv, torch.Tensor) or av.dim() != 3 or wv.dim() != 3:
+        return None, "bmm operands without 3-d tensor values"
+    if av.dtype != wv.dtype or not av.is_floating_point():
+        return None, f"bmm of {av.dtype} x {wv.dtype}"
+    g = _gathered(w)
+    if g is not None:
+        stack, ids = g
+        M = av.shape[1]
+        if not _static(M, *_val(stack).shape):
+            return None, "gathered experts with symbolic sizes (rows per batch or expert stack)"
+        return ("gathered", a, stack, ids), None
+    if not _static(*av.shape, *wv.shape):
+        return None, "dense batched experts with symbolic sizes"
+    return ("dense", a, w, None), None
+
+
+class _Builder:
+    """Inserts nodes before `anchor`, each with a fake value computed by its own op."""
+
+    def __init__(self, graph, anchor):
+        self.graph, self.anchor = graph, anchor
+        self.mode = detect_fake_mode([_val(n) for n in anchor.all_input_nodes])
+
+    def __call__(self, target, *args, **kwargs):
+        def fake(x):
+            return _val(x) if isinstance(x, torch.fx.Node) else x
+
+        fa = torch.fx.node.map_aggregate(args, fake)
+        fk = torch.fx.node.map_aggregate(kwargs, fake)
+        with self.graph.inserting_before(self.anchor):
+            n = self.graph.call_function(target, args, kwargs)
+        with (self.mode or contextlib.nullcontext()):
+            n.meta["val"] = target(*fa, **fk)
+        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if k in self.anchor.meta:
+                n.meta[k] = self.anchor.meta[k]
+        return n
+
+
+def _check(match) -> Optional[str]:
+    anchor = match.output_node()
+    form, why = _form(anchor)
+    if form is None:
+        return why
+    kind, a, stack, ids = form
+    if kind == "dense" and _val(a).shape[0] != _val(stack).shape[0]:
+        return "batch count differs from the expert count"
+    if kind == "gathered":
+        # the weight recogniser reads the GEMM's weight operand: a throwaway grouped GEMM
+        # over the stack itself (the gather depends on the routing, not on the bytes)
+        with anchor.graph.inserting_before(anchor):
+            probe = anchor.graph.call_function(aten._grouped_mm.default, (a, stack))
+        try:
+            w = recognize_weight(probe)
+        finally:
+            anchor.graph.erase_node(probe)
+    else:
+        w = recognize_weight(anchor)
+    if isinstance(w, Rejection):
+        return f"expert weights not proven, bmm left as written: {w.reason}"
+    if not w.kernel_supported:
+        return f"expert weights recognised as {w.variant.name}, which the fused kernels do not compute"
+    match._mxemu_bmm = (form, w)
+    return None
+
+
+def _replace(match) -> None:
+    anchor = match.output_node()
+    (kind, a, stack, ids), w = match._mxemu_bmm
+    graph = match.graph
+    b = _Builder(graph, anchor)
+    av, sv = _val(a), _val(stack)
+    E, K, N = (int(s) for s in sv.shape)
+    M = av.shape[1]
+    dev = av.device
+    if kind == "dense":
+        rows = b(aten.reshape.default, a, [E * M, K])
+        offs = b(aten.arange.start_step, M, E * M + 1, M, dtype=torch.int32, layout=torch.strided, device=dev,
+                 pin_memory=False)
+        out = b(aten._grouped_mm.default, rows, stack, offs)
+        new = b(aten.reshape.default, out, [E, M, N])
+        how = f"dense over {E} experts: batch e is expert e's group of {M} rows"
+    else:
+        # ops with Inductor lowerings (the post-grad graph is past decomposition)
+        key = ids if _val(ids).dtype == torch.int64 else b(torch.ops.prims.convert_element_type.default, ids,
+                                                           torch.int64)
+        srt = b(aten.sort.stable, key, stable=True, dim=0)
+        order = b(operator.getitem, srt, 1)
+        zeros = b(aten.full.default, [E], 0, dtype=torch.int64, layout=torch.strided, device=dev, pin_memory=False)
+        per = b(aten.add.Tensor, b(aten.mul.Tensor, key, 0), M)  # M rows per batch, whatever the batch count
+        counts = b(aten.scatter_add.default, zeros, 0, key, per)
+        offs = b(aten.cumsum.default, counts, 0, dtype=torch.int32)
+        rows = b(aten.reshape.default, b(aten.index.Tensor, a, [order]), [-1, K])
+        out = b(aten._grouped_mm.default, rows, stack, offs)
+        inv = b(operator.getitem, b(aten.sort.stable, order, stable=True, dim=0), 1)
+        new = b(aten.index.Tensor, b(aten.reshape.default, out, [-1, M, N]), [inv])
+        how = f"gathered experts stack[{ids.name}]: rows sorted by expert, results back in batch order"
+    new.meta.update({k: v for k, v in anchor.meta.items() if k != "val"})
+    anchor.replace_all_uses_with(new)
+    graph.erase_node(anchor)
+    record_candidate(FAMILY, out, True, "aten._grouped_mm (fused next by 'semantic')",
+                     f"bmm as a grouped GEMM ({how}); weights proven: {w.describe()}", family=FAMILY, pattern=kind)
+
+
+@register_pattern_family(FAMILY, order=88, anchors=(aten.bmm.default,),
+                         description="bmm over proven expert weights (gathered W[ids] or dense) -> grouped GEMM")
+def _init(pm_pass, input_device=None):
+    register_family_pattern(pm.CallFunction(aten.bmm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
+                            family=FAMILY, name="bmm", check=_check, replace=_replace)
