@@ -119,5 +119,11 @@ ENTRIES = [
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="ldexp")), make_moe,
         plumbing="topk on logits then softmax; gather W[ids] + bmm; interleaved gate/up [::2]/[1::2]; "
                  "view(T,k,H) weighted sum fp32",
+        fused_today="two mxemu::grouped_mm (weight-only; the layer has no activation QDQ): 'semantic_bmm' "
+                    "rewrites each bmm over W[ids] as a grouped GEMM over expert-sorted rows once the stack's "
+                    "decode is proven (reader ldexp), 'semantic' fuses it. Not one mxemu::moe: the activation "
+                    "silu(h[..., ::2]) * h[..., 1::2] (interleaved gate/up, no clamp) is none of mxemu::moe's "
+                    "activations (swigluoai interleaves but clamps and scales), so semantic_moe's body proof "
+                    "fails and says so (measured bf16 2026-12-02, 18-28 s to compile)",
     ),
 ]
