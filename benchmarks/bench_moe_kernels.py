@@ -433,11 +433,13 @@ QUICK_CONFIGS = [TileConfig(16, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 3, sp
 # prefill (#10): large row tiles (dequantized weight tile reused over more rows), wider N,
 # the swapped product (weights as the register operand), deeper pipelines; the first is
 # the pre-#10 heuristic, the last the dequantized-workspace path (speed reference only)
-PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 128, 8, 3),
-                   TileConfig(128, 64, 64, 4, 3), TileConfig(256, 64, 64, 8, 3), TileConfig(256, 64, 64, 8, 4),
-                   TileConfig(128, 64, 128, 4, 3), TileConfig(64, 64, 64, 4, 4),
-                   TileConfig(128, 64, 64, 4, 4, swap=1), TileConfig(64, 128, 64, 4, 4, swap=1),
-                   TileConfig(128, 128, 128, 8, 3, swap=1), TileConfig(128, 128, 64, 8, 3, wdq=1)]
+PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 4), TileConfig(128, 64, 64, 4, 3),
+                   TileConfig(128, 64, 64, 4, 4, swap=1), TileConfig(128, 128, 128, 8, 3, swap=1),
+                   TileConfig(64, 128, 64, 8, 3, prefetch=1), TileConfig(64, 64, 64, 4, 4, prefetch=1),
+                   TileConfig(128, 64, 64, 4, 3, prefetch=1), TileConfig(128, 64, 64, 4, 4, swap=1, prefetch=1),
+                   TileConfig(128, 128, 64, 8, 3, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1),
+                   TileConfig(128, 64, 128, 4, 3, prefetch=1), TileConfig(64, 64, 128, 4, 3, prefetch=1),
+                   TileConfig(128, 128, 128, 8, 3, swap=1, prefetch=1)]
 
 
 def _quick_precompile_worker(jobs):

@@ -24,18 +24,16 @@ step() {  # step NAME LIMIT_S CMD...
 NCU_SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats"
 ncu_step() {  # the GEMM kernels of PREFILL_CONFIGS ${NCU_CONFIGS} at ${NCU_TOKENS} tokens (Qwen3 NVFP4)
   step ncu ${NCU_LIMIT:-150} ncu --clock-control none --profile-from-start off --target-processes all $NCU_SECTIONS \
-       -k "regex:gemm_act_kernel|gemm_out_kernel|prequant_kernel" --csv --page details --log-file /tmp/ncu_stderr.txt \
-       python3 benchmarks/bench_moe_kernels.py --ncu-target --prefill --configs ${NCU_CONFIGS:-0,3} --tokens ${NCU_TOKENS:-2048}
+       -k "regex:gemm_act_kernel|gemm_out_kernel|prequant_kernel" --csv --page details \
+       python3 benchmarks/bench_moe_kernels.py --ncu-target --prefill --configs ${NCU_CONFIGS:-1,6} --tokens ${NCU_TOKENS:-2048}
   mv "$OUT/ncu.log" "$OUT/ncu_prefill_qwen3_nvfp4_$slug.csv" 2>/dev/null
 }
 case $what in
   iterate)
     step checks 120 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
     TAILN=40 step quick 240 python3 benchmarks/bench_moe_kernels.py --quick --prefill --out "$OUT"
-    # A/B: the K masks kept (EMU_INDUCTOR_EVEN_K=0) on two configs
-    EMU_INDUCTOR_EVEN_K=0 TAILN=12 step quick_kmask 120 python3 benchmarks/bench_moe_kernels.py --quick --prefill \
-         --configs ${AB_CONFIGS:-0,3} --tokens 2048 --tag prefill_quick_kmask --out "$OUT"
-    ncu_step ;;
+    ncu_step
+    TAILN=6 step decode 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT" ;;
   ncu) ncu_step ;;
   full)
     step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"

@@ -431,7 +431,7 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
         _k_per_split(plan.H, cfg.BK, split), P, pw,
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
-        PREQ=plan.prequant, WDQ=wdq, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), BM=cfg.BM,
+        PREQ=plan.prequant, WDQ=wdq, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM,
         BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if split > 1:
         plan.mod.act_epilogue_kernel[grid1](
@@ -474,7 +474,7 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
-        WDQ=wdq, SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        WDQ=wdq, SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if not partial:
         return out
     y = torch.empty((plan.T, H), dtype=dtype, device=dev)
@@ -609,7 +609,7 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
         out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
-        STORE=0, MUL_W=False, WDQ=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+        STORE=0, MUL_W=False, WDQ=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
         **_launch_kw(cfg))
     return out
 

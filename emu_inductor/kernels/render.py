@@ -83,13 +83,20 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     router_mul = "a = _rnd(a * tw[:, None])" if op.router_weight_on_input else ""
     qdq1 = "a = _qdq_a(a, g1, BM, BK)" if op.act_kind != "none" else ""
     up_dot = ""
+    up_pre = ""
     up_init = ""
     part_u = ""
     if gated:
         up_init = "acc_u = _acc0(BM, BN, SWAP)"
-        up_dot = ("if WDQ:\n    wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)\nelse:\n"
+        up_dot = ("if WDQ:\n    wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)\n"
+                  "elif PREFETCH:\n    buc = bu\n    suc = su\n"
+                  "    bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn,"
+                  " stride_se, stride_sn, BN, BK, EVEN_K)\n"
+                  "    wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK)\nelse:\n"
                   "    wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se,"
                   " stride_sn, BN, BK, EVEN_K)\nacc_u = _mma(ao, wu, acc_u, SWAP)")
+        up_pre = ("    bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn,"
+                  " stride_se, stride_sn, BN, BK, EVEN_K)")
         part_u = "\n    tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)"
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
     # PREQ: the rows come already router-weighted and fake-quantized (prequant_kernel)
@@ -113,7 +120,13 @@ urow = {urow}
 acc_g = _acc0(BM, BN, SWAP)
 {up_init}
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
-for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
+k_hi = tl.minimum(K, k_lo + KTS * BK)
+if PREFETCH:
+    # the first K step's weight bytes; each step then loads the next step's (see _w_tile1_ld)
+    bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
+                         BN, BK, EVEN_K)
+{up_pre}
+for k0 in range(k_lo, k_hi, BK):
 {_ind(_load_a_block())}
 {_ind(prologue)}
     if DEBUG:
@@ -122,6 +135,12 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
 {_ind(operand)}
     if WDQ:
         wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
+    elif PREFETCH:
+        bgc = bg
+        sgc = sg
+        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
+                             stride_sn, BN, BK, EVEN_K)
+        wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK)
     else:
         wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
     acc_g = _mma(ao, wg, acc_g, SWAP)
@@ -142,7 +161,8 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""} part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREFETCH: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
@@ -207,7 +227,11 @@ if QDQ_A:
         g = {"_fp8_scale(tl.load(gs_ptr))" if op.act_kind == "fp8_tensor" else "tl.load(gs_ptr)"}
 acc = _acc0(BM, BN, SWAP)
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
-for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
+k_hi = tl.minimum(K, k_lo + KTS * BK)
+if PREFETCH:
+    bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
+                         BN, BK, EVEN_K)
+for k0 in range(k_lo, k_hi, BK):
 {_ind(_load_a_block())}
     if QDQ_A:
         ao = _opnd(_qdq_a(a, g, BM, BK))
@@ -215,6 +239,12 @@ for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
         ao = _opnd_raw(araw)
     if WDQ:
         w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
+    elif PREFETCH:
+        bwc = bw
+        swc = sw
+        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
+                             stride_sn, BN, BK, EVEN_K)
+        w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK)
     else:
         w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
     acc = _mma(ao, w, acc, SWAP)
@@ -241,7 +271,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
-                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split

@@ -390,33 +390,35 @@ def _e8m0_decode_w(u):
 
 
 def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
+    """Three functions per weight operand: `{name}_ld` loads a [BN, BK] tile's raw packed
+    bytes and scale bytes (nothing computed on them, so the loads can be issued one K step
+    ahead and overlap the current step's decode and MMA: the kernels' PREFETCH), `{name}_dec`
+    dequantizes them in registers, and `{name}` does both (no prefetch)."""
     fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
     bs = fmt.block_size
     base = "w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn"
+    m = "rmask[:, None] & kok"
     if fmt.pack_bits == 4:
         hi = "_decode_w_hi(byt)" if is_e2m1(fmt.element) else "_decode_w(byt >> 4)"
         lo = "_decode_w(byt)" if is_e2m1(fmt.element) else "_decode_w(byt & 15)"
         load = f"""kb = k0 // 2 + tl.arange(0, BK // 2)
-byt = tl.load({base} + kb[None, :], mask=rmask[:, None] & _kmask(kb, K // 2, EVEN_K)[None, :], other=0).to(tl.int32)
+byt = tl.load({base} + kb[None, :], mask={m} & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)"""
+        dec = f"""byt = byt.to(tl.int32)
 v = tl.interleave({lo}, {hi})  # even k in the low nibble"""
-    elif fmt.pack_bits == 8:
+    elif fmt.pack_bits == 8 or spec.op.fp6_layout == "unpacked":
         load = f"""kk = k0 + tl.arange(0, BK)
-byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :], other=0).to(tl.int32)
-v = _decode_w(byt)"""
-    elif spec.op.fp6_layout == "unpacked":
-        load = f"""kk = k0 + tl.arange(0, BK)
-byt = tl.load({base} + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :], other=0).to(tl.int32)
-v = _decode_w(byt & 63)"""
+byt = tl.load({base} + kk[None, :], mask={m} & _kmask(kk, K, EVEN_K)[None, :], other=0)"""
+        dec = "byt = byt.to(tl.int32)\n" + ("v = _decode_w(byt)" if fmt.pack_bits == 8 else "v = _decode_w(byt & 63)")
     else:  # 6-bit, Quark layout: W = b0 | b1<<8 | b2<<16 holds codes j = 0..3 at bits 6j
         load = f"""kk = k0 + tl.arange(0, BK)
-m = rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :]
+m = {m} & _kmask(kk, K, EVEN_K)[None, :]
 p = {base} + ((kk // 4) * 3)[None, :]
-wd = (tl.load(p, mask=m, other=0).to(tl.int32) | (tl.load(p + 1, mask=m, other=0).to(tl.int32) << 8)
-      | (tl.load(p + 2, mask=m, other=0).to(tl.int32) << 16))
-v = _decode_w((wd >> ((kk % 4) * 6)[None, :]) & 63)"""
+byt = (tl.load(p, mask=m, other=0).to(tl.int32) | (tl.load(p + 1, mask=m, other=0).to(tl.int32) << 8)
+       | (tl.load(p + 2, mask=m, other=0).to(tl.int32) << 16))"""
+        dec = "v = _decode_w((byt >> ((tl.arange(0, BK) % 4) * 6)[None, :]) & 63)  # k0 is a multiple of 4"
     sload = f"""ks = k0 // {bs} + tl.arange(0, BK // {bs})
 sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
-             mask=rmask[:, None] & _kmask(ks, K // {bs}, EVEN_K)[None, :], other=0).to(tl.int32)"""
+             mask={m} & _kmask(ks, K // {bs}, EVEN_K)[None, :], other=0)"""
     op = spec.op
     if fmt.is_mx:
         scale = "s = _e8m0_decode(sc)" if op.w_e8m0_byte255 == "nan" else "s = _e8m0_decode_w(sc)"
@@ -427,15 +429,33 @@ sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks
         scale = "s = _decode_e4m3(sc)\n" + _alpha_expr(alpha_mode, op.w_scale_order)
         post = _alpha_post(alpha_mode, op.w_scale_order)
     twice = " * s2[:, :, None]" if fmt.is_mx and op.w_e8m0_byte255 == "ldexp" else ""
+    pad = " " * (len(name) + 8)
     return f"""@triton.jit
-def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    # dequantize a [BN, BK] {fmt.name} weight tile in registers: {spec.dtype}(value * scale)
+def {name}_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
+{pad}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # the raw packed bytes and scale bytes of a [BN, BK] {fmt.name} weight tile (none where kok is false)
 {_ind(load)}
 {_ind(sload)}
+    return byt, sc
+
+
+@triton.jit
+def {name}_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+    # dequantize the tile {name}_ld loaded, in registers: {spec.dtype}(value * scale)
+{_ind(dec)}
+    sc = sc.to(tl.int32)
 {_ind(scale.strip())}
     v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None]{twice}, (BN, BK)){post}
     return _wq(v)
+
+
+@triton.jit
+def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
+{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # dequantize a [BN, BK] {fmt.name} weight tile in registers: {spec.dtype}(value * scale)
+    byt, sc = {name}_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
+{" " * (len(name) + 20)}BN, BK, EVEN_K)
+    return {name}_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
 """
 
 

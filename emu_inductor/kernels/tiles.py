@@ -30,6 +30,10 @@ class TileConfig:
     split2: int = 0
     # 1: the GEMMs compute W @ A^T (dequantized weights as the left, register operand)
     swap: int = 0
+    # 1: each K step issues the next step's packed-weight and scale loads before decoding its
+    # own (register double buffering: the weight bytes are not dot operands, so Triton's
+    # pipeliner leaves their global-memory latency exposed otherwise)
+    prefetch: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)

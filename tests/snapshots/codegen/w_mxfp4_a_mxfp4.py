@@ -149,15 +149,55 @@ def _act(g, u):
 
 
 @triton.jit
+def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
+                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # the raw packed bytes and scale bytes of a [BN, BK] mxfp4 weight tile (none where kok is false)
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
+    ks = k0 // 32 + tl.arange(0, BK // 32)
+    sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
+                 mask=rmask[:, None] & kok & _kmask(ks, K // 32, EVEN_K)[None, :], other=0)
+    return byt, sc
+
+
+@triton.jit
+def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+    # dequantize the tile _w_tile1_ld loaded, in registers: bf16(value * scale)
+    byt = byt.to(tl.int32)
+    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+    sc = sc.to(tl.int32)
+    s = _e8m0_decode(sc)
+    v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
+    return _wq(v)
+
+
+@triton.jit
 def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
              BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # dequantize a [BN, BK] mxfp4 weight tile in registers: bf16(value * scale)
+    byt, sc = _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
+                            BN, BK, EVEN_K)
+    return _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+
+
+@triton.jit
+def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
+                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # the raw packed bytes and scale bytes of a [BN, BK] mxfp4 weight tile (none where kok is false)
     kb = k0 // 2 + tl.arange(0, BK // 2)
-    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & _kmask(kb, K // 2, EVEN_K)[None, :], other=0).to(tl.int32)
-    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
     ks = k0 // 32 + tl.arange(0, BK // 32)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
-                 mask=rmask[:, None] & _kmask(ks, K // 32, EVEN_K)[None, :], other=0).to(tl.int32)
+                 mask=rmask[:, None] & kok & _kmask(ks, K // 32, EVEN_K)[None, :], other=0)
+    return byt, sc
+
+
+@triton.jit
+def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+    # dequantize the tile _w_tile2_ld loaded, in registers: bf16(value * scale)
+    byt = byt.to(tl.int32)
+    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+    sc = sc.to(tl.int32)
     s = _e8m0_decode(sc)
     v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
     return _wq(v)
@@ -167,15 +207,9 @@ def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stri
 def _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
              BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # dequantize a [BN, BK] mxfp4 weight tile in registers: bf16(value * scale)
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & _kmask(kb, K // 2, EVEN_K)[None, :], other=0).to(tl.int32)
-    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
-    ks = k0 // 32 + tl.arange(0, BK // 32)
-    sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
-                 mask=rmask[:, None] & _kmask(ks, K // 32, EVEN_K)[None, :], other=0).to(tl.int32)
-    s = _e8m0_decode(sc)
-    v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
-    return _wq(v)
+    byt, sc = _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
+                            BN, BK, EVEN_K)
+    return _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
 
 
 @triton.jit
@@ -200,7 +234,8 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr, part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREFETCH: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then QDQ_a2 of the activation (blocks along I inside this N tile);
@@ -230,7 +265,13 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     acc_g = _acc0(BM, BN, SWAP)
     acc_u = _acc0(BM, BN, SWAP)
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
-    for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
+    k_hi = tl.minimum(K, k_lo + KTS * BK)
+    if PREFETCH:
+        # the first K step's weight bytes; each step then loads the next step's (see _w_tile1_ld)
+        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
+                             BN, BK, EVEN_K)
+        bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
                        other=0.0)
@@ -246,11 +287,22 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             ao = _opnd(a)
         if WDQ:
             wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
+        elif PREFETCH:
+            bgc = bg
+            sgc = sg
+            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
+                                 stride_sn, BN, BK, EVEN_K)
+            wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK)
         else:
             wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc_g = _mma(ao, wg, acc_g, SWAP)
         if WDQ:
             wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)
+        elif PREFETCH:
+            buc = bu
+            suc = su
+            bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK)
         else:
             wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc_u = _mma(ao, wu, acc_u, SWAP)
@@ -315,7 +367,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
-                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -346,7 +399,11 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             g = tl.load(gs_ptr)
     acc = _acc0(BM, BN, SWAP)
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
-    for k0 in range(k_lo, tl.minimum(K, k_lo + KTS * BK), BK):
+    k_hi = tl.minimum(K, k_lo + KTS * BK)
+    if PREFETCH:
+        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
+                             BN, BK, EVEN_K)
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
                        other=0.0)
@@ -357,6 +414,12 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             ao = _opnd_raw(araw)
         if WDQ:
             w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
+        elif PREFETCH:
+            bwc = bw
+            swc = sw
+            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
+                                 stride_sn, BN, BK, EVEN_K)
+            w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK)
         else:
             w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc = _mma(ao, w, acc, SWAP)
