@@ -77,18 +77,6 @@ def test_pin_config(monkeypatch):
     assert autotune.token_bucket(1) == 1 and autotune.token_bucket(33) == 64 and autotune.token_bucket(10**6) == 8192
 
 
-def test_wdq_opt_in_warns_that_it_is_unverified(monkeypatch):
-    """The dequantized-workspace path is known wrong on the GPU: turning it on must say so."""
-    from emu_inductor.kernels import autotune
-
-    monkeypatch.setattr(autotune, "_WDQ_WARNED", False)
-    monkeypatch.delenv("EMU_INDUCTOR_MOE_WDQ", raising=False)
-    assert autotune.wdq_enabled() is False
-    monkeypatch.setenv("EMU_INDUCTOR_MOE_WDQ", "1")
-    with pytest.warns(RuntimeWarning, match="WRONG outputs"):
-        assert autotune.wdq_enabled() is True
-
-
 def test_autotune_skips_a_candidate_whose_outputs_disagree(fresh_cache, monkeypatch):
     """A fast config with wrong outputs (a miscompiled tile shape) must never win autotuning."""
     import torch

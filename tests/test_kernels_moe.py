@@ -169,10 +169,10 @@ def test_align_triton_kernel_matches_torch(BM, with_map):
 @pytest.mark.parametrize("scheme,activation,rw_in", [
     ("nvfp4_w4a4", "silu", False), ("nvfp4_w4a4", "swigluoai", True), ("w_mxfp4_a_mxfp4", "gelu_no_mul", False),
     ("w_mxfp4_a_fp8", "silu", True), ("w_mxfp6_e3m2_a_mxfp6_e3m2", "silu", False), ("nvfp4_w4a16", "silu", False)])
-def test_prequant_and_dequant_workspace_paths_bit_identical(scheme, activation, rw_in):
+def test_prequant_and_prefetch_paths_bit_identical(scheme, activation, rw_in):
     """The fast paths change no value: A1 fake-quantized once (prequant_kernel) or per N tile in
-    the GEMM (prequant=False), weights dequantized in registers or once into a workspace
-    (config wdq=1) give bit-identical A1, C2, A2 and outputs."""
+    the GEMM (prequant=False), weight bytes loaded one K step ahead (config prefetch=1) give
+    bit-identical A1, C2, A2 and outputs."""
     from emu_inductor.kernels.tiles import TileConfig
 
     qe = _experts(scheme, activation)
@@ -182,8 +182,8 @@ def test_prequant_and_dequant_workspace_paths_bit_identical(scheme, activation, 
     args = (x, qe.w13, qe.w13_scale, qe.w13_alpha, qe.w2, qe.w2_scale, qe.w2_alpha, tw, ids,
             qe.a1_global_scale, qe.a2_global_scale, None, spec)
     base = moe_triton(*args, debug=True, prequant=False)
-    for kw in (dict(prequant=True), dict(config=TileConfig(16, 32, 64, 4, 1, wdq=1)),
-               dict(prequant=True, config=TileConfig(16, 64, 64, 4, 1, wdq=1))):
+    for kw in (dict(prequant=True), dict(config=TileConfig(16, 32, 64, 4, 1, prefetch=1)),
+               dict(prequant=True, config=TileConfig(16, 64, 64, 4, 1, prefetch=1))):
         other = moe_triton(*args, debug=True, **kw)
         for name in ("out", "a1", "c2", "a2"):
             if base[name] is not None:

@@ -1,5 +1,5 @@
 """Choosing a tile config: pinned, else cached (memory, then disk), else autotuned over
-the candidates of `tiles`, else the heuristic; plus the opt-in wdq switch.
+the candidates of `tiles`, else the heuristic.
 
 Regimes are keyed by the token count, bucketed to the next power of two (`tiles.token_bucket`),
 so a varying token count maps onto a handful of configs (the kernels take the row count as a
@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -28,7 +27,7 @@ from .cache import cache_dir
 from .tiles import TileConfig, candidates, heuristic, interpreter_config, token_bucket
 
 __all__ = ["TileConfig", "pin_config", "pinned_config", "select_config", "token_bucket", "candidates",
-           "interpreter_config", "heuristic", "wdq_enabled"]
+           "interpreter_config", "heuristic"]
 
 log = logging.getLogger("emu_inductor.kernels")
 
@@ -86,25 +85,6 @@ def _disk_store(key: str, cfg: TileConfig) -> None:
     os.replace(tmp, _disk_path())
 
 
-def wdq_enabled() -> bool:
-    """The dequantized-weight workspace path is opt-in (EMU_INDUCTOR_MOE_WDQ=1): it is
-    bit-identical under the interpreter, but its first H100 check (2026 v2 run) gave wrong
-    outputs for block-QDQ schemes and swigluoai/gelu epilogues; the v3 check showed BM=64
-    tiles without wdq exact, so the fault is in the wdq path; see docs/kernels.md.
-    Turning it on warns once per process: results may be wrong on a GPU."""
-    on = os.environ.get("EMU_INDUCTOR_MOE_WDQ", "0") not in ("", "0", "false")
-    global _WDQ_WARNED
-    if on and not _WDQ_WARNED:
-        _WDQ_WARNED = True
-        warnings.warn("EMU_INDUCTOR_MOE_WDQ is set: the dequantized-workspace MoE path gave WRONG outputs on "
-                      "an H100 for block-QDQ schemes (bit-exact only under the interpreter); use it to "
-                      "benchmark, not for results. See docs/kernels.md.", RuntimeWarning, stacklevel=2)
-    return on
-
-
-_WDQ_WARNED = False
-
-
 def _autotune_enabled(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -114,7 +94,7 @@ def _autotune_enabled(device: torch.device) -> bool:
 
 
 def select_config(key: str, device: torch.device, rows_per_expert: float,
-                  bench: Optional[Callable[[TileConfig], float]] = None, allow_wdq: bool = False,
+                  bench: Optional[Callable[[TileConfig], float]] = None,
                   verify: Optional[Callable[[TileConfig], bool]] = None) -> TileConfig:
     """The config for `key` (which includes the token bucket): pinned, else cached in
     memory or on disk, else autotuned with `bench` (CUDA, not capturing), else heuristic.
@@ -132,12 +112,12 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
             return _mem[dev_key]
         disk = _disk_load().get(dev_key)
         if disk is not None:
-            _mem[dev_key] = TileConfig(**disk)
+            _mem[dev_key] = TileConfig.from_dict(disk)
             return _mem[dev_key]
     if bench is None or not _autotune_enabled(device):
-        return heuristic(rows_per_expert, allow_wdq)
+        return heuristic(rows_per_expert)
     best, best_t = None, float("inf")
-    cands = list(candidates(rows_per_expert, allow_wdq))
+    cands = list(candidates(rows_per_expert))
     t0 = time.perf_counter()
     progress("autotuning %s over %d tile configs (once per shape bucket; cached on disk) ...",
              dev_key, len(cands))
@@ -153,7 +133,7 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
             continue
         if t < best_t:
             best, best_t = cfg, t
-    best = best or heuristic(rows_per_expert, allow_wdq)
+    best = best or heuristic(rows_per_expert)
     progress("autotuned %s -> %s (%.4f ms) in %.1f s", dev_key, best, best_t,
              time.perf_counter() - t0)
     with _lock:

@@ -29,7 +29,7 @@ import triton.testing
 from ..formats import FORMATS
 from ..spec.activations import is_gated
 from ..spec.opspec import OpSpec
-from .autotune import select_config, wdq_enabled
+from .autotune import select_config
 from .cache import load_module
 from .kernel_spec import KernelSpec, alpha_mode_of
 from .render import render
@@ -292,7 +292,6 @@ class _MoEPlan:
     top_k: int
     reduction: str
     prequant: bool
-    wdq_ok: bool
 
     @property
     def R(self) -> int:
@@ -332,8 +331,7 @@ def launch_moe(hidden_states, w13: GemmWeights, w2: GemmWeights, routing: Routin
         prequant = spec.act_kind != "none"
     plan = _MoEPlan(x=x.contiguous(), w13=w13, w2=w2, routing=routing, scales=scales, spec=spec, kspec=kspec,
                     mod=get_module(kspec), T=T, H=H, E=E, I=I, N1=N1, top_k=top_k, reduction=reduction,
-                    prequant=bool(prequant) and spec.act_kind != "none",
-                    wdq_ok=_dequant_ws_ok(E, max(N1 * H, H * I), dtype))
+                    prequant=bool(prequant) and spec.act_kind != "none")
     run = functools.partial(_moe_run, plan)
     if config is None:
         config = _moe_config(plan, run)
@@ -348,20 +346,18 @@ def _moe_config(plan: _MoEPlan, run) -> TileConfig:
         return TileConfig(c1.BM, max(c1.BN, 32), max(c1.BK, c2.BK), 4, 1)
     key = (f"moe|{plan.kspec.digest()}|E{plan.E}|H{plan.H}|I{plan.I}|k{plan.top_k}|T{token_bucket(plan.T)}|"
            f"{plan.reduction}|pq{int(plan.prequant)}")
-    return select_config(key, plan.x.device, rows_per_expert, bench=_bencher(run),
-                         allow_wdq=plan.wdq_ok and wdq_enabled(), verify=_verifier(run))
+    return select_config(key, plan.x.device, rows_per_expert, bench=_bencher(run), verify=_verifier(run))
 
 
 def _moe_run(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
-    wdq = bool(cfg.wdq) and plan.wdq_ok
     blocks = BlockRouting(*moe_align(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM))
     dummy = _dummy(plan.x.device)
     scales = _kernel_scales(plan, dummy)
     ws = _moe_workspaces(plan, blocks.padded_rows, dbg, dummy)
     a_src, a_index = _moe_prequant(plan, scales) if plan.prequant else (plan.x, 0)
-    _moe_gemm1(plan, cfg, blocks, scales, ws, a_src, a_index, wdq, dbg, dummy)
+    _moe_gemm1(plan, cfg, blocks, scales, ws, a_src, a_index, dbg, dummy)
     del a_src
-    out = _moe_gemm2(plan, cfg, blocks, scales, ws, wdq, dummy)
+    out = _moe_gemm2(plan, cfg, blocks, scales, ws, dummy)
     y = out if cfg.split2 != 0 else _moe_combine(plan, out)
     if not dbg:
         return y
@@ -409,13 +405,10 @@ def _moe_prequant(plan: _MoEPlan, scales: KernelScales):
 
 
 def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: KernelScales, ws: MoEWorkspaces,
-               a_src, a_index: int, wdq: bool, dbg: bool, dummy) -> None:
+               a_src, a_index: int, dbg: bool, dummy) -> None:
     w13 = plan.w13
     w1a, s1a = w13.w, _scale_u8(w13.scale)
     w1s = (w13.w.stride(0), w13.w.stride(1))
-    if wdq:
-        w1a = _dequant_all(plan.mod, w13.w, w13.scale, w13.alpha, plan.N1, plan.H, 1, plan.x.dtype, dummy)
-        w1s = (w1a.stride(0), w1a.stride(1))
     fp8 = plan.spec.act_kind == "fp8_tensor"
     grid1 = (blocks.num_blocks, _cdiv(plan.I, cfg.BN))
     split = _splits(cfg.split1, grid1[0] * grid1[1], plan.H, cfg.BK, plan.x.device)
@@ -431,7 +424,7 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
         _k_per_split(plan.H, cfg.BK, split), P, pw,
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
-        PREQ=plan.prequant, WDQ=wdq, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM,
+        PREQ=plan.prequant, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM,
         BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if split > 1:
         plan.mod.act_epilogue_kernel[grid1](
@@ -441,7 +434,7 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
 
 
 def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: KernelScales, ws: MoEWorkspaces,
-               wdq: bool, dummy) -> torch.Tensor:
+               dummy) -> torch.Tensor:
     """GEMM2. split2 == 0: fp32 atomics into [T, H] (atomic) or per-slot rows [R, H]
     (deterministic), finished by `_moe_combine`; split2 >= 1 (or -1, auto): fp32 partial
     sums [split, P, H] and combine_kernel, which returns the finished output."""
@@ -449,9 +442,6 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
     dev, dtype = plan.x.device, plan.x.dtype
     w2a = w2.w
     w2s = (w2.w.stride(0), w2.w.stride(1))
-    if wdq:
-        w2a = _dequant_all(plan.mod, w2.w, w2.scale, w2.alpha, H, I, 2, dtype, dummy)
-        w2s = (w2a.stride(0), w2a.stride(1))
     grid2 = (blocks.num_blocks, _cdiv(H, cfg.BN))
     P = blocks.padded_rows
     partial = cfg.split2 != 0
@@ -474,7 +464,7 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
-        WDQ=wdq, SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if not partial:
         return out
     y = torch.empty((plan.T, H), dtype=dtype, device=dev)
@@ -511,11 +501,6 @@ def _moe_debug_rows(plan: _MoEPlan, blocks: BlockRouting, ws: MoEWorkspaces, y: 
             "a2": torch.where(valid[:, None], ws.a2[p].to(torch.float32), nan) if not fp8 else None}
 
 
-def _dequant_ws_ok(E: int, per_expert: int, dtype: torch.dtype) -> bool:
-    cap = float(os.environ.get("EMU_INDUCTOR_DEQUANT_WS_MAX_MB", "4096"))
-    return E * per_expert * torch.empty((), dtype=dtype).element_size() <= cap * 2**20
-
-
 def _qdq_bk(K: int, spec: OpSpec) -> int:
     """A K tile for the standalone QDQ: a multiple of the activation block size."""
     bs = FORMATS[spec.act_fmt].block_size if spec.act_kind == "block" else 1
@@ -523,18 +508,6 @@ def _qdq_bk(K: int, spec: OpSpec) -> int:
     while bk < bs:
         bk *= 2
     return bk
-
-
-def _dequant_all(mod, w, w_scale, w_alpha, N: int, K: int, which: int, dtype, dummy):
-    """[E, N, K] activation-dtype copy of every expert's dequantized weights."""
-    E = w.shape[0]
-    ws = torch.empty((E, N, K), dtype=dtype, device=w.device)
-    BN, BK = 64, 128
-    mod.dequant_kernel[(E, _cdiv(N, BN), _cdiv(K, BK))](
-        w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy, ws, N, K, w.stride(0), w.stride(1),
-        w_scale.stride(0), w_scale.stride(1), WHICH=which, BN=BN, BK=BK,
-        **({} if interpreting() else {"num_warps": 4}))
-    return ws
 
 
 # the config every candidate is checked against: small tiles, no K split, no swap, no
@@ -609,7 +582,7 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
         out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
-        STORE=0, MUL_W=False, WDQ=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+        STORE=0, MUL_W=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
         **_launch_kw(cfg))
     return out
 

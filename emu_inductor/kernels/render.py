@@ -34,7 +34,7 @@ from ..spec.activations import is_gated
 from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
-    _gate_up_rows, _w_tile_helper, _W_WS, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK,
+    _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -88,8 +88,7 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     part_u = ""
     if gated:
         up_init = "acc_u = _acc0(BM, BN, SWAP)"
-        up_dot = ("if WDQ:\n    wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)\n"
-                  "elif PREFETCH:\n    buc = bu\n    suc = su\n"
+        up_dot = ("if PREFETCH:\n    buc = bu\n    suc = su\n"
                   "    bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn,"
                   " stride_se, stride_sn, BN, BK, EVEN_K)\n"
                   "    wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK)\nelse:\n"
@@ -133,9 +132,7 @@ for k0 in range(k_lo, k_hi, BK):
         if pid_n == 0:
             tl.store(dbg_a_ptr + offs[:, None] * K + kk[None, :], a, mask=rmask[:, None] & (kk < K)[None, :])
 {_ind(operand)}
-    if WDQ:
-        wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
-    elif PREFETCH:
+    if PREFETCH:
         bgc = bg
         sgc = sg
         bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
@@ -161,7 +158,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""} part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
@@ -237,9 +234,7 @@ for k0 in range(k_lo, k_hi, BK):
         ao = _opnd(_qdq_a(a, g, BM, BK))
     else:
         ao = _opnd_raw(araw)
-    if WDQ:
-        w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
-    elif PREFETCH:
+    if PREFETCH:
         bwc = bw
         swc = sw
         bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
@@ -270,7 +265,7 @@ else:
 def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs_ptr, bias_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
@@ -348,26 +343,6 @@ def prequant_kernel(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, TO
 """
 
 
-_DEQUANT_KERNEL = """@triton.jit
-def dequant_kernel(w_ptr, s_ptr, alpha_ptr, out_ptr, N, K, stride_we, stride_wn, stride_se, stride_sn,
-                   WHICH: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # weights of every expert dequantized once into the activation dtype (out [E, N, K]): the
-    # same values the GEMM kernels build in registers, for large-token calls that would
-    # otherwise dequantize each weight tile once per row block
-    e = tl.program_id(0)
-    rows = tl.program_id(1) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    k0 = tl.program_id(2) * BK
-    if WHICH == 1:
-        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
-    else:
-        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
-    kk = k0 + tl.arange(0, BK)
-    tl.store(out_ptr + (e.to(tl.int64) * N + rows[:, None]) * K + kk[None, :], w,
-             mask=rmask[:, None] & (kk < K)[None, :])
-"""
-
-
 def render(spec: KernelSpec) -> str:
     """The Triton module source for `spec` (deterministic: same spec, same text)."""
     op = spec.op
@@ -410,7 +385,6 @@ def render(spec: KernelSpec) -> str:
     parts.append(_w_tile_helper(spec, "_w_tile1", spec.alpha1))
     parts.append(_w_tile_helper(spec, "_w_tile2", spec.alpha2))
     parts.append(KMASK)
-    parts.append(_W_WS)
     parts.append(_gemm_act_kernel(spec))
     parts.append(_act_epilogue_kernel(spec))
     parts.append(_gemm_out_kernel(spec))
@@ -419,5 +393,4 @@ def render(spec: KernelSpec) -> str:
               "tl.load(gs_ptr)" if op.act_kind == "block" else "0.0")
     parts.append(_QDQ_KERNEL.replace("GS_DYNAMIC", gs_dyn))
     parts.append(_prequant_kernel(spec))
-    parts.append(_DEQUANT_KERNEL)
     return "\n\n".join(p.rstrip("\n") + "\n" for p in parts)

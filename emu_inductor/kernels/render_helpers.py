@@ -471,16 +471,6 @@ def _kmask(kk, K, EVEN_K: tl.constexpr):
 """
 
 
-_W_WS = """@triton.jit
-def _w_ws(w_ptr, e, rows, rmask, k0, K, stride_we, stride_wn, BN: tl.constexpr, BK: tl.constexpr):
-    # a [BN, BK] tile of weights already dequantized (dequant_kernel) into the activation dtype
-    kk = k0 + tl.arange(0, BK)
-    w = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kk[None, :],
-                mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
-    return _opnd(w.to(tl.float32))
-"""
-
-
 # --- kernels -------------------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ class TileConfig:
     BK: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    wdq: int = 0  # MoE: 1 = dequantize every expert's weights once into a workspace, then plain GEMMs
     # MoE decode: split1 > 1 splits GEMM1's K loop over that many programs (fp32 partial
     # sums, then act_epilogue_kernel); split2 >= 1 writes GEMM2's fp32 partial sums over
     # split2 K ranges and combine_kernel does bias, per-slot rounding, router weight and the
@@ -37,6 +36,13 @@ class TileConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TileConfig":
+        """A config from a stored dict; fields this version no longer has are dropped (an
+        autotune cache written by an older version stays readable)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def auto_split(programs: int, k_tiles: int, sms: int = 132) -> int:
@@ -69,11 +75,11 @@ def interpreter_config(N: int, K: int, rows: int) -> TileConfig:
                       BK=_pow2_at_least(K, 32, 128), num_warps=4, num_stages=1)
 
 
-def candidates(rows_per_expert: float, allow_wdq: bool = False) -> list[TileConfig]:
+def candidates(rows_per_expert: float) -> list[TileConfig]:
     """Small per-regime sets. Decode (<= 16 rows per expert): the weight stream and its
-    in-register dequant dominate, so more programs (narrow N tiles), more warps per tile
-    and deeper pipelines; large: big tiles, and (allow_wdq) the dequantized-workspace
-    path whose GEMMs are plain bf16 tiles."""
+    in-register dequant dominate, so more programs (narrow N tiles), K split to fill the
+    SMs, deeper pipelines; prefill: tiles whose weight loads are prefetched one K step
+    ahead (H200 measurements in docs/kernels.md)."""
     if rows_per_expert <= 16:
         # decode: K split to fill the SMs (auto), GEMM2 through fp32 partials + combine_kernel
         return [TileConfig(16, 64, 128, 4, 3, split1=-1, split2=-1), TileConfig(16, 32, 128, 4, 4, split1=-1, split2=-1),
@@ -82,17 +88,13 @@ def candidates(rows_per_expert: float, allow_wdq: bool = False) -> list[TileConf
                 TileConfig(16, 128, 128, 8, 3, split1=-1, split2=-1, swap=1),
                 TileConfig(16, 32, 256, 4, 4), TileConfig(16, 64, 128, 4, 4)]
     if rows_per_expert <= 64:
-        c = [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),
-             TileConfig(32, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3)]
-        if allow_wdq and rows_per_expert > 32:
-            c.append(TileConfig(64, 128, 64, 4, 4, wdq=1))
-        return c
-    c = [TileConfig(64, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 128, 8, 3)]
-    if allow_wdq:
-        c = [TileConfig(128, 128, 64, 8, 3, wdq=1), TileConfig(128, 128, 64, 8, 4, wdq=1),
-             TileConfig(64, 128, 64, 4, 4, wdq=1)] + c
-    return c
+        return [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),
+                TileConfig(32, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3),
+                TileConfig(32, 64, 128, 4, 3, prefetch=1), TileConfig(64, 64, 64, 4, 4, prefetch=1)]
+    return [TileConfig(64, 64, 64, 4, 4, prefetch=1), TileConfig(128, 64, 64, 4, 3, prefetch=1),
+            TileConfig(128, 128, 64, 8, 3, prefetch=1), TileConfig(64, 128, 64, 8, 3),
+            TileConfig(64, 64, 64, 4, 4), TileConfig(128, 64, 64, 4, 3)]
 
 
-def heuristic(rows_per_expert: float, allow_wdq: bool = False) -> TileConfig:
-    return candidates(rows_per_expert, allow_wdq)[0]
+def heuristic(rows_per_expert: float) -> TileConfig:
+    return candidates(rows_per_expert)[0]

@@ -38,11 +38,7 @@ def moe_triton(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha,
 
     prequant (default: on for schemes with activation QDQ): fake-quantize the GEMM1 input
     rows once (prequant_kernel, [T, H] or [T*k, H] with the router weight on the input)
-    instead of once per N tile; bit-identical. config.wdq=1: dequantize all experts'
-    weights once into an activation-dtype workspace (dequant_kernel, one GEMM at a time,
-    E*max(2I*H, H*I) elements) and run the GEMMs on it; bit-identical, for large token
-    counts (opt-in: EMU_INDUCTOR_MOE_WDQ=1 lets autotune pick it; skipped when the
-    workspace exceeds EMU_INDUCTOR_DEQUANT_WS_MAX_MB, default 4096; unverified on GPU).
+    instead of once per N tile; bit-identical.
 
     w13_bias [E, N1] / w2_bias [E, H] (activation dtype, optional): per-expert biases added
     to GEMM1's / GEMM2's fp32 accumulators before their one rounding (kernel spec flags

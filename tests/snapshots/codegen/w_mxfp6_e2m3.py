@@ -187,21 +187,12 @@ def _kmask(kk, K, EVEN_K: tl.constexpr):
         return kk < K
 
 
-@triton.jit
-def _w_ws(w_ptr, e, rows, rmask, k0, K, stride_we, stride_wn, BN: tl.constexpr, BK: tl.constexpr):
-    # a [BN, BK] tile of weights already dequantized (dequant_kernel) into the activation dtype
-    kk = k0 + tl.arange(0, BK)
-    w = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kk[None, :],
-                mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
-    return _opnd(w.to(tl.float32))
-
-
 @triton.jit(do_not_specialize=["R", "KTS"])
 def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr, part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, WDQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
@@ -247,9 +238,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             if pid_n == 0:
                 tl.store(dbg_a_ptr + offs[:, None] * K + kk[None, :], a, mask=rmask[:, None] & (kk < K)[None, :])
         ao = _opnd_raw(araw)
-        if WDQ:
-            wg = _w_ws(w_ptr, e, grow, cmask, k0, K, stride_we, stride_wn, BN, BK)
-        elif PREFETCH:
+        if PREFETCH:
             bgc = bg
             sgc = sg
             bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
@@ -258,9 +247,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         else:
             wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
         acc_g = _mma(ao, wg, acc_g, SWAP)
-        if WDQ:
-            wu = _w_ws(w_ptr, e, urow, cmask, k0, K, stride_we, stride_wn, BN, BK)
-        elif PREFETCH:
+        if PREFETCH:
             buc = bu
             suc = su
             bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
@@ -326,7 +313,7 @@ def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o,
 def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs_ptr, bias_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, WDQ: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
@@ -372,9 +359,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
             ao = _opnd(_qdq_a(a, g, BM, BK))
         else:
             ao = _opnd_raw(araw)
-        if WDQ:
-            w = _w_ws(w_ptr, e, cols, cmask, k0, K, stride_we, stride_wn, BN, BK)
-        elif PREFETCH:
+        if PREFETCH:
             bwc = bw
             swc = sw
             bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
@@ -462,22 +447,3 @@ def prequant_kernel(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, TO
     g = 0.0
     a = _qdq_a(a, g, BM, BK)
     tl.store(out_ptr + offs[:, None] * stride_o + kk[None, :], a, mask=m)
-
-
-@triton.jit
-def dequant_kernel(w_ptr, s_ptr, alpha_ptr, out_ptr, N, K, stride_we, stride_wn, stride_se, stride_sn,
-                   WHICH: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # weights of every expert dequantized once into the activation dtype (out [E, N, K]): the
-    # same values the GEMM kernels build in registers, for large-token calls that would
-    # otherwise dequantize each weight tile once per row block
-    e = tl.program_id(0)
-    rows = tl.program_id(1) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    k0 = tl.program_id(2) * BK
-    if WHICH == 1:
-        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
-    else:
-        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, N, stride_we, stride_wn, stride_se, stride_sn, BN, BK, False)
-    kk = k0 + tl.arange(0, BK)
-    tl.store(out_ptr + (e.to(tl.int64) * N + rows[:, None]) * K + kk[None, :], w,
-             mask=rmask[:, None] & (kk < K)[None, :])
