@@ -238,7 +238,7 @@ def nvfp4_recipe_f64(x: torch.Tensor, recipe: str, gs: float | None = None) -> t
     in float64 with every fp32 rounding emulated."""
     shape, dtype = x.shape, x.dtype
     xf = x.float().numpy().astype(np.float64).reshape(-1, 16)
-    quant_dir = recipe in ("vllm", "vllm_ref", "te", "compressed_tensors")
+    quant_dir = recipe in ("vllm", "vllm_ref", "vllm_torch", "te", "compressed_tensors")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if gs is None:
             amax_t = np.max(np.abs(xf))
@@ -249,7 +249,7 @@ def nvfp4_recipe_f64(x: torch.Tensor, recipe: str, gs: float | None = None) -> t
             g = _r32(gs)
         a = np.max(np.abs(xf), axis=1, keepdims=True)
         sixth = _r32(1.0 / 6.0)
-        if recipe == "vllm_ref":
+        if recipe in ("vllm_ref", "vllm_torch"):
             s = _e4m3_f64(_r32(g * _r32(a * sixth)))
             y = _r32(xf * _rcp_vllm(_r32(s * _rcp_vllm(np.full_like(s, g)))))
             deq = _r32(s / g)
@@ -277,14 +277,15 @@ def nvfp4_recipe_f64(x: torch.Tensor, recipe: str, gs: float | None = None) -> t
             deq = _r32(g * s)
         else:
             raise AssertionError(recipe)
-        q = e2m1_rne_table(np.clip(y, -6.0, 6.0), zero_sign_lt0=recipe in ("compressed_tensors", "modelopt"))
+        q = e2m1_rne_table(np.clip(y, -6.0, 6.0),
+                           zero_sign_lt0=recipe in ("compressed_tensors", "modelopt", "vllm_torch"))
         if recipe == "modelopt":
             q = q + 0.0  # ModelOpt's e2m1_values table decodes the -0 code as +0.0
         out = _r32(q * deq).astype(np.float32)
     return torch.from_numpy(out.reshape(shape)).to(dtype)
 
 
-OTHER_RECIPES = ["vllm_ref", "te", "compressed_tensors", "modelopt", "torchao"]
+OTHER_RECIPES = ["vllm_ref", "vllm_torch", "te", "compressed_tensors", "modelopt", "torchao"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -333,10 +334,10 @@ def test_nvfp4_zero_and_tiny_blocks_per_recipe():
     x[0, 0] = 1000.0
     x[2, :] = 1e-3 * torch.tensor([1.0, -1.0] * 8)
     x[2, 5] = 0.0
-    want_zero = {"vllm": 0x00, "vllm_ref": 0x00, "te": 0x00, "compressed_tensors": 0x20, "modelopt": 0x38, "torchao": 0x08,
-                 "torchao_moe": 0x08}
-    want_tiny = {"vllm": 0x00, "vllm_ref": 0x00, "te": 0x00, "compressed_tensors": 0x20, "modelopt": 0x01, "torchao": 0x08,
-                 "torchao_moe": 0x08}
+    want_zero = {"vllm": 0x00, "vllm_ref": 0x00, "vllm_torch": 0x00, "te": 0x00, "compressed_tensors": 0x20,
+                 "modelopt": 0x38, "torchao": 0x08, "torchao_moe": 0x08}
+    want_tiny = {"vllm": 0x00, "vllm_ref": 0x00, "vllm_torch": 0x00, "te": 0x00, "compressed_tensors": 0x20,
+                 "modelopt": 0x01, "torchao": 0x08, "torchao_moe": 0x08}
     for r in NVFP4_RECIPES:
         q = quantize(x, "nvfp4", recipe=r)
         b = q.scale.view(torch.uint8)[:, 0].tolist()

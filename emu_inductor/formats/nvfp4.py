@@ -11,6 +11,7 @@ global scale in its *native direction* (see `RECIPES[name].global_direction`):
   recipe              block scale s = e4m3(...)                zero block  y (into E2M1 RNE)    dequant
   vllm (default)      clamp(g*(amax_b*f32(1/6)), +-448)        s = 0       x*(g/s), 0 if s=0     q*(s/g)
   vllm_ref            same                                     s = 0       x*rcp(s*rcp(g))       q*(s/g)
+  vllm_torch          same as vllm_ref, zero sign from y < 0 (sign(y) * R(|y|))
   te                  min(amax_b*(g*f32(1/6)), 448)            s = 0       x*min(1/(s*(1/g)),MAX) q*(s*(1/g))
   compressed_tensors  clamp(g*(amax_b/6 in x's dtype), +-448)  s = 0.125   x/(s/g)              q*(s/g)
   modelopt            clamp(amax_b/(6*g), 2^-9, 448), 0 -> 1   s = 1.0     x/(s*g)              q*(s*g)
@@ -18,7 +19,9 @@ global scale in its *native direction* (see `RECIPES[name].global_direction`):
   torchao_moe         same as torchao                                                          (q*s)*g
 rcp(t) = 1/(t + (t==0)*1e8) is vLLM's graph-capture-safe zero guard. `signed_zero` is the
 sign a zero result takes (elements.SIGNED_ZERO_MODES): compressed-tensors and ModelOpt
-take it from x < 0, so -0.0 gives +0.0; the others keep the sign. ModelOpt stores the
+take it from x < 0, so -0.0 gives +0.0; vllm_torch from the scaled value y < 0 (vLLM's
+torch `cast_to_fp4`: `sign(y) * R(|y|)`, so a y that underflowed to -0.0 gives +0.0);
+the others keep the sign. ModelOpt stores the
 -0 code 0x8 for tiny negatives but decodes it as +0.0 (`negzero_decode`).
 
 Library-checked recipes (bit for bit, tests/test_formats_libraries.py; random bf16 and fp32
@@ -36,9 +39,10 @@ Recipes checked against the published algorithm only (float64 transcriptions wit
 fp32 rounding emulated, tests/test_formats_quantize.py), because the library does not
 install on this CPU beside torch 2.13:
   vllm, vllm_ref      vLLM (0.33 pulls torch 2.14): nvfp4_emulation_utils / the Triton
-                      QDQ kernel as read in shared/spec/vllm_reference.md. Not reproduced:
-                      vLLM's `sign(y) * R(|y|)` and `x < 0` give +0.0 for -0.0 input; these
-                      recipes keep -0.0 (the generated kernels mirror them as they are).
+                      QDQ kernel as read in shared/spec/vllm_reference.md. These two keep
+                      the sign of a zero; vLLM's torch emulation (`ref_nvfp4_quant` +
+                      `cast_to_fp4`, `sign(y) * R(|y|)`) does not:
+  vllm_torch          vLLM nvfp4_emulation_utils' torch QDQ with its zero sign (y < 0)
   te                  TransformerEngine (its torch extension needs CUDA), via torchao's
                       transcription nvfp4_reference.py
 """
@@ -179,6 +183,7 @@ RECIPES: dict[str, NVFP4Recipe] = {
     for r in (
         NVFP4Recipe("vllm", "quantize", _vllm_block, _vllm_mul, _s_over_g),
         NVFP4Recipe("vllm_ref", "quantize", _vllm_block, _vllm_ref_mul, _s_over_g),
+        NVFP4Recipe("vllm_torch", "quantize", _vllm_block, _vllm_ref_mul, _s_over_g, "lt0"),
         NVFP4Recipe("te", "quantize", _te_block, _te_mul, _te_deq),
         NVFP4Recipe("compressed_tensors", "quantize", _ct_block, _ct_mul, _s_over_g, "lt0"),
         NVFP4Recipe("modelopt", "dequantize", _modelopt_block, _modelopt_mul, _modelopt_deq, "lt0", "positive"),

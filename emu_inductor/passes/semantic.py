@@ -15,6 +15,7 @@ recogniser's reason (the probe that told the variants apart) for explain().
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Optional
@@ -23,6 +24,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch._inductor import pattern_matcher as pm
 
+from .. import ops  # noqa: F401  (registers mxemu::linear, which the "linear_qdq" rule anchors on)
 from ..formats import FORMATS
 from ..recognize import ActVerdict, Rejection, WeightVerdict, recognize_activation, recognize_weight
 from ..recognize import operands as operands_of
@@ -76,6 +78,36 @@ class PackedWeightOperand(pm.PatternExpr):
         return "PackedWeightOperand()"
 
 
+_REDUCTIONS = ("aten.amax", "aten.max", "aten.amin", "aten.min")
+
+
+class ReducedActivationOperand(pm.PatternExpr):
+    """Matches an activation operand computed (within a few hundred nodes) through a block
+    reduction (amax / max): a candidate QDQ. An operand that is a graph input or a plain
+    layer output does not match, so weight-only linears cost nothing and do not clutter
+    explain()."""
+
+    def _match(self, node, ctx):
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            seen, stack = {node}, [node]
+            while stack and len(seen) < 400:
+                n = stack.pop()
+                if n.op == "call_function" and getattr(n.target, "_overloadpacket", None) is not None and \
+                        str(n.target._overloadpacket) in _REDUCTIONS:
+                    return pm.Match(ctx, self, args=[node])
+                for a in n.all_input_nodes:
+                    if a not in seen:
+                        seen.add(a)
+                        stack.append(a)
+        return pm.FailedMatch("{} is not computed through a reduction", node)
+
+    def __repr__(self):
+        return "ReducedActivationOperand()"
+
+    def pretty_print(self, pp):
+        return "ReducedActivationOperand()"
+
+
 def _outside_user(sources, end, allowed):
     """A user outside the subgraph from `sources` to `end` (the nodes that depend on them
     and feed `end`), other than `allowed`; None when the subgraph is used only by `end`'s
@@ -121,42 +153,51 @@ def _verdicts(match, anchor, weight_dims: int):
     if other is not None:
         return None, None, (f"the dequantized weight is also used by {other.name}: fusing would compute it "
                             f"twice")
-    a = recognize_activation(anchor)
-    count(f"{FAMILY}.check_ms", int(a.seconds * 1000))
-    act = None
-    note = None
-    if isinstance(a, Rejection):
-        note = f"activation QDQ not recognised, fused weight-only: {a.reason}"
-    elif a.variant.kind != "none":
-        aq = a.act_quant()
-        if not a.kernel_supported:
-            note = f"activation {a.variant.name} not fused ({a.unsupported_reason}); weight-only"
-        elif not is_compatible(FORMATS[w.variant.fmt], aq):
-            note = f"activation {a.variant.name} does not go with {w.variant.fmt} weights; weight-only"
-        elif any(p.target is not aten.reshape.default for p in a.post) and weight_dims == 2:
-            note = "activation reaches the GEMM through a gather; weight-only"
-        elif _outside_user([a.x], a.output, set(a.post) | {anchor}) is not None:
-            note = "the quantized activation has another user; weight-only"
-        else:
-            act = a
+    act, note = _activation(anchor, w.variant.fmt, weight_dims)
     for g in w.guards + (act.guards if act is not None else ()):
         guard_tensor_input(match, g.node, g.values, g.what)
     match._mxemu_semantic = (w, act, note)
     return w, act, None
 
 
-def _spec(w: WeightVerdict, act: Optional[ActVerdict]) -> str:
+def _activation(anchor, weight_fmt: str, weight_dims: int):
+    """(activation verdict the fused op can carry, or None; why not, or None)."""
+    a = recognize_activation(anchor)
+    count(f"{FAMILY}.check_ms", int(a.seconds * 1000))
+    if isinstance(a, Rejection):
+        return None, f"activation QDQ not recognised, fused weight-only: {a.reason}"
+    if a.variant.kind == "none":
+        return None, None
+    if not a.kernel_supported:
+        return None, f"activation {a.variant.name} not fused ({a.unsupported_reason}); weight-only"
+    if not is_compatible(FORMATS[weight_fmt], a.act_quant()):
+        return None, f"activation {a.variant.name} does not go with {weight_fmt} weights; weight-only"
+    if any(p.target is not aten.reshape.default for p in a.post) and weight_dims == 2:
+        return None, "activation reaches the GEMM through a gather; weight-only"
+    if _outside_user([a.x], a.output, set(a.post) | {anchor}) is not None:
+        return None, "the quantized activation has another user; weight-only"
+    return a, None
+
+
+def _act_fields(act: Optional[ActVerdict]) -> dict:
+    """The OpSpec activation fields of a proven QDQ (act_kind "none" without one)."""
     v = act.variant if act is not None else None
-    return OpSpec(
-        weight_fmt=w.variant.fmt,
+    return dict(
         act_kind="none" if v is None else ("fp8_tensor" if v.kind == "fp8_tensor" else "block"),
         act_fmt=v.fmt if v is not None and v.kind in ("mx", "nvfp4") else None,
         act_scale_mode=v.scale_mode if v is not None else None,
         act_recipe=v.recipe if v is not None else None,
         act_rounding=v.rounding if v is not None else "rne",
+        **(v.spec_fields if v is not None else {}),  # MX activation zero sign / Inf blocks
+    )
+
+
+def _spec(w: WeightVerdict, act: Optional[ActVerdict]) -> str:
+    return OpSpec(
+        weight_fmt=w.variant.fmt,
         fp6_layout=w.variant.fp6_layout,
         **w.variant.spec_fields,  # how the scales are read: E8M0 byte 255, float-scale order
-        **(v.spec_fields if v is not None else {}),  # MX activation zero sign / Inf blocks
+        **_act_fields(act),
     ).to_str()
 
 
@@ -202,8 +243,15 @@ def _operands(graph, w: WeightVerdict, act: Optional[ActVerdict], a_node, anchor
             av = _val(alpha)
             alpha = _call(graph, aten.reshape.default, (alpha, [av.numel()] if av.numel() > 1 else []),
                           av.reshape(-1) if av.numel() > 1 else av.reshape(()))
-        if act is None:
-            return a_node, codes, scale, alpha, None
+    x, gs = _act_operands(graph, act, a_node, anchor)
+    return x, codes, scale, alpha, gs
+
+
+def _act_operands(graph, act: Optional[ActVerdict], a_node, anchor):
+    """(activation input node, global scale node) the fused op takes, inserted before anchor."""
+    if act is None:
+        return a_node, None
+    with graph.inserting_before(anchor):
         x = act.x
         for p in act.post:  # the layout the graph applied to the QDQ output, now to its input
             x = _call(graph, p.target, (x,) + tuple(p.args[1:]), _val(p))
@@ -218,7 +266,7 @@ def _operands(graph, w: WeightVerdict, act: Optional[ActVerdict], a_node, anchor
                                           pin_memory=False))
             with (detect_fake_mode([xv]) or contextlib.nullcontext()):
                 gs.meta["val"] = torch.full([], act.global_value, dtype=torch.float32, device=xv.device)
-        return x, codes, scale, alpha, gs
+        return x, gs
 
 
 def _done(new, name, w, act, note) -> None:
@@ -280,7 +328,52 @@ def _replace_grouped(match) -> None:
     _done(new, "grouped_mm", w, act, note)
 
 
-@register_pattern_family(FAMILY, order=90, anchors=(aten.mm.default, aten.addmm.default, aten._grouped_mm.default),
+def _fused_spec(anchor) -> Optional[OpSpec]:
+    spec = anchor.args[6] if len(anchor.args) == 7 else None
+    try:
+        return OpSpec.from_str(spec) if isinstance(spec, str) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_fused_linear(match) -> Optional[str]:
+    """An mxemu::linear a traced family fused weight-only (its weight spelling is a traced
+    pattern, its activation QDQ is not): the QDQ is proven here and taken into the op."""
+    anchor = match.output_node()
+    spec = _fused_spec(anchor)
+    if spec is None:
+        return "mxemu::linear without a readable spec"
+    if spec.act_kind != "none":
+        return "mxemu::linear already carries its activation QDQ"
+    if _val(anchor.args[4]) is not None:
+        return "mxemu::linear already has an activation global scale"
+    act, note = _activation(anchor, spec.weight_fmt, 2)
+    if act is None:
+        return note or "the activation operand is not quantized"
+    for g in act.guards:
+        guard_tensor_input(match, g.node, g.values, g.what)
+    match._mxemu_semantic = (spec, act)
+    return None
+
+
+def _replace_fused_linear(match) -> None:
+    anchor = match.output_node()
+    spec, act = match._mxemu_semantic
+    graph = match.graph
+    x, gs = _act_operands(graph, act, anchor.args[0], anchor)
+    new_spec = dataclasses.replace(spec, **_act_fields(act)).to_str()
+    args = (x,) + tuple(anchor.args[1:4]) + (gs, anchor.args[5], new_spec)
+    with graph.inserting_before(anchor):
+        new = _call(graph, torch.ops.mxemu.linear.default, args, _val(anchor))
+    anchor.replace_all_uses_with(new)
+    graph.erase_node(anchor)
+    count(f"{FAMILY}.linear.qdq_into_fused")
+    record(FAMILY, "linear_qdq", new, True, f"activation QDQ taken into a weight-only mxemu::linear: "
+                                           f"{act.describe()}")
+
+
+@register_pattern_family(FAMILY, order=90, anchors=(aten.mm.default, aten.addmm.default, aten._grouped_mm.default,
+                                                    torch.ops.mxemu.linear.default),
                          description="GEMMs whose operands are proven by evaluation (emu_inductor.recognize)")
 def _init(pm_pass, input_device=None):
     register_family_pattern(pm.CallFunction(aten.mm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
@@ -295,3 +388,7 @@ def _init(pm_pass, input_device=None):
                                             pm.KeywordArg("offs"), pm.KeywordArg("bias"), pm.KeywordArg("out_dtype")),
                             pm_pass, family=FAMILY, name="grouped_mm_out_dtype", check=_check_grouped,
                             replace=_replace_grouped)
+    register_family_pattern(pm.CallFunction(torch.ops.mxemu.linear.default, ReducedActivationOperand(),
+                                            *(pm.Ignored() for _ in range(6))), pm_pass,
+                            family=FAMILY, name="linear_qdq", check=_check_fused_linear,
+                            replace=_replace_fused_linear)

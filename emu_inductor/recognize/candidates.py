@@ -64,10 +64,18 @@ def gemm_nodes(graph: torch.fx.Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in GEMM_OPERANDS]
 
 
+#: An mxemu::linear that a traced family fused weight-only: (activation, packed codes). Its
+#: activation operand may still be a QDQ the semantic family can prove and take into the op.
+FUSED_LINEAR = "mxemu.linear.default"
+
+
 def operands(gemm: Node) -> tuple[Node, Node]:
     """(activation operand, weight operand) of a GEMM node."""
+    if str(gemm.target) == FUSED_LINEAR:
+        return gemm.args[0], gemm.args[1]
     if gemm.target not in GEMM_OPERANDS:
-        raise ValueError(f"gemm_node: {gemm.name} is {gemm.target}, expected one of mm/addmm/bmm/_grouped_mm")
+        raise ValueError(f"gemm_node: {gemm.name} is {gemm.target}, expected one of mm/addmm/bmm/_grouped_mm "
+                         f"or mxemu::linear")
     ia, iw = GEMM_OPERANDS[gemm.target]
     return gemm.args[ia], gemm.args[iw]
 
@@ -174,7 +182,10 @@ def activation_cone(gemm: Node) -> tuple[Optional[ActCone], Optional[str]]:
     if anc is None:
         return None, f"activation {q.name} has more than {MAX_CONE_NODES} ancestors"
     order = _order(q.graph)
-    qshape = concrete_shape(qv)
+    try:
+        qshape = concrete_shape(qv)
+    except ValueError as e:  # data-dependent rows (nonzero / boolean-mask selection): no size hint
+        return None, f"activation {q.name} has a data-dependent size the probes cannot follow ({e})"
     cands = [n for n in anc if n is not q and isinstance(_val(n), torch.Tensor) and _val(n).dtype == qv.dtype
              and concrete_shape(_val(n)) == qshape]
     cands.sort(key=order.__getitem__, reverse=True)  # closest to q first

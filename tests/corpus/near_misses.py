@@ -66,7 +66,7 @@ ENTRIES = [
     _near("nvfp4_bf16_scale", "NVFP4 block scale gs * (amax * 1/6) computed in bf16 instead of fp32",
           make_bf16_scale, "act", smoke=True,
           fused_today="mxemu::linear with act_kind none (the vLLM weight side, correctly; the bf16-scale QDQ is left)",
-          variant=Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"},
+          variant=Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_torch"},
                           act_global="static")),
     _near("moe_tie_half_up", "the chunk(2) reference-skeleton MoE with ties rounded toward +inf",
           functools.partial(make_chunk_moe, round="half_up"), "act", kind="moe"),

@@ -28,9 +28,14 @@ def _spelled(**slots):
     return make
 
 
-def _entry(name, what, dtypes=(torch.bfloat16, torch.float32), smoke=False, **slots):
-    return CorpusEntry(f"resp_{name}", "linear", "respelling", f"written here: {what}", MX_FLOOR, _spelled(**slots),
-                       dtypes=dtypes, compile_smoke=smoke)
+def _entry(name, what, dtypes=(torch.bfloat16, torch.float32), smoke=True, **slots):
+    # the linear respellings give a NaN block for a NaN/Inf amax, as the floor variant does
+    # (spellings.NONFINITE); without that guard the same code is no variant on such blocks
+    # and is left unfused (tests/test_semantic_respellings.py)
+    return CorpusEntry(f"resp_{name}", "linear", "respelling", f"written here: {what}", MX_FLOOR,
+                       _spelled(nonfinite="nan", **slots), dtypes=dtypes, compile_smoke=smoke, expect_fused=True,
+                       fused_today="one mxemu::linear with the activation QDQ (semantic; mxfp4 floor, rne), bf16 "
+                                   "and fp32, 2-8 s per compile")
 
 
 # --- NVFP4: vLLM's torch QDQ with one piece respelled ----------------------------------
@@ -219,14 +224,15 @@ ENTRIES = [
     _entry("round_bucketize", "torch.bucketize over the E2M1 midpoints plus an even-tie fix", round="bucketize"),
     _entry("round_torch_round", "torch.round (RNE) on the value divided by its E2M1 step", round="torch_round"),
     _entry("all_slots", "strided unpack, bit decode, ldexp scale, frexp exponent, ldexp apply, bucketize",
-           smoke=True, unpack="strided", decode="bits", wscale="ldexp", scale_exp="frexp", apply="ldexp",
+           unpack="strided", decode="bits", wscale="ldexp", scale_exp="frexp", apply="ldexp",
            round="bucketize"),
     CorpusEntry(
         "resp_vllm_nvfp4_where", "linear", "respelling",
         "written here: vLLM's torch NVFP4 QDQ with a torch.where chain + copysign instead of masked "
         "assignment * sign, where() reciprocal guard, a 16-entry signed LUT for weights",
         Variant(WeightVariant("nvfp4", "q*(s*a)"), act={"fmt": "nvfp4", "recipe": "vllm_ref"}, act_global="static"),
-        make_vllm_resp, dtypes=(torch.bfloat16, torch.float32), compile_smoke=False,
+        make_vllm_resp, dtypes=(torch.bfloat16, torch.float32), expect_fused=True,
+        fused_today="one mxemu::linear with the NVFP4 vllm_ref activation QDQ (semantic), bf16 and fp32",
     ),
     CorpusEntry(
         "resp_moe_chunk", "moe", "respelling",

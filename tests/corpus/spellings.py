@@ -163,12 +163,20 @@ def round_half_up(y):  # near miss: ties toward +inf
 ROUND = {"where_chain": round_where_chain, "bucketize": round_bucketize, "torch_round": round_torch_round,
          "half_up": round_half_up}
 
+# --- a block whose amax is NaN or +-Inf -----------------------------------------------
+# "nan": the block's scale is NaN, so the whole block is NaN (OCP MX: byte 255 = NaN; the
+# formats' floor variant). "unguarded": whatever the exponent spelling makes of a
+# non-finite amax (exponent bits of NaN/Inf are 128, frexp's exponent of Inf/NaN is
+# unspecified (0 with glibc), int32(floor(log2(inf))) is undefined): no variant computes
+# that, so a layer written this way is not the floor variant on such blocks.
+NONFINITE = ("unguarded", "nan")
+
 
 class SpelledMXLinear(nn.Module):
     """An MXFP4 w4a4 linear (floor scale, RNE) assembled from one spelling per slot."""
 
     def __init__(self, w, unpack="stack", decode="lut8_where", wscale="exp2", scale_exp="bits", apply="div",
-                 round="where_chain", block=32, emax=EMAX):
+                 round="where_chain", block=32, emax=EMAX, nonfinite="unguarded"):
         super().__init__()
         q = quantize(w, "mxfp4", scale_mode="floor")
         self.register_buffer("qweight", q.qdata)
@@ -177,6 +185,9 @@ class SpelledMXLinear(nn.Module):
         self.block, self.emax = block, emax
         self._unpack, self._decode, self._wscale = UNPACK[unpack], DECODE[decode], WSCALE[wscale]
         self._exp, self._apply, self._round = SCALE_EXP[scale_exp], APPLY[apply], ROUND[round]
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite: got {nonfinite!r}, expected one of {NONFINITE}")
+        self.nonfinite = nonfinite
 
     def act_qdq(self, x):
         shape = x.shape
@@ -185,7 +196,10 @@ class SpelledMXLinear(nn.Module):
         e = (self._exp(amax) - self.emax).clamp(-127, 127)
         y = self._apply(xb.float(), e)
         q = self._round(y)
-        return (q * torch.exp2(e.float())).reshape(shape).to(x.dtype)
+        s = torch.exp2(e.float())
+        if self.nonfinite == "nan":
+            s = torch.where(torch.isfinite(amax), s, torch.nan)
+        return (q * s).reshape(shape).to(x.dtype)
 
     def dequantized_weights(self, dtype=torch.bfloat16):
         v = self._decode(self._unpack(self.qweight))

@@ -268,9 +268,11 @@ ENTRIES = [
     CorpusEntry(
         "vllm_nvfp4_linear", "linear", "vllm", _SRC,
         Variant(WeightVariant("nvfp4", "q*(s*a)"),
-                act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
-        make_linear, dtypes=(torch.bfloat16, torch.float32),
-        fused_today="mxemu::linear with act_kind none: weight dequant + GEMM fused, activation QDQ left as written",
+                act={"fmt": "nvfp4", "recipe": "vllm_torch"}, act_global="static"),
+        make_linear, dtypes=(torch.bfloat16, torch.float32), expect_fused=True,
+        fused_today="one mxemu::linear with the activation QDQ: the traced vllm_lut weight pattern fuses the GEMM "
+                    "weight-only, then the semantic family proves the QDQ (NVFP4 recipe vllm_torch: vllm_ref with "
+                    "the zero sign of sign(y) * R(|y|)) and takes it into the op; bf16 and fp32",
     ),
     CorpusEntry(
         "vllm_mxfp4_linear", "linear", "vllm",
@@ -278,7 +280,7 @@ ENTRIES = [
         "twin of Quark's HIP kernels that vLLM's OCP-MX emulation calls), bf16 bit arithmetic",
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
                 act={"fmt": "mxfp4", "scale_mode": "even"}),
-        make_mx_linear, compile_smoke=False,
+        make_mx_linear,
         fused_today="mxemu::linear weight-only (the zeros buffer + slice writes of upcast_fp4_to_bf16 are "
                     "accepted); the activation QDQ differs from every variant on a block whose amax is the dtype "
                     "max: its 1-mantissa-bit round-up overflows to Inf and int32(floor(log2(inf))) is undefined "
