@@ -42,6 +42,8 @@ SHAPES = {"Qwen3-30B-A3B": (128, 8, 2048, 768), "gpt-oss-20b": (32, 4, 2880, 288
           "Mixtral-8x7B": (8, 2, 4096, 14336), "DeepSeek-V3": (256, 8, 7168, 2048)}
 TOKENS = [1, 8, 32, 128, 512, 2048, 4096, 8192]
 BENCH_SCHEMES = ["nvfp4_w4a4", "w_mxfp4_a_mxfp4"]
+REF_TOKENS = {1, 32, 4096}  # token counts where --ref times the eager reference (and stock compile)
+RESULTS_TAG = "moe_kernels"  # results file stem; the --prefill sweep writes moe_kernels_prefill_<device>
 T0 = time.time()
 
 
@@ -380,7 +382,7 @@ def bench_all(dev, out_dir, budget, bw, flops, result, with_ref=False):
                     row["grouped_mm_bf16_graph_ms"] = tt.do_bench_cudagraph(gmm, rep=50)
                     del h
                     # eager reference (one dequant of all experts per call)
-                    if with_ref and T in (1, 32, 4096) and time.time() - T0 < budget * 0.8:
+                    if with_ref and T in REF_TOKENS and time.time() - T0 < budget * 0.8:
                         try:
                             torch.cuda.reset_peak_memory_stats()
                             base = torch.cuda.memory_allocated()
@@ -395,7 +397,8 @@ def bench_all(dev, out_dir, budget, bw, flops, result, with_ref=False):
                         except torch.OutOfMemoryError:
                             row["eager_ref_ms"] = "OOM"
                         torch.cuda.empty_cache()
-                    if with_ref and T in (1, 4096) and time.time() - T0 < budget * 0.6 and shape_name == "Qwen3-30B-A3B" and scheme == "nvfp4_w4a4":
+                    if (with_ref and T in REF_TOKENS and T != 32 and time.time() - T0 < budget * 0.6
+                            and shape_name == "Qwen3-30B-A3B" and scheme == "nvfp4_w4a4"):
                         try:
                             import torch._inductor.config as icfg
 
@@ -590,7 +593,7 @@ def _spec_digest(scheme):
 
 def write(out_dir, result):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"moe_kernels_{_device_slug()}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{RESULTS_TAG}_{_device_slug()}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 
@@ -693,6 +696,12 @@ def main():
         return
     if args.decode:
         args.tokens = "1,8,32" if args.tokens == ",".join(map(str, TOKENS)) else args.tokens
+    if args.prefill:  # the prefill sweep (#10): its own results file, reference timed at 2048 tokens
+        args.tokens = "512,2048,8192" if args.tokens == ",".join(map(str, TOKENS)) else args.tokens
+        global RESULTS_TAG
+        RESULTS_TAG = "moe_kernels_prefill"
+        REF_TOKENS.clear()
+        REF_TOKENS.add(2048)
     if args.plot:
         with open(args.plot) as f:
             result = json.load(f)
@@ -740,7 +749,7 @@ def main():
     finally:
         write(args.out, result)
         try:
-            plot(result, os.path.join(args.out, f"moe_kernels_{_device_slug()}.png"))
+            plot(result, os.path.join(args.out, f"{RESULTS_TAG}_{_device_slug()}.png"))
         except Exception:
             traceback.print_exc()
     log("done")

@@ -36,9 +36,9 @@ case $what in
     TAILN=6 step decode 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT" ;;
   ncu) ncu_step ;;
   full)
-    step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
-    step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
-    TAILN=60 step kernels ${SWEEP_LIMIT:-330} python3 benchmarks/bench_moe_kernels.py --skip-check --prefill \
-         --budget $(( ${SWEEP_LIMIT:-330} - 30 )) --out "$OUT" ;;
+    step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+    [ -n "${SKIP_PREFILL_CHECKS:-}" ] || step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
+    TAILN=70 step kernels ${SWEEP_LIMIT:-400} python3 benchmarks/bench_moe_kernels.py --skip-check --prefill --ref \
+         --budget $(( ${SWEEP_LIMIT:-400} - 30 )) --out "$OUT" ;;
 esac
 echo "=== done in ${SECONDS}s"
