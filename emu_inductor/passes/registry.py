@@ -267,6 +267,7 @@ BUILTIN_FAMILY_MODULES = (
     "emu_inductor.passes.moe",
     "emu_inductor.passes.semantic",
     "emu_inductor.passes.semantic_bmm",
+    "emu_inductor.passes.semantic_loop",
     "emu_inductor.passes.semantic_moe",
 )
 

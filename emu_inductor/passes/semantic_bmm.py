@@ -118,6 +118,10 @@ def _check(match) -> Optional[str]:
     kind, a, stack, ids = form
     if kind == "dense" and _val(a).shape[0] != _val(stack).shape[0]:
         return "batch count differs from the expert count"
+    mine = anchor.args[1] if kind == "gathered" else anchor
+    other = next((u for u in stack.users if u is not mine), None)
+    if other is not None:  # "semantic" would refuse to fuse (the decode would be computed twice)
+        return f"the dequantized expert stack {stack.name} is also used by {other.name}; bmm left as written"
     if kind == "gathered":
         # the weight recogniser reads the GEMM's weight operand: a throwaway grouped GEMM
         # over the stack itself (the gather depends on the routing, not on the bytes)

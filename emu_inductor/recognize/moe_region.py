@@ -87,8 +87,15 @@ def _val(n):
 
 
 def _shape(n):
+    """Hinted shape; None for non-tensors and for data-dependent sizes (no hint: rows picked
+    by nonzero / a boolean mask), which no MoE region here is proven with."""
     v = _val(n)
-    return concrete_shape(v) if isinstance(v, torch.Tensor) else None
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return concrete_shape(v)
+    except ValueError:
+        return None
 
 
 def _is_float(n) -> bool:
@@ -254,14 +261,18 @@ def routing_candidates(site: GemmSite, order: Optional[dict] = None) -> list:
     earliest first (the router's top-k ids before any reshaped copy)."""
     if order is None:
         order = {n: i for i, n in enumerate(site.node.graph.nodes)}
-    R = _shape(site.rows)[0]
+    rows = _shape(site.rows)
+    if rows is None:
+        return []
+    R = rows[0]
     # the routing chain is integer (or 1-d float, histc) tensors; 2-d float tensors are the
     # router's scores or hidden states: the walk stops there, so the previous layer's ids
     # (above this layer's router) are not candidates
     seen, q, cands = {site.offs}, deque([site.offs]), []
     while q and len(seen) < _SEARCH:
         n = q.popleft()
-        if _is_int(n) and _val(n).dim() == 2 and _shape(n)[0] * _shape(n)[1] == R:
+        shp = _shape(n) if _is_int(n) and _val(n).dim() == 2 else None
+        if shp is not None and shp[0] * shp[1] == R:
             cands.append(n)
         if _is_float(n) and _val(n).dim() >= 2:
             continue

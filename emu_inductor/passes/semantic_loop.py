@@ -1,0 +1,236 @@
+"""Pattern family "semantic_loop" (order 87, before "semantic"): the per-expert GEMMs of an
+MoE written as a Python loop over experts, rewritten as the one grouped GEMM they are, so
+that "semantic" proves and fuses it (`mxemu::grouped_mm`).
+
+The loop form (amd-quark's and ModelOpt's MoE references, transformers' eager experts,
+any `for e in range(E): y_e = F.linear(rows_e, W[e])` over a dequantized expert stack W)
+reaches the post-grad graph as one `mm(rows_e, W[e].T)` per expert (or `mm(rows_e, W[e])`
+for a stack stored [E, K, N]), all reading `select(W, 0, e)` of the same stack. Those E
+GEMMs are one grouped GEMM: rows of every expert concatenated in expert order, group
+ends from the row counts (a symbolic, even data-dependent, count per expert works: rows
+selected by `nonzero` / `torch.where(mask)` with Dynamo's capture_dynamic_output_shape_ops),
+each expert's result a slice of the output. Every row meets the same expert matrix as in
+the loop (fp32 accumulation; the order inside a dot product is the GEMM contract's).
+
+The rewrite is made only when the weight recogniser proves the stack's decode
+(`recognize_weight` over the stack, the verdict "semantic" then reads from its cache) and
+no expert's rows depend on another GEMM of the group; otherwise the loop stays as
+written and explain() says why. The row selection, activation QDQ (per expert, as the user
+wrote it), activation and combine stay as written: whole-layer mxemu::moe for loops is
+not done here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Optional
+
+import torch
+from torch._guards import detect_fake_mode
+from torch._inductor import pattern_matcher as pm
+
+from ..recognize import Rejection, recognize_weight
+from .guards import register_family_pattern
+from .recorder import record_candidate
+from .registry import register_pattern_family
+from .semantic import PackedWeightOperand
+
+aten = torch.ops.aten
+FAMILY = "semantic_loop"
+
+__all__ = ["FAMILY", "expert_slice"]
+
+#: ancestors visited per expert's rows when checking that no row depends on the group's GEMMs
+_SEARCH = 20000
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def expert_slice(w) -> Optional[tuple]:
+    """(stack node, expert index, layout) when the mm weight operand `w` is one expert of a
+    3-d stack: "nk" for `permute(select(S, 0, e), [1, 0])` with S [E, N, K], "kn" for
+    `select(S, 0, e)` with S [E, K, N]; else None."""
+    layout = "kn"
+    if isinstance(w, torch.fx.Node) and w.op == "call_function" and w.target in (aten.permute.default,
+                                                                                   aten.t.default):
+        if w.target is aten.permute.default and list(w.args[1]) not in ([1, 0], [-1, -2], [1, -2], [-1, 0]):
+            return None
+        w, layout = w.args[0], "nk"
+    if not isinstance(w, torch.fx.Node) or w.op != "call_function" or w.target is not aten.select.int:
+        return None
+    stack, dim, e = w.args[0], w.args[1], w.args[2]
+    sv = _val(stack)
+    if not isinstance(sv, torch.Tensor) or sv.dim() != 3 or dim != 0 or not isinstance(e, int):
+        return None
+    if not all(isinstance(s, int) for s in sv.shape):
+        return None
+    E = sv.shape[0]
+    if not -E <= e < E:
+        return None
+    return stack, e % E, layout
+
+
+def _group(anchor) -> tuple[Optional[list], Optional[tuple], Optional[str]]:
+    """([(expert, mm node)] in expert order, (stack, layout), None) or (None, None, why)."""
+    here = expert_slice(anchor.args[1])
+    if here is None:
+        return None, None, "the weight operand is not one expert of a 3-d stack"
+    stack, _, layout = here
+    group = []
+    for n in anchor.graph.find_nodes(op="call_function", target=aten.mm.default):
+        s = expert_slice(n.args[1])
+        if s is not None and s[0] is stack and s[2] == layout:
+            group.append((s[1], n))
+    group.sort(key=lambda t: t[0])  # stable: graph order within an expert
+    av, sv = [_val(n.args[0]) for _, n in group], _val(stack)
+    K = sv.shape[2] if layout == "nk" else sv.shape[1]
+    for v in av:
+        if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.dtype != sv.dtype or v.shape[1] != K:
+            return None, None, f"an expert's rows are not [rows, {K}] {sv.dtype}"
+    return group, (stack, layout), None
+
+
+def _rows_depend_on(group) -> Optional[str]:
+    """A GEMM of the group that some expert's rows are computed from, else None."""
+    gemms = {n for _, n in group}
+    for e, n in group:
+        seen, stack = {n.args[0]}, [n.args[0]]
+        while stack:
+            m = stack.pop()
+            if m in gemms:
+                return f"expert {e}'s rows are computed from {m.name}, another GEMM over the same experts"
+            if len(seen) > _SEARCH:
+                return f"expert {e}'s rows have more than {_SEARCH} ancestors"
+            for a in m.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    stack.append(a)
+    return None
+
+
+class _Builder:
+    """Inserts nodes before `at`, each with a fake value computed by its own op."""
+
+    def __init__(self, graph, at):
+        self.graph, self.at = graph, at
+        self.mode = detect_fake_mode([_val(n) for n in at.all_input_nodes])
+
+    def __call__(self, target, *args, **kwargs):
+        def fake(x):
+            return _val(x) if isinstance(x, torch.fx.Node) else x
+
+        fa = torch.fx.node.map_aggregate(args, fake)
+        fk = torch.fx.node.map_aggregate(kwargs, fake)
+        with self.graph.inserting_before(self.at):
+            n = self.graph.call_function(target, args, kwargs)
+        with (self.mode or contextlib.nullcontext()):
+            n.meta["val"] = target(*fa, **fk)
+        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if k in self.at.meta:
+                n.meta[k] = self.at.meta[k]
+        return n
+
+
+def _check(match) -> Optional[str]:
+    anchor = match.output_node()
+    group, found, why = _group(anchor)
+    if group is None:
+        return why
+    stack, layout = found
+    why = _rows_depend_on(group)
+    if why:
+        return f"per-expert GEMMs left as written: {why}"
+    slices = {n.args[1] for _, n in group} | {n.args[1].args[0] for _, n in group if layout == "nk"}
+    other = next((u for u in stack.users if u not in slices), None)
+    if other is not None:  # "semantic" would refuse to fuse (the decode would be computed twice)
+        return f"the dequantized expert stack {stack.name} is also used by {other.name}; left as written"
+    graph = anchor.graph
+    first = min((n for _, n in group), key=lambda n: _order(graph)[n])
+    # the weight recogniser reads a grouped GEMM's [E, K, N] operand: a throwaway one over the stack
+    with graph.inserting_before(first):
+        b = graph.call_function(aten.permute.default, (stack, [0, 2, 1])) if layout == "nk" else stack
+        probe = graph.call_function(aten._grouped_mm.default, (first.args[0], b))
+    if b is not stack:
+        b.meta["val"] = _val(stack).permute(0, 2, 1)
+    try:
+        w = recognize_weight(probe)
+    finally:
+        graph.erase_node(probe)
+        if b is not stack:
+            graph.erase_node(b)
+    if isinstance(w, Rejection):
+        return f"expert weights not proven, the per-expert GEMMs stay as written: {w.reason}"
+    if not w.kernel_supported:
+        return f"expert weights recognised as {w.variant.name}, which the fused kernels do not compute"
+    match._mxemu_loop = (group, stack, layout, w)
+    return None
+
+
+def _order(graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _erase_dead(graph, nodes) -> None:
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n.op == "call_function" and not n.users and not n._erased:
+            ins = n.all_input_nodes
+            graph.erase_node(n)
+            todo.extend(ins)
+
+
+def _replace(match) -> None:
+    group, stack, layout, w = match._mxemu_loop
+    graph = match.graph
+    order = _order(graph)
+    last = max((n for _, n in group), key=order.__getitem__)
+    b = _Builder(graph, last)
+    sv = _val(stack)
+    E = int(sv.shape[0])
+    dev = sv.device
+    weight = b(aten.permute.default, stack, [0, 2, 1]) if layout == "nk" else stack
+    rows, ids, sizes = [], [], []
+    for e, n in group:
+        a = n.args[0]
+        r = _val(a).shape[0]
+        size = r if isinstance(r, int) else b(aten.sym_size.int, a, 0)
+        rows.append(a)
+        sizes.append(size)
+        ids.append(b(aten.full.default, [size], e, dtype=torch.int64, layout=torch.strided, device=dev,
+                     pin_memory=False))
+    cat_rows = b(aten.cat.default, rows) if len(rows) > 1 else rows[0]
+    eids = b(aten.cat.default, ids) if len(ids) > 1 else ids[0]
+    zeros = b(aten.full.default, [E], 0, dtype=torch.int64, layout=torch.strided, device=dev, pin_memory=False)
+    counts = b(aten.scatter_add.default, zeros, 0, eids, b(aten.add.Tensor, b(aten.mul.Tensor, eids, 0), 1))
+    offs = b(aten.cumsum.default, counts, 0, dtype=torch.int32)
+    out = b(aten._grouped_mm.default, cat_rows, weight, offs)
+    start = 0
+    olds = []
+    for (e, n), size in zip(group, sizes):
+        end = start + size if isinstance(start, int) and isinstance(size, int) else b(operator.add, start, size)
+        part = b(aten.slice.Tensor, out, 0, start, end)
+        part.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+        n.replace_all_uses_with(part)
+        olds.append(n)
+        start = end
+    dead = [n.args[1] for n in olds]
+    for n in olds:
+        graph.erase_node(n)
+    _erase_dead(graph, dead)
+    pm.stable_topological_sort(graph)  # users of earlier experts' GEMMs now follow the grouped GEMM
+    experts = sorted({e for e, _ in group})
+    record_candidate(FAMILY, out, True, "aten._grouped_mm (fused next by 'semantic')",
+                     f"{len(group)} per-expert GEMMs over {stack.name}[e] (experts {experts} of {E}) as one grouped "
+                     f"GEMM over the expert-ordered rows; weights proven: {w.describe()}", family=FAMILY,
+                     pattern="loop")
+
+
+@register_pattern_family(FAMILY, order=87, anchors=(aten.mm.default,),
+                         description="per-expert mm over slices W[e] of one proven stack -> one grouped GEMM")
+def _init(pm_pass, input_device=None):
+    register_family_pattern(pm.CallFunction(aten.mm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
+                            family=FAMILY, name="loop", check=_check, replace=_replace)
