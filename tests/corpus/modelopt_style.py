@@ -128,8 +128,14 @@ ENTRIES = [
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="inf"),
                 act={"fmt": "mxfp4", "scale_mode": "rceil", "rounding": "half_toward_zero", "signed_zero": "le0"}),
         make_moe, compile_smoke=False,
-        compile_note="compiles (measured 121 s: torch.where(expert_mask[e]) is data-dependent, 7 graphs); "
-                     "no fusion; left out of the compile test for time",
+        compile_note="default Dynamo config: torch.where(expert_mask[e]) (nonzero) in the loop makes Dynamo skip "
+                     "the forward frame (measured 54-121 s, 7 graphs, no fusion); left out of the compile test for "
+                     "time",
+        fused_today="default config: nothing. With the capture flags: one graph; the per-expert F.linear over "
+                    "gate_up[e] / down[e] become two mxemu::grouped_mm (semantic_loop), weight-only; but stock "
+                    "Inductor miscompiles ModelOpt's activation QDQ on nonzero-selected rows (measured: backend "
+                    "'inductor' and 'mxemu' both max error 10.0 vs eager at seed 1, aot_eager exact; the QDQ is "
+                    "not fused, so mxemu inherits it); no mxemu::moe (loop form)",
         plumbing="one-hot expert mask + torch.where per expert, chunk(2), index_add_ bf16",
     ),
 ]

@@ -291,7 +291,12 @@ ENTRIES = [
         Variant(WeightVariant("nvfp4", "q*(s*a)"),
                 act={"fmt": "nvfp4", "recipe": "vllm_ref", "signed_zero": "lt0"}, act_global="static"),
         make_moe, compile_note="boolean-mask row selection a1[mask] / out[mask] = ... is data-dependent "
-                               "(measured: 5 graphs, 26-33 s, no fusion); left out of the compile test for time",
+                               "(measured: 5 graphs, 17-33 s, no fusion: each expert's GEMM lands in another "
+                               "graph than its dequant); left out of the compile test for time",
+        fused_today="default config: nothing. With the capture flags: one graph, 8 mxemu::linear (one per expert "
+                    "and GEMM: each dequantizes w13[i] of the packed bytes, the traced vllm_lut pattern), "
+                    "weight-only; not grouped (semantic_loop groups slices of one decoded stack, not per-expert "
+                    "decodes of packed slices), no mxemu::moe (measured bf16 2026-12-02)",
         compile_smoke=False,
         plumbing="repeat rows, per-expert boolean mask, masked assignment, view(T,k,H)*w summed in bf16; no renorm",
     ),
