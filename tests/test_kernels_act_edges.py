@@ -1,4 +1,5 @@
-"""The MX activation-QDQ edge-case options of OpSpec (`act_signed_zero`, `act_inf_amax`)
+"""The MX activation-QDQ edge-case options of OpSpec (`act_signed_zero`, `act_inf_amax`,
+`act_byte0_inverse`)
 through the generated kernels (interpreter on CPU) against `emu_inductor.formats`, bit for
 bit, zero signs included, on the recogniser's probe blocks plus edge blocks: +-0, tiny
 values that round to zero, fp32 subnormals, +-Inf blocks, NaN blocks, amax at the top of
@@ -158,12 +159,46 @@ def test_inf_amax_kernel_equals_formats(mode, inf_amax, dtype):
         assert _differs(fake_quantize(x, fmt, scale_mode=mode, signed_zero="positive"), ref)
 
 
+@DTYPES
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e3m2", "mxfp8_e4m3"])
+@pytest.mark.parametrize("name", ["torchao_floor", "torchao_ceil", "torchao_even"])
+def test_torchao_kernel_equals_formats_variant(name, fmt, dtype):
+    """torchao 0.18's to_mx FLOOR/CEIL/EVEN: an Inf block scaled by 2^-(128 - emax) (the Inf
+    saturates, the rest flush to 0) and a byte-0 block scaled into range by 2^126."""
+    v = _named(name, fmt)
+    x = _probes(fmt, dtype)
+    ref = fake_quantize(x, fmt, variant=name)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        # 2^126 * a 2^-126 amax is 1.0: its output 2^-127 is a bf16 subnormal, which the
+        # interpreter flushes when it narrows (the GPU does not)
+        keep = ~((ref != 0) & (ref.abs() < torch.finfo(dtype).tiny)).any(dim=1)
+        x, ref = x[keep].contiguous(), ref[keep]
+    # "keep" zeros: the kernels' are +0 (0 - v), invisible after the GEMM
+    _assert_bits(_kernel_qdq(x, _spec(v)), ref, x, zero_sign=False)
+    assert _differs(fake_quantize(x, fmt, scale_mode=v.scale_mode), ref)
+
+
+@pytest.mark.parametrize("byte0", ["min_normal", "one"])
+def test_byte0_inverse_kernel_equals_formats(byte0):
+    fmt, dtype = "mxfp4", torch.float32
+    x = _probes(fmt, dtype)
+    ref = fake_quantize(x, fmt, scale_mode="floor", byte0_inverse=byte0)
+    op = OpSpec(fmt, "block", fmt, "floor", act_byte0_inverse=byte0)
+    _assert_bits(_kernel_qdq(x, op), ref, x, zero_sign=False)
+    assert _differs(fake_quantize(x, fmt, scale_mode="floor"), ref)
+
+
 def test_library_variants_now_fusable_and_their_spec_fields():
     v = _named("compressed_tensors", "mxfp4")
-    assert v.kernel_supported and v.spec_fields == {"act_signed_zero": "lt0", "act_inf_amax": "nan_or_overflow"}
+    assert v.kernel_supported and v.spec_fields == {"act_signed_zero": "lt0", "act_inf_amax": "nan_or_overflow",
+                                                    "act_byte0_inverse": "pow2"}
     # still refused: what the kernels do not render, named in the reason
     assert "nan_element=max" in _named("quark", "mxfp4").unsupported_reason()
-    assert "inf_amax=exponent" in _named("torchao_even", "mxfp4").unsupported_reason()
+    assert "scale_mode 'rceil_log2'" in _named("torchao_rceil", "mxfp4").unsupported_reason()
+    # torchao 0.18's FLOOR/CEIL/EVEN: Inf amax as 2^128 and the 2^126 byte-0 multiplier
+    v = _named("torchao_even", "mxfp4")
+    assert v.kernel_supported and v.spec_fields == {"act_signed_zero": "keep", "act_inf_amax": "exponent",
+                                                    "act_byte0_inverse": "min_normal"}
     # microxcaling's zeros (sign(a) * floor(|a| + 0.5)): the generic floor_log2 variant with lt0
     mx = [v for v in act_variants() if v.named is None and v.fmt == "mxfp4" and v.scale_mode == "floor_log2"
           and v.rounding == "half_away" and v.signed_zero == "lt0"]
@@ -199,6 +234,13 @@ def test_opspec_fields_left_out_at_defaults_and_validated():
     with pytest.raises(ValueError, match="act_signed_zero"):
         OpSpec("nvfp4", "block", "nvfp4", act_recipe="vllm", act_signed_zero="positive")
     with pytest.raises(ValueError, match="act_inf_amax"):
-        OpSpec("mxfp4", "block", "mxfp4", "even", act_inf_amax="exponent")
+        OpSpec("mxfp4", "block", "mxfp4", "rceil", act_inf_amax="exponent")  # rendered for floor/ceil/even
+    with pytest.raises(ValueError, match="act_byte0_inverse"):
+        OpSpec("mxfp4", "block", "mxfp4", "even", act_byte0_inverse="half")
+    with pytest.raises(ValueError, match="act_byte0_inverse"):
+        OpSpec("nvfp4", "block", "nvfp4", act_recipe="vllm", act_byte0_inverse="one")
+    b0 = OpSpec("mxfp4", "block", "mxfp4", "floor", act_inf_amax="exponent", act_byte0_inverse="min_normal")
+    assert "act_byte0_inverse" not in op.to_str() and OpSpec.from_str(b0.to_str()) == b0
+    assert b0.scheme().act.byte0_inverse == "min_normal" and OpSpec.from_scheme(b0.scheme()) == b0
     with pytest.raises(ValueError, match="act_signed_zero"):
         OpSpec("mxfp4", act_signed_zero="lt0")  # weight-only: no activation QDQ

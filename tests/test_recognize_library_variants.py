@@ -40,7 +40,7 @@ def test_quark_activation_is_the_named_variant_quark_hw():
     v = recognize_activation(gemm, use_cache=False)
     assert isinstance(v, ActVerdict), v.reason
     assert v.variant.named == "quark_hw" and v.kernel_supported, v.unsupported_reason
-    assert v.variant.spec_fields == {"act_signed_zero": "positive", "act_inf_amax": "max"}
+    assert v.variant.spec_fields == {"act_signed_zero": "positive", "act_inf_amax": "max", "act_byte0_inverse": "pow2"}
     for seed in (3, 4):  # the named variant reproduces Quark's function on fresh data, -0 included
         g = torch.Generator().manual_seed(seed)
         xs = (torch.randn(16, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (16, 1), generator=g))).bfloat16()

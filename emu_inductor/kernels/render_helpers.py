@@ -233,6 +233,14 @@ def _mx_inf_amax_lines(op, el: ElementSpec) -> str:
     mode = op.act_inf_amax
     if mode == "nan":
         return ""
+    if mode == "exponent":
+        # an Inf amax's exponent field reads as 2^128, like a carry: byte 128 - emax (clamped)
+        if op.act_scale_mode not in ("floor", "ceil", "even"):
+            raise ValueError(f"act_inf_amax: 'exponent' is rendered for floor, ceil and even; "
+                             f"got act_scale_mode={op.act_scale_mode!r}")
+        byte = min(max(128 - el.emax, -127), 127) + 127
+        return f"# inf_amax='exponent': an Inf amax counts as 2^128 -> byte {byte}\n" \
+               f"u = tl.where(a == float(\"inf\"), {byte}, u)\n"
     byte = 254 if mode == "max" else 255
     if op.act_scale_mode == "even":
         # amax's bits + the rounding increment reach the all-ones exponent: Inf or a carry
@@ -243,6 +251,17 @@ def _mx_inf_amax_lines(op, el: ElementSpec) -> str:
     if mode == "nan_or_overflow":
         return ""  # no carry outside "even": the same bytes as "nan"
     return f"# inf_amax='max': an Inf amax -> byte 254 (2^127)\nu = tl.where(a == float(\"inf\"), 254, u)\n"
+
+
+def _mx_inverse(op) -> str:
+    """The multiplier that scales a block into element range (OpSpec.act_byte0_inverse =
+    formats' byte0_inverse): exact 2^(127-u), except for byte 0 under min_normal (2^126,
+    torchao 0.18's scale clamped to fp32's smallest normal) or one (1.0)."""
+    mode = op.act_byte0_inverse
+    if mode == "pow2":
+        return "_e8m0_inverse(u)"
+    mult = {"min_normal": 2.0 ** 126, "one": 1.0}[mode]
+    return f"tl.where(u == 0, {_f(mult)}, _e8m0_inverse(u))"
 
 
 def _signed_zero_lines(mode: str) -> str:
@@ -292,7 +311,7 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
 """
     if fmt.is_mx:
         body = f"""    u = _e8m0_scale(a)
-{_ind(_mx_inf_amax_lines(op, el))}    y = xb * _e8m0_inverse(u)
+{_ind(_mx_inf_amax_lines(op, el))}    y = xb * {_mx_inverse(op)}
     v = _round_{el.name}_{op.act_rounding}(y)
 {_ind(_signed_zero_lines(op.act_signed_zero))}    out = v * _e8m0_decode(u)
 """

@@ -29,6 +29,7 @@ from ..formats.variants import MX_VARIANTS
 from ..reference import fp8_tensor_fake_quantize
 
 from ..spec import FUSED_MX_INF_AMAX, FUSED_MX_SCALE_MODES, ActQuant
+from ..spec.compat import FUSED_MX_EXPONENT_MODES
 
 __all__ = ["WeightVariant", "ActVariant", "weight_variants", "act_variants", "NO_ACT"]
 
@@ -201,6 +202,7 @@ class ActVariant:
     # MX edge cases (formats.QDQOptions): sign of elements that round to zero, Inf blocks
     signed_zero: str = "keep"
     inf_amax: str = "nan"
+    byte0_inverse: str = "pow2"  # the multiplier of a byte-0 block (formats BYTE0_INVERSE_MODES)
 
     @property
     def needs_scalar(self) -> bool:
@@ -229,14 +231,16 @@ class ActVariant:
     def unsupported_reason(self) -> Optional[str]:
         if self.named:
             extra = {k: v for k, v in _named_options(self.named, self.fmt).items()
-                     if k not in ("scale_mode", "rounding", "e8m0_byte0", "signed_zero", "inf_amax")
+                     if k not in ("scale_mode", "rounding", "e8m0_byte0", "signed_zero", "inf_amax",
+                                  "byte0_inverse")
                      and _KERNEL_DEFAULTS.get(k) != v}
-            if self.inf_amax not in FUSED_MX_INF_AMAX:
+            if self.inf_amax not in FUSED_MX_INF_AMAX or (
+                    self.inf_amax == "exponent" and self.scale_mode not in FUSED_MX_EXPONENT_MODES):
                 extra["inf_amax"] = self.inf_amax
             if extra:
                 return (f"{self.named}'s " + ", ".join(f"{k}={v}" for k, v in extra.items()) +
-                        f" (the kernels give NaN for NaN elements, read byte 255 as NaN, scale byte 0 by "
-                        f"2^127, and render inf_amax {FUSED_MX_INF_AMAX} only)")
+                        f" (the kernels give NaN for NaN elements, read byte 255 as NaN, and render "
+                        f"inf_amax {FUSED_MX_INF_AMAX} only, 'exponent' for {FUSED_MX_EXPONENT_MODES})")
         if self.kind == "mx" and self.scale_mode not in FUSED_MX_SCALE_MODES:
             return f"MX scale_mode {self.scale_mode!r} (the kernels implement {FUSED_MX_SCALE_MODES})"
         if self.kind == "mx" and self.e8m0_byte0 != "pow2":
@@ -265,7 +269,7 @@ class ActVariant:
         if self.kind == "mx":
             return fake_quantize(x, self.fmt, scale_mode=self.scale_mode, rounding=self.rounding,
                                  e8m0_byte0=self.e8m0_byte0, signed_zero=self.signed_zero,
-                                 inf_amax=self.inf_amax)
+                                 inf_amax=self.inf_amax, byte0_inverse=self.byte0_inverse)
         g = scalar.to(torch.float32).reshape(())
         return fake_quantize(x, "nvfp4", recipe=self.recipe, rounding=self.rounding, global_scale=g)
 
@@ -280,8 +284,10 @@ class ActVariant:
 
     @property
     def edge_options(self) -> dict:
-        """signed_zero / inf_amax for an MX ActQuant ({} otherwise: NVFP4 recipes fix their own)."""
-        return {"signed_zero": self.signed_zero, "inf_amax": self.inf_amax} if self.kind == "mx" else {}
+        """signed_zero / inf_amax / byte0_inverse for an MX ActQuant ({} otherwise: NVFP4
+        recipes fix their own)."""
+        return {"signed_zero": self.signed_zero, "inf_amax": self.inf_amax,
+                "byte0_inverse": self.byte0_inverse} if self.kind == "mx" else {}
 
     @property
     def spec_fields(self) -> dict:
@@ -319,7 +325,8 @@ def act_variants() -> list[ActVariant]:
                     out.append(ActVariant("mx", fmt.name, scale_mode=o.get("scale_mode"),
                                           rounding=o.get("rounding", "rne"), e8m0_byte0=o.get("e8m0_byte0", "pow2"),
                                           named=name, signed_zero=o.get("signed_zero", "keep"),
-                                          inf_amax=o.get("inf_amax", "nan")))
+                                          inf_amax=o.get("inf_amax", "nan"),
+                                          byte0_inverse=o.get("byte0_inverse", "pow2")))
         else:
             for recipe, rnd in itertools.product(NVFP4_RECIPES, ("rne", "half_away")):
                 out.append(ActVariant("nvfp4", fmt.name, recipe=recipe, rounding=rnd))

@@ -38,7 +38,8 @@ def act_fake_quantize(x: torch.Tensor, act: Optional[ActQuant], global_scale=Non
     if act.kind == "fp8_tensor":
         return fp8_tensor_fake_quantize(x, global_scale)
     # MX edge cases (zero sign, Inf blocks) as the ActQuant says; NVFP4 recipes fix their own
-    mx = {"signed_zero": act.signed_zero, "inf_amax": act.inf_amax} if act.fmt.is_mx else {}
+    mx = {"signed_zero": act.signed_zero, "inf_amax": act.inf_amax,
+          "byte0_inverse": act.byte0_inverse} if act.fmt.is_mx else {}
     return fake_quantize(
         x, act.fmt, scale_mode=act.scale_mode, recipe=act.recipe, rounding=act.rounding,
         global_scale=global_scale if act.fmt.has_global_scale else None, **mx,

@@ -10,16 +10,17 @@ NVFP4 weights, MX activations only with MX weights. The fused kernels implement 
 activation scale modes in `FUSED_MX_SCALE_MODES` ("rceil_log2" and "even_fp4" exist in
 the reference only; "floor_log2", microxcaling's floor(log2) in the activation dtype, is
 rendered from the formats' exact per-binade thresholds). Their MX activation QDQ renders
-every `formats` zero sign (signed_zero keep / lt0 / le0 / positive) and the Inf-block rules
-in `FUSED_MX_INF_AMAX` (formats.scales.INF_AMAX_MODES; "exponent" is not rendered).
+every `formats` zero sign (signed_zero keep / lt0 / le0 / positive), the Inf-block rules
+in `FUSED_MX_INF_AMAX` (formats.scales.INF_AMAX_MODES; "exponent" for the scale modes in
+`FUSED_MX_EXPONENT_MODES` only) and every byte-0 multiplier (formats BYTE0_INVERSE_MODES).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "FUSED_MX_INF_AMAX", "act_name", "is_compatible",
-           "incompatibility"]
+__all__ = ["ACT_FOR_WEIGHT", "FUSED_MX_SCALE_MODES", "FUSED_MX_INF_AMAX", "FUSED_MX_EXPONENT_MODES", "act_name",
+           "is_compatible", "incompatibility"]
 
 #: weight format name -> activation names the fused ops take with it.
 ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
@@ -34,8 +35,11 @@ ACT_FOR_WEIGHT: dict[str, tuple[str, ...]] = {
 #: MX activation scale modes the generated kernels implement.
 FUSED_MX_SCALE_MODES = ("even", "floor", "rceil", "ceil", "floor_log2")
 #: MX activation Inf-block rules (formats inf_amax) the generated kernels implement: an Inf
-#: amax (or one the "even" rounding carries past 2^127) gives byte 255 / 255 / 254.
-FUSED_MX_INF_AMAX = ("nan", "nan_or_overflow", "max")
+#: amax (or one the "even" rounding carries past 2^127) gives byte 255 / 255 / 254, or
+#: ("exponent", torchao 0.18's FLOOR/CEIL/EVEN) counts as 2^128: byte 128 - emax + 127.
+FUSED_MX_INF_AMAX = ("nan", "nan_or_overflow", "max", "exponent")
+#: the scale modes whose "exponent" Inf rule the kernels render (the exponent-field rules)
+FUSED_MX_EXPONENT_MODES = ("floor", "ceil", "even")
 
 
 def act_name(act) -> str:
@@ -57,8 +61,11 @@ def is_compatible(weight_fmt, act) -> bool:
             return False
         if act.fmt.is_mx and getattr(act, "inf_amax", "nan") not in FUSED_MX_INF_AMAX:
             return False
-        if not act.fmt.is_mx and (getattr(act, "signed_zero", "keep"), getattr(act, "inf_amax", "nan")) != \
-                ("keep", "nan"):
+        if act.fmt.is_mx and getattr(act, "inf_amax", "nan") == "exponent" and \
+                act.scale_mode not in FUSED_MX_EXPONENT_MODES:
+            return False
+        if not act.fmt.is_mx and (getattr(act, "signed_zero", "keep"), getattr(act, "inf_amax", "nan"),
+                                  getattr(act, "byte0_inverse", "pow2")) != ("keep", "nan", "pow2"):
             return False  # NVFP4 recipes fix their own zero sign
     return True
 

@@ -13,9 +13,9 @@ from typing import Optional
 
 from ..formats import FORMATS
 from ..formats.elements import SIGNED_ZERO_MODES
-from ..formats.scales import E8M0_BYTE255
+from ..formats.scales import BYTE0_INVERSE_MODES, E8M0_BYTE255
 from .activations import ACTIVATION_NAMES
-from .compat import FUSED_MX_INF_AMAX
+from .compat import FUSED_MX_EXPONENT_MODES, FUSED_MX_INF_AMAX
 from .schemes import ActQuant, Scheme, get_scheme
 
 __all__ = ["OpSpec", "W_SCALE_ORDERS", "WEIGHT_READER_DEFAULTS", "ACT_QDQ_DEFAULTS"]
@@ -32,7 +32,7 @@ W_SCALE_ORDERS = ("s*a", "s/g", "(v*s)*a")
 WEIGHT_READER_DEFAULTS = {"w_e8m0_byte255": "nan", "w_scale_order": "s*a"}
 #: MX activation-QDQ edge-case fields (formats.QDQOptions signed_zero / inf_amax) and their
 #: defaults, left out of the spec string and kernel JSON the same way.
-ACT_QDQ_DEFAULTS = {"act_signed_zero": "keep", "act_inf_amax": "nan"}
+ACT_QDQ_DEFAULTS = {"act_signed_zero": "keep", "act_inf_amax": "nan", "act_byte0_inverse": "pow2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,10 @@ class OpSpec:
     # recipes carry their own zero sign: these stay at the defaults there.
     act_signed_zero: str = "keep"
     act_inf_amax: str = "nan"
+    # the multiplier that scales a byte-0 (2^-127) block into element range when
+    # quantizing: 2^127 (pow2), 2^126 (min_normal: torchao 0.18 FLOOR/CEIL/EVEN clamp the
+    # fp32 scale to 2^-126) or 1.0 (one)
+    act_byte0_inverse: str = "pow2"
 
     def __post_init__(self):
         if self.weight_fmt not in FORMATS:
@@ -76,6 +80,12 @@ class OpSpec:
             raise ValueError(f"act_signed_zero: expected one of {SIGNED_ZERO_MODES}, got {self.act_signed_zero!r}")
         if self.act_inf_amax not in FUSED_MX_INF_AMAX:
             raise ValueError(f"act_inf_amax: expected one of {FUSED_MX_INF_AMAX}, got {self.act_inf_amax!r}")
+        if self.act_inf_amax == "exponent" and self.act_scale_mode not in FUSED_MX_EXPONENT_MODES:
+            raise ValueError(f"act_inf_amax: 'exponent' is rendered for scale modes {FUSED_MX_EXPONENT_MODES}, "
+                             f"got act_scale_mode={self.act_scale_mode!r}")
+        if self.act_byte0_inverse not in BYTE0_INVERSE_MODES:
+            raise ValueError(f"act_byte0_inverse: expected one of {BYTE0_INVERSE_MODES}, "
+                             f"got {self.act_byte0_inverse!r}")
         mx_act = self.act_kind == "block" and FORMATS[self.act_fmt].is_mx
         for k, v in ACT_QDQ_DEFAULTS.items():
             if getattr(self, k) != v and not mx_act:
@@ -111,6 +121,7 @@ class OpSpec:
             act_rounding=a.rounding if a is not None else "rne",
             act_signed_zero=a.signed_zero if a is not None else "keep",
             act_inf_amax=a.inf_amax if a is not None else "nan",
+            act_byte0_inverse=a.byte0_inverse if a is not None else "pow2",
             activation=activation,
             router_weight_on_input=router_weight_on_input,
             fp6_layout=fp6_layout,
@@ -121,7 +132,7 @@ class OpSpec:
         if self.act_kind != "none":
             act = ActQuant(self.act_kind, FORMATS[self.act_fmt] if self.act_fmt else None,
                            self.act_scale_mode, self.act_recipe, self.act_rounding,
-                           self.act_signed_zero, self.act_inf_amax)
+                           self.act_signed_zero, self.act_inf_amax, self.act_byte0_inverse)
         return Scheme(f"spec:{self.weight_fmt}/{self.act_kind}:{self.act_fmt}", FORMATS[self.weight_fmt], act)
 
     def to_str(self) -> str:
@@ -146,7 +157,8 @@ class OpSpec:
         act = "a16" if self.act_kind == "none" else (
             "afp8" if self.act_kind == "fp8_tensor" else f"a{self.act_fmt}-{self.act_scale_mode or self.act_recipe}")
         act += ("" if self.act_signed_zero == "keep" else f"-z{self.act_signed_zero}") + \
-            ("" if self.act_inf_amax == "nan" else f"-inf{self.act_inf_amax.replace('_', '')}")
+            ("" if self.act_inf_amax == "nan" else f"-inf{self.act_inf_amax.replace('_', '')}") + \
+            ("" if self.act_byte0_inverse == "pow2" else f"-b0{self.act_byte0_inverse.replace('_', '')}")
         reader = {"nan": "", "inf": "_e8m0inf", "ldexp": "_e8m0ldexp"}[self.w_e8m0_byte255] + {
             "s*a": "", "s/g": "_sdivg", "(v*s)*a": "_vsa"}[self.w_scale_order]
         return (f"w{self.weight_fmt}{reader}_{act}_{self.activation}"

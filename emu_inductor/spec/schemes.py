@@ -23,8 +23,9 @@ class ActQuant:
 
     kind "block": per-row blocks along K in `fmt` (MX scale_mode or NVFP4 recipe).
     kind "fp8_tensor": one dynamic per-tensor E4M3 scale (vLLM's `a_fp8` schemes).
-    signed_zero / inf_amax (MX only; formats.QDQOptions): the sign of elements that round
-    to zero and the scale of Inf / overflowing blocks (NVFP4 recipes fix their own).
+    signed_zero / inf_amax / byte0_inverse (MX only; formats.QDQOptions): the sign of
+    elements that round to zero, the scale of Inf / overflowing blocks and the multiplier
+    that scales a byte-0 block (NVFP4 recipes fix their own).
     """
 
     kind: str
@@ -34,6 +35,7 @@ class ActQuant:
     rounding: str = "rne"
     signed_zero: str = "keep"
     inf_amax: str = "nan"
+    byte0_inverse: str = "pow2"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -145,12 +145,13 @@ ENTRIES = [
     CorpusEntry(
         "torchao_mx_linear", "linear", "torchao", "installed torchao 0.18: to_mx, to_dtype (FLOOR)",
         Variant(WeightVariant("mxfp4"),
-                act={"fmt": "mxfp4", "scale_mode": "floor"}),
-        make_linear, dtypes=(torch.bfloat16, torch.float32),
-        compile_smoke=False,
-        compile_note="to_mx returns float8_e8m0fnu scales (kept as a buffer) and builds one for the activation: "
-                     "Inductor's CPU codegen fails with InductorError KeyError: torch.float8_e8m0fnu "
-                     "(measured: 67 s to fail), so nothing can match until the fused replacement removes the dtype",
+                act={"fmt": "mxfp4", "variant": "torchao_floor"}),
+        make_linear, dtypes=(torch.bfloat16, torch.float32), expect_fused=True,
+        compile_note="to_mx returns float8_e8m0fnu scales (kept as a buffer) and builds one for the activation; "
+                     "Inductor's CPU codegen cannot compile that dtype, so the layer compiles only because the "
+                     "fused op replaces every e8m0 node (the buffer is read through view(uint8))",
+        fused_today="one mxemu::linear with the activation QDQ (semantic: formats variant torchao_floor, the "
+                    "kernels render its Inf-amax 'exponent' rule and 2^126 byte-0 multiplier), bf16 and fp32, ~7 s",
     ),
     CorpusEntry(
         "torchao_nvfp4_linear_two_level", "linear", "torchao",
