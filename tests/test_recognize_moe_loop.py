@@ -108,3 +108,26 @@ def test_chained_gemms_over_one_stack_stay_as_written():
     assert counters["mxemu"]["semantic_loop"] == 0, dict(counters["mxemu"])
     left = [r for r in records if r.family == "semantic_loop" and not r.fused]
     assert left and "another GEMM over the same experts" in left[0].reason, [r.reason for r in records]
+
+
+class StackAlsoReturned(LoopMoE):
+    """The dequantized stack has another (live) user: grouping would compute the decode twice."""
+
+    def forward(self, x):
+        w13 = dequant_kn(self.w13, self.w13_s, x.dtype).transpose(1, 2)
+        return torch.stack([F.linear(x, w13[e]) for e in range(self.E)]).sum(0), w13.amax()
+
+
+def test_stack_with_another_user_stays_as_written():
+    model = StackAlsoReturned(act_qdq=False)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    counters.clear()
+    torch._dynamo.reset()
+    with _compat.inductor_caches_disabled(), recording() as sink, torch.no_grad():
+        out, amax = torch.compile(model, backend="mxemu")(x)
+        ref, ref_amax = model(x)
+    assert counters["mxemu"]["semantic_loop"] == 0, dict(counters["mxemu"])
+    left = [r for r in sink.candidates if r.family == "semantic_loop" and not r.fused]
+    assert left and "also used by" in left[0].reason, [r.reason for r in sink.candidates]
+    assert_within_accumulation(out, ref, "stack used elsewhere")
+    assert torch.equal(amax, ref_amax)

@@ -34,6 +34,7 @@ from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import register_pattern_family
 from .semantic import PackedWeightOperand
+from .semantic_loop import unfusable_stack
 
 aten = torch.ops.aten
 FAMILY = "semantic_bmm"
@@ -118,10 +119,6 @@ def _check(match) -> Optional[str]:
     kind, a, stack, ids = form
     if kind == "dense" and _val(a).shape[0] != _val(stack).shape[0]:
         return "batch count differs from the expert count"
-    mine = anchor.args[1] if kind == "gathered" else anchor
-    other = next((u for u in stack.users if u is not mine), None)
-    if other is not None:  # "semantic" would refuse to fuse (the decode would be computed twice)
-        return f"the dequantized expert stack {stack.name} is also used by {other.name}; bmm left as written"
     if kind == "gathered":
         # the weight recogniser reads the GEMM's weight operand: a throwaway grouped GEMM
         # over the stack itself (the gather depends on the routing, not on the bytes)
@@ -137,6 +134,9 @@ def _check(match) -> Optional[str]:
         return f"expert weights not proven, bmm left as written: {w.reason}"
     if not w.kernel_supported:
         return f"expert weights recognised as {w.variant.name}, which the fused kernels do not compute"
+    why = unfusable_stack(w, stack, {anchor.args[1] if kind == "gathered" else anchor})
+    if why:
+        return f"bmm left as written: {why}"
     match._mxemu_bmm = (form, w)
     return None
 

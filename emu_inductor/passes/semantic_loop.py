@@ -39,7 +39,7 @@ from .semantic import PackedWeightOperand
 aten = torch.ops.aten
 FAMILY = "semantic_loop"
 
-__all__ = ["FAMILY", "expert_slice"]
+__all__ = ["FAMILY", "expert_slice", "unfusable_stack"]
 
 #: ancestors visited per expert's rows when checking that no row depends on the group's GEMMs
 _SEARCH = 20000
@@ -71,6 +71,33 @@ def expert_slice(w) -> Optional[tuple]:
     if not -E <= e < E:
         return None
     return stack, e % E, layout
+
+
+def unfusable_stack(w, stack, consumers) -> Optional[str]:
+    """Why "semantic" would not fuse a grouped GEMM over the proven `stack` (verdict `w`),
+    else None: a float scale that is neither one value nor one per expert, or a decode node
+    (between the codes / scale bytes and the stack) or the stack itself used by something
+    other than `consumers` (fusing would compute the decode twice). Checked before a
+    rewrite so that no grouped GEMM is left unfused."""
+    E = _val(stack).shape[0]
+    if w.alpha is not None and _val(w.alpha).numel() not in (1, E):
+        return f"float scale of shape {tuple(_val(w.alpha).shape)} is not one value or one per expert"
+    other = next((u for u in stack.users if u not in consumers), None)
+    if other is None:
+        anc, todo = {stack}, [stack]
+        while todo and len(anc) < 4000:
+            for a in todo.pop().all_input_nodes:
+                if a not in anc:
+                    anc.add(a)
+                    todo.append(a)
+        inside = {n for n in (w.codes, w.scale) if n is not None}
+        for n in stack.graph.nodes:  # topological order: the nodes from the bytes to the stack
+            if n in anc and n not in inside and any(a in inside for a in n.all_input_nodes):
+                inside.add(n)
+        other = next((u for n in inside if n is not stack for u in n.users if u not in inside), None)
+    if other is not None:
+        return f"the expert decode is also used by {other.name} (fusing would compute it twice)"
+    return None
 
 
 def _group(anchor) -> tuple[Optional[list], Optional[tuple], Optional[str]]:
@@ -143,10 +170,6 @@ def _check(match) -> Optional[str]:
     why = _rows_depend_on(group)
     if why:
         return f"per-expert GEMMs left as written: {why}"
-    slices = {n.args[1] for _, n in group} | {n.args[1].args[0] for _, n in group if layout == "nk"}
-    other = next((u for u in stack.users if u not in slices), None)
-    if other is not None:  # "semantic" would refuse to fuse (the decode would be computed twice)
-        return f"the dequantized expert stack {stack.name} is also used by {other.name}; left as written"
     graph = anchor.graph
     first = min((n for _, n in group), key=lambda n: _order(graph)[n])
     # the weight recogniser reads a grouped GEMM's [E, K, N] operand: a throwaway one over the stack
@@ -165,6 +188,10 @@ def _check(match) -> Optional[str]:
         return f"expert weights not proven, the per-expert GEMMs stay as written: {w.reason}"
     if not w.kernel_supported:
         return f"expert weights recognised as {w.variant.name}, which the fused kernels do not compute"
+    slices = {n.args[1] for _, n in group} | {n.args[1].args[0] for _, n in group if layout == "nk"}
+    why = unfusable_stack(w, stack, slices)
+    if why:
+        return f"per-expert GEMMs left as written: {why}"
     match._mxemu_loop = (group, stack, layout, w)
     return None
 
