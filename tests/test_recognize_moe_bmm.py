@@ -76,6 +76,39 @@ class DenseBmmMoE(GatherBmmMoE):
         return (y.float() * dense.t().unsqueeze(-1)).sum(dim=0).to(x.dtype)
 
 
+class TransformersBatchedMM(GatherBmmMoE):
+    """transformers' own `batched_mm` experts (installed integrations.moe.batched_mm_experts_forward:
+    `bmm(W[ids], x.unsqueeze(-1))` with [E, N, K] weights, the weight gathered as the FIRST
+    operand; chunk(2) gate/up; proj * w summed over view(T, k, H)) over MXFP4 experts
+    dequantized by properties, the way a quantized checkpoint's experts would be read."""
+
+    has_gate, has_bias, is_transposed, has_post_expert_norm, _is_expert_parallel = True, False, False, False, False
+
+    def __init__(self, **kw):
+        super().__init__(act_qdq=False, **kw)
+        self.num_experts = self.E
+        self.act_fn = F.silu
+
+    @property
+    def gate_up_proj(self):
+        return dequant_kn(self.w13, self.w13_s, torch.bfloat16).transpose(1, 2)  # [E, 2I, H]
+
+    @property
+    def down_proj(self):
+        return dequant_kn(self.w2, self.w2_s, torch.bfloat16).transpose(1, 2)  # [E, H, I]
+
+    def _apply_gate(self, gate_up_out):
+        from transformers.integrations.moe import _default_apply_gate
+
+        return _default_apply_gate(self, gate_up_out)
+
+    def forward(self, x):
+        from transformers.integrations.moe import batched_mm_experts_forward
+
+        w, ids = torch.topk(torch.softmax((x @ self.router.t()).float(), dim=-1), self.k, dim=-1)
+        return batched_mm_experts_forward(self, x, ids, w / w.sum(-1, keepdim=True))
+
+
 def _compile(model, x):
     counters.clear()
     torch._dynamo.reset()
@@ -103,6 +136,16 @@ def test_gathered_bmm_moe_becomes_one_mxemu_moe():
     fused = [r for r in records if r.family == "semantic_moe" and r.fused]
     assert fused and "silu between the GEMMs" in fused[0].reason, [r.reason for r in records]
     _fresh_inputs_match(compiled, model, x, "gathered bmm moe")
+
+
+def test_transformers_batched_mm_experts_become_one_mxemu_moe():
+    model = TransformersBatchedMM()
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    compiled, out, code, records = _compile(model, x)
+    assert counters["mxemu"]["semantic_bmm"] == 2, [r.reason for r in records]
+    assert counters["mxemu_ops"] == {"moe": 1}, [r.reason for r in records]
+    assert "weight-first bmm computed transposed" in " ".join(r.reason or "" for r in records)
+    _fresh_inputs_match(compiled, model, x, "transformers batched_mm")
 
 
 def test_dense_bmm_experts_fuse_as_grouped_gemms():

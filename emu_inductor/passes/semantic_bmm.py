@@ -6,9 +6,11 @@ Two forms people write for MoE experts with `torch.bmm`:
 
 - gathered experts: `bmm(a[B, M, K], W[ids])`, W the [E, K, N] expert stack and ids [B]
   integer expert ids (transformers' gpt-oss reference: every routed row with its expert's
-  matrix, `W[ids]` materialised per row). Rows grouped by expert: a stable sort of ids
-  orders the batches, group ends are the expert counts (scatter_add) summed up, and the
-  result goes back to batch order through the inverse permutation;
+  matrix, `W[ids]` materialised per row), or with the gathered weight first,
+  `bmm(W[ids], a[B, K, M])` (transformers' own `batched_mm` experts over [E, N, K]
+  weights), computed as the transposed product. Rows grouped by expert: a stable sort of
+  ids orders the batches, group ends are the expert counts (scatter_add) summed up, and
+  the result goes back to batch order through the inverse permutation;
 - dense experts: `bmm(a[E, M, K], W[E, K, N])` (every row through every expert,
   microxcaling's dense MoE): batch e is expert e's group, group ends M, 2M, .., E*M.
 
@@ -67,25 +69,59 @@ def _gathered(w_node) -> Optional[tuple]:
 
 
 def _form(anchor) -> tuple[Optional[tuple], Optional[str]]:
-    """(("gathered"|"dense", a, stack, ids or None), None) or (None, reason)."""
+    """((kind, a, stack, ids or None, weight_first), None) or (None, reason). kind "gathered":
+    one operand is stack[ids]; weight_first: `bmm(stack[ids], a)` (transformers'
+    batched_mm experts with [E, N, K] weights: W[ids] @ x.unsqueeze(-1)), computed as
+    the transposed product. kind "dense": `bmm(a, W)` with W the [E, K, N] stack."""
     if anchor.kwargs or len(anchor.args) != 2:
         return None, "bmm with extra arguments"
-    a, w = anchor.args
-    av, wv = _val(a), _val(w)
-    if not isinstance(av, torch.Tensor) or not isinstance(wv, torch.Tensor) or av.dim() != 3 or wv.dim() != 3:
+    x, y = anchor.args
+    xv, yv = _val(x), _val(y)
+    if not isinstance(xv, torch.Tensor) or not isinstance(yv, torch.Tensor) or xv.dim() != 3 or yv.dim() != 3:
         return None, "bmm operands without 3-d tensor values"
-    if av.dtype != wv.dtype or not av.is_floating_point():
-        return None, f"bmm of {av.dtype} x {wv.dtype}"
-    g = _gathered(w)
-    if g is not None:
-        stack, ids = g
-        M = av.shape[1]
-        if not _static(M, *_val(stack).shape):
-            return None, "gathered experts with symbolic sizes (rows per batch or expert stack)"
-        return ("gathered", a, stack, ids), None
-    if not _static(*av.shape, *wv.shape):
+    if xv.dtype != yv.dtype or not xv.is_floating_point():
+        return None, f"bmm of {xv.dtype} x {yv.dtype}"
+    for first, (a, w) in ((False, (x, y)), (True, (y, x))):
+        g = _gathered(w)
+        if g is not None:
+            stack, ids = g
+            M = _val(a).shape[2 if first else 1]  # rows per batch: a[B, K, M] (first) or a[B, M, K]
+            if not _static(M, *_val(stack).shape):
+                return None, "gathered experts with symbolic sizes (rows per batch or expert stack)"
+            return ("gathered", a, stack, ids, first), None
+    if not _static(*xv.shape, *yv.shape):
         return None, "dense batched experts with symbolic sizes"
-    return ("dense", a, w, None), None
+    return ("dense", x, y, None, False), None
+
+
+def looks_like_experts(anchor) -> bool:
+    """Cheap structural test (no proof): a gathered stack[ids] operand, or a dense bmm whose
+    second operand is computed from packed bytes with as many batches as the first."""
+    form, _ = _form(anchor)
+    if form is None:
+        return False
+    if form[0] == "gathered":
+        return True
+    return _val(form[1]).shape[0] == _val(form[2]).shape[0]
+
+
+class ExpertBmm(pm.CallFunction):
+    """aten.bmm in one of the expert forms (`_form`) whose stack is computed from packed
+    bytes; other bmms (attention, activation x activation) do not match and leave no record."""
+
+    def __init__(self):
+        super().__init__(aten.bmm.default, pm.Ignored(), pm.Ignored())
+
+    def _match(self, node, ctx):
+        m = super()._match(node, ctx)
+        if not pm.is_match(m):
+            return m
+        if not looks_like_experts(node):
+            return pm.FailedMatch("{} is not a bmm over an expert stack", node)
+        stack = _form(node)[0][2]
+        if not pm.is_match(PackedWeightOperand()._match(stack, ctx)):
+            return pm.FailedMatch("{}'s expert stack is not computed from packed bytes", node)
+        return m
 
 
 class _Builder:
@@ -116,25 +152,31 @@ def _check(match) -> Optional[str]:
     form, why = _form(anchor)
     if form is None:
         return why
-    kind, a, stack, ids = form
+    kind, a, stack, ids, first = form
     if kind == "dense" and _val(a).shape[0] != _val(stack).shape[0]:
         return "batch count differs from the expert count"
     if kind == "gathered":
-        # the weight recogniser reads the GEMM's weight operand: a throwaway grouped GEMM
-        # over the stack itself (the gather depends on the routing, not on the bytes)
-        with anchor.graph.inserting_before(anchor):
-            probe = anchor.graph.call_function(aten._grouped_mm.default, (a, stack))
+        # the weight recogniser reads the GEMM's [E, K, N] weight operand: a throwaway grouped
+        # GEMM over the stack itself (the gather depends on the routing, not on the bytes)
+        graph = anchor.graph
+        with graph.inserting_before(anchor):
+            b = graph.call_function(aten.permute.default, (stack, [0, 2, 1])) if first else stack
+            probe = graph.call_function(aten._grouped_mm.default, (a, b))
+        if first:
+            b.meta["val"] = _val(stack).permute(0, 2, 1)
         try:
             w = recognize_weight(probe)
         finally:
-            anchor.graph.erase_node(probe)
+            graph.erase_node(probe)
+            if first:
+                graph.erase_node(b)
     else:
         w = recognize_weight(anchor)
     if isinstance(w, Rejection):
         return f"expert weights not proven, bmm left as written: {w.reason}"
     if not w.kernel_supported:
         return f"expert weights recognised as {w.variant.name}, which the fused kernels do not compute"
-    why = unfusable_stack(w, stack, {anchor.args[1] if kind == "gathered" else anchor})
+    why = unfusable_stack(w, stack, {anchor.args[0 if first else 1] if kind == "gathered" else anchor})
     if why:
         return f"bmm left as written: {why}"
     match._mxemu_bmm = (form, w)
@@ -143,9 +185,13 @@ def _check(match) -> Optional[str]:
 
 def _replace(match) -> None:
     anchor = match.output_node()
-    (kind, a, stack, ids), w = match._mxemu_bmm
+    (kind, a, stack, ids, first), w = match._mxemu_bmm
     graph = match.graph
     b = _Builder(graph, anchor)
+    gathered_w = anchor.args[0 if first else 1]
+    if first:  # W[ids] @ a == (a^T @ W^T[ids])^T: rows a^T [B, M, K], stack W^T [E, K, N]
+        a = b(aten.permute.default, a, [0, 2, 1])
+        stack = b(aten.permute.default, stack, [0, 2, 1])
     av, sv = _val(a), _val(stack)
     E, K, N = (int(s) for s in sv.shape)
     M = av.shape[1]
@@ -172,9 +218,14 @@ def _replace(match) -> None:
         inv = b(operator.getitem, b(aten.sort.stable, order, stable=True, dim=0), 1)
         new = b(aten.index.Tensor, b(aten.reshape.default, out, [-1, M, N]), [inv])
         how = f"gathered experts stack[{ids.name}]: rows sorted by expert, results back in batch order"
+        if first:
+            new = b(aten.permute.default, new, [0, 2, 1])
+            how += "; weight-first bmm computed transposed"
     new.meta.update({k: v for k, v in anchor.meta.items() if k != "val"})
     anchor.replace_all_uses_with(new)
     graph.erase_node(anchor)
+    if kind == "gathered" and not gathered_w.users:  # the gather W[ids] is dead: 'semantic' must not see it
+        graph.erase_node(gathered_w)
     record_candidate(FAMILY, out, True, "aten._grouped_mm (fused next by 'semantic')",
                      f"bmm as a grouped GEMM ({how}); weights proven: {w.describe()}", family=FAMILY, pattern=kind)
 
@@ -182,5 +233,4 @@ def _replace(match) -> None:
 @register_pattern_family(FAMILY, order=88, anchors=(aten.bmm.default,),
                          description="bmm over proven expert weights (gathered W[ids] or dense) -> grouped GEMM")
 def _init(pm_pass, input_device=None):
-    register_family_pattern(pm.CallFunction(aten.bmm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
-                            family=FAMILY, name="bmm", check=_check, replace=_replace)
+    register_family_pattern(ExpertBmm(), pm_pass, family=FAMILY, name="bmm", check=_check, replace=_replace)
