@@ -35,6 +35,7 @@ from typing import Any
 
 from torch._inductor import config, list_mode_options
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.virtualized import V
 
 from . import _compat
 from ._logging import get_logger
@@ -138,7 +139,10 @@ class MxemuBackend:
                   {k: v for k, v in patches.items() if k != "post_grad_custom_pre_pass"})
         # a cache hit skips the pass: cache_replay() credits the replayed counts to
         # counters["mxemu"] (the lazily compiled backward graph through _inner_compile)
-        with cache_replay(), compile_timer():
+        # Dynamo's example inputs are the real tensors: the recogniser reads the values of
+        # small inputs from them (a module-global LUT Dynamo lifted to a graph input,
+        # recognize/leaves.py); every value a proof relies on is asserted at run time
+        with cache_replay(), compile_timer(), V.set_real_inputs(example_inputs):
             return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
                               config_patches=patches)
 

@@ -89,3 +89,27 @@ def test_weight_only_fused_linear_takes_the_proven_qdq():
     assert code.count("torch.ops.mxemu.linear.default(") == 1
     assert '\\"act_recipe\\":\\"vllm_torch\\"' in code or '"act_recipe":"vllm_torch"' in code
     assert_within_accumulation(out, ref, "vllm_nvfp4_linear")
+
+
+# --- ModelOpt's E2M1 table: code 0x8 decodes as +0 ------------------------------------------
+
+_E2M1_PLUS0 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def _deq_table(w, s, a, table):
+    codes = torch.stack([w & 0xF, w >> 4], -1).flatten(-2).long()
+    v = torch.tensor(table)[codes].reshape(w.shape[0], -1, 16)
+    return (v * (s.float() * a).unsqueeze(-1)).reshape(w.shape[0], -1).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("plus0", [True, False])
+def test_weight_table_with_plus0_at_code_8(plus0):
+    """A value table with +0 for the -0 code (ModelOpt's e2m1_values) is its own decode,
+    told apart from the -0 reading by the probes, and fused (the sign of a zero weight is
+    invisible after the GEMM's +0-started accumulation)."""
+    from tests.test_recognize_weight import check, leaves
+    table = _E2M1_PLUS0 if plus0 else [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0,
+                                       -4.0, -6.0]
+    v = check(lambda w, s, a: _deq_table(w, s, a, table), leaves(1), expect_fmt="nvfp4", alpha_order="scale_alpha")
+    assert v.variant.negzero_decode == ("positive" if plus0 else "keep")
+    assert v.kernel_supported

@@ -17,6 +17,7 @@ from torch.fx import Node
 
 from ..formats import ELEMENTS, decode
 from .extract import attr_value
+from .shapes import concrete_shape
 from .verdict import Guard
 
 __all__ = ["known_value", "table_hypotheses", "is_graph_input", "leaf_bindings"]
@@ -44,6 +45,17 @@ def _real_input(node: Node) -> Optional[torch.Tensor]:
         return None
     t = real[i]
     if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    v = node.meta.get("val")
+    # the i-th real input is this placeholder's only when they agree in dtype and shape (a
+    # graph whose inputs AOTAutograd rearranged would not); the value read becomes a run-time
+    # guard either way, so a wrong pairing could only refuse a fusion at run time
+    if not isinstance(v, torch.Tensor) or v.dtype != t.dtype:
+        return None
+    try:
+        if tuple(concrete_shape(v)) != tuple(t.shape):
+            return None
+    except ValueError:  # a symbolic size: no pairing by shape
         return None
     return t
 

@@ -52,6 +52,11 @@ class WeightVariant:
     e8m0_byte0: str = "pow2"
     alpha_order: str = "none"
     compute_dtype: str = "fp32"  # fp32 | out (products rounded in the output dtype)
+    # the value of the -0 code (FP4 code 0x8): -0.0, or +0.0 where the reader's table says so
+    # (ModelOpt's e2m1_values). The fused GEMMs accumulate from +0.0, where a +-0 product never
+    # changes a sum, so both readings are one fused op (the sign of a zero weight is invisible
+    # after the GEMM, as the kernels' +0 activation zeros are).
+    negzero_decode: str = "keep"
 
     @property
     def name(self) -> str:
@@ -66,6 +71,8 @@ class WeightVariant:
         parts.append(_ALPHA_TEXT[self.alpha_order])
         if self.compute_dtype != "fp32":
             parts.append("in out dtype")
+        if self.negzero_decode != "keep":
+            parts.append("code 0x8 = +0")
         return " ".join(parts)
 
     def unsupported_reason(self) -> Optional[str]:
@@ -115,6 +122,8 @@ class WeightVariant:
         codes_u = unpack(c, fmt.pack_bits, fp6_layout=self.fp6_layout) if fmt.pack_bits != 6 or \
             self.fp6_layout != "unpacked" else c & 0x3F
         v = _table(fmt.element.name, "element")[codes_u.long()]
+        if self.negzero_decode == "positive":
+            v = v + 0.0  # -0.0 + 0.0 is +0.0; every other value unchanged
         vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
         sb = scale.view(torch.uint8).long()
         if fmt.is_mx:
@@ -161,8 +170,11 @@ def weight_variants(bits: int, block: int, has_alpha: bool, out_dtype: torch.dty
         # MX products v * 2^k are single roundings of the exact value in any float dtype, so
         # forming them in the output dtype (torchao) is the same function: one variant.
         computes = ("fp32",) if out_dtype == torch.float32 or fmt.is_mx else ("fp32", "out")
-        for nib, lay, (b255, b0), order, cd in itertools.product(nibbles, layouts, readers, orders, computes):
-            out.append(WeightVariant(fmt.name, nib, lay, b255, b0, order, cd))
+        # FP4 readers by a value table may decode the -0 code as +0 (ModelOpt's e2m1_values)
+        negzeros = ("keep", "positive") if fmt.element.num_codes == 16 else ("keep",)
+        for nib, lay, (b255, b0), order, cd, nz in itertools.product(nibbles, layouts, readers, orders, computes,
+                                                                     negzeros):
+            out.append(WeightVariant(fmt.name, nib, lay, b255, b0, order, cd, nz))
     return out
 
 

@@ -115,12 +115,12 @@ ENTRIES = [
         "installed nvidia-modelopt 0.47: NVFP4QTensor.quantize / .dequantize (weight and activation)",
         Variant(WeightVariant("nvfp4", "q*(s*g)", recipe="modelopt"),
                 act={"fmt": "nvfp4", "recipe": "modelopt", "signed_zero": "positive"}, act_global="static"),
-        make_linear,
-        fused_today="nothing (2026-12-02): both cones pass the structure check now (empty + slice writes, "
-                    "masked fill), but e2m1_values / e2m1_bounds are module globals that reach the graph as inputs "
-                    "whose values the pass does not see: the formats' E2M1 table (-0 at code 8) and ModelOpt's own "
-                    "(+0) both fit and give different weights, so the weight is refused rather than guarded (a "
-                    "guard would fail at run time), and the activation's searchsorted bounds are unknown",
+        make_linear, expect_fused=True,
+        fused_today="one mxemu::linear with the activation QDQ (semantic, ~15 s): e2m1_values / e2m1_bounds are "
+                    "module globals Dynamo lifts to graph inputs; the backend hands Inductor's real inputs to the "
+                    "recogniser, which reads their values (asserted at run time), proves the weight as v*(s*g) with "
+                    "code 0x8 read as +0 (ModelOpt's table; invisible after the GEMM) and the activation as recipe "
+                    "modelopt",
     ),
     CorpusEntry(
         "modelopt_mxfp4_moe", "moe", "modelopt",
