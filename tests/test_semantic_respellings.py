@@ -113,3 +113,50 @@ def test_weight_table_with_plus0_at_code_8(plus0):
     v = check(lambda w, s, a: _deq_table(w, s, a, table), leaves(1), expect_fmt="nvfp4", alpha_order="scale_alpha")
     assert v.variant.negzero_decode == ("positive" if plus0 else "keep")
     assert v.kernel_supported
+
+
+# --- compressed-tensors' decompress(): a Parameter of the float block scales ---------------
+
+
+def test_ct_nvfp4_linear_fuses_with_dynamo_tracing_the_parameter_ctor():
+    """decompress() also returns the float block scales as a new nn.Parameter. Under
+    Dynamo's default that graph-breaks (the registry entry stays expect_fused=False); with
+    graph_break_on_nn_param_ctor=False the Parameter is a set_ of a graph input from the
+    scale-only decode nodes, which may keep that user, and the layer is one mxemu::linear."""
+    m, (x,) = BY_NAME["ct_nvfp4_linear"].make(3, torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(graph_break_on_nn_param_ctor=False), fresh_cache(), torch.no_grad():
+        out, code = run_and_get_code(torch.compile(m, backend="mxemu"), x)
+        ref = m(x)
+    code = "\n".join(code)
+    assert sum(counters["graph_break"].values()) == 0 and counters["mxemu"]["semantic"] == 1, dict(counters["mxemu"])
+    assert code.count("torch.ops.mxemu.linear.default(") == 1 and '"act_kind":"block"' in code.replace('\\"', '"')
+    assert_within_accumulation(out, ref, "ct_nvfp4_linear")
+
+
+class _WeightAlsoReturned(torch.nn.Module):
+    """The dequantized weight has another user: fusing would compute the decode twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = SpelledMXLinear(torch.randn(32, K), nonfinite="nan")
+
+    def forward(self, x):
+        w = self.m.dequantized_weights(x.dtype)["weight"]
+        return torch.nn.functional.linear(self.m.act_qdq(x), w), w.amax()
+
+
+def test_weight_with_another_user_stays_as_written():
+    from emu_inductor.passes import recording
+    m, x = _WeightAlsoReturned(), torch.randn(5, K).bfloat16()
+    torch._dynamo.reset()
+    counters.clear()
+    with recording() as sink, fresh_cache(), torch.no_grad():
+        out, amax = torch.compile(m, backend="mxemu")(x)
+        ref, ref_amax = m(x)
+    assert counters["mxemu"]["semantic"] == 0, dict(counters["mxemu"])
+    left = [c for c in sink.candidates if c.family == "semantic" and not c.fused]
+    assert left and "also used by" in left[0].reason, [c.reason for c in sink.candidates]
+    assert_within_accumulation(out, ref, "weight used elsewhere")
+    assert torch.equal(amax, ref_amax)

@@ -148,8 +148,11 @@ def _verdicts(match, anchor, weight_dims: int):
         E = lead_n[0]
         if a.numel() != 1 and (weight_dims == 2 or a.numel() != E):
             return None, None, f"float scale of shape {tuple(a.shape)} is not one value or one per expert"
-    # per-layer decode nodes (those computed from the codes / scale bytes) used elsewhere
-    other = _outside_user([w.codes, w.scale], operands_of(anchor)[1], {anchor})
+    # decode nodes computed from the codes used elsewhere (a tied weight): fusing would
+    # compute the weight twice. Nodes computed from the scale bytes alone may have other
+    # users (compressed-tensors' decompress() also returns the float block scales as a
+    # Parameter): they stay in the graph for those users, at 1/block of the weight's size.
+    other = _outside_user([w.codes], operands_of(anchor)[1], {anchor})
     if other is not None:
         return None, None, (f"the dequantized weight is also used by {other.name}: fusing would compute it "
                             f"twice")
