@@ -61,6 +61,23 @@ class GatherBmmMoE(torch.nn.Module):
         return (y.view(T, self.k, H).float() * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 
+class InterleavedGatherBmmMoE(GatherBmmMoE):
+    """gpt-oss's reference plumbing: gate and up columns interleaved, silu(h[::2]) * h[1::2]
+    (no clamp): no mxemu::moe activation computes it."""
+
+    def forward(self, x):
+        T, H = x.shape
+        w, ids = torch.topk(torch.softmax((x @ self.router.t()).float(), dim=-1), self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        w13 = dequant_kn(self.w13, self.w13_s, x.dtype)
+        w2 = dequant_kn(self.w2, self.w2_s, x.dtype)
+        h = torch.bmm(x.repeat_interleave(self.k, dim=0).unsqueeze(1), w13[flat]).squeeze(1)
+        h = F.silu(h[:, ::2]) * h[:, 1::2]
+        y = torch.bmm(h.unsqueeze(1), w2[flat]).squeeze(1)
+        return (y.view(T, self.k, H).float() * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
 class DenseBmmMoE(GatherBmmMoE):
     """Every token through every expert (bmm over [E, T, H]), dense [T, E] router weights."""
 
@@ -146,6 +163,17 @@ def test_transformers_batched_mm_experts_become_one_mxemu_moe():
     assert counters["mxemu_ops"] == {"moe": 1}, [r.reason for r in records]
     assert "weight-first bmm computed transposed" in " ".join(r.reason or "" for r in records)
     _fresh_inputs_match(compiled, model, x, "transformers batched_mm")
+
+
+def test_interleaved_activation_keeps_the_two_grouped_gemms():
+    model = InterleavedGatherBmmMoE(act_qdq=False)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    compiled, out, code, records = _compile(model, x)
+    assert counters["mxemu_ops"] == {"grouped_mm": 2}, [r.reason for r in records]
+    left = [r for r in records if r.family == "semantic_moe" and not r.fused]
+    assert len(left) == 1 and "routing/combine differ from mxemu::moe" in left[0].reason, [r.reason for r in records]
+    assert "activation QDQ" not in left[0].reason  # there is none between the GEMMs
+    _fresh_inputs_match(compiled, model, x, "interleaved")
 
 
 def test_dense_bmm_experts_fuse_as_grouped_gemms():

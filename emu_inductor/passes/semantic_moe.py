@@ -99,6 +99,31 @@ def _moe_args(verdict, spec):
     return args + (_bias(g1), _bias(g2))  # per-expert biases, added as the grouped GEMMs added them
 
 
+_REDUCTIONS = ("aten.amax", "aten.max", "aten.amin", "aten.min")
+
+
+def _block_reduction_between(site) -> bool:
+    """Whether a reduction (a QDQ's block amax) lies between the first GEMM's output and
+    this GEMM's rows: only then is an unproven activation QDQ part of what the body proof
+    compared (the router's softmax above the routing is not)."""
+    first = pair_of(site, grouped_site)
+    if first is None:
+        return False
+    anc, todo = {site.rows}, [site.rows]
+    while todo and len(anc) < 2000:
+        for a in todo.pop().all_input_nodes:
+            if a not in anc and a is not first.node:
+                anc.add(a)
+                todo.append(a)
+    dep = {first.node}
+    for n in site.rows.graph.nodes:  # topological order
+        if n in anc and any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+            if str(getattr(n.target, "_overloadpacket", "")) in _REDUCTIONS:
+                return True
+    return False
+
+
 def _check(match) -> Optional[str]:
     anchor = match.output_node()
     site = grouped_site(anchor)
@@ -109,7 +134,8 @@ def _check(match) -> Optional[str]:
     if isinstance(v, Rejection):
         hint = ""
         compared = "activation" in v.reason or "differ" in v.reason
-        if compared and isinstance(anchor.args[6], str) and OpSpec.from_str(anchor.args[6]).act_kind == "none":
+        if compared and isinstance(anchor.args[6], str) and OpSpec.from_str(anchor.args[6]).act_kind == "none" \
+                and _block_reduction_between(site):
             hint = (" (this GEMM fused weight-only: an activation QDQ the recogniser did not prove stays in the "
                     "graph and is part of what was compared)")
         return f"whole-layer mxemu::moe not proven (the GEMMs stay fused alone): {v.reason}{hint}"
