@@ -31,7 +31,7 @@ def _ops_on_gpu() -> None:
 
     def move(x, dev):
         if isinstance(x, torch.Tensor):
-            return x.to(dev)
+            return x if x.device.type == "meta" else x.to(dev)  # meta: validation must refuse it first
         if isinstance(x, dict):
             return {k: move(v, dev) for k, v in x.items()}
         if isinstance(x, (list, tuple)):

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from emu_inductor.formats import FORMATS, e8m0_scale
-from emu_inductor.kernels import KernelSpec
+from emu_inductor.kernels import KernelSpec, render
+from emu_inductor.kernels.cache import load_module
 from emu_inductor.kernels.launch import get_module
 from emu_inductor.recognize.probes import act_blocks
 from emu_inductor.spec import OpSpec
@@ -26,29 +25,36 @@ from tests.test_formats_log2_floor import _fp32_boundaries
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MX_ACTS = {"mxfp4": "mxfp4", "mxfp6_e2m3": "mxfp6_e2m3", "mxfp6_e3m2": "mxfp6_e3m2", "mxfp8_e4m3": "mxfp8_e4m3"}
 
-_SCALE = None  # the rendered helper under test, set before each launch
-
+# The probe kernel is appended to each rendered module, so it calls that module's own
+# `_e8m0_scale`. (A module-level kernel calling a global that each case rebinds works under
+# the interpreter only: a compiled kernel keeps the helper it was first compiled with.)
+_PROBE = """
 
 @triton.jit
 def _scale_probe(a_ptr, u_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(a_ptr + offs, mask=m, other=0.0)
-    tl.store(u_ptr + offs, _SCALE(a), mask=m)
+    tl.store(u_ptr + offs, _e8m0_scale(a), mask=m)
+"""
+
+
+def _kspec(fmt: str, dtype: torch.dtype, rounding: str = "rne") -> KernelSpec:
+    op = OpSpec(weight_fmt=fmt, act_kind="block", act_fmt=fmt, act_scale_mode="floor_log2", act_rounding=rounding)
+    return KernelSpec(op, KernelSpec.dtype_name(dtype), interpret=DEVICE == "cpu")
 
 
 def _module(fmt: str, dtype: torch.dtype, rounding: str = "rne"):
-    op = OpSpec(weight_fmt=fmt, act_kind="block", act_fmt=fmt, act_scale_mode="floor_log2", act_rounding=rounding)
-    return get_module(KernelSpec(op, KernelSpec.dtype_name(dtype), interpret=DEVICE == "cpu"))
+    return get_module(_kspec(fmt, dtype, rounding))
 
 
 def _rendered_bytes(fmt: str, dtype: torch.dtype, amax: torch.Tensor) -> torch.Tensor:
-    global _SCALE
-    _SCALE = _module(fmt, dtype)._e8m0_scale
+    ks = _kspec(fmt, dtype)
+    probe = load_module(f"probe_{ks.short_name()}", render(ks) + _PROBE)._scale_probe
     a = amax.to(torch.float32).to(DEVICE)
     u = torch.empty(a.shape, dtype=torch.int32, device=DEVICE)
     BLOCK = 4096
-    _scale_probe[(-(-a.numel() // BLOCK),)](a, u, a.numel(), BLOCK=BLOCK)
+    probe[(-(-a.numel() // BLOCK),)](a, u, a.numel(), BLOCK=BLOCK)
     return u.cpu()
 
 
