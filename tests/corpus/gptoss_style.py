@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.integrations.moe import _default_apply_gate, batched_mm_experts_forward
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from emu_inductor.formats import quantize
@@ -90,6 +91,62 @@ class GptOssMXFP4MoE(nn.Module):
                 "w2": qtensor("mxfp4", self.down_proj_blocks.flatten(-2), self.down_proj_scales)}
 
 
+class TransformersBatchedMMMoE(nn.Module):
+    """transformers' own `batched_mm` experts implementation (integrations.moe.
+    batched_mm_experts_forward: rows repeated k times, `bmm(x.unsqueeze(1), W[ids])` over
+    [E, K, N] weights with is_transposed=True, chunk(2) gate/up, `proj * w` summed over
+    view(T, k, H)), its experts read from an MXFP4 checkpoint through
+    convert_moe_packed_tensors (gate rows then up rows, concatenated); router softmax top-k
+    renormalised in fp32."""
+
+    has_gate, has_bias, is_transposed, has_post_expert_norm, _is_expert_parallel = True, False, True, False, False
+    _apply_gate = _default_apply_gate
+
+    def __init__(self, router, w13, w2):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False, dtype=router.dtype)
+        self.router.weight.data.copy_(router)
+        for name, w in (("gate_up_proj", w13), ("down_proj", w2)):
+            blocks, scales = _to_blocks(w)
+            self.register_buffer(name + "_blocks", blocks)
+            self.register_buffer(name + "_scales", scales)
+        self.num_experts = E
+        self.act_fn = F.silu
+        self.act_qdq = None
+
+    @property
+    def gate_up_proj(self):  # [E, H, 2I] in the model's dtype, as the checkpoint loader would give it
+        return convert_moe_packed_tensors(self.gate_up_proj_blocks, self.gate_up_proj_scales,
+                                          dtype=self.router.weight.dtype)
+
+    @property
+    def down_proj(self):  # [E, I, H]
+        return convert_moe_packed_tensors(self.down_proj_blocks, self.down_proj_scales, dtype=self.router.weight.dtype)
+
+    def route(self, x):
+        w, ids = torch.topk(torch.softmax(self.router(x).float(), dim=-1), TOP_K, dim=-1)
+        return w / w.sum(-1, keepdim=True), ids
+
+    def dequantized_weights(self, dtype=torch.bfloat16):
+        return {n: convert_moe_packed_tensors(getattr(self, p + "_blocks"), getattr(self, p + "_scales"),
+                                              dtype=dtype).transpose(1, 2)
+                for n, p in (("w13", "gate_up_proj"), ("w2", "down_proj"))}
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        return batched_mm_experts_forward(self, x, ids, w)
+
+    def emu_view(self):
+        return {n: qtensor("mxfp4", getattr(self, p + "_blocks").flatten(-2), getattr(self, p + "_scales"))
+                for n, p in (("w13", "gate_up_proj"), ("w2", "down_proj"))}
+
+
+def make_batched_mm_moe(seed, dtype):
+    g = gen(seed)
+    m = TransformersBatchedMMMoE(*moe_weights(g, E, H, I, dtype))
+    return m, (tokens(seed, 5, H, dtype),)
+
+
 def make_linear(seed, dtype):
     g = gen(seed)
     return GptOssMXFP4Linear(weight(g, 2 * I, H, dtype=dtype)), (tokens(seed, 5, H, dtype),)
@@ -125,5 +182,17 @@ ENTRIES = [
                     "silu(h[..., ::2]) * h[..., 1::2] (interleaved gate/up, no clamp) is none of mxemu::moe's "
                     "activations (swigluoai interleaves but clamps and scales), so semantic_moe's body proof "
                     "fails and says so (measured bf16 2026-12-02, 18-28 s to compile)",
+    ),
+    CorpusEntry(
+        "transformers_batched_mm_mxfp4_moe", "moe", "transformers",
+        "installed transformers 5.24: integrations.moe.batched_mm_experts_forward (+ _default_apply_gate), "
+        "integrations.mxfp4.convert_moe_packed_tensors",
+        Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="ldexp")), make_batched_mm_moe,
+        expect_fused=True,
+        plumbing="repeat_interleave(k) rows, gather W[ids] + bmm (is_transposed=True), chunk(2), proj * w "
+                 "view(T,k,H) summed",
+        fused_today="one mxemu::moe: semantic_bmm turns both bmm over W[ids] into grouped GEMMs over "
+                    "expert-sorted rows (weights proven: reader ldexp), semantic fuses them, semantic_moe proves "
+                    "silu, routing and the k-sum (measured bf16 2026-12-02)",
     ),
 ]
