@@ -121,20 +121,26 @@ def _group(anchor) -> tuple[Optional[list], Optional[tuple], Optional[str]]:
 
 
 def _rows_depend_on(group) -> Optional[str]:
-    """A GEMM of the group that some expert's rows are computed from, else None."""
-    gemms = {n for _, n in group}
-    for e, n in group:
-        seen, stack = {n.args[0]}, [n.args[0]]
-        while stack:
-            m = stack.pop()
-            if m in gemms:
-                return f"expert {e}'s rows are computed from {m.name}, another GEMM over the same experts"
+    """A GEMM of the group that some expert's rows are computed from, else None. Walks
+    forward from the GEMMs, only as far as the last expert's rows in graph order (rows of
+    a later layer are computed from everything before them; looking up from them would
+    visit the whole model)."""
+    order = _order(group[0][1].graph)
+    rows = {n.args[0]: e for e, n in group}
+    horizon = max(order[r] for r in rows)
+    for e0, g in group:
+        seen, todo = {g}, [g]
+        while todo:
+            m = todo.pop()
+            if m in rows:
+                return (f"expert {rows[m]}'s rows are computed from {g.name} (expert {e0}), another GEMM over "
+                        f"the same experts")
             if len(seen) > _SEARCH:
-                return f"expert {e}'s rows have more than {_SEARCH} ancestors"
-            for a in m.all_input_nodes:
-                if a not in seen:
-                    seen.add(a)
-                    stack.append(a)
+                return f"more than {_SEARCH} nodes between {g.name} and the last expert's rows"
+            for u in m.users:
+                if u not in seen and order[u] <= horizon:
+                    seen.add(u)
+                    todo.append(u)
     return None
 
 
