@@ -10,17 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 what=${1:-iterate}
 OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-slug=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
-step() {  # step NAME LIMIT_S CMD...
-  local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  echo "=== $name (limit ${limit}s): $*"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "=== $name: rc=$? in $((SECONDS - t0))s"; tail -n ${TAILN:-14} "$OUT/$name.log"
-}
+source benchmarks/gpu_common.sh
 NCU_SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats"
 ncu_step() {  # the GEMM kernels of PREFILL_CONFIGS ${NCU_CONFIGS} at ${NCU_TOKENS} tokens (Qwen3 NVFP4)
   step ncu ${NCU_LIMIT:-150} ncu --clock-control none --profile-from-start off --target-processes all $NCU_SECTIONS \

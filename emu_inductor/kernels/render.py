@@ -72,6 +72,24 @@ tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)"""
     return "\n".join(l for l in body.split("\n") if l.strip())
 
 
+_W_ARGS = "stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K"
+
+
+def _w_first(tile: str, rows: str, buf: str) -> str:
+    """Before the K loop (PREFETCH): the first K step's raw weight bytes `b{buf}` / `s{buf}`."""
+    return (f"if PREFETCH:\n    # the first K step's weight bytes; each step then loads the next step's ({tile}_ld)\n"
+            f"    b{buf}, s{buf} = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k_lo, K, k_lo < k_hi, {_W_ARGS})")
+
+
+def _w_step(tile: str, rows: str, buf: str, var: str) -> str:
+    """In the K loop: the dequantized [BN, BK] tile `var` of this step; with PREFETCH from
+    the bytes loaded one step earlier, issuing the next step's loads first."""
+    return (f"if PREFETCH:\n    b{buf}c = b{buf}\n    s{buf}c = s{buf}\n"
+            f"    b{buf}, s{buf} = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k0 + BK, K, k0 + BK < k_hi, {_W_ARGS})\n"
+            f"    {var} = {tile}_dec(b{buf}c, s{buf}c, alpha_ptr, e, {rows}, cmask, NW, BN, BK)\n"
+            f"else:\n    {var} = {tile}(w_ptr, s_ptr, alpha_ptr, e, {rows}, cmask, k0, K, NW, {_W_ARGS})")
+
+
 def _gemm_act_kernel(spec: KernelSpec) -> str:
     op = spec.op
     gated = is_gated(op.activation)
@@ -88,14 +106,8 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     part_u = ""
     if gated:
         up_init = "acc_u = _acc0(BM, BN, SWAP)"
-        up_dot = ("if PREFETCH:\n    buc = bu\n    suc = su\n"
-                  "    bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn,"
-                  " stride_se, stride_sn, BN, BK, EVEN_K)\n"
-                  "    wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK)\nelse:\n"
-                  "    wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se,"
-                  " stride_sn, BN, BK, EVEN_K)\nacc_u = _mma(ao, wu, acc_u, SWAP)")
-        up_pre = ("    bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn,"
-                  " stride_se, stride_sn, BN, BK, EVEN_K)")
+        up_dot = _w_step("_w_tile1", "urow", "u", "wu") + "\nacc_u = _mma(ao, wu, acc_u, SWAP)"
+        up_pre = _w_first("_w_tile1", "urow", "u")
         part_u = "\n    tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)"
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
     # PREQ: the rows come already router-weighted and fake-quantized (prequant_kernel)
@@ -120,10 +132,7 @@ acc_g = _acc0(BM, BN, SWAP)
 {up_init}
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
 k_hi = tl.minimum(K, k_lo + KTS * BK)
-if PREFETCH:
-    # the first K step's weight bytes; each step then loads the next step's (see _w_tile1_ld)
-    bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
-                         BN, BK, EVEN_K)
+{_w_first("_w_tile1", "grow", "g")}
 {up_pre}
 for k0 in range(k_lo, k_hi, BK):
 {_ind(_load_a_block())}
@@ -132,14 +141,7 @@ for k0 in range(k_lo, k_hi, BK):
         if pid_n == 0:
             tl.store(dbg_a_ptr + offs[:, None] * K + kk[None, :], a, mask=rmask[:, None] & (kk < K)[None, :])
 {_ind(operand)}
-    if PREFETCH:
-        bgc = bg
-        sgc = sg
-        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
-                             stride_sn, BN, BK, EVEN_K)
-        wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK)
-    else:
-        wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+{_ind(_w_step("_w_tile1", "grow", "g", "wg"))}
     acc_g = _mma(ao, wg, acc_g, SWAP)
 {_ind(up_dot)}
 acc_g = _acc_rows(acc_g, SWAP)
@@ -225,23 +227,14 @@ if QDQ_A:
 acc = _acc0(BM, BN, SWAP)
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
 k_hi = tl.minimum(K, k_lo + KTS * BK)
-if PREFETCH:
-    bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
-                         BN, BK, EVEN_K)
+{_w_first("_w_tile2", "cols", "w")}
 for k0 in range(k_lo, k_hi, BK):
 {_ind(_load_a_block())}
     if QDQ_A:
         ao = _opnd(_qdq_a(a, g, BM, BK))
     else:
         ao = _opnd_raw(araw)
-    if PREFETCH:
-        bwc = bw
-        swc = sw
-        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
-                             stride_sn, BN, BK, EVEN_K)
-        w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK)
-    else:
-        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+{_ind(_w_step("_w_tile2", "cols", "w", "w"))}
     acc = _mma(ao, w, acc, SWAP)
 acc = _acc_rows(acc, SWAP)
 if STORE == 2:

@@ -258,9 +258,10 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     k_hi = tl.minimum(K, k_lo + KTS * BK)
     if PREFETCH:
-        # the first K step's weight bytes; each step then loads the next step's (see _w_tile1_ld)
-        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
-                             BN, BK, EVEN_K)
+        # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
+        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+    if PREFETCH:
+        # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
         bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
@@ -279,8 +280,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if PREFETCH:
             bgc = bg
             sgc = sg
-            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
-                                 stride_sn, BN, BK, EVEN_K)
+            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
             wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK)
         else:
             wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
@@ -388,8 +388,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     k_hi = tl.minimum(K, k_lo + KTS * BK)
     if PREFETCH:
-        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn,
-                             BN, BK, EVEN_K)
+        # the first K step's weight bytes; each step then loads the next step's (_w_tile2_ld)
+        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
@@ -402,8 +402,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if PREFETCH:
             bwc = bw
             swc = sw
-            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se,
-                                 stride_sn, BN, BK, EVEN_K)
+            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
             w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK)
         else:
             w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
