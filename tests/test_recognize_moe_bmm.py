@@ -4,6 +4,7 @@ densely becomes a grouped GEMM that "semantic" fuses, and a gathered layer whose
 activation, routing and combine are proven becomes one mxemu::moe. A bmm whose weights
 are not proven stays a bmm, with the recogniser's reason in explain()."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
@@ -126,11 +127,11 @@ class TransformersBatchedMM(GatherBmmMoE):
         return batched_mm_experts_forward(self, x, ids, w / w.sum(-1, keepdim=True))
 
 
-def _compile(model, x):
+def _compile(model, x, dynamic=None):
     counters.clear()
     torch._dynamo.reset()
     with _compat.inductor_caches_disabled(), recording() as sink, torch.no_grad():
-        compiled = torch.compile(model, backend="mxemu")
+        compiled = torch.compile(model, backend="mxemu", dynamic=dynamic)
         out, code = run_and_get_code(compiled, x)
     return compiled, out, "\n".join(code), sink.candidates
 
@@ -176,14 +177,20 @@ def test_interleaved_activation_keeps_the_two_grouped_gemms():
     _fresh_inputs_match(compiled, model, x, "interleaved")
 
 
-def test_dense_bmm_experts_fuse_as_grouped_gemms():
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_dense_bmm_experts_fuse_as_grouped_gemms(dynamic):
+    """dynamic=True: rows per expert symbolic, group ends M, 2M, .. from its size."""
     model = DenseBmmMoE(act_qdq=False)
     x = torch.randn(5, 64).to(torch.bfloat16)
-    compiled, out, code, records = _compile(model, x)
+    compiled, out, code, records = _compile(model, x, dynamic)
     assert counters["mxemu"]["semantic_bmm"] == 2 and counters["mxemu"]["semantic"] == 2, dict(counters["mxemu"])
     assert counters["mxemu_ops"] == {"grouped_mm": 2}, dict(counters["mxemu_ops"])
     assert "extern_kernels.bmm(" not in code and "aten.bmm.default(" not in code  # no bmm runs
     _fresh_inputs_match(compiled, model, x, "dense bmm experts")
+    if dynamic:
+        x9 = torch.randn(9, 64).to(torch.bfloat16)  # another token count, same graph
+        with torch.no_grad():
+            assert_within_accumulation(compiled(x9), model(x9), "dense bmm experts, 9 tokens")
 
 
 def test_unproven_expert_weights_leave_the_bmm():

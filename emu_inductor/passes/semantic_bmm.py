@@ -89,8 +89,8 @@ def _form(anchor) -> tuple[Optional[tuple], Optional[str]]:
             if not _static(M, *_val(stack).shape):
                 return None, "gathered experts with symbolic sizes (rows per batch or expert stack)"
             return ("gathered", a, stack, ids, first), None
-    if not _static(*xv.shape, *yv.shape):
-        return None, "dense batched experts with symbolic sizes"
+    if not _static(xv.shape[0], xv.shape[2], *yv.shape):  # rows per expert may be symbolic
+        return None, "dense batched experts with a symbolic expert count or width"
     return ("dense", x, y, None, False), None
 
 
@@ -197,11 +197,16 @@ def _replace(match) -> None:
     M = av.shape[1]
     dev = av.device
     if kind == "dense":
-        rows = b(aten.reshape.default, a, [E * M, K])
-        offs = b(aten.arange.start_step, M, E * M + 1, M, dtype=torch.int32, layout=torch.strided, device=dev,
+        rows = b(aten.reshape.default, a, [-1, K])
+        if isinstance(M, int):  # group ends M, 2M, .., E*M
+            m, end = M, E * M + 1
+        else:
+            m = b(aten.sym_size.int, a, 1)
+            end = b(operator.add, b(operator.mul, m, E), 1)
+        offs = b(aten.arange.start_step, m, end, m, dtype=torch.int32, layout=torch.strided, device=dev,
                  pin_memory=False)
         out = b(aten._grouped_mm.default, rows, stack, offs)
-        new = b(aten.reshape.default, out, [E, M, N])
+        new = b(aten.reshape.default, out, [E, -1, N])
         how = f"dense over {E} experts: batch e is expert e's group of {M} rows"
     else:
         # ops with Inductor lowerings (the post-grad graph is past decomposition)
