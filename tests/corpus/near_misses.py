@@ -16,9 +16,11 @@ from .spellings import SpelledMXLinear
 
 
 def _spelled(K=H, **slots):
+    # NaN/Inf blocks as the floor variant gives them (spellings.NONFINITE), so the named
+    # detail is the only difference
     def make(seed, dtype):
         g = gen(seed)
-        m = SpelledMXLinear(weight(g, 2 * I, K, dtype=dtype), **slots)
+        m = SpelledMXLinear(weight(g, 2 * I, K, dtype=dtype), nonfinite="nan", **slots)
         return m, (tokens(seed, 5, K, dtype),)
     return make
 
@@ -54,15 +56,15 @@ def _near(name, reason, make, part, variant=MX_FLOOR, kind="linear", dtypes=(tor
 
 ENTRIES = [
     _near("tie_half_up", "E2M1 ties rounded toward +inf (floor(y + 0.5)), not to even",
-          _spelled(round="half_up"), "act"),
+          _spelled(round="half_up"), "act", smoke=True),
     _near("nibble_swap", "element 2j read from the HIGH nibble (low/high swapped)",
           _spelled(unpack="swapped"), "weights", smoke=True),
-    _near("block24", "activation blocks of 24 elements (weights still 32); K = 96", _spelled(K=96, block=24), "act"),
-    _near("emax1", "block exponent floor(log2 amax) - 1 instead of - 2 (E2M1 emax)", _spelled(emax=1), "act"),
-    _near("e8m0_bias128", "E8M0 weight scale decoded as 2^(u - 128)", _spelled(wscale="bias128"), "weights"),
-    _near("floor_log2_fp32", "floor(log2(amax)) in fp32 on fp32 inputs: amax one ulp below 2^k gets exponent k "
-          "(the same code is a respelling for bf16 inputs)", _spelled(scale_exp="floor_log2"), "act",
-          dtypes=(torch.float32,)),
+    _near("block24", "activation blocks of 24 elements (weights still 32); K = 96", _spelled(K=96, block=24), "act",
+          smoke=True),
+    _near("emax1", "block exponent floor(log2 amax) - 1 instead of - 2 (E2M1 emax)", _spelled(emax=1), "act",
+          smoke=True),
+    _near("e8m0_bias128", "E8M0 weight scale decoded as 2^(u - 128)", _spelled(wscale="bias128"), "weights",
+          smoke=True),
     _near("nvfp4_bf16_scale", "NVFP4 block scale gs * (amax * 1/6) computed in bf16 instead of fp32",
           make_bf16_scale, "act", smoke=True,
           fused_today="mxemu::linear with act_kind none (the vLLM weight side, correctly; the bf16-scale QDQ is left)",

@@ -219,6 +219,15 @@ ENTRIES = [
     _entry("e8m0_frexp", "block exponent by torch.frexp(amax).exponent - 1", scale_exp="frexp"),
     _entry("e8m0_floor_log2", "block exponent by floor(log2(amax)) in fp32 (exact for bf16-valued amax only)",
            dtypes=(torch.bfloat16,), scale_exp="floor_log2"),
+    # was near_floor_log2_fp32: on fp32 inputs an amax one ulp below 2^k gets exponent k, which
+    # is not the floor variant but is formats' floor_log2 (log2 rounded in the input dtype,
+    # microxcaling's rule); measured: fused as floor_log2 in fp32, as floor in bf16
+    CorpusEntry("resp_e8m0_floor_log2_fp32", "linear", "respelling",
+                "written here: block exponent by floor(log2(amax)) in fp32 on fp32 inputs (= scale_mode floor_log2)",
+                Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor_log2"}),
+                _spelled(nonfinite="nan", scale_exp="floor_log2"), dtypes=(torch.float32,), expect_fused=True,
+                fused_today="one mxemu::linear with the activation QDQ: floor_log2 in fp32; in bf16 (the compile "
+                            "test's dtype) the same code is the floor variant"),
     _entry("apply_mul_recip", "x * (1 / 2^e) instead of x / 2^e (bit-equal: power of two)", apply="mul_recip"),
     _entry("apply_ldexp", "torch.ldexp(x, -e)", apply="ldexp"),
     _entry("round_bucketize", "torch.bucketize over the E2M1 midpoints plus an even-tie fix", round="bucketize"),
