@@ -131,3 +131,24 @@ def test_stack_with_another_user_stays_as_written():
     assert left and "also used by" in left[0].reason, [r.reason for r in sink.candidates]
     assert_within_accumulation(out, ref, "stack used elsewhere")
     assert torch.equal(amax, ref_amax)
+
+
+
+def test_vllm_torch_moe_per_expert_linears_are_grouped():
+    """vLLM's torch_moe reference (corpus vllm_nvfp4_moe): each expert dequantizes its own
+    slice w13[i] of the packed bytes, fused per expert as mxemu::linear; with the capture
+    flags (boolean-mask rows) the 4 + 4 ops become two mxemu::grouped_mm."""
+    from tests.corpus import BY_NAME, E, H
+
+    m, _ = BY_NAME["vllm_nvfp4_moe"].make(1, torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    xs = []
+    while len(xs) < 2:
+        x = torch.randn(16, H, generator=g).to(torch.bfloat16)
+        if m.route(x)[1].unique().numel() == E:  # every expert gets rows (see _all_experts_hit)
+            xs.append(x)
+    code, records = _compile(m, xs[0], flags=True, x2=xs[1])
+    assert counters["mxemu"]["semantic_group"] == 2, [r.reason for r in records]
+    assert counters["mxemu_ops"] == {"grouped_mm": 2}, dict(counters["mxemu_ops"])
+    grouped = [r for r in records if r.family == "semantic_group" and r.fused]
+    assert grouped and f"{E} per-expert mxemu::linear" in grouped[0].reason

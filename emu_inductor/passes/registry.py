@@ -269,6 +269,7 @@ BUILTIN_FAMILY_MODULES = (
     "emu_inductor.passes.semantic_bmm",
     "emu_inductor.passes.semantic_loop",
     "emu_inductor.passes.semantic_moe",
+    "emu_inductor.passes.semantic_group",
 )
 
 

@@ -39,7 +39,7 @@ from .semantic import PackedWeightOperand
 aten = torch.ops.aten
 FAMILY = "semantic_loop"
 
-__all__ = ["FAMILY", "expert_slice", "unfusable_stack"]
+__all__ = ["FAMILY", "expert_slice", "unfusable_stack", "Builder", "rows_depend_on"]
 
 #: ancestors visited per expert's rows when checking that no row depends on the group's GEMMs
 _SEARCH = 20000
@@ -120,7 +120,7 @@ def _group(anchor) -> tuple[Optional[list], Optional[tuple], Optional[str]]:
     return group, (stack, layout), None
 
 
-def _rows_depend_on(group) -> Optional[str]:
+def rows_depend_on(group) -> Optional[str]:
     """A GEMM of the group that some expert's rows are computed from, else None. Walks
     forward from the GEMMs, only as far as the last expert's rows in graph order (rows of
     a later layer are computed from everything before them; looking up from them would
@@ -144,7 +144,7 @@ def _rows_depend_on(group) -> Optional[str]:
     return None
 
 
-class _Builder:
+class Builder:
     """Inserts nodes before `at`, each with a fake value computed by its own op."""
 
     def __init__(self, graph, at):
@@ -173,7 +173,7 @@ def _check(match) -> Optional[str]:
     if group is None:
         return why
     stack, layout = found
-    why = _rows_depend_on(group)
+    why = rows_depend_on(group)
     if why:
         return f"per-expert GEMMs left as written: {why}"
     graph = anchor.graph
@@ -221,7 +221,7 @@ def _replace(match) -> None:
     graph = match.graph
     order = _order(graph)
     last = max((n for _, n in group), key=order.__getitem__)
-    b = _Builder(graph, last)
+    b = Builder(graph, last)
     sv = _val(stack)
     E = int(sv.shape[0])
     dev = sv.device

@@ -293,10 +293,10 @@ ENTRIES = [
         make_moe, compile_note="boolean-mask row selection a1[mask] / out[mask] = ... is data-dependent "
                                "(measured: 5 graphs, 17-33 s, no fusion: each expert's GEMM lands in another "
                                "graph than its dequant); left out of the compile test for time",
-        fused_today="default config: nothing. With the capture flags: one graph, 8 mxemu::linear (one per expert "
+        fused_today="default config: nothing. With the capture flags: one graph; 8 mxemu::linear (one per expert "
                     "and GEMM: each dequantizes w13[i] of the packed bytes, the traced vllm_lut pattern), "
-                    "weight-only; not grouped (semantic_loop groups slices of one decoded stack, not per-expert "
-                    "decodes of packed slices), no mxemu::moe (measured bf16 2026-12-02)",
+                    "weight-only, grouped by semantic_group into two mxemu::grouped_mm; no mxemu::moe (loop form, "
+                    "boolean-mask rows; measured bf16 2026-12-02)",
         compile_smoke=False,
         plumbing="repeat rows, per-expert boolean mask, masked assignment, view(T,k,H)*w summed in bf16; no renorm",
     ),
