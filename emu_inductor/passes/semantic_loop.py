@@ -172,6 +172,10 @@ def _check(match) -> Optional[str]:
     group, found, why = _group(anchor)
     if group is None:
         return why
+    if len(group) < 2:
+        # one GEMM over one slice of a stack (gpt-oss's [1, N, K] blocks picked by [0]) is a plain
+        # linear: 'semantic' fuses it as mxemu::linear, a one-group grouped GEMM would only be slower
+        return "a single GEMM over one expert of the stack: left to 'semantic' as a linear"
     stack, layout = found
     why = rows_depend_on(group)
     if why:
