@@ -14,6 +14,7 @@ from .spec import ElementSpec
 
 __all__ = [
     "ROUNDING_MODES",
+    "IN_DTYPE_ROUNDINGS",
     "SIGNED_ZERO_MODES",
     "NAN_ELEMENT_MODES",
     "pow2",
@@ -25,7 +26,12 @@ __all__ = [
 # Ties: "rne" to even; "half_away" away from zero (microxcaling "nearest", Quark's
 # Triton MXFP4 kernel); "half_toward_zero" toward zero (ModelOpt's MXFP4 qtensor counts
 # the bounds strictly below |y|, so 0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3).
-ROUNDING_MODES = ("rne", "half_away", "half_toward_zero")
+# "microxcaling_nearest" / "microxcaling_even": microsoft/microxcaling's `_round_mantissa`
+# "nearest" / "even" as its Python path computes them, in the input dtype (see
+# `round_in_dtype`): not exact roundings, so no tie rule above reproduces them in bf16.
+ROUNDING_MODES = ("rne", "half_away", "half_toward_zero", "microxcaling_nearest", "microxcaling_even")
+#: roundings computed in the input dtype (round_to_element's `dtype`), -> their exact twin
+IN_DTYPE_ROUNDINGS = {"microxcaling_nearest": "half_away", "microxcaling_even": "rne"}
 # Sign of a result that rounds to zero (non-zero results always keep the input's sign):
 #   "keep"      copysign: -0.0 and tiny negatives give -0.0 (torchao, vLLM, ml_dtypes)
 #   "lt0"       negative iff the input is < 0: -0.0 gives +0.0, -1e-3 gives -0.0
@@ -67,6 +73,29 @@ def _floor_log2(a: torch.Tensor) -> torch.Tensor:
     return ((a.view(torch.int32) >> 23) & 0xFF) - 127
 
 
+def round_in_dtype(n: torch.Tensor, rounding: str, dtype: torch.dtype) -> torch.Tensor:
+    """microxcaling's `_round_mantissa` on the scaled magnitude n >= 0 (fp32 holding a value
+    of `dtype`; n < 2^9), with every step rounded to `dtype` as torch computes it there:
+
+        "microxcaling_nearest"  floor(RN(n + 0.5))
+        "microxcaling_even"     floor(RN(n + 0.5)) - ((RN(n - 0.5) % 2) == 0)
+
+    For n >= 1/2 the steps are exact (n + 0.5 and n - 0.5 stay on the dtype's grid), so
+    these are half-away and ties-to-even. Below 1/2 the sum n + 0.5 lands in the next
+    binade, whose grid is twice as coarse: n = 1/2 - 2^-(p+2), the dtype's largest value
+    below 1/2 (p fraction bits: bf16 0.498046875, fp32 0.5 - 2^-25), makes the sum a tie
+    between 1 - 2^-(p+1) and 1.0, which RNE sends to 1.0, so it rounds to 1 where an exact
+    rounding gives 0 (the "even" mask stays 0 there: RN(n - 0.5) % 2 rounds to 2.0).
+    That is the only difference (tests/test_formats_microxcaling.py, every bf16 value).
+    """
+    s = n + 0.5  # exact in fp32 for a dtype value n >= 2^-16; smaller n: RN gives 0.5 anyway
+    r = torch.floor(s.to(dtype).to(torch.float32))
+    if rounding == "microxcaling_even":
+        t = n - 0.5  # exact for n >= 1/2; below, (t % 2) is in (1.5, 2], never 0
+        r = r - (torch.remainder(t, 2.0) == 0).to(torch.float32)
+    return r
+
+
 def round_to_element(
     y: torch.Tensor,
     elem: ElementSpec,
@@ -75,6 +104,7 @@ def round_to_element(
     saturate: bool = True,
     signed_zero: str = "keep",
     nan_element: str = "nan",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Round fp32 `y` to the nearest value of `elem`, returned as fp32 values.
 
@@ -87,6 +117,14 @@ def round_to_element(
     NaN stays NaN (or, with nan_element="max", becomes the signed max normal). The sign
     is kept, so -0.0 and tiny negatives give -0.0, unless `signed_zero` says otherwise
     (see SIGNED_ZERO_MODES).
+    rounding "microxcaling_nearest" / "microxcaling_even" (IN_DTYPE_ROUNDINGS) compute
+    in `dtype`, the input dtype, as microsoft/microxcaling's Python MX quantizer does
+    (`_quantize_mx` -> `_quantize_elemwise_core` -> `_round_mantissa`): y is first
+    rounded to `dtype` (its `A / 2**shared_exp`; a negative y that underflows there
+    becomes -0.0, whose zero takes sign(-0.0) = 0), then `round_in_dtype`. Its
+    per-element `floor(log2|a|)` in `dtype` can land one binade high just below a power
+    of two; that never changes the result (the value rounds up to that power of two
+    either way), so the exact exponent is used. Other roundings ignore `dtype`.
     """
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding: got {rounding!r}, expected one of {ROUNDING_MODES}")
@@ -96,7 +134,11 @@ def round_to_element(
         raise ValueError(f"nan_element: got {nan_element!r}, expected one of {NAN_ELEMENT_MODES}")
     check_tensor(y, "y")
     check_element(elem)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a torch float dtype, got {dtype!r}")
     y = y.to(torch.float32)
+    if rounding in IN_DTYPE_ROUNDINGS:
+        y = y.to(dtype).to(torch.float32)  # the library scales the block in `dtype`
     a = y.abs()
     saturate = saturate or not (elem.has_inf or elem.nan_codes)
     if saturate:
@@ -106,6 +148,8 @@ def round_to_element(
     n = a * pow2(elem.mbits - e)  # exact: a scaled into [0, 2^(mbits+1))
     if rounding == "rne":
         r = torch.round(n)  # round-half-to-even
+    elif rounding in IN_DTYPE_ROUNDINGS:
+        r = round_in_dtype(n, rounding, dtype)
     else:
         f = torch.floor(n)
         frac = n - f  # exact; no n + 0.5 double rounding

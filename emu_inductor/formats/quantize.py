@@ -38,7 +38,8 @@ class QDQOptions:
     """The variant knobs of one quantizer, validated once.
 
     scale_mode (MX only): floor | ceil | even | rceil | rceil_log2 | even_fp4 | floor_log2.  recipe (NVFP4 only):
-    see `emu_inductor.formats.nvfp4`.  rounding: rne | half_away | half_toward_zero.
+    see `emu_inductor.formats.nvfp4`.  rounding: rne | half_away | half_toward_zero | microxcaling_nearest |
+    microxcaling_even (the last two computed in the input dtype: elements.round_in_dtype).
     signed_zero: keep | lt0 | le0 | positive (NVFP4: the recipe's own when omitted).
     nan_element: nan | max.  inf_amax (MX): nan | nan_or_overflow | exponent | max.
     byte0_inverse (MX): pow2 | min_normal | one.  e8m0_byte255 / e8m0_byte0: how a reader
@@ -288,7 +289,7 @@ def _qdq_values(x: torch.Tensor, fmt: BlockFormat, opts: QDQOptions, g: Optional
     amax_x = xb.abs().amax(dim=-1, keepdim=True)  # exact in x's dtype; NaN propagates
     amax = amax_x.to(torch.float32)
     x32 = xb.to(torch.float32)
-    rnd = dict(rounding=opts.rounding, signed_zero=opts.signed_zero, nan_element=opts.nan_element)
+    rnd = dict(rounding=opts.rounding, signed_zero=opts.signed_zero, nan_element=opts.nan_element, dtype=x.dtype)
     if fmt.is_mx:
         # the amax in x's dtype: "floor_log2" rounds its log2 there (the others read fp32)
         u = e8m0_scale(amax_x, fmt.element, opts.scale_mode, inf_amax=opts.inf_amax)

@@ -97,6 +97,23 @@ MX_VARIANTS: dict[str, MXVariant] = {
              "nan_element": "max", "e8m0_byte255": "inf", "e8m0_byte0": "zero"},
             f"packed codes, scale bytes and dequantized values; {_EDGES}",
         ),
+        *(
+            MXVariant(
+                name,
+                f"microsoft/microxcaling (commit 7bc41952) mx_ops._quantize_mx(round={rnd!r}), its Python "
+                "path (custom_cuda=False, the MxSpecs default): shared exponent floor(log2(amax)) and the "
+                "element rounding both computed in the input dtype",
+                ("mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2"),
+                {"scale_mode": "floor_log2", "rounding": f"microxcaling_{rnd}", "signed_zero": "lt0"},
+                "fake-quantized values against the library's algorithm re-written in "
+                "tests/corpus/microxcaling_style.py (microxcaling is not on PyPI): every bf16 value in "
+                "blocks under 11 scale exponents (NaN, +-Inf, zeros, subnormals, saturating values), "
+                "random fp32 at 2^-40..2^40 with the one value each rounding sends up, bf16 and fp32",
+                "fp16 inputs whose shared exponent leaves fp16's range (the library's 2**shared_exp "
+                "underflows to 0 there and divides by it)",
+            )
+            for name, rnd in (("microxcaling", "nearest"), ("microxcaling_even", "even"))
+        ),
         MXVariant(
             "quark_hw",
             "amd-quark 0.13 hw_emulation_interface.fake_quantize_mx (scale_calculation_mode "
