@@ -3,7 +3,7 @@
 Layer 1 of emu_inductor: imports nothing else from the package.
 """
 
-from .elements import NAN_ELEMENT_MODES, ROUNDING_MODES, SIGNED_ZERO_MODES, decode, encode, round_to_element
+from .elements import IN_DTYPE_ROUNDINGS, NAN_ELEMENT_MODES, ROUNDING_MODES, SIGNED_ZERO_MODES, decode, encode, round_to_element
 from .nvfp4 import RECIPES as NVFP4_RECIPES, GlobalScaleWarning, default_global_scale
 from .log2_floor import LOG2_DTYPE_BITS, log2_floor_exponent, log2_floor_runs, log2_floor_thresholds
 from .packing import FP6_LAYOUTS, pack, unpack

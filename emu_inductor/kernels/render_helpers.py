@@ -10,7 +10,7 @@ import textwrap
 
 import torch
 
-from ..formats import FORMATS, E4M3, ElementSpec, log2_floor_runs
+from ..formats import FORMATS, E4M3, IN_DTYPE_ROUNDINGS, ElementSpec, log2_floor_runs
 from ..formats.nvfp4 import E4M3_MAX as _E4M3_MAX
 from ..formats.spec import BlockFormat
 from ..spec.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, is_gated
@@ -98,6 +98,13 @@ def _acc_rows(acc, SWAP: tl.constexpr):
 def _round_elem(el: ElementSpec, rounding: str) -> str:
     if rounding == "rne":
         rnd = "r = (n + 8388608.0) - 8388608.0  # RNE for 0 <= n < 2^22"
+    elif rounding in IN_DTYPE_ROUNDINGS:
+        # formats.round_in_dtype: microxcaling's floor(|a| + 0.5) with the sum rounded to the
+        # activation dtype (_rnd; exact in fp32 first), "even" less its exact-tie mask
+        rnd = "r = tl.floor(_rnd(n + 0.5))"
+        if rounding == "microxcaling_even":
+            rnd += "\nt = n - 0.5  # exact for n >= 1/2; below, never an even integer\n" \
+                   "r = r - (t == 2.0 * tl.floor(t * 0.5)).to(tl.float32)"
     else:
         rnd = "f = tl.floor(n)\nr = f + (n - f >= 0.5).to(tl.float32)"
     return f"""@triton.jit
@@ -310,8 +317,12 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
     a = (tl.max(xa, axis=2) + tl.sum(tl.where(xa != xa, xa, 0.0), axis=2))[:, :, None]
 """
     if fmt.is_mx:
+        # microxcaling's roundings scale the block in the activation dtype (a negative that
+        # underflows there is -0.0, whose zero sign is +)
+        scaled = f"_rnd(xb * {_mx_inverse(op)})" if op.act_rounding in IN_DTYPE_ROUNDINGS else \
+            f"xb * {_mx_inverse(op)}"
         body = f"""    u = _e8m0_scale(a)
-{_ind(_mx_inf_amax_lines(op, el))}    y = xb * {_mx_inverse(op)}
+{_ind(_mx_inf_amax_lines(op, el))}    y = {scaled}
     v = _round_{el.name}_{op.act_rounding}(y)
 {_ind(_signed_zero_lines(op.act_signed_zero))}    out = v * _e8m0_decode(u)
 """
@@ -408,6 +419,54 @@ def _e8m0_decode_w(u):
 """
 
 
+def fast_decode_supported(spec: KernelSpec) -> bool:
+    """The inline-PTX E2M1 decode (`E2M1_FAST`) applies: GPU variant, bf16 activations, MX
+    E2M1 weights read with the default E8M0 reader (power-of-two scales: the bf16 products
+    are exact). The launcher also requires EVEN_K and a CUDA (not ROCm) device."""
+    fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
+    return (not spec.interpret and spec.dtype == "bf16" and fmt.is_mx and fmt.pack_bits == 4
+            and is_e2m1(fmt.element) and spec.op.w_e8m0_byte255 == "nan")
+
+
+# The MX weight decode as bf16 pairs (offline SASS, benchmarks/sass_loop.py: the GEMM loop
+# from 10.7 to 6.7 instructions per weight element). One 32-bit word = 4 checkpoint bytes =
+# codes k0..k7 (even k in the low nibble); for byte j the word and the word >> 4 are spread to
+# the two 16-bit lanes (prmt), so each lane holds one code in its low nibble; magnitude bits go
+# to bf16 bits 6-8 and the sign to bit 15, which reads as value * 2^-126 for every code (the
+# subnormal code 1 too), and one exact bf16x2 fma by 2^126 (+ -0: +0 stays +0, -0 stays -0)
+# finishes it. Triton hands the asm two int16 elements per call and files output j's two
+# halves as elements (2c, 2c+1) of tensor j: they are codes 8c + 2j and 8c + 2j + 1, put back
+# in k order by the join / permute below (register renaming, no data movement).
+E2M1_FAST = """@triton.jit
+def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
+    # packed codes read as int16 [BN, BK // 4] -> bf16 values [BN, BK] in k order, exact
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        asm=\"\"\"{
+        .reg .b32 x4, d, t, u, k, z;
+        mov.b32 k, 0x7E807E80;
+        mov.b32 z, 0x80008000;
+        shr.b32 x4, $4, 4;
+        prmt.b32 d, $4, x4, 0x0400;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $0, t, k, z;
+        prmt.b32 d, $4, x4, 0x0501;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $1, t, k, z;
+        prmt.b32 d, $4, x4, 0x0602;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $2, t, k, z;
+        prmt.b32 d, $4, x4, 0x0703;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $3, t, k, z;
+        }\"\"\",
+        constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=2)
+    a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
+    a = tl.reshape(a, (BN, BK // 8, 2, 4))
+    return tl.reshape(tl.permute(a, (0, 1, 3, 2)), (BN, BK))  # (c, j, r): k = 8c + 2j + r
+"""
+
+
 def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
     """Three functions per weight operand: `{name}_ld` loads a [BN, BK] tile's raw packed
     bytes and scale bytes (nothing computed on them, so the loads can be issued one K step
@@ -449,9 +508,24 @@ sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks
         post = _alpha_post(alpha_mode, op.w_scale_order)
     twice = " * s2[:, :, None]" if fmt.is_mx and op.w_e8m0_byte255 == "ldexp" else ""
     pad = " " * (len(name) + 8)
+    slow_dec = (f"{dec}\nsc = sc.to(tl.int32)\n{scale.strip()}\n"
+                f"v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None]{twice}, (BN, BK))"
+                f"{post.replace(chr(10) + '    ', chr(10))}\n"
+                "w = _wq(v)")
+    if fast_decode_supported(spec):
+        # FASTDEC: the words as int16 (4 codes each) for _e2m1_i16_bf16; scales exact in bf16
+        fast_ld = f"""kq = k0 // 4 + tl.arange(0, BK // 4)
+byt = tl.load(({base}).to(tl.pointer_type(tl.int16)) + kq[None, :],
+              mask={m} & _kmask(kq, K // 4, EVEN_K)[None, :], other=0)"""
+        load = f"if FASTDEC:\n{_ind(fast_ld)}\nelse:\n{_ind(load)}"
+        dec_body = (f"if FASTDEC:\n    v = _e2m1_i16_bf16(byt, BN, BK)\n    s = _e8m0_decode(sc.to(tl.int32)).to(tl.bfloat16)\n"
+                    f"    w = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK))\n"
+                    f"else:\n{_ind(slow_dec)}")
+    else:
+        dec_body = slow_dec
     return f"""@triton.jit
 def {name}_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
-{pad}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+{pad}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] {fmt.name} weight tile (none where kok is false)
 {_ind(load)}
 {_ind(sload)}
@@ -459,22 +533,19 @@ def {name}_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, st
 
 
 @triton.jit
-def {name}_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+def {name}_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile {name}_ld loaded, in registers: {spec.dtype}(value * scale)
-{_ind(dec)}
-    sc = sc.to(tl.int32)
-{_ind(scale.strip())}
-    v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None]{twice}, (BN, BK)){post}
-    return _wq(v)
+{_ind(dec_body)}
+    return w
 
 
 @triton.jit
 def {name}(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+{" " * (len(name) + 5)}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize a [BN, BK] {fmt.name} weight tile in registers: {spec.dtype}(value * scale)
     byt, sc = {name}_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
-{" " * (len(name) + 20)}BN, BK, EVEN_K)
-    return {name}_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+{" " * (len(name) + 20)}BN, BK, EVEN_K, FASTDEC)
+    return {name}_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK, FASTDEC)
 """
 
 

@@ -173,6 +173,27 @@ def _tie_blocks(b: _Builder, elem, unit: float, top: float, name: str):
         b.add(vals, f"ties of {elem.name} under amax {top:g}*{unit:g} (block {i // n})", need_exact=vals)
 
 
+def _in_dtype_blocks(b: _Builder, elem, unit: float, name: str):
+    """microxcaling's element rounding, computed in the graph's dtype (formats'
+    "microxcaling_*" roundings), differs from an exact one at a single value per scale: the
+    dtype's largest value below half the smallest subnormal quantum rounds up. Under amax
+    2^emax*unit, that value (both signs) and its neighbours."""
+    c = torch.tensor([0.5 - torch.finfo(b.dtype).eps / 4], dtype=torch.float64)
+    q = 2.0 ** (elem.emin - elem.mbits) * unit
+    vals = torch.cat([torch.tensor([2.0 ** elem.emax * unit], dtype=torch.float64), c * q, -c * q,
+                      torch.tensor([0.5 * q, -0.25 * q], dtype=torch.float64)]).to(torch.float32)
+    b.add(vals, f"{name} value below half its smallest subnormal under amax {2.0 ** elem.emax:g}*{unit:g}",
+          need_exact=vals)
+
+
+def _underflow_blocks(b: _Builder, elem, name: str):
+    """Negatives that underflow to -0.0 in the graph's dtype once scaled (2^-140 under amax
+    2^60): zeros whose sign depends on the dtype the scaling is computed in."""
+    tiny = 2.0 ** (-80 - elem.emax)
+    vals = torch.tensor([2.0 ** 60, -tiny, -3 * tiny, tiny, -0.0])
+    b.add(vals, f"{name} negatives underflowing in the dtype once scaled", need_exact=vals)
+
+
 def _boundary_blocks(b: _Builder, amaxes: torch.Tensor, label: str):
     for a in amaxes.reshape(-1):
         a = a.reshape(1)
@@ -242,11 +263,13 @@ def _act_blocks(bs, dtype, elements, global_scale, seed, random_blocks) -> ActBl
                 unit = 2.0 ** k
                 _tie_blocks(b, elem, unit, 2.0 ** elem.emax, elem.name)
                 _tie_blocks(b, elem, unit, elem.max_normal, elem.name)
+                _in_dtype_blocks(b, elem, unit, elem.name)
                 # scale-rounding boundaries: floor/ceil at powers of two, rceil at
                 # max_normal*2^j, even at (2 - 2^-(mbits+1))*2^j
                 top = 2.0 ** (elem.emax + k)
                 for m in (1.0, elem.max_normal / 2 ** elem.emax, 2.0 - 2.0 ** -(elem.mbits + 1), 1.5, 1.75):
                     _boundary_blocks(b, _ulps_around(m * top, dtype), f"{elem.name} scale boundary {m:g}*2^{elem.emax + k}")
+            _underflow_blocks(b, elem, elem.name)
     if nvfp4:
         # E4M3 block-scale rounding: amax/6*g on and around every E4M3 value and midpoint
         grid = _grid(E4M3)
