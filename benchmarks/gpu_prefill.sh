@@ -3,7 +3,8 @@
 #   device run (repo root):  OUT=$OUT bash benchmarks/gpu_prefill.sh [iterate|ncu|full]
 # iterate: prefill checks + the quick prefill comparison (Qwen3 NVFP4, 2048 / 8192 tokens)
 #          + ncu of the GEMM kernels at 2048 tokens under the pinned config $NCU_CONFIG;
-# ncu:     only the ncu step; full: gpu_check + prefill checks + the prefill sweep.
+# ncu:     only the ncu step; full: gpu_check + prefill checks + the prefill sweep;
+# fastdec: the inline-PTX MX decode checked bit for bit, timed, and the kernel tests on the GPU.
 # Every step has its own limit; logs and JSON land in $OUT as each step ends (at most 8 files
 # come back from the device: keep the list short).
 set -u
@@ -25,6 +26,13 @@ case $what in
     ncu_step
     TAILN=6 step decode 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT" ;;
   ncu) ncu_step ;;
+  fastdec)  # the inline-PTX MX decode: bit-exact check, then its prefill timing, then kernel tests on the GPU
+    step fastdec 60 python3 benchmarks/gpu_fastdec_check.py "$OUT/gpu_fastdec_check_$slug.json"
+    TAILN=12 step quick_fastdec 80 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes w_mxfp4_a_mxfp4 \
+         --configs 1,6,7 --tokens 2048,8192 --tag prefill_quick_fastdec --out "$OUT"
+    SKIP_VALUES=1 TEST_LIMIT=70 OUT=$OUT bash benchmarks/gpu_kernel_tests.sh tests/test_kernels_act_edges.py tests/test_kernels_log2_floor.py
+    TAILN=8 step decode_fastdec 60 python3 benchmarks/bench_moe_kernels.py --quick --schemes w_mxfp4_a_mxfp4 \
+         --configs 0,1,10 --tag quick_fastdec --out "$OUT" ;;
   full)
     step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
     [ -n "${SKIP_PREFILL_CHECKS:-}" ] || step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"

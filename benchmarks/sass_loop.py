@@ -29,6 +29,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emu_inductor.kernels.launch import get_module, kernel_spec_for  # noqa: E402
+from emu_inductor.kernels.render_helpers import fast_decode_supported  # noqa: E402
 from emu_inductor.spec import SCHEMES, OpSpec  # noqa: E402
 
 _PTRS = {"a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "alpha_ptr": "*fp32", "ids_ptr": "*i32",
@@ -38,7 +39,7 @@ _PTRS = {"a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "alpha_ptr": "*fp32",
 _ALIGNED = ("stride_a", "stride_o", "K", "NOUT", "NW", "stride_we", "stride_wn", "stride_se", "stride_sn")
 
 
-def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int) -> tuple[str, int]:
+def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastdec: bool = True) -> tuple[str, int]:
     BM, BN, BK, warps, stages = tile
     spec = OpSpec.from_scheme(scheme)
     nv = SCHEMES[scheme].weight_fmt.has_global_scale
@@ -49,7 +50,7 @@ def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int) -> tu
     names = fn.arg_names
     const = dict(TOPK=8, A_INDEX=2 if kernel == "gemm_out_kernel" else 0, QDQ_A=False, STATIC_A=False,
                  HAS_BIAS=False, STORE=1, MUL_W=True, SWAP=swap, EVEN_K=True, PREFETCH=bool(prefetch), DEBUG=False,
-                 AMAX_OUT=False, PREQ=act, SPLIT=1, BM=BM, BN=BN, BK=BK)
+                 AMAX_OUT=False, PREQ=act, SPLIT=1, FASTDEC=fastdec and fast_decode_supported(ks), BM=BM, BN=BN, BK=BK)
     sig = {n: _PTRS.get(n, "constexpr" if n in const else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in _PTRS or n in _ALIGNED}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items() if k in names}, attrs=attrs)
@@ -96,19 +97,20 @@ def main():
     ap.add_argument("--tile", default="64,64,64,4,4")
     ap.add_argument("--prefetch", type=int, default=1)
     ap.add_argument("--swap", type=int, default=0)
+    ap.add_argument("--fastdec", type=int, default=1, help="the inline-PTX MX decode where it applies")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
     tile = [int(v) for v in args.tile.split(",")]
-    sass, threads = compile_sass(args.scheme, f"{args.kernel}_kernel", tile, args.prefetch, args.swap)
+    sass, threads = compile_sass(args.scheme, f"{args.kernel}_kernel", tile, args.prefetch, args.swap,
+                                 bool(args.fastdec))
     if args.sass:
         with open(args.sass, "w") as f:
             f.write(sass)
     ops = loop_opcodes(sass)
     n = sum(ops.values())
-    tiles = 2 if args.kernel == "gemm_act" and "silu" else 1  # GEMM1 decodes gate and up tiles
     per = tile[1] * tile[2] * (2 if args.kernel == "gemm_act" else 1) / threads
     print(f"{args.scheme} {args.kernel} tile={args.tile} prefetch={args.prefetch} swap={args.swap}: "
-          f"{n} loop instructions per thread per K step, {per:.0f} weight elements each: {n / per:.1f} per element")
+          f"fastdec={args.fastdec}: {n} loop instructions per thread per K step, {per:.0f} weight elements each: {n / per:.1f} per element")
     for op, c in ops.most_common(20):
         print(f"  {op:10s} {c:5d}  {c / per:5.2f}/element")
 

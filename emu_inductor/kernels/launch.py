@@ -33,6 +33,7 @@ from .autotune import select_config
 from .cache import load_module
 from .kernel_spec import KernelSpec, alpha_mode_of
 from .render import render
+from .render_helpers import fast_decode_supported
 from .routing import moe_align_kernel
 from .tiles import TileConfig, auto_split, interpreter_config, token_bucket
 
@@ -191,6 +192,13 @@ def _even_k(K: int, BK: int) -> bool:
     """K a multiple of BK: the kernels drop their K masks (wide weight and scale loads; see
     render_helpers.KMASK). EMU_INDUCTOR_EVEN_K=0 keeps the masks (for A/B timing)."""
     return K % BK == 0 and os.environ.get("EMU_INDUCTOR_EVEN_K", "1") != "0"
+
+
+def _fast_decode(kspec: KernelSpec, K: int, BK: int, dev: torch.device) -> bool:
+    """The inline-PTX MX weight decode (render_helpers.E2M1_FAST): CUDA (PTX; not ROCm), a
+    spec it applies to, unmasked K tiles; EMU_INDUCTOR_FAST_DECODE=0 turns it off."""
+    return (dev.type == "cuda" and torch.version.hip is None and fast_decode_supported(kspec)
+            and _even_k(K, BK) and os.environ.get("EMU_INDUCTOR_FAST_DECODE", "1") != "0")
 
 
 def _k_per_split(K: int, BK: int, split: int) -> int:
@@ -424,7 +432,8 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
         _k_per_split(plan.H, cfg.BK, split), P, pw,
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
-        PREQ=plan.prequant, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM,
+        PREQ=plan.prequant, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), PREFETCH=bool(cfg.prefetch),
+        FASTDEC=_fast_decode(plan.kspec, plan.H, cfg.BK, plan.x.device), BM=cfg.BM,
         BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if split > 1:
         plan.mod.act_epilogue_kernel[grid1](
@@ -464,7 +473,8 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
-        SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch),
+        FASTDEC=_fast_decode(plan.kspec, I, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if not partial:
         return out
     y = torch.empty((plan.T, H), dtype=dtype, device=dev)
@@ -582,7 +592,8 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
         out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
-        STORE=0, MUL_W=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+        STORE=0, MUL_W=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch),
+        FASTDEC=_fast_decode(kspec, K, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
         **_launch_kw(cfg))
     return out
 

@@ -34,7 +34,7 @@ from ..spec.activations import is_gated
 from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
-    _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK,
+    _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK, E2M1_FAST, fast_decode_supported,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -72,7 +72,7 @@ tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)"""
     return "\n".join(l for l in body.split("\n") if l.strip())
 
 
-_W_ARGS = "stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K"
+_W_ARGS = "stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC"
 
 
 def _w_first(tile: str, rows: str, buf: str) -> str:
@@ -86,7 +86,7 @@ def _w_step(tile: str, rows: str, buf: str, var: str) -> str:
     the bytes loaded one step earlier, issuing the next step's loads first."""
     return (f"if PREFETCH:\n    b{buf}c = b{buf}\n    s{buf}c = s{buf}\n"
             f"    b{buf}, s{buf} = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k0 + BK, K, k0 + BK < k_hi, {_W_ARGS})\n"
-            f"    {var} = {tile}_dec(b{buf}c, s{buf}c, alpha_ptr, e, {rows}, cmask, NW, BN, BK)\n"
+            f"    {var} = {tile}_dec(b{buf}c, s{buf}c, alpha_ptr, e, {rows}, cmask, NW, BN, BK, FASTDEC)\n"
             f"else:\n    {var} = {tile}(w_ptr, s_ptr, alpha_ptr, e, {rows}, cmask, k0, K, NW, {_W_ARGS})")
 
 
@@ -161,7 +161,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
-                    PREFETCH: tl.constexpr, BM: tl.constexpr,
+                    PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
@@ -259,8 +259,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr,
-                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -378,6 +378,8 @@ def render(spec: KernelSpec) -> str:
     parts.append(_w_tile_helper(spec, "_w_tile1", spec.alpha1))
     parts.append(_w_tile_helper(spec, "_w_tile2", spec.alpha2))
     parts.append(KMASK)
+    if fast_decode_supported(spec):
+        parts.append(E2M1_FAST)
     parts.append(_gemm_act_kernel(spec))
     parts.append(_act_epilogue_kernel(spec))
     parts.append(_gemm_out_kernel(spec))

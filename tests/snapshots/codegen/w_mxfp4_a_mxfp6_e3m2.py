@@ -150,10 +150,15 @@ def _act(g, u):
 
 @triton.jit
 def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
-                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] mxfp4 weight tile (none where kok is false)
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
+    if FASTDEC:
+        kq = k0 // 4 + tl.arange(0, BK // 4)
+        byt = tl.load((w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn).to(tl.pointer_type(tl.int16)) + kq[None, :],
+                      mask=rmask[:, None] & kok & _kmask(kq, K // 4, EVEN_K)[None, :], other=0)
+    else:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
     ks = k0 // 32 + tl.arange(0, BK // 32)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
                  mask=rmask[:, None] & kok & _kmask(ks, K // 32, EVEN_K)[None, :], other=0)
@@ -161,31 +166,42 @@ def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 
 
 @triton.jit
-def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile1_ld loaded, in registers: bf16(value * scale)
-    byt = byt.to(tl.int32)
-    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
-    sc = sc.to(tl.int32)
-    s = _e8m0_decode(sc)
-    v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
-    return _wq(v)
+    if FASTDEC:
+        v = _e2m1_i16_bf16(byt, BN, BK)
+        s = _e8m0_decode(sc.to(tl.int32)).to(tl.bfloat16)
+        w = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
+    else:
+        byt = byt.to(tl.int32)
+        v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+        sc = sc.to(tl.int32)
+        s = _e8m0_decode(sc)
+        v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
+        w = _wq(v)
+    return w
 
 
 @triton.jit
 def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize a [BN, BK] mxfp4 weight tile in registers: bf16(value * scale)
     byt, sc = _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
-                            BN, BK, EVEN_K)
-    return _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+                            BN, BK, EVEN_K, FASTDEC)
+    return _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK, FASTDEC)
 
 
 @triton.jit
 def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
-                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] mxfp4 weight tile (none where kok is false)
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
+    if FASTDEC:
+        kq = k0 // 4 + tl.arange(0, BK // 4)
+        byt = tl.load((w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn).to(tl.pointer_type(tl.int16)) + kq[None, :],
+                      mask=rmask[:, None] & kok & _kmask(kq, K // 4, EVEN_K)[None, :], other=0)
+    else:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
     ks = k0 // 32 + tl.arange(0, BK // 32)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
                  mask=rmask[:, None] & kok & _kmask(ks, K // 32, EVEN_K)[None, :], other=0)
@@ -193,23 +209,29 @@ def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 
 
 @triton.jit
-def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile2_ld loaded, in registers: bf16(value * scale)
-    byt = byt.to(tl.int32)
-    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
-    sc = sc.to(tl.int32)
-    s = _e8m0_decode(sc)
-    v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
-    return _wq(v)
+    if FASTDEC:
+        v = _e2m1_i16_bf16(byt, BN, BK)
+        s = _e8m0_decode(sc.to(tl.int32)).to(tl.bfloat16)
+        w = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
+    else:
+        byt = byt.to(tl.int32)
+        v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+        sc = sc.to(tl.int32)
+        s = _e8m0_decode(sc)
+        v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
+        w = _wq(v)
+    return w
 
 
 @triton.jit
 def _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize a [BN, BK] mxfp4 weight tile in registers: bf16(value * scale)
     byt, sc = _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
-                            BN, BK, EVEN_K)
-    return _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+                            BN, BK, EVEN_K, FASTDEC)
+    return _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK, FASTDEC)
 
 
 @triton.jit
@@ -220,13 +242,42 @@ def _kmask(kk, K, EVEN_K: tl.constexpr):
         return kk < K
 
 
+@triton.jit
+def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
+    # packed codes read as int16 [BN, BK // 4] -> bf16 values [BN, BK] in k order, exact
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 x4, d, t, u, k, z;
+        mov.b32 k, 0x7E807E80;
+        mov.b32 z, 0x80008000;
+        shr.b32 x4, $4, 4;
+        prmt.b32 d, $4, x4, 0x0400;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $0, t, k, z;
+        prmt.b32 d, $4, x4, 0x0501;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $1, t, k, z;
+        prmt.b32 d, $4, x4, 0x0602;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $2, t, k, z;
+        prmt.b32 d, $4, x4, 0x0703;
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 $3, t, k, z;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=2)
+    a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
+    a = tl.reshape(a, (BN, BK // 8, 2, 4))
+    return tl.reshape(tl.permute(a, (0, 1, 3, 2)), (BN, BK))  # (c, j, r): k = 8c + 2j + r
+
+
 @triton.jit(do_not_specialize=["R", "KTS"])
 def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr, part_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
-                    PREFETCH: tl.constexpr, BM: tl.constexpr,
+                    PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then QDQ_a2 of the activation (blocks along I inside this N tile);
@@ -259,10 +310,10 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_hi = tl.minimum(K, k_lo + KTS * BK)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
-        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
-        bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+        bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
@@ -280,18 +331,18 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if PREFETCH:
             bgc = bg
             sgc = sg
-            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
-            wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK)
+            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
+            wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK, FASTDEC)
         else:
-            wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
         acc_g = _mma(ao, wg, acc_g, SWAP)
         if PREFETCH:
             buc = bu
             suc = su
-            bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
-            wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK)
+            bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
+            wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK, FASTDEC)
         else:
-            wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
         acc_u = _mma(ao, wu, acc_u, SWAP)
     acc_g = _acc_rows(acc_g, SWAP)
     acc_u = _acc_rows(acc_u, SWAP)
@@ -354,8 +405,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr,
-                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -389,7 +440,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_hi = tl.minimum(K, k_lo + KTS * BK)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile2_ld)
-        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
@@ -402,10 +453,10 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if PREFETCH:
             bwc = bw
             swc = sw
-            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
-            w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK)
+            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
+            w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK, FASTDEC)
         else:
-            w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
         acc = _mma(ao, w, acc, SWAP)
     acc = _acc_rows(acc, SWAP)
     if STORE == 2:

@@ -113,7 +113,7 @@ def _act(g, u):
 
 @triton.jit
 def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
-                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] mxfp6_e2m3 weight tile (none where kok is false)
     kk = k0 + tl.arange(0, BK)
     m = rmask[:, None] & kok & _kmask(kk, K, EVEN_K)[None, :]
@@ -127,27 +127,28 @@ def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 
 
 @triton.jit
-def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile1_ld loaded, in registers: bf16(value * scale)
     v = _decode_w((byt >> ((tl.arange(0, BK) % 4) * 6)[None, :]) & 63)  # k0 is a multiple of 4
     sc = sc.to(tl.int32)
     s = _e8m0_decode(sc)
     v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
-    return _wq(v)
+    w = _wq(v)
+    return w
 
 
 @triton.jit
 def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize a [BN, BK] mxfp6_e2m3 weight tile in registers: bf16(value * scale)
     byt, sc = _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
-                            BN, BK, EVEN_K)
-    return _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+                            BN, BK, EVEN_K, FASTDEC)
+    return _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK, FASTDEC)
 
 
 @triton.jit
 def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
-                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] mxfp6_e2m3 weight tile (none where kok is false)
     kk = k0 + tl.arange(0, BK)
     m = rmask[:, None] & kok & _kmask(kk, K, EVEN_K)[None, :]
@@ -161,22 +162,23 @@ def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 
 
 @triton.jit
-def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile2_ld loaded, in registers: bf16(value * scale)
     v = _decode_w((byt >> ((tl.arange(0, BK) % 4) * 6)[None, :]) & 63)  # k0 is a multiple of 4
     sc = sc.to(tl.int32)
     s = _e8m0_decode(sc)
     v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * s[:, :, None], (BN, BK))
-    return _wq(v)
+    w = _wq(v)
+    return w
 
 
 @triton.jit
 def _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
-             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize a [BN, BK] mxfp6_e2m3 weight tile in registers: bf16(value * scale)
     byt, sc = _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, True, stride_we, stride_wn, stride_se, stride_sn,
-                            BN, BK, EVEN_K)
-    return _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+                            BN, BK, EVEN_K, FASTDEC)
+    return _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK, FASTDEC)
 
 
 @triton.jit
@@ -193,7 +195,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
-                    PREFETCH: tl.constexpr, BM: tl.constexpr,
+                    PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then no QDQ (weight-only);
@@ -226,10 +228,10 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_hi = tl.minimum(K, k_lo + KTS * BK)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
-        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+        bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
-        bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+        bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
@@ -242,18 +244,18 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if PREFETCH:
             bgc = bg
             sgc = sg
-            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
-            wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK)
+            bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
+            wg = _w_tile1_dec(bgc, sgc, alpha_ptr, e, grow, cmask, NW, BN, BK, FASTDEC)
         else:
-            wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            wg = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, grow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
         acc_g = _mma(ao, wg, acc_g, SWAP)
         if PREFETCH:
             buc = bu
             suc = su
-            bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
-            wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK)
+            bu, su = _w_tile1_ld(w_ptr, s_ptr, e, urow, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
+            wu = _w_tile1_dec(buc, suc, alpha_ptr, e, urow, cmask, NW, BN, BK, FASTDEC)
         else:
-            wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            wu = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, urow, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
         acc_u = _mma(ao, wu, acc_u, SWAP)
     acc_g = _acc_rows(acc_g, SWAP)
     acc_u = _acc_rows(acc_u, SWAP)
@@ -314,8 +316,8 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr,
-                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -349,7 +351,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     k_hi = tl.minimum(K, k_lo + KTS * BK)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile2_ld)
-        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+        bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         araw = tl.load(a_ptr + arow[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & _kmask(kk, K, EVEN_K)[None, :],
@@ -362,10 +364,10 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         if PREFETCH:
             bwc = bw
             swc = sw
-            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
-            w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK)
+            bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k0 + BK, K, k0 + BK < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
+            w = _w_tile2_dec(bwc, swc, alpha_ptr, e, cols, cmask, NW, BN, BK, FASTDEC)
         else:
-            w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K)
+            w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, cols, cmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
         acc = _mma(ao, w, acc, SWAP)
     acc = _acc_rows(acc, SWAP)
     if STORE == 2:
