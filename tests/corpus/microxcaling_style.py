@@ -3,7 +3,7 @@ path — block amax and `floor(log2(amax + FP32_MIN_NORMAL * (amax == 0)))` in t
 dtype, minus emax, NaN above 127 / clamp below -127, `A / 2**shared_exp`,
 `_quantize_elemwise_core` (private exponent by floor(log2|A|), shift, round "nearest" =
 sign * floor(|A| + 0.5) or "even", shift back, saturate), `A * 2**shared_exp`.
-A linear in fp32 with round="even" (the MX spec rounding) and an MoE in bf16 with the
+A linear with round="even" (the MX spec rounding) and an MoE with the
 default round="nearest" computed densely over all experts (bmm over the expert axis) and
 combined through a dense [T, E] routing matrix built with scatter."""
 
@@ -149,33 +149,29 @@ def make_moe(seed, dtype):
 
 
 _SRC = "rewritten: microxcaling mx/mx_ops.py _quantize_mx, mx/elemwise_ops.py _quantize_elemwise_core (Python path)"
-_ROUND_IN_DTYPE = (
-    "microxcaling rounds elements as floor(|a| + 0.5) (and, for 'even', (|a| - 0.5) % 2) in the input dtype: "
-    "in bf16, |a| + 0.5 for |a| just below a tie rounds up to the next integer, so the element rounds up where "
-    "half-away-from-zero on exact values rounds down (no emu_inductor rounding mode; measured after the "
-    "floor_log2 scale mode: 1/12608 probe values, 90/262144 random bf16 values at 2^-30..2^30, e.g. "
-    "0.0311279296875 -> 0.0625 vs 0.0; fp32 needs |a| one ulp below a tie: 0 of the same values)")
+# formats' named variants "microxcaling" / "microxcaling_even": floor_log2 scales, lt0 zeros and the
+# element rounding computed in the input dtype (rounding "microxcaling_nearest" / "microxcaling_even":
+# floor(RN_dtype(|a| + 0.5)), where the dtype's largest value below half the smallest subnormal rounds
+# up; tests/test_formats_microxcaling.py checks them against this file on every bf16 value)
 ENTRIES = [
     CorpusEntry(
         "microxcaling_mx_linear", "linear", "microxcaling", _SRC + ", round='even'",
-        Variant(WeightVariant("mxfp4"),
-                act={"fmt": "mxfp4", "scale_mode": "floor_log2", "signed_zero": "lt0"}),
-        make_linear, dtypes=(torch.float32,),
-        fused_today="fp32: mxemu::linear with the activation QDQ (floor_log2, rne, act_signed_zero='lt0'; "
-                    "tests/test_semantic_act_edges.py); bf16 (the compile test's dtype): weight-only, the "
-                    "element rounding in bf16 is no formats rounding mode (see the MoE entry's xfail)",
+        Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "variant": "microxcaling_even"}),
+        make_linear, dtypes=(torch.bfloat16, torch.float32), expect_fused=True,
+        fused_today="bf16 and fp32: mxemu::linear with the activation QDQ (variant microxcaling_even: "
+                    "floor_log2, act_rounding microxcaling_even, act_signed_zero lt0)",
     ),
     CorpusEntry(
         "microxcaling_mx_moe", "moe", "microxcaling", _SRC + ", round='nearest' (default)",
-        Variant(WeightVariant("mxfp4"),
-                act={"fmt": "mxfp4", "scale_mode": "floor_log2", "rounding": "half_away", "signed_zero": "lt0"}),
-        make_moe, compile_smoke=False, xfail={"act@bfloat16": _ROUND_IN_DTYPE},
+        Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "variant": "microxcaling"}),
+        make_moe, compile_smoke=False,
         compile_note="compiles to one graph (measured 18-25 s); left out of the compile test for time",
-        fused_today="two mxemu::grouped_mm, weight-only: 'semantic_bmm' rewrites each dense bmm over [E, T, H] as "
-                    "a grouped GEMM with ends T, 2T, .. once the expert decode is proven, 'semantic' fuses it; the "
-                    "bf16 activation QDQ is not a variant (xfail act@bfloat16) and stays as written; no "
-                    "mxemu::moe: dense routing (every token through every expert, [T, E] weights) has no top-k ids "
-                    "for it (measured bf16 2026-12-02)",
+        fused_today="two mxemu::grouped_mm (measured bf16 2026-12-02, output equal to eager): 'semantic_bmm' "
+                    "rewrites each dense bmm over [E, T, H] as a grouped GEMM with ends T, 2T, .. once the expert "
+                    "decode is proven, 'semantic' fuses it; the second carries the activation QDQ (variant "
+                    "microxcaling: act_rounding microxcaling_nearest, floor_log2, lt0), the first is weight-only "
+                    "(its QDQ runs before the expand over E and stays as written); no mxemu::moe: dense routing "
+                    "(every token through every expert, [T, E] weights) has no top-k ids for it",
         plumbing="dense over all experts: expand + bmm over E, chunk(2), dense [T,E] routing by scatter, sum over E",
     ),
 ]
