@@ -1,8 +1,8 @@
 """Library activation QDQs whose only differences from the generic MX QDQ are edge cases
 (the sign of zeros, Inf blocks) fuse under torch.compile(backend="mxemu"), the edge cases
 carried into the fused op's OpSpec. (Quark's linear is covered by the corpus compile test,
-whose registry expects it fused; microxcaling fuses its activation in fp32 only, so it is
-compiled here in fp32.)"""
+whose registry expects it fused; microxcaling's linear is compiled there in bf16 and here
+in fp32, as formats' variant microxcaling_even: its element rounding computed in the dtype.)"""
 
 from __future__ import annotations
 
@@ -34,5 +34,5 @@ def test_microxcaling_linear_fp32_fuses_its_activation_with_lt0_zeros():
     assert len(specs) == 1, code
     op = specs[0]
     assert (op.act_kind, op.act_scale_mode, op.act_rounding, op.act_signed_zero, op.act_inf_amax) == \
-        ("block", "floor_log2", "rne", "lt0", "nan"), op
+        ("block", "floor_log2", "microxcaling_even", "lt0", "nan"), op
     assert_within_accumulation(out, ref, entry.name)
