@@ -7,7 +7,10 @@ quantize direction) x the dtype the products are formed in (fp32, or the output 
 torchao does) -> output dtype.
 Activation fake-quantization: every MX format x scale_mode x rounding x E8M0 byte-0
 reader x the sign of zeros (keep, lt0, positive; byte 0 read as 2^-127 only), plus the
-libraries' named MX quantizers (formats.variants); every NVFP4 recipe of
+libraries' named MX quantizers (formats.variants; among them microxcaling's, whose element
+rounding is computed in the graph's dtype: rounding "microxcaling_nearest" / "_even", which
+the probes separate from their exact twins by the dtype's largest value below half the
+smallest subnormal quantum, and the kernels render with the same dtype roundings); every NVFP4 recipe of
 `formats.nvfp4` x rounding, its global scale a graph scalar; per-tensor fp8 (dynamic, or a
 static scale).
 
