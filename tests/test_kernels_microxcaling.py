@@ -80,3 +80,24 @@ def test_only_in_dtype_roundings_render_the_dtype_steps():
         op = OpSpec("mxfp4", "block", "mxfp4", "floor_log2", act_rounding=rounding, act_signed_zero="lt0")
         text = render(KernelSpec(op, "bf16", interpret=True))
         assert ("y = _rnd(xb *" in text) == present and ("tl.floor(_rnd(n + 0.5))" in text) == present, rounding
+
+
+def test_linear_kernel_equals_reference_with_microxcaling_activations():
+    """mxemu::linear's kernel and its reference (OpSpec.scheme() -> formats, in x's dtype)
+    agree, bf16, on rows holding the value the in-dtype rounding sends up."""
+    from emu_inductor.ops.reference_impl import linear_reference
+    from emu_inductor.ops.triton_impl import linear_triton
+
+    op = OpSpec("mxfp4", "block", "mxfp4", "floor_log2", act_rounding="microxcaling_nearest", act_signed_zero="lt0")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g).bfloat16()
+    x[:, 0] = 4.0  # amax 4: scale 2^0, quantum of the smallest subnormal 0.5
+    x[:, 1] = 0.2490234375  # bf16's largest value below 1/4: rounds up to 0.5 here
+    w = torch.randint(0, 256, (16, 32), generator=g, dtype=torch.uint8)
+    s = torch.randint(120, 130, (16, 2), generator=g, dtype=torch.uint8)
+    out = linear_triton(x, w, s, None, None, None, op)
+    ref = linear_reference(x, w, s, None, None, None, op)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    exact = linear_reference(x, w, s, None, None, None, OpSpec("mxfp4", "block", "mxfp4", "floor_log2",
+                                                                act_rounding="half_away", act_signed_zero="lt0"))
+    assert not torch.equal(exact, ref)
