@@ -431,9 +431,10 @@ def test_prop_fake_equals_dequant_quant(x, var, axis):
     d = dequantize(quantize(x, fmt, axis=axis, **kw), x.dtype)
     assert_bits_equal(f, d, f"{fmt} {kw}")
     # sign preserved wherever the result is not NaN (zeros: only where the recipe keeps
-    # signs; compressed-tensors and ModelOpt give +0.0 for -0.0)
+    # signs; compressed-tensors and ModelOpt give +0.0 for -0.0, vLLM's torch QDQ takes a
+    # zero's sign from y < 0, so a negative that underflows to -0.0 in y gives +0.0)
     ok = ~torch.isnan(f)
-    if kw.get("recipe") in ("compressed_tensors", "modelopt"):
+    if kw.get("recipe") in ("compressed_tensors", "modelopt", "vllm_torch"):
         ok &= f != 0
     assert torch.equal(torch.signbit(f[ok]), torch.signbit(x[ok]))
     if fmt != "nvfp4":
@@ -469,10 +470,13 @@ def test_prop_nvfp4_other_recipes_vs_float64(x, recipe, use_g):
 
 
 @PROP
-@given(x=block_inputs(), var=st.sampled_from([v for v in VARIANTS if v[0] != "nvfp4"]))
+@given(x=block_inputs(), var=st.sampled_from([v for v in VARIANTS if v[0] != "nvfp4"
+                                              and v[1].get("scale_mode") != "floor_log2"]))
 def test_prop_mx_bf16_result_is_fp32_result_rounded(x, var):
     """MX scales are powers of two and elements have at most 4 significant bits, so the
-    result for bf16 input equals the fp32 computation on the same values, cast to bf16."""
+    result for bf16 input equals the fp32 computation on the same values, cast to bf16.
+    Not for "floor_log2" (microxcaling): its log2 is rounded in the input dtype, so the
+    scale itself depends on it (a bf16 amax just below 2^k takes exponent k)."""
     fmt, kw = var
     xb = x.to(torch.bfloat16)
     a = fake_quantize(xb, fmt, **kw)
