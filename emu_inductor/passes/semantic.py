@@ -39,7 +39,7 @@ log = logging.getLogger("emu_inductor.passes.semantic")
 aten = torch.ops.aten
 FAMILY = "semantic"
 
-__all__ = ["FAMILY", "PackedWeightOperand"]
+__all__ = ["FAMILY", "PackedWeightOperand", "outside_user"]
 
 
 _ONE_BYTE = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2) + (
@@ -50,25 +50,43 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
+def _reaches(node, hit, stop=lambda n: False, limit: int = 400) -> bool:
+    """Whether a call_function `node` is computed (within `limit` nodes, walking its inputs,
+    not past `stop` nodes) from a node satisfying `hit`."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"):
+        return False
+    seen, todo = {node}, [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if hit(n):
+            return True
+        if stop(n):
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return False
+
+
+def _is_packed_input(n) -> bool:
+    v = _val(n)
+    return n.op in ("placeholder", "get_attr") and isinstance(v, torch.Tensor) and v.dtype in _ONE_BYTE
+
+
+def _is_reduction(n) -> bool:
+    return (n.op == "call_function" and getattr(n.target, "_overloadpacket", None) is not None
+            and str(n.target._overloadpacket) in _REDUCTIONS)
+
+
 class PackedWeightOperand(pm.PatternExpr):
     """Matches a GEMM operand computed (within a few hundred nodes) from a 1-byte graph
     input: packed codes or scale bytes. Plain weights and activation x activation GEMMs do
     not match, so they cost nothing and do not clutter explain()."""
 
     def _match(self, node, ctx):
-        if isinstance(node, torch.fx.Node) and node.op == "call_function":
-            seen, stack = {node}, [node]
-            while stack and len(seen) < 400:
-                n = stack.pop()
-                if n.op in ("placeholder", "get_attr"):
-                    v = _val(n)
-                    if isinstance(v, torch.Tensor) and v.dtype in _ONE_BYTE:
-                        return pm.Match(ctx, self)
-                    continue
-                for a in n.all_input_nodes:
-                    if a not in seen:
-                        seen.add(a)
-                        stack.append(a)
+        if _reaches(node, _is_packed_input, stop=lambda n: n.op in ("placeholder", "get_attr")):
+            return pm.Match(ctx, self)
         return pm.FailedMatch("{} is not computed from packed bytes", node)
 
     def __repr__(self):
@@ -88,17 +106,8 @@ class ReducedActivationOperand(pm.PatternExpr):
     explain()."""
 
     def _match(self, node, ctx):
-        if isinstance(node, torch.fx.Node) and node.op == "call_function":
-            seen, stack = {node}, [node]
-            while stack and len(seen) < 400:
-                n = stack.pop()
-                if n.op == "call_function" and getattr(n.target, "_overloadpacket", None) is not None and \
-                        str(n.target._overloadpacket) in _REDUCTIONS:
-                    return pm.Match(ctx, self, args=[node])
-                for a in n.all_input_nodes:
-                    if a not in seen:
-                        seen.add(a)
-                        stack.append(a)
+        if _reaches(node, _is_reduction):
+            return pm.Match(ctx, self, args=[node])
         return pm.FailedMatch("{} is not computed through a reduction", node)
 
     def __repr__(self):
@@ -108,7 +117,7 @@ class ReducedActivationOperand(pm.PatternExpr):
         return "ReducedActivationOperand()"
 
 
-def _outside_user(sources, end, allowed):
+def outside_user(sources, end, allowed):
     """A user outside the subgraph from `sources` to `end` (the nodes that depend on them
     and feed `end`), other than `allowed`; None when the subgraph is used only by `end`'s
     consumers through `end`. Fusing a subgraph with another user would compute it twice."""
@@ -152,7 +161,7 @@ def _verdicts(match, anchor, weight_dims: int):
     # compute the weight twice. Nodes computed from the scale bytes alone may have other
     # users (compressed-tensors' decompress() also returns the float block scales as a
     # Parameter): they stay in the graph for those users, at 1/block of the weight's size.
-    other = _outside_user([w.codes], operands_of(anchor)[1], {anchor})
+    other = outside_user([w.codes], operands_of(anchor)[1], {anchor})
     if other is not None:
         return None, None, (f"the dequantized weight is also used by {other.name}: fusing would compute it "
                             f"twice")
@@ -177,7 +186,7 @@ def _activation(anchor, weight_fmt: str, weight_dims: int):
         return None, f"activation {a.variant.name} does not go with {weight_fmt} weights; weight-only"
     if any(p.target is not aten.reshape.default for p in a.post) and weight_dims == 2:
         return None, "activation reaches the GEMM through a gather; weight-only"
-    if _outside_user([a.x], a.output, set(a.post) | {anchor}) is not None:
+    if outside_user([a.x], a.output, set(a.post) | {anchor}) is not None:
         return None, "the quantized activation has another user; weight-only"
     return a, None
 

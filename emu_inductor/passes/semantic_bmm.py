@@ -23,18 +23,17 @@ weights are not proven stays a bmm, and explain() says why.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 from typing import Optional
 
 import torch
-from torch._guards import detect_fake_mode
 from torch._inductor import pattern_matcher as pm
 
 from ..recognize import Rejection, recognize_weight
 from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import register_pattern_family
+from .expert_groups import Builder
 from .semantic import PackedWeightOperand
 from .semantic_loop import unfusable_stack
 
@@ -124,29 +123,6 @@ class ExpertBmm(pm.CallFunction):
         return m
 
 
-class _Builder:
-    """Inserts nodes before `anchor`, each with a fake value computed by its own op."""
-
-    def __init__(self, graph, anchor):
-        self.graph, self.anchor = graph, anchor
-        self.mode = detect_fake_mode([_val(n) for n in anchor.all_input_nodes])
-
-    def __call__(self, target, *args, **kwargs):
-        def fake(x):
-            return _val(x) if isinstance(x, torch.fx.Node) else x
-
-        fa = torch.fx.node.map_aggregate(args, fake)
-        fk = torch.fx.node.map_aggregate(kwargs, fake)
-        with self.graph.inserting_before(self.anchor):
-            n = self.graph.call_function(target, args, kwargs)
-        with (self.mode or contextlib.nullcontext()):
-            n.meta["val"] = target(*fa, **fk)
-        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if k in self.anchor.meta:
-                n.meta[k] = self.anchor.meta[k]
-        return n
-
-
 def _check(match) -> Optional[str]:
     anchor = match.output_node()
     form, why = _form(anchor)
@@ -187,7 +163,7 @@ def _replace(match) -> None:
     anchor = match.output_node()
     (kind, a, stack, ids, first), w = match._mxemu_bmm
     graph = match.graph
-    b = _Builder(graph, anchor)
+    b = Builder(graph, anchor)
     gathered_w = anchor.args[0 if first else 1]
     if first:  # W[ids] @ a == (a^T @ W^T[ids])^T: rows a^T [B, M, K], stack W^T [E, K, N]
         a = b(aten.permute.default, a, [0, 2, 1])

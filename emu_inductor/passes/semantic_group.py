@@ -15,7 +15,6 @@ Refused (left as E ops) when an expert's rows are computed from another op of th
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -24,7 +23,8 @@ from torch._inductor import pattern_matcher as pm
 from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import register_pattern_family
-from .semantic_loop import Builder, rows_depend_on
+from .expert_groups import Builder, expert_ordered_gemm, graph_order
+from .semantic_loop import rows_depend_on
 
 aten = torch.ops.aten
 FAMILY = "semantic_group"
@@ -111,33 +111,14 @@ def _check(match) -> Optional[str]:
 def _replace(match) -> None:
     group = match._mxemu_group
     graph = match.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = graph_order(graph)
     last = max((n for _, n in group), key=order.__getitem__)
     b = Builder(graph, last)
     (codes, scale, alpha, gs, spec), _ = _key(last)
     E = int(_val(codes).shape[0])
     dev = _val(last.args[0]).device
-    rows, ids, sizes = [], [], []
-    for e, n in group:
-        a = n.args[0]
-        r = _val(a).shape[0]
-        size = r if isinstance(r, int) else b(aten.sym_size.int, a, 0)
-        rows.append(a)
-        sizes.append(size)
-        ids.append(b(aten.full.default, [size], e, dtype=torch.int64, layout=torch.strided, device=dev,
-                     pin_memory=False))
-    eids = b(aten.cat.default, ids)
-    zeros = b(aten.full.default, [E], 0, dtype=torch.int64, layout=torch.strided, device=dev, pin_memory=False)
-    counts = b(aten.scatter_add.default, zeros, 0, eids, b(aten.add.Tensor, b(aten.mul.Tensor, eids, 0), 1))
-    offs = b(aten.cumsum.default, counts, 0, dtype=torch.int32)
-    out = b(torch.ops.mxemu.grouped_mm.default, b(aten.cat.default, rows), codes, scale, alpha, offs, gs, spec)
-    start = 0
-    for (e, n), size in zip(group, sizes):
-        end = start + size if isinstance(start, int) and isinstance(size, int) else b(operator.add, start, size)
-        part = b(aten.slice.Tensor, out, 0, start, end)
-        part.meta.update({k: v for k, v in n.meta.items() if k != "val"})
-        n.replace_all_uses_with(part)
-        start = end
+    out = expert_ordered_gemm(b, group, E, dev, lambda rows, offs: b(torch.ops.mxemu.grouped_mm.default, rows,
+                                                                      codes, scale, alpha, offs, gs, spec))
     for _, n in group:
         graph.erase_node(n)
     pm.stable_topological_sort(graph)  # users of earlier experts' ops now follow the grouped op

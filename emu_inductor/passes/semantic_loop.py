@@ -22,24 +22,22 @@ not done here.
 
 from __future__ import annotations
 
-import contextlib
-import operator
 from typing import Optional
 
 import torch
-from torch._guards import detect_fake_mode
 from torch._inductor import pattern_matcher as pm
 
 from ..recognize import Rejection, recognize_weight
 from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import register_pattern_family
-from .semantic import PackedWeightOperand
+from .expert_groups import Builder, expert_ordered_gemm, graph_order
+from .semantic import PackedWeightOperand, outside_user
 
 aten = torch.ops.aten
 FAMILY = "semantic_loop"
 
-__all__ = ["FAMILY", "expert_slice", "unfusable_stack", "Builder", "rows_depend_on"]
+__all__ = ["FAMILY", "expert_slice", "unfusable_stack", "rows_depend_on"]
 
 #: ancestors visited per expert's rows when checking that no row depends on the group's GEMMs
 _SEARCH = 20000
@@ -77,24 +75,16 @@ def unfusable_stack(w, stack, consumers) -> Optional[str]:
     """Why "semantic" would not fuse a grouped GEMM over the proven `stack` (verdict `w`),
     else None: a float scale that is neither one value nor one per expert, or a decode node
     (between the codes / scale bytes and the stack) or the stack itself used by something
-    other than `consumers` (fusing would compute the decode twice). Checked before a
+    other than `consumers` (fusing would compute the decode twice; the rule of "semantic",
+    which then fuses the grouped GEMM: `semantic.outside_user`). Checked before a
     rewrite so that no grouped GEMM is left unfused."""
     E = _val(stack).shape[0]
     if w.alpha is not None and _val(w.alpha).numel() not in (1, E):
         return f"float scale of shape {tuple(_val(w.alpha).shape)} is not one value or one per expert"
-    other = next((u for u in stack.users if u not in consumers), None)
-    if other is None:
-        anc, todo = {stack}, [stack]
-        while todo and len(anc) < 4000:
-            for a in todo.pop().all_input_nodes:
-                if a not in anc:
-                    anc.add(a)
-                    todo.append(a)
-        inside = {n for n in (w.codes, w.scale) if n is not None}
-        for n in stack.graph.nodes:  # topological order: the nodes from the bytes to the stack
-            if n in anc and n not in inside and any(a in inside for a in n.all_input_nodes):
-                inside.add(n)
-        other = next((u for n in inside if n is not stack for u in n.users if u not in inside), None)
+    # the decode from the codes used by anything but the group (semantic's rule: nodes computed
+    # from the scale bytes alone may have other users)
+    other = next((u for u in stack.users if u not in consumers), None) or \
+        outside_user([w.codes], stack, set(consumers))
     if other is not None:
         return f"the expert decode is also used by {other.name} (fusing would compute it twice)"
     return None
@@ -125,7 +115,7 @@ def rows_depend_on(group) -> Optional[str]:
     forward from the GEMMs, only as far as the last expert's rows in graph order (rows of
     a later layer are computed from everything before them; looking up from them would
     visit the whole model)."""
-    order = _order(group[0][1].graph)
+    order = graph_order(group[0][1].graph)
     rows = {n.args[0]: e for e, n in group}
     horizon = max(order[r] for r in rows)
     for e0, g in group:
@@ -144,29 +134,6 @@ def rows_depend_on(group) -> Optional[str]:
     return None
 
 
-class Builder:
-    """Inserts nodes before `at`, each with a fake value computed by its own op."""
-
-    def __init__(self, graph, at):
-        self.graph, self.at = graph, at
-        self.mode = detect_fake_mode([_val(n) for n in at.all_input_nodes])
-
-    def __call__(self, target, *args, **kwargs):
-        def fake(x):
-            return _val(x) if isinstance(x, torch.fx.Node) else x
-
-        fa = torch.fx.node.map_aggregate(args, fake)
-        fk = torch.fx.node.map_aggregate(kwargs, fake)
-        with self.graph.inserting_before(self.at):
-            n = self.graph.call_function(target, args, kwargs)
-        with (self.mode or contextlib.nullcontext()):
-            n.meta["val"] = target(*fa, **fk)
-        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if k in self.at.meta:
-                n.meta[k] = self.at.meta[k]
-        return n
-
-
 def _check(match) -> Optional[str]:
     anchor = match.output_node()
     group, found, why = _group(anchor)
@@ -181,7 +148,7 @@ def _check(match) -> Optional[str]:
     if why:
         return f"per-expert GEMMs left as written: {why}"
     graph = anchor.graph
-    first = min((n for _, n in group), key=lambda n: _order(graph)[n])
+    first = min((n for _, n in group), key=lambda n: graph_order(graph)[n])
     # the weight recogniser reads a grouped GEMM's [E, K, N] operand: a throwaway one over the stack
     with graph.inserting_before(first):
         b = graph.call_function(aten.permute.default, (stack, [0, 2, 1])) if layout == "nk" else stack
@@ -206,10 +173,6 @@ def _check(match) -> Optional[str]:
     return None
 
 
-def _order(graph) -> dict:
-    return {n: i for i, n in enumerate(graph.nodes)}
-
-
 def _erase_dead(graph, nodes) -> None:
     todo = list(nodes)
     while todo:
@@ -223,37 +186,15 @@ def _erase_dead(graph, nodes) -> None:
 def _replace(match) -> None:
     group, stack, layout, w = match._mxemu_loop
     graph = match.graph
-    order = _order(graph)
+    order = graph_order(graph)
     last = max((n for _, n in group), key=order.__getitem__)
     b = Builder(graph, last)
     sv = _val(stack)
     E = int(sv.shape[0])
     dev = sv.device
     weight = b(aten.permute.default, stack, [0, 2, 1]) if layout == "nk" else stack
-    rows, ids, sizes = [], [], []
-    for e, n in group:
-        a = n.args[0]
-        r = _val(a).shape[0]
-        size = r if isinstance(r, int) else b(aten.sym_size.int, a, 0)
-        rows.append(a)
-        sizes.append(size)
-        ids.append(b(aten.full.default, [size], e, dtype=torch.int64, layout=torch.strided, device=dev,
-                     pin_memory=False))
-    cat_rows = b(aten.cat.default, rows) if len(rows) > 1 else rows[0]
-    eids = b(aten.cat.default, ids) if len(ids) > 1 else ids[0]
-    zeros = b(aten.full.default, [E], 0, dtype=torch.int64, layout=torch.strided, device=dev, pin_memory=False)
-    counts = b(aten.scatter_add.default, zeros, 0, eids, b(aten.add.Tensor, b(aten.mul.Tensor, eids, 0), 1))
-    offs = b(aten.cumsum.default, counts, 0, dtype=torch.int32)
-    out = b(aten._grouped_mm.default, cat_rows, weight, offs)
-    start = 0
-    olds = []
-    for (e, n), size in zip(group, sizes):
-        end = start + size if isinstance(start, int) and isinstance(size, int) else b(operator.add, start, size)
-        part = b(aten.slice.Tensor, out, 0, start, end)
-        part.meta.update({k: v for k, v in n.meta.items() if k != "val"})
-        n.replace_all_uses_with(part)
-        olds.append(n)
-        start = end
+    out = expert_ordered_gemm(b, group, E, dev, lambda rows, offs: b(aten._grouped_mm.default, rows, weight, offs))
+    olds = [n for _, n in group]
     dead = [n.args[1] for n in olds]
     for n in olds:
         graph.erase_node(n)
