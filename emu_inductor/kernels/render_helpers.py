@@ -437,6 +437,10 @@ def fast_decode_supported(spec: KernelSpec) -> bool:
 # finishes it. Triton hands the asm two int16 elements per call and files output j's two
 # halves as elements (2c, 2c+1) of tensor j: they are codes 8c + 2j and 8c + 2j + 1, put back
 # in k order by the join / permute below (register renaming, no data movement).
+_E2M1_FAST_PAIR = """        prmt.b32 d, $4, x4, {sel};
+        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+        fma.rn.bf16x2 ${j}, t, k, z;
+"""
 E2M1_FAST = """@triton.jit
 def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
     # packed codes read as int16 [BN, BK // 4] -> bf16 values [BN, BK] in k order, exact
@@ -446,19 +450,7 @@ def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
         mov.b32 k, 0x7E807E80;
         mov.b32 z, 0x80008000;
         shr.b32 x4, $4, 4;
-        prmt.b32 d, $4, x4, 0x0400;
-        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-        fma.rn.bf16x2 $0, t, k, z;
-        prmt.b32 d, $4, x4, 0x0501;
-        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-        fma.rn.bf16x2 $1, t, k, z;
-        prmt.b32 d, $4, x4, 0x0602;
-        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-        fma.rn.bf16x2 $2, t, k, z;
-        prmt.b32 d, $4, x4, 0x0703;
-        shl.b32 t, d, 6; and.b32 t, t, 0x01C001C0; shl.b32 u, d, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-        fma.rn.bf16x2 $3, t, k, z;
-        }\"\"\",
+""" + "".join(_E2M1_FAST_PAIR.format(j=j, sel=f"0x0{4 + j}0{j}") for j in range(4)) + """        }\"\"\",
         constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
         is_pure=True, pack=2)
     a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
