@@ -207,8 +207,25 @@ def _replace(match) -> None:
                      pattern="loop")
 
 
+class ExpertSliceWeight(PackedWeightOperand):
+    """A weight operand that is one expert's slice W[e] of a 3-d stack computed from packed
+    bytes: only such GEMMs are candidates, so the plain linears of a model do not appear in
+    explain() under this family."""
+
+    def _match(self, node, ctx):
+        if expert_slice(node) is None:
+            return pm.FailedMatch("{} is not one expert of a 3-d stack", node)
+        return super()._match(node, ctx)
+
+    def __repr__(self):
+        return "ExpertSliceWeight()"
+
+    def pretty_print(self, pp):
+        return "ExpertSliceWeight()"
+
+
 @register_pattern_family(FAMILY, order=87, anchors=(aten.mm.default,),
                          description="per-expert mm over slices W[e] of one proven stack -> one grouped GEMM")
 def _init(pm_pass, input_device=None):
-    register_family_pattern(pm.CallFunction(aten.mm.default, pm.KeywordArg("a"), PackedWeightOperand()), pm_pass,
+    register_family_pattern(pm.CallFunction(aten.mm.default, pm.KeywordArg("a"), ExpertSliceWeight()), pm_pass,
                             family=FAMILY, name="loop", check=_check, replace=_replace)
