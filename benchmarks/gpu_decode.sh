@@ -14,8 +14,8 @@ case $what in
   profile)
     step profile 200 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
     step ncu 150 ncu --clock-control none --profile-from-start off --target-processes all $NCU_SECTIONS \
-         --csv --page details --log-file "$OUT/ncu_stderr.txt" python3 benchmarks/profile_decode.py --ncu-target --tokens 1,32
-    cp "$OUT/ncu.log" "$OUT/ncu_decode_qwen3_nvfp4_$slug.csv" 2>/dev/null ;;
+         --csv --page details --log-file "$OUT/ncu_decode_qwen3_nvfp4_$slug.csv" python3 benchmarks/profile_decode.py --ncu-target --tokens 1,32
+    ;;  # --log-file receives ncu's CSV report (the step's own log keeps the program's output)
 esac
 case $what in
   quick) step check 120 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
