@@ -101,6 +101,11 @@ def test_nonzero_expert_loop_with_the_capture_flags():
     assert counters["mxemu"]["semantic_loop"] == 2 and counters["mxemu"]["semantic"] == 2, dict(counters["mxemu"])
     assert counters["mxemu_ops"] == {"grouped_mm": 2}, dict(counters["mxemu_ops"])
     assert not counters["mxemu"]["internal_errors"], [r.reason for r in records]
+    # the activation QDQ written per expert is not in the grouped GEMMs: no whole mxemu::moe, with the reason
+    # (the same loop without QDQ becomes one: tests/test_recognize_moe_loop_whole.py)
+    whole = [r for r in records if r.family == "semantic_loop_moe"]
+    assert whole and not whole[0].fused and "activation QDQ written per expert" in whole[0].reason, \
+        [r.reason for r in records]
 
 
 def test_chained_gemms_over_one_stack_stay_as_written():

@@ -270,6 +270,7 @@ BUILTIN_FAMILY_MODULES = (
     "emu_inductor.passes.semantic_loop",
     "emu_inductor.passes.semantic_moe",
     "emu_inductor.passes.semantic_group",
+    "emu_inductor.passes.semantic_loop_moe",
 )
 
 

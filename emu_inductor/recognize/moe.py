@@ -35,10 +35,10 @@ from .extract import attr_value, real_mode
 from .moe_probes import (COMBINE_ORDERS, ProbeGemm, activation_probes, activation_routings, activation_width,
                          extract_with_gemms, reference_moe, routing_probes)
 from .moe_region import GemmSite, MoeRegion, find_moe_regions, live_nodes
-from .shapes import concrete_shape
+from .shapes import concrete_shape, hint
 from .verdict import CACHE, Rejection, cone_key
 
-__all__ = ["recognize_moe", "MoeVerdict", "GemmSite", "prove_activation"]
+__all__ = ["recognize_moe", "recognize_moe_region", "MoeVerdict", "GemmSite", "prove_activation"]
 
 
 @dataclasses.dataclass
@@ -66,6 +66,12 @@ MoeResult = Union[MoeVerdict, Rejection]
 
 def _val(n):
     return n.meta.get("val")
+
+
+def _width(n) -> int:
+    """The hinted last size of a 2-d value (its rows may be data-dependent: a loop's
+    nonzero-selected rows have no hint, and only the width is needed)."""
+    return hint(_val(n).shape[-1])
 
 
 def _fmt(t: torch.Tensor, i: int) -> str:
@@ -122,7 +128,7 @@ def _prove_body(region: MoeRegion, activations: list) -> tuple[Optional[tuple], 
     H = concrete_shape(_val(region.hidden))[1]
     out = _val(region.output)
     H2 = concrete_shape(out)[1]
-    n1 = concrete_shape(_val(first.node))[1]
+    n1 = _width(first.node)
     xv = _val(region.hidden)
     if H2 != H or out.dtype != xv.dtype:
         return None, f"the result {out.dtype}[{T}, {H2}] is not the hidden states' {xv.dtype}[{T}, {H}]", 0
@@ -134,7 +140,7 @@ def _prove_body(region: MoeRegion, activations: list) -> tuple[Optional[tuple], 
     g1, g2 = ProbeGemm(E, n1, gen), ProbeGemm(E, H2, gen)
     runs.append((g1, g2, routing_probes(T, H, k, E, *dtypes, gen), list(COMBINE_ORDERS)))
     if not region.act_direct:
-        if H2 < concrete_shape(_val(second.rows))[1]:
+        if H2 < _width(second.rows):
             return None, "the activation is not proven on its own and GEMM2's output is narrower than its input", 0
         runs.append((ProbeGemm.identity(E, n1), ProbeGemm.identity(E, H2),
                      activation_routings(T, H, k, E, *dtypes, gen), ["sum"]))
@@ -212,26 +218,56 @@ def _recognize(second, site_of, live, use_cache) -> MoeResult:
             return rej(f"activation between the GEMMs not proven: {hit[1]}")
         activations = [hit[1]]
     else:  # routing inside the activation cone: candidates by width, proven in the body
-        n1 = concrete_shape(_val(region0.first.node))[1]
-        n2 = concrete_shape(_val(region0.second.rows))[1]
-        activations = [a for a in ACTIVATIONS if activation_width(a, n1) == n2]
-        if not activations:
-            return rej(f"the activation maps width {n1} to {n2}: no gated or elementwise activation does")
+        activations, why = _activations_by_width(region0)
+        if why:
+            return rej(why)
     reasons = []
     for region in regions:
-        key = cone_key("moe_body", region.body, attr_value, extra=",".join(activations))
-        entry = CACHE.get(key) if use_cache else None
-        cached = entry is not None
-        if entry is None:
-            try:
-                found, why, n = _prove_body(region, activations)
-            except Exception as e:
-                found, why, n = None, f"evaluating the body raised {type(e).__name__}: {e}", 0
-            entry = ("ok", found, n) if found else ("rej", why, n)
-            if use_cache:
-                CACHE.put(key, entry)
-        if entry[0] == "ok":
-            (activation, order), n = entry[1], entry[2]
-            return MoeVerdict(region, activation, order, n, seconds=time.perf_counter() - t0, cached=cached, key=key)
-        reasons.append(f"result {region.output.name}: {entry[1]}")
+        v = _verdict(region, activations, use_cache, t0)
+        if isinstance(v, MoeVerdict):
+            return v
+        reasons.append(f"result {region.output.name}: {v}")
     return rej("; ".join(reasons))
+
+
+def _activations_by_width(region: MoeRegion) -> tuple[list, str]:
+    n1, n2 = _width(region.first.node), _width(region.second.rows)
+    activations = [a for a in ACTIVATIONS if activation_width(a, n1) == n2]
+    if not activations:
+        return [], f"the activation maps width {n1} to {n2}: no gated or elementwise activation does"
+    return activations, ""
+
+
+def _verdict(region: MoeRegion, activations: list, use_cache: bool, t0: float) -> Union[MoeVerdict, str]:
+    """The body proof of one region (cached by the body's structure): a verdict or the reason."""
+    key = cone_key("moe_body", region.body, attr_value, extra=",".join(activations))
+    entry = CACHE.get(key) if use_cache else None
+    cached = entry is not None
+    if entry is None:
+        try:
+            found, why, n = _prove_body(region, activations)
+        except Exception as e:
+            found, why, n = None, f"evaluating the body raised {type(e).__name__}: {e}", 0
+        entry = ("ok", found, n) if found else ("rej", why, n)
+        if use_cache:
+            CACHE.put(key, entry)
+    if entry[0] == "ok":
+        (activation, order), n = entry[1], entry[2]
+        return MoeVerdict(region, activation, order, n, seconds=time.perf_counter() - t0, cached=cached, key=key)
+    return entry[1]
+
+
+def recognize_moe_region(region: MoeRegion, *, use_cache: bool = True) -> MoeResult:
+    """Prove a region found by another structure finder (the per-expert loop's,
+    `moe_loop.find_loop_moe_region`): the activation is proven inside the body (identity
+    probe GEMMs, every 16-bit pattern), routing and combine on the probe routings, exactly
+    as for `recognize_moe`'s regions whose activation reads routing tensors."""
+    if not isinstance(region, MoeRegion):
+        raise TypeError(f"region: expected a MoeRegion, got {type(region).__name__}")
+    t0 = time.perf_counter()
+    with real_mode():
+        activations, why = _activations_by_width(region)
+        v = _verdict(region, activations, use_cache, t0) if not why else why
+    if isinstance(v, MoeVerdict):
+        return v
+    return Rejection("moe", region.second.node, v, seconds=time.perf_counter() - t0)

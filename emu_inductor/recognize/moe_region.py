@@ -158,10 +158,13 @@ def live_nodes(graph) -> set:
     return live
 
 
-def cone(output: Node, inputs: list, sites: dict, leaf=None) -> tuple[Optional[Region], Optional[str]]:
+def cone(output: Node, inputs: list, sites: dict, leaf=None, follow_syms: bool = False
+         ) -> tuple[Optional[Region], Optional[str]]:
     """The nodes between `inputs` and `output` (GEMMs followed through rows and ends only).
     Constants (get_attr, nodes without tensor inputs) and SymInt values are allowed
-    leaves, and nodes `leaf(n)` accepts; any other graph input is a reason to refuse."""
+    leaves, and nodes `leaf(n)` accepts; any other graph input is a reason to refuse.
+    `follow_syms`: SymInt-valued nodes are computed inside the cone instead of taking their
+    hint (a loop's row counts are sizes of nonzero() results: no hint, data-dependent)."""
     inset = set(inputs)
     nodes, seen, stack = [], {output}, [output]
     leaves = list(inputs)
@@ -182,7 +185,7 @@ def cone(output: Node, inputs: list, sites: dict, leaf=None) -> tuple[Optional[R
             continue
         if n.op != "call_function":
             return None, f"{n.name} is a {n.op} node"
-        if _is_sym(n) and n is not output:
+        if _is_sym(n) and n is not output and not follow_syms:
             leaves.append(n)
             continue
         nodes.append(n)
