@@ -529,18 +529,22 @@ def quick(dev, out_dir, shape_name, schemes, tokens, configs, workers=14, tag="q
                 return torch._grouped_mm(c1[:, :I].contiguous(), W2, offs=offs)
 
             row["grouped_mm_bf16_graph_ms"] = tt.do_bench_cudagraph(gmm, rep=30)
-            # routing prep alone: the one-program Triton kernel at several warp counts, the torch path
+            # routing prep alone: the one-program sort kernel (impl "triton", default = its own warp
+            # count), the older one-hot kernel ("onehot"; keys "triton4/8/16" of earlier results)
+            # at several warp counts, the torch path
             from emu_inductor.kernels.launch import moe_align
 
             row["routing_us"] = {}
-            for impl, warps in ([] if not routing else (("triton", 4), ("triton", 8), ("triton", 16), ("torch", 0))):
-                os.environ["EMU_INDUCTOR_ROUTING_WARPS"] = str(warps or 4)
+            runs = (("sort", "triton", 0), ("sort8", "triton", 8), ("sort16", "triton", 16), ("onehot4", "onehot", 4),
+                    ("onehot8", "onehot", 8), ("onehot16", "onehot", 16), ("torch", "torch", 0))
+            for name, impl, warps in (runs if routing else ()):
+                os.environ["EMU_INDUCTOR_ROUTING_WARPS"] = str(warps)
                 try:
                     moe_align(ids, None, E, 16, impl=impl)
                     t = tt.do_bench_cudagraph(lambda: moe_align(ids, None, E, 16, impl=impl), rep=20)
-                    row["routing_us"][f"{impl}{warps or ''}"] = t * 1e3
+                    row["routing_us"][name] = t * 1e3
                 except Exception as e:
-                    row["routing_us"][f"{impl}{warps or ''}"] = f"{type(e).__name__}: {e}"[:200]
+                    row["routing_us"][name] = f"{type(e).__name__}: {e}"[:200]
             os.environ.pop("EMU_INDUCTOR_ROUTING_WARPS", None)
             log(f"routing T={T}: {row['routing_us']}")
             ok = [c for c in row["configs"] if "graph_ms" in c]

@@ -14,7 +14,6 @@ import zlib
 import pytest
 import torch
 
-from emu_inductor.kernels.launch import moe_align
 from emu_inductor.ops.triton_impl import moe_triton
 from emu_inductor.spec import OpSpec
 from emu_inductor.reference import moe_emulated
@@ -100,17 +99,6 @@ def test_gate_up_alpha_and_atomic():
     moe_check(qe2, "nvfp4_w4a4", "silu", x, tw, ids, reduction="atomic")
 
 
-def test_align_no_sync_layout():
-    ids = torch.tensor([[3, 0], [3, 1], [3, 0]], dtype=torch.int32)
-    sorted_ids, bexp, pos = moe_align(ids, None, 4, 4)
-    R = 6
-    assert bexp.shape[0] == 2 + 4  # cdiv(R, BM) + min(E, R): shapes only
-    # expert 0 rows 1, 5; expert 1 row 3; expert 3 rows 0, 2, 4; padding = R
-    assert sorted_ids.tolist()[:12] == [1, 5, R, R, 3, R, R, R, 0, 2, 4, R]
-    assert bexp.tolist() == [0, 1, 3, 4, 4, 4]
-    assert pos.tolist() == [8, 0, 9, 4, 10, 1]
-
-
 def _args(scheme="nvfp4_w4a4"):
     qe = _experts(scheme, "silu")
     x, tw, ids = _inputs(4, 2)
@@ -148,22 +136,6 @@ def test_op_dispatches_to_triton_under_interpreter():
     out = torch.ops.mxemu.moe(*kw.values(), spec.to_str())
     ref = lib._REFERENCE["moe"](*kw.values(), spec)
     assert torch.equal(out, ref)
-
-
-@pytest.mark.parametrize("BM", [4, 16])
-@pytest.mark.parametrize("with_map", [False, True])
-def test_align_triton_kernel_matches_torch(BM, with_map):
-    """The one-program Triton routing prep builds exactly the torch path's layout (stable
-    order, padding, block table, positions), out-of-range ids and -1 map entries included."""
-    g = torch.Generator().manual_seed(BM + with_map)
-    E_, ng = 5, 8
-    for T, k in ((1, 2), (7, 3), (40, 2)):
-        ids = torch.randint(-1 if not with_map else 0, ng if with_map else E_ + 1, (T, k), generator=g).to(torch.int32)
-        emap = torch.tensor([0, -1, 1, 2, 4, -1, 3, 7], dtype=torch.int32) if with_map else None
-        a = moe_align(ids, emap, E_, BM, impl="torch")
-        b = moe_align(ids, emap, E_, BM, impl="triton")
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("scheme,activation,rw_in", [

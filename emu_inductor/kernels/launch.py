@@ -34,7 +34,7 @@ from .cache import load_module
 from .kernel_spec import KernelSpec, alpha_mode_of
 from .render import render
 from .render_helpers import fast_decode_supported
-from .routing import moe_align_kernel
+from .routing import moe_align_kernel, moe_align_sort_kernel
 from .tiles import TileConfig, auto_split, interpreter_config, token_bucket
 
 __all__ = ["GemmWeights", "Routing", "ActScales", "BlockRouting", "KernelScales", "MoEWorkspaces", "moe_align",
@@ -74,18 +74,35 @@ def _np2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-# one-program Triton routing prep while R * next_pow2(E) stays under this (decode sizes)
+# One-program Triton routing prep (kernels/routing.py). The default kernel sorts (expert, row)
+# keys, one lane per row (~R log^2 R work spread over the CTA), up to this many rows; past it,
+# the torch path. The older one-hot kernel (cost ~R * E; EMU_INDUCTOR_ROUTING=onehot, kept
+# for A/B timing) was the default while R * next_pow2(E) <= ROUTING_KERNEL_MAX_WORK.
+ROUTING_SORT_MAX_ROWS = 8192
 ROUTING_KERNEL_MAX_WORK = 1 << 16
+ROUTING_IMPLS = ("torch", "triton", "onehot")
 
 
 def _routing_impl(R: int, E: int) -> str:
+    """EMU_INDUCTOR_ROUTING (one of ROUTING_IMPLS) forces a path; else the sort kernel while it
+    applies (`_sort_kernel_fits`), the torch path past it."""
     forced = os.environ.get("EMU_INDUCTOR_ROUTING", "")
-    if forced in ("torch", "triton"):
+    if forced in ROUTING_IMPLS:
         return forced
-    return "triton" if R * _np2(E) <= ROUTING_KERNEL_MAX_WORK else "torch"
+    return "triton" if _sort_kernel_fits(R, E) else "torch"
 
 
-def _moe_align_triton(topk_ids, expert_map, E: int, BM: int):
+def _sort_kernel_fits(R: int, E: int) -> bool:
+    # one program of next_pow2(R) lanes; keys (expert << log2(lanes)) | row stay below 2**30
+    # (the kernel's sort adds two keys)
+    return 0 < R <= ROUTING_SORT_MAX_ROWS and (E + 1) * max(16, _np2(R)) <= 2**30
+
+
+def _routing_warps(default: int) -> int:
+    return int(os.environ.get("EMU_INDUCTOR_ROUTING_WARPS", "0") or 0) or default
+
+
+def _moe_align_triton(topk_ids, expert_map, E: int, BM: int, kernel: str = "sort"):
     dev = topk_ids.device
     R = topk_ids.numel()
     max_blocks = _cdiv(R, BM) + min(E, R)
@@ -97,14 +114,21 @@ def _moe_align_triton(topk_ids, expert_map, E: int, BM: int):
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     pos_of_id = torch.empty(R, dtype=torch.int64, device=dev)
     BE = max(16, _np2(E))
-    BR = max(16, min(_np2(R), 8192 // BE))
-    BF = max(16, 8192 // BE)
-    warps = int(os.environ.get("EMU_INDUCTOR_ROUTING_WARPS", "4"))
     emap = expert_map.contiguous() if expert_map is not None else ids
-    moe_align_kernel[(1,)](ids.contiguous(), emap, sorted_ids, block_expert, pos_of_id, R, E,
-                           expert_map.shape[0] if expert_map is not None else E, P, max_blocks,
-                           HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
-                           **({} if interpreting() else {"num_warps": warps}))
+    NG = expert_map.shape[0] if expert_map is not None else E
+    args = (ids.contiguous(), emap, sorted_ids, block_expert, pos_of_id, R, E, NG, P, max_blocks)
+    if kernel == "sort":
+        BN = max(16, _np2(R))
+        # 16 lanes a thread at most (a 4096-row sort at 8 warps ~ 16 keys a thread)
+        warps = _routing_warps(min(16, max(4, BN // 512)))
+        moe_align_sort_kernel[(1,)](*args, HAS_MAP=expert_map is not None, BM=BM, BN=BN,
+                                    LOG_BN=BN.bit_length() - 1, BE=BE, BF=1024,
+                                    **({} if interpreting() else {"num_warps": warps}))
+    else:
+        BR = max(16, min(_np2(R), 8192 // BE))
+        BF = max(16, 8192 // BE)
+        moe_align_kernel[(1,)](*args, HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
+                               **({} if interpreting() else {"num_warps": _routing_warps(4)}))
     return sorted_ids, block_expert, pos_of_id
 
 
@@ -117,11 +141,20 @@ def moe_align(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], E: int
     belongs to expert block_expert[b], or E past the last used block; pos_of_id[r] is the
     padded position of row r (P for rows whose expert is -1 / not local). Ids outside
     [0, E_global) and map entries outside [-1, E) are treated as not local.
+
+    impl: "triton" (one-program sort kernel; the torch path past `_sort_kernel_fits`),
+    "onehot" (the older one-program kernel, any size), "torch"; None = `_routing_impl`.
+    All three build the same values.
     """
     dev = topk_ids.device
     R = topk_ids.numel()
-    if (impl or _routing_impl(R, E)) == "triton" and R > 0:
-        return _moe_align_triton(topk_ids, expert_map, E, BM)
+    impl = impl or _routing_impl(R, E)
+    if impl not in ROUTING_IMPLS:
+        raise ValueError(f"moe_align: impl must be one of {ROUTING_IMPLS}, got {impl!r}")
+    if impl == "triton" and _sort_kernel_fits(R, E):
+        return _moe_align_triton(topk_ids, expert_map, E, BM, "sort")
+    if impl == "onehot" and R > 0:
+        return _moe_align_triton(topk_ids, expert_map, E, BM, "onehot")
     ids = topk_ids.reshape(-1).to(torch.int64)
     if expert_map is not None:
         ng = expert_map.shape[0]
