@@ -104,7 +104,7 @@ def test_nonzero_expert_loop_with_the_capture_flags():
     # the activation QDQ written per expert is not in the grouped GEMMs: no whole mxemu::moe, with the reason
     # (the same loop without QDQ becomes one: tests/test_recognize_moe_loop_whole.py)
     whole = [r for r in records if r.family == "semantic_loop_moe"]
-    assert whole and not whole[0].fused and "activation QDQ written per expert" in whole[0].reason, \
+    assert whole and not whole[0].fused and "an activation QDQ written per expert" in whole[0].reason, \
         [r.reason for r in records]
 
 

@@ -16,8 +16,8 @@ The rewrite is made only when the weight recogniser proves the stack's decode
 (`recognize_weight` over the stack, the verdict "semantic" then reads from its cache) and
 no expert's rows depend on another GEMM of the group; otherwise the loop stays as
 written and explain() says why. The row selection, activation QDQ (per expert, as the user
-wrote it), activation and combine stay as written: whole-layer mxemu::moe for loops is
-not done here.
+wrote it), activation and combine stay as written here; "semantic_loop_moe" (order 98)
+then proves the whole loop around the two grouped GEMMs and makes it one mxemu::moe.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from ..recognize import Rejection
 from ..recognize.moe import recognize_moe_region
 from ..recognize.moe_loop import assertion_only, find_loop_moe_region, is_loop_rows
 from ..recognize.moe_region import find_first_gemm, live_nodes
+from ..recognize.shapes import hint
 from ..spec import OpSpec
 from .guards import register_family_pattern
 from .recorder import count, record
@@ -68,9 +69,48 @@ class LoopSecondGemm(pm.CallFunction):
         return m
 
 
+def _hinted(v) -> bool:
+    try:
+        return all(isinstance(hint(d), int) for d in v.shape)
+    except ValueError:  # a data-dependent (nonzero-selected) row count
+        return False
+
+
+_REDUCTIONS = ("aten.amax", "aten.max", "aten.amin", "aten.min")
+
+
+def _qdq_left(site, stop: set) -> Optional[torch.fx.Node]:
+    """A block reduction (an activation QDQ's amax) among the ancestors of a weight-only
+    grouped GEMM's rows, not walking past `stop` or float tensors with a size hint (the
+    whole hidden states / a QDQ applied before the loop): a QDQ written per expert."""
+    if not isinstance(site.node.args[6], str) or OpSpec.from_str(site.node.args[6]).act_kind != "none":
+        return None
+    seen, todo = {site.rows}, [site.rows]
+    while todo and len(seen) < 4000:
+        n = todo.pop()
+        if str(getattr(n.target, "_overloadpacket", "")) in _REDUCTIONS:
+            return n
+        for a in n.all_input_nodes:
+            if a in seen or a in stop:
+                continue
+            seen.add(a)
+            v = _val(a)
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2 and _hinted(v):
+                continue  # a tensor with a size hint: outside the per-expert part
+            todo.append(a)
+    return None
+
+
 def _check(match) -> Optional[str]:
     anchor = match.output_node()
     site = grouped_site(anchor)
+    first = find_first_gemm(site, grouped_site)
+    for s in (first, site):
+        r = _qdq_left(s, {first.node})
+        if r is not None:
+            return (f"whole-layer mxemu::moe not formed (the grouped GEMMs stay fused alone): an activation QDQ "
+                    f"written per expert ({r.name}, a block reduction above {s.node.name}'s rows) is not in the "
+                    f"weight-only grouped GEMM (the per-expert rows have no size hint for the QDQ recogniser)")
     region, why = find_loop_moe_region(site, grouped_site, live_nodes(anchor.graph))
     if region is None:
         return f"whole-layer mxemu::moe not found (the grouped GEMMs stay fused alone): {why}"

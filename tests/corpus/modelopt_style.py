@@ -135,7 +135,9 @@ ENTRIES = [
                     "gate_up[e] / down[e] become two mxemu::grouped_mm (semantic_loop), weight-only; but stock "
                     "Inductor miscompiles ModelOpt's activation QDQ on nonzero-selected rows (measured: backend "
                     "'inductor' and 'mxemu' both max error 10.0 vs eager at seed 1, aot_eager exact; the QDQ is "
-                    "not fused, so mxemu inherits it); no mxemu::moe (loop form)",
+                    "not fused, so mxemu inherits it); no mxemu::moe: semantic_loop_moe refuses it (the activation QDQ "
+                    "written per expert is not in the weight-only grouped GEMMs; the bf16 index_add_ combine would "
+                    "also differ from mxemu::moe's fp32 sum)",
         plumbing="one-hot expert mask + torch.where per expert, chunk(2), index_add_ bf16",
     ),
 ]

@@ -179,8 +179,10 @@ ENTRIES = [
         fused_today="default config: nothing. With capture_scalar_outputs / capture_dynamic_output_shape_ops: one "
                     "graph, the 4+4 per-expert F.linear over w13[e] / w2[e] of one decoded stack become two "
                     "mxemu::grouped_mm (semantic_loop: rows concatenated in expert order, unbacked counts), "
-                    "weight-only (the per-expert activation QDQ stays as written); no mxemu::moe (loop form, "
-                    "data-dependent row counts); equal to eager (measured bf16 2026-12-02, 45-92 s to compile)",
+                    "weight-only (the per-expert activation QDQ stays as written); no mxemu::moe: semantic_loop_moe "
+                    "(which makes the same loop without activation QDQ one mxemu::moe) refuses it because the QDQ "
+                    "written per expert is not in the weight-only grouped GEMMs (no size hint for the QDQ "
+                    "recogniser); equal to eager (measured bf16 2026-12-02, 45-92 s to compile)",
         plumbing="per-expert Python loop, nonzero(ids == e) rows, slicing gate/up, index_add_ fp32",
     ),
 ]

@@ -295,8 +295,10 @@ ENTRIES = [
                                "graph than its dequant); left out of the compile test for time",
         fused_today="default config: nothing. With the capture flags: one graph; 8 mxemu::linear (one per expert "
                     "and GEMM: each dequantizes w13[i] of the packed bytes, the traced vllm_lut pattern), "
-                    "weight-only, grouped by semantic_group into two mxemu::grouped_mm; no mxemu::moe (loop form, "
-                    "boolean-mask rows; measured bf16 2026-12-02)",
+                    "weight-only, grouped by semantic_group into two mxemu::grouped_mm; no mxemu::moe: semantic_loop_moe "
+                    "refuses it (GEMM2's activation QDQ is written per expert, not in the weight-only grouped GEMM; "
+                    "the bf16 product-and-sum combine would also differ from mxemu::moe's fp32 sum; measured bf16 "
+                    "2026-12-02)",
         compile_smoke=False,
         plumbing="repeat rows, per-expert boolean mask, masked assignment, view(T,k,H)*w summed in bf16; no renorm",
     ),
