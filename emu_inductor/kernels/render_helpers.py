@@ -419,13 +419,29 @@ def _e8m0_decode_w(u):
 """
 
 
-def fast_decode_supported(spec: KernelSpec) -> bool:
-    """The inline-PTX E2M1 decode (`E2M1_FAST`) applies: GPU variant, bf16 activations, MX
-    E2M1 weights read with the default E8M0 reader (power-of-two scales: the bf16 products
-    are exact). The launcher also requires EVEN_K and a CUDA (not ROCm) device."""
+def fast_decode_kind(spec: KernelSpec, alpha_mode: str) -> str:
+    """Which inline-PTX E2M1 weight decode applies to one weight operand (GPU variant, bf16
+    activations; the launcher also requires EVEN_K and a CUDA, not ROCm, device):
+      "mx": MX E2M1 read with the default E8M0 reader (`E2M1_FAST`: power-of-two scales, the
+            bf16 products are exact);
+      "nv": E2M1 under E4M3 block scales and one global scale per tensor or expert applied as
+            s * a or s / g (`E2M1_NV_FAST`: the fp32 products of the plain decode, fewer
+            instructions; per program only while |scale| < 4, `_nv_fast_ok`);
+      "":   none (the plain decode)."""
     fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
-    return (not spec.interpret and spec.dtype == "bf16" and fmt.is_mx and fmt.pack_bits == 4
-            and is_e2m1(fmt.element) and spec.op.w_e8m0_byte255 == "nan")
+    if spec.interpret or spec.dtype != "bf16" or fmt.pack_bits != 4 or not is_e2m1(fmt.element):
+        return ""
+    if fmt.is_mx:
+        return "mx" if spec.op.w_e8m0_byte255 == "nan" else ""
+    if (fmt.scale.name == "e4m3" and fmt.block_size % 8 == 0 and alpha_mode in ("scalar", "expert")
+            and spec.op.w_scale_order in ("s*a", "s/g")):
+        return "nv"
+    return ""
+
+
+def fast_decode_supported(spec: KernelSpec) -> bool:
+    """Some weight operand of the spec's kernels has an inline-PTX decode (`fast_decode_kind`)."""
+    return any(fast_decode_kind(spec, a) for a in (spec.alpha1, spec.alpha2))
 
 
 # The MX weight decode as bf16 pairs (offline SASS, benchmarks/sass_loop.py: the GEMM loop
@@ -453,10 +469,76 @@ def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
 """ + "".join(_E2M1_FAST_PAIR.format(j=j, sel=f"0x0{4 + j}0{j}") for j in range(4)) + """        }\"\"\",
         constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
         is_pure=True, pack=2)
+    return _words_in_k_order(o0, o1, o2, o3, BN, BK)
+"""
+# the join / permute both inline decodes end with (rendered once with either)
+WORDS_IN_K_ORDER = """@triton.jit
+def _words_in_k_order(o0, o1, o2, o3, BN: tl.constexpr, BK: tl.constexpr):
+    # output j of the asm holds codes 8c + 2j and 8c + 2j + 1 as its elements (2c, 2c + 1)
     a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
     a = tl.reshape(a, (BN, BK // 8, 2, 4))
     return tl.reshape(tl.permute(a, (0, 1, 3, 2)), (BN, BK))  # (c, j, r): k = 8c + 2j + r
 """
+
+
+def _nv_code_lines(dst: str, src: str, nibble: int) -> str:
+    """PTX: the E2M1 code in nibble `nibble` of `src` with its bits where `_decode` puts them
+    (magnitude at fp32 bits 22..24, sign at 31: value * 2^-126), times the block scale * 2^126
+    ($5): one fp32 rounding of value * scale, as the plain decode's product. The isolated code
+    times 2^a + 2^b is two copies of it at bits 22..25 and 28..31 (disjoint: no carries), from
+    which the mask keeps the magnitude of the first and the sign of the second."""
+    a, b = 22 - 4 * nibble, 28 - 4 * nibble
+    assert a >= 0, "nibbles above 5 are shifted down first"
+    return (f"        and.b32 {dst}, {src}, {hex(0xF << 4 * nibble)}; mul.lo.u32 {dst}, {dst}, {hex((1 << a) + (1 << b))}; "
+            f"and.b32 {dst}, {dst}, 0x81C00000; mul.rn.f32 {dst}, {dst}, $5;\n")
+
+
+def _nv_pair_lines(j: int) -> str:
+    """Byte j of the word $4 (bytes 3 read from $4 >> 8 as byte 2): its two codes decoded
+    and rounded to a bf16 pair in output $j (low half: the low nibble, the even k)."""
+    src, byte = ("y", 2) if j == 3 else ("$4", j)
+    return (_nv_code_lines("lo", src, 2 * byte) + _nv_code_lines("hi", src, 2 * byte + 1)
+            + f"        cvt.rn.bf16x2.f32 ${j}, hi, lo;\n")
+
+
+# The NVFP4 weight decode on whole 32-bit words (8 codes, all in one 16-element block): per
+# code three integer ops put its bits where `_decode` puts them, one mul.rn.f32 by the block
+# scale * 2^126 (`_nv_fast_ok` keeps that finite and exact) gives the plain decode's fp32
+# product, and cvt.rn.bf16x2.f32 rounds two of them as `_wq` does: bit-identical to the plain
+# decode with no byte unpacking, interleave or per-element scale broadcast (offline SASS,
+# benchmarks/sass_loop.py: see docs/kernels.md). Outputs are filed as in `E2M1_FAST`.
+E2M1_NV_FAST = """@triton.jit
+def _e2m1_i16_nv(w, sp, BN: tl.constexpr, BK: tl.constexpr):
+    # packed codes read as int16 [BN, BK // 4] and each word's block scale * 2^126 (fp32,
+    # [BN, BK // 4]) -> bf16(value * scale) [BN, BK] in k order
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        asm=\"\"\"{
+        .reg .b32 lo, hi, y;
+        shr.b32 y, $4, 8;
+""" + "".join(_nv_pair_lines(j) for j in range(4)) + """        }\"\"\",
+        constraints="=r,=r,=r,=r,r,r,r", args=[w, sp], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=2)
+    return _words_in_k_order(o0, o1, o2, o3, BN, BK)
+"""
+
+
+# E4M3 scale bytes to fp32 in a few bit operations (the generic `_decode` selects between the
+# normal and subnormal forms; no fp8 cast: Ampere has no fp8 conversion): the exponent and
+# mantissa bits at fp32 bits 20..26 read as value * 2^-120 for every code, subnormals too.
+E4M3_BY_BITS = """@triton.jit
+def _e4m3_by_bits(u):
+    # E4M3 bytes (int32) -> fp32, exact; 0x7F / 0xFF -> NaN
+    v = (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * """ + _f(2.0 ** 120) + """
+    return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
+"""
+
+
+def _nv_fast_ok(mode: str, order: str) -> str:
+    """The per-program condition of the NVFP4 inline decode: every block scale s * a (s / g)
+    is below 4 in magnitude (E4M3 scales are at most 448), so scale * 2^126 is finite and
+    exact. False for a NaN / Inf global scale (the plain decode runs then)."""
+    a = _alpha_load(mode)
+    return f"tl.abs({a}) >= 128.0" if order == "s/g" else f"tl.abs({a}) <= 0.0078125"
 
 
 def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
@@ -504,18 +586,34 @@ sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks
                 f"v = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None]{twice}, (BN, BK))"
                 f"{post.replace(chr(10) + '    ', chr(10))}\n"
                 "w = _wq(v)")
-    if fast_decode_supported(spec):
-        # FASTDEC: the words as int16 (4 codes each) for _e2m1_i16_bf16; scales exact in bf16
+    kind = fast_decode_kind(spec, alpha_mode)
+    if kind:
+        # FASTDEC: the words as int16 (4 codes each) for the inline-PTX decode
         fast_ld = f"""kq = k0 // 4 + tl.arange(0, BK // 4)
 byt = tl.load(({base}).to(tl.pointer_type(tl.int16)) + kq[None, :],
               mask={m} & _kmask(kq, K // 4, EVEN_K)[None, :], other=0)"""
         load = f"if FASTDEC:\n{_ind(fast_ld)}\nelse:\n{_ind(load)}"
+    if kind == "mx":  # scales exact in bf16, products exact
         dec_body = (f"if FASTDEC:\n    v = _e2m1_i16_bf16(byt, BN, BK)\n    s = _e8m0_decode(sc.to(tl.int32)).to(tl.bfloat16)\n"
                     f"    w = tl.reshape(tl.reshape(v, (BN, BK // {bs}, {bs})) * s[:, :, None], (BN, BK))\n"
                     f"else:\n{_ind(slow_dec)}")
+    elif kind == "nv":
+        # one scale * 2^126 per word; where _nv_fast_ok fails (a large or non-finite global
+        # scale) the words are split back into bytes for the plain decode
+        fast = (f"s = _e4m3_by_bits(sc.to(tl.int32))\n{_alpha_expr(alpha_mode, op.w_scale_order)}\n"
+                f"if {_nv_fast_ok(alpha_mode, op.w_scale_order)}:\n"
+                f"    sp = s * {_f(2.0 ** 126)}  # exact: |s| < 4 here\n"
+                f"    sp = tl.reshape(tl.broadcast_to(sp[:, :, None], (BN, BK // {bs}, {bs // 4})), (BN, BK // 4))\n"
+                f"    w = _e2m1_i16_nv(byt, sp, BN, BK)\n"
+                f"else:\n    b32 = byt.to(tl.int32)\n"
+                f"    w = {name}_plain(tl.interleave(b32 & 255, (b32 >> 8) & 255), sc, alpha_ptr, e, rows, rmask, NW, BN, BK)")
+        dec_body = f"if FASTDEC:\n{_ind(fast)}\nelse:\n    w = {name}_plain(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)"
+        # a function of its own: a runtime branch may not rebind byt / sc to other types
+        plain = (f"@triton.jit\ndef {name}_plain(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):\n"
+                 f"    # the plain decode of the tile's bytes\n{_ind(slow_dec)}\n    return w\n\n\n")
     else:
         dec_body = slow_dec
-    return f"""@triton.jit
+    return (plain if kind == "nv" else "") + f"""@triton.jit
 def {name}_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
 {pad}BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] {fmt.name} weight tile (none where kok is false)

@@ -110,11 +110,29 @@ def _act(g, u):
 
 
 @triton.jit
+def _w_tile1_plain(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+    # the plain decode of the tile's bytes
+    byt = byt.to(tl.int32)
+    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+    sc = sc.to(tl.int32)
+    s = _decode_e4m3(sc)
+    s = s * tl.load(alpha_ptr + e)
+    v = tl.reshape(tl.reshape(v, (BN, BK // 16, 16)) * s[:, :, None], (BN, BK))
+    w = _wq(v)
+    return w
+
+
+@triton.jit
 def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
                 BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] nvfp4 weight tile (none where kok is false)
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
+    if FASTDEC:
+        kq = k0 // 4 + tl.arange(0, BK // 4)
+        byt = tl.load((w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn).to(tl.pointer_type(tl.int16)) + kq[None, :],
+                      mask=rmask[:, None] & kok & _kmask(kq, K // 4, EVEN_K)[None, :], other=0)
+    else:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
     ks = k0 // 16 + tl.arange(0, BK // 16)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
                  mask=rmask[:, None] & kok & _kmask(ks, K // 16, EVEN_K)[None, :], other=0)
@@ -124,13 +142,18 @@ def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 @triton.jit
 def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile1_ld loaded, in registers: bf16(value * scale)
-    byt = byt.to(tl.int32)
-    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
-    sc = sc.to(tl.int32)
-    s = _decode_e4m3(sc)
-    s = s * tl.load(alpha_ptr + e)
-    v = tl.reshape(tl.reshape(v, (BN, BK // 16, 16)) * s[:, :, None], (BN, BK))
-    w = _wq(v)
+    if FASTDEC:
+        s = _e4m3_by_bits(sc.to(tl.int32))
+        s = s * tl.load(alpha_ptr + e)
+        if tl.abs(tl.load(alpha_ptr + e)) <= 0.0078125:
+            sp = s * 8.507059173023462e+37  # exact: |s| < 4 here
+            sp = tl.reshape(tl.broadcast_to(sp[:, :, None], (BN, BK // 16, 4)), (BN, BK // 4))
+            w = _e2m1_i16_nv(byt, sp, BN, BK)
+        else:
+            b32 = byt.to(tl.int32)
+            w = _w_tile1_plain(tl.interleave(b32 & 255, (b32 >> 8) & 255), sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+    else:
+        w = _w_tile1_plain(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
     return w
 
 
@@ -144,11 +167,29 @@ def _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, rmask, k0, K, NW, stride_we, stri
 
 
 @triton.jit
+def _w_tile2_plain(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr):
+    # the plain decode of the tile's bytes
+    byt = byt.to(tl.int32)
+    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
+    sc = sc.to(tl.int32)
+    s = _decode_e4m3(sc)
+    s = s * tl.load(alpha_ptr + e)
+    v = tl.reshape(tl.reshape(v, (BN, BK // 16, 16)) * s[:, :, None], (BN, BK))
+    w = _wq(v)
+    return w
+
+
+@triton.jit
 def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, stride_se, stride_sn,
                 BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr):
     # the raw packed bytes and scale bytes of a [BN, BK] nvfp4 weight tile (none where kok is false)
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
+    if FASTDEC:
+        kq = k0 // 4 + tl.arange(0, BK // 4)
+        byt = tl.load((w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn).to(tl.pointer_type(tl.int16)) + kq[None, :],
+                      mask=rmask[:, None] & kok & _kmask(kq, K // 4, EVEN_K)[None, :], other=0)
+    else:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        byt = tl.load(w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn + kb[None, :], mask=rmask[:, None] & kok & _kmask(kb, K // 2, EVEN_K)[None, :], other=0)
     ks = k0 // 16 + tl.arange(0, BK // 16)
     sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks[None, :],
                  mask=rmask[:, None] & kok & _kmask(ks, K // 16, EVEN_K)[None, :], other=0)
@@ -158,13 +199,18 @@ def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 @triton.jit
 def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile2_ld loaded, in registers: bf16(value * scale)
-    byt = byt.to(tl.int32)
-    v = tl.interleave(_decode_w(byt), _decode_w_hi(byt))  # even k in the low nibble
-    sc = sc.to(tl.int32)
-    s = _decode_e4m3(sc)
-    s = s * tl.load(alpha_ptr + e)
-    v = tl.reshape(tl.reshape(v, (BN, BK // 16, 16)) * s[:, :, None], (BN, BK))
-    w = _wq(v)
+    if FASTDEC:
+        s = _e4m3_by_bits(sc.to(tl.int32))
+        s = s * tl.load(alpha_ptr + e)
+        if tl.abs(tl.load(alpha_ptr + e)) <= 0.0078125:
+            sp = s * 8.507059173023462e+37  # exact: |s| < 4 here
+            sp = tl.reshape(tl.broadcast_to(sp[:, :, None], (BN, BK // 16, 4)), (BN, BK // 4))
+            w = _e2m1_i16_nv(byt, sp, BN, BK)
+        else:
+            b32 = byt.to(tl.int32)
+            w = _w_tile2_plain(tl.interleave(b32 & 255, (b32 >> 8) & 255), sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
+    else:
+        w = _w_tile2_plain(byt, sc, alpha_ptr, e, rows, rmask, NW, BN, BK)
     return w
 
 
@@ -183,6 +229,47 @@ def _kmask(kk, K, EVEN_K: tl.constexpr):
         return tl.full(kk.shape, 1, tl.int1)
     else:
         return kk < K
+
+
+@triton.jit
+def _words_in_k_order(o0, o1, o2, o3, BN: tl.constexpr, BK: tl.constexpr):
+    # output j of the asm holds codes 8c + 2j and 8c + 2j + 1 as its elements (2c, 2c + 1)
+    a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
+    a = tl.reshape(a, (BN, BK // 8, 2, 4))
+    return tl.reshape(tl.permute(a, (0, 1, 3, 2)), (BN, BK))  # (c, j, r): k = 8c + 2j + r
+
+
+@triton.jit
+def _e2m1_i16_nv(w, sp, BN: tl.constexpr, BK: tl.constexpr):
+    # packed codes read as int16 [BN, BK // 4] and each word's block scale * 2^126 (fp32,
+    # [BN, BK // 4]) -> bf16(value * scale) [BN, BK] in k order
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 lo, hi, y;
+        shr.b32 y, $4, 8;
+        and.b32 lo, $4, 0xf; mul.lo.u32 lo, lo, 0x10400000; and.b32 lo, lo, 0x81C00000; mul.rn.f32 lo, lo, $5;
+        and.b32 hi, $4, 0xf0; mul.lo.u32 hi, hi, 0x1040000; and.b32 hi, hi, 0x81C00000; mul.rn.f32 hi, hi, $5;
+        cvt.rn.bf16x2.f32 $0, hi, lo;
+        and.b32 lo, $4, 0xf00; mul.lo.u32 lo, lo, 0x104000; and.b32 lo, lo, 0x81C00000; mul.rn.f32 lo, lo, $5;
+        and.b32 hi, $4, 0xf000; mul.lo.u32 hi, hi, 0x10400; and.b32 hi, hi, 0x81C00000; mul.rn.f32 hi, hi, $5;
+        cvt.rn.bf16x2.f32 $1, hi, lo;
+        and.b32 lo, $4, 0xf0000; mul.lo.u32 lo, lo, 0x1040; and.b32 lo, lo, 0x81C00000; mul.rn.f32 lo, lo, $5;
+        and.b32 hi, $4, 0xf00000; mul.lo.u32 hi, hi, 0x104; and.b32 hi, hi, 0x81C00000; mul.rn.f32 hi, hi, $5;
+        cvt.rn.bf16x2.f32 $2, hi, lo;
+        and.b32 lo, y, 0xf0000; mul.lo.u32 lo, lo, 0x1040; and.b32 lo, lo, 0x81C00000; mul.rn.f32 lo, lo, $5;
+        and.b32 hi, y, 0xf00000; mul.lo.u32 hi, hi, 0x104; and.b32 hi, hi, 0x81C00000; mul.rn.f32 hi, hi, $5;
+        cvt.rn.bf16x2.f32 $3, hi, lo;
+        }""",
+        constraints="=r,=r,=r,=r,r,r,r", args=[w, sp], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=2)
+    return _words_in_k_order(o0, o1, o2, o3, BN, BK)
+
+
+@triton.jit
+def _e4m3_by_bits(u):
+    # E4M3 bytes (int32) -> fp32, exact; 0x7F / 0xFF -> NaN
+    v = (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * 1.329227995784916e+36
+    return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
 
 
 @triton.jit(do_not_specialize=["R", "KTS"])

@@ -243,6 +243,14 @@ def _kmask(kk, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _words_in_k_order(o0, o1, o2, o3, BN: tl.constexpr, BK: tl.constexpr):
+    # output j of the asm holds codes 8c + 2j and 8c + 2j + 1 as its elements (2c, 2c + 1)
+    a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
+    a = tl.reshape(a, (BN, BK // 8, 2, 4))
+    return tl.reshape(tl.permute(a, (0, 1, 3, 2)), (BN, BK))  # (c, j, r): k = 8c + 2j + r
+
+
+@triton.jit
 def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
     # packed codes read as int16 [BN, BK // 4] -> bf16 values [BN, BK] in k order, exact
     o0, o1, o2, o3 = tl.inline_asm_elementwise(
@@ -266,9 +274,7 @@ def _e2m1_i16_bf16(w, BN: tl.constexpr, BK: tl.constexpr):
         }""",
         constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
         is_pure=True, pack=2)
-    a = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, BK // 4, 2, 2] = (c, r, j) once reshaped
-    a = tl.reshape(a, (BN, BK // 8, 2, 4))
-    return tl.reshape(tl.permute(a, (0, 1, 3, 2)), (BN, BK))  # (c, j, r): k = 8c + 2j + r
+    return _words_in_k_order(o0, o1, o2, o3, BN, BK)
 
 
 @triton.jit(do_not_specialize=["R", "KTS"])
