@@ -430,7 +430,9 @@ QUICK_CONFIGS = [TileConfig(16, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 3, sp
                  TileConfig(16, 128, 128, 8, 3, split1=4, split2=2), TileConfig(16, 32, 256, 4, 4, split1=2, split2=1),
                  TileConfig(16, 64, 128, 8, 3, split1=1, split2=1), TileConfig(16, 32, 128, 4, 4, split1=8, split2=4),
                  TileConfig(16, 64, 128, 4, 3, split1=4, split2=2, swap=1), TileConfig(16, 64, 128, 4, 3, split1=1, split2=1, swap=1),
-                 TileConfig(16, 128, 128, 8, 3, split1=4, split2=2, swap=1), TileConfig(16, 64, 256, 4, 3, split1=4, split2=2, swap=1)]
+                 TileConfig(16, 128, 128, 8, 3, split1=4, split2=2, swap=1), TileConfig(16, 64, 256, 4, 3, split1=4, split2=2, swap=1),
+                 TileConfig(16, 64, 128, 4, 3, split1=4, split2=2, prefetch=1), TileConfig(16, 128, 128, 8, 3, split1=4, split2=2, prefetch=1),
+                 TileConfig(16, 64, 128, 4, 3, prefetch=1)]
 
 
 # prefill (#10): large row tiles (dequantized weight tile reused over more rows), wider N,

@@ -2,7 +2,8 @@
 # One device call for the decode issue (#9): install, checks, profile, ncu, quick kernel bench.
 #   device run (repo root):  OUT=$OUT bash benchmarks/gpu_decode.sh [profile|quick|iterate|full]
 # profile: profile + ncu; quick: checks + quick bench + profile; iterate: quick bench + profile;
-# full: checks + profile + the decode sweep of bench_moe_kernels
+# full: checks + profile + the decode sweep of bench_moe_kernels; nvfast: inline-decode GPU
+# checks, routing tests, quick benches (decode and prefill) and the profile
 # Each step has its own limit; logs and JSON land in $OUT as each step ends.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,6 +25,12 @@ case $what in
          step profile 150 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
   iterate) step quick 150 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"
          step profile 150 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
+  nvfast)  # the inline decodes and the sort routing on the GPU, then their timings
+         step fastdec 150 python3 benchmarks/gpu_fastdec_check.py "$OUT/gpu_fastdec_check_$slug.json"
+         PYTHONPATH=$PWD:$PWD/_pydeps step routing 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_routing.py
+         step quick 240 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 --tag quick_nvfast --out "$OUT"
+         step profile 120 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
+         step prefill 150 python3 benchmarks/bench_moe_kernels.py --quick --prefill --configs 6,7,8,10 --tokens 2048,8192 --tag prefill_quick_nvfast --out "$OUT" ;;
   full)  step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          [ -n "${SKIP_VALUES:-}" ] || step values 75 python3 benchmarks/gpu_value_checks.py
          step quick 100 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"

@@ -1,4 +1,4 @@
-"""GPU check of the inline-PTX MX weight decode (render_helpers.E2M1_FAST), bit for bit.
+"""GPU check of the inline-PTX weight decodes (render_helpers.E2M1_FAST, E2M1_NV_FAST), bit for bit.
 
     PYTHONPATH=. python3 benchmarks/gpu_fastdec_check.py [OUT_JSON]
 
@@ -118,11 +118,80 @@ def main():
                 row["ok"] = False
             res["moe"].append(row)
             print("moe", row, flush=True)
-    res["all_ok"] = all(r["ok"] for r in res["linear"] + res["moe"])
+    nvfp4_checks(dev, res)
+    res["all_ok"] = all(r["ok"] for r in res["linear"] + res["moe"] + res["nv_linear"] + res["nv_moe"])
     print("fast decode all_ok:", res["all_ok"], flush=True)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(res, f, indent=1)
+
+
+def nvfp4_checks(dev, res):
+    """The NVFP4 inline decode (render_helpers.E2M1_NV_FAST): every packed byte at every
+    position under every E4M3 scale byte (NaN codes too), for global scales the fast path
+    takes (|a| <= 2^-7, or |g| >= 128 for s / g: tiny and subnormal products) and ones it
+    must hand to the plain decode (a = 0.5, g = 1): fast == plain == reference, read back through
+    one-hot rows (weight-only scheme: the rows reach the GEMM unchanged); then NVFP4 w4a4 MoE
+    calls, fast vs plain bit for bit."""
+    import dataclasses
+    fmt = FORMATS["nvfp4"]
+    N, K = (64, 128) if dev.type == "cpu" else (256, 512)
+    byt = ((torch.arange(N * K // 2) * 37 + torch.arange(N * K // 2) // 256) % 256).to(torch.uint8).reshape(N, K // 2)
+    sc = (torch.arange(N * K // 16) * 7 % 256).to(torch.uint8).reshape(N, K // 16)  # every byte, 0x7F / 0xFF too
+    w, s = byt.to(dev), sc.view(torch.float8_e4m3fn).to(dev)
+    x = torch.eye(K, dtype=torch.bfloat16, device=dev)
+    res["nv_linear"], res["nv_moe"] = [], []
+    for order, glob in (("s*a", [2.0 ** -7, 1 / 2688.0, 2.0 ** -118, 0.5]),
+                        ("s/g", [128.0, 2688.0, 1.0])):
+        spec = dataclasses.replace(OpSpec.from_scheme("nvfp4_w4a16"), w_scale_order=order)
+        for g in glob:
+            a = torch.tensor([g], dtype=torch.float32, device=dev)
+            ref = dequantize_weight(w, s, fmt, alpha=a, dtype=torch.bfloat16, scale_order=order)
+            for cfg in (TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 4, 4, prefetch=1),
+                        TileConfig(16, 64, 128, 4, 3, swap=1)):
+                row = {"order": order, "global": g, "config": cfg.to_dict()}
+                try:
+                    ys = {}
+                    for name, fast in (("fast", True), ("plain", False)):
+                        ys[name] = run(fast, lambda: linear_triton(x, w, s, a, None, None, spec, config=cfg)).t()
+                        row[f"{name}_vs_ref_mismatch"] = same_weights(ys[name], ref)
+                        row[f"{name}_vs_ref_subnormal_mismatch"] = same_weights(ys[name], ref, subnormal=True)
+                    row["fast_vs_plain_mismatch"] = same(ys["fast"], ys["plain"])
+                    row["ok"] = row["fast_vs_ref_mismatch"] == 0 and row["fast_vs_plain_mismatch"] == 0
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:800]
+                    row["ok"] = False
+                res["nv_linear"].append(row)
+                print("nv linear", row, flush=True)
+    E, k, H, I, T = (4, 2, 128, 64, 20) if dev.type == "cpu" else (8, 2, 512, 256, 300)
+    gg = torch.Generator().manual_seed(2)
+    for act in ("silu", "swigluoai"):
+        scheme = "nvfp4_w4a4"
+        qe = QuantizedExperts.from_float((torch.randn(E, 2 * I, H, generator=gg) * 0.1).bfloat16().to(dev),
+                                         (torch.randn(E, H, I, generator=gg) * 0.1).bfloat16().to(dev),
+                                         scheme=scheme, activation=act)
+        xx = torch.randn(T, H, generator=gg).bfloat16().to(dev)
+        tw, ids = torch.topk(torch.softmax(torch.randn(T, E, generator=gg), -1), k, -1)
+        tw, ids = tw.to(dev), ids.to(torch.int32).to(dev)
+        g1 = torch.tensor([448 * 6 / 4.0], device=dev)
+        g2 = torch.tensor([448 * 6 / 2.0], device=dev)
+        spec = OpSpec.from_scheme(scheme, activation=act)
+        for cfg in (TileConfig(16, 64, 128, 4, 3), TileConfig(64, 64, 64, 4, 4, prefetch=1),
+                    TileConfig(16, 64, 128, 4, 3, split1=2, split2=2, swap=1)):
+            row = {"activation": act, "config": cfg.to_dict(), "w13_alpha_max": float(qe.w13_alpha.abs().max())}
+            try:
+                outs = {}
+                for name, fast in (("fast", True), ("plain", False)):
+                    outs[name] = run(fast, lambda: moe_triton(xx, qe.w13, qe.w13_scale, qe.w13_alpha, qe.w2, qe.w2_scale,
+                                                              qe.w2_alpha, tw, ids, g1, g2, None, spec, config=cfg,
+                                                              reduction="deterministic"))
+                row["fast_vs_plain_mismatch"] = same(outs["fast"], outs["plain"])
+                row["ok"] = row["fast_vs_plain_mismatch"] == 0
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:800]
+                row["ok"] = False
+            res["nv_moe"].append(row)
+            print("nv moe", row, flush=True)
 
 
 if __name__ == "__main__":
