@@ -13,7 +13,7 @@ import torch
 from ..formats import FORMATS, E4M3, IN_DTYPE_ROUNDINGS, ElementSpec, log2_floor_runs
 from ..formats.nvfp4 import E4M3_MAX as _E4M3_MAX
 from ..formats.spec import BlockFormat
-from ..spec.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, is_gated
+from ..spec.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, activation_function, gate_up_layout, is_gated
 from .kernel_spec import KernelSpec
 from .recipe_source import RecipeNotRenderable, recipe_lines
 
@@ -338,37 +338,43 @@ def _qdq_a(x, g, ROWS: tl.constexpr, W: tl.constexpr):
 
 def _act_helper(spec: KernelSpec) -> str:
     act = spec.op.activation
+    # the body follows the spec's function and gatedness; where gate and up come from
+    # (halves / interleaved) is only the weight rows GEMM1 reads (`_gate_up_rows`)
+    fn, gated = activation_function(act), is_gated(act)
     lim, alpha = _f(SWIGLUOAI_LIMIT), _f(SWIGLUOAI_ALPHA)
     silu = "_rnd(tl.math.div_rn(g, 1.0 + tl.exp(-g)))"
     gelu = "_rnd(0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))"
-    if act == "silu":
+    if fn == "silu" and gated:
         body = f"return _rnd({silu} * u)"
-    elif act == "gelu":
+    elif fn == "gelu" and gated:
         body = f"return _rnd({gelu} * u)"
-    elif act == "swigluoai":
+    elif fn == "swigluoai":
         nan = "propagate_nan=tl.PropagateNan.ALL"  # torch.clamp keeps NaN
         body = (f"g = tl.minimum(g, {lim}, {nan})\n"
                 f"u = tl.minimum(tl.maximum(u, -{lim}, {nan}), {lim}, {nan})\n"
                 f"t = _rnd(g * {alpha})\n"
                 f"sg = _rnd(tl.math.div_rn(1.0, 1.0 + tl.exp(-t)))\n"
                 f"return _rnd(_rnd(u + 1.0) * _rnd(g * sg))")
-    elif act == "silu_no_mul":
+    elif fn == "silu":
         body = f"return {silu}"
-    elif act == "gelu_no_mul":
+    elif fn == "gelu":
         body = f"return {gelu}"
-    elif act == "relu2_no_mul":
+    elif fn == "relu2":
         body = "r = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)\nreturn _rnd(r * r)"
-    else:  # pragma: no cover - OpSpec validates
+    else:  # pragma: no cover - the spec registry lists no other function
         raise ValueError(f"activation: {act!r}")
     return (f"@triton.jit\ndef _act(g, u):\n    # {act}: the eager {spec.dtype} op order, each op rounded"
             f" (g, u already rounded GEMM outputs)\n{_ind(body)}\n")
 
 
 def _gate_up_rows(activation: str) -> tuple[str, str]:
-    """Weight rows (in terms of output column `cols` and output width NOUT) of gate and up."""
-    if activation == "swigluoai":
+    """Weight rows (in terms of output column `cols` and output width NOUT) of gate and up,
+    by the spec's gate/up layout (the bias rows and split-K partial sums follow: bias by
+    these rows, partial sums by output column)."""
+    layout = gate_up_layout(activation)
+    if layout == "interleaved":
         return "cols * 2", "cols * 2 + 1"
-    if is_gated(activation):
+    if layout == "halves":
         return "cols", "cols + NOUT"
     return "cols", "cols"
 

@@ -2,8 +2,8 @@
 scales [.., G] uint8, dequantized by `convert_moe_packed_tensors` (LUT per nibble + ldexp,
 returns [E, K, N]). Weight-only (W4A16). The MoE gathers each row's expert weight and uses
 bmm (gpt-oss keeps [E, H, 2I] weights and multiplies x @ W); gate/up interleaved in
-columns ([..., ::2] / [..., 1::2]) as gpt-oss stores them; combine view(T, k, H) weighted
-and summed."""
+columns ([..., ::2] / [..., 1::2]) as gpt-oss stores them (mxemu's 'silu_interleaved');
+combine view(T, k, H) weighted and summed."""
 
 from __future__ import annotations
 
@@ -174,14 +174,16 @@ ENTRIES = [
         "gptoss_mxfp4_moe", "moe", "transformers",
         "installed transformers 5.24: integrations.mxfp4.convert_moe_packed_tensors",
         Variant(WeightVariant("mxfp4", "q*2^e", e8m0_byte255="ldexp")), make_moe,
+        expect_fused=True,
         plumbing="topk on logits then softmax; gather W[ids] + bmm; interleaved gate/up [::2]/[1::2]; "
                  "view(T,k,H) weighted sum fp32",
-        fused_today="two mxemu::grouped_mm (weight-only; the layer has no activation QDQ): 'semantic_bmm' "
-                    "rewrites each bmm over W[ids] as a grouped GEMM over expert-sorted rows once the stack's "
-                    "decode is proven (reader ldexp), 'semantic' fuses it. Not one mxemu::moe: the activation "
-                    "silu(h[..., ::2]) * h[..., 1::2] (interleaved gate/up, no clamp) is none of mxemu::moe's "
-                    "activations (swigluoai interleaves but clamps and scales), so semantic_moe's body proof "
-                    "fails and says so (measured bf16 2026-12-02, 18-28 s to compile)",
+        fused_today="one mxemu::moe (weight-only; the layer has no activation QDQ): 'semantic_bmm' rewrites "
+                    "each bmm over W[ids] as a grouped GEMM over expert-sorted rows once the stack's decode is "
+                    "proven (reader ldexp), 'semantic' fuses both, 'semantic_moe' proves the activation "
+                    "silu(h[..., ::2]) * h[..., 1::2] to be 'silu_interleaved' (gate/up interleaved, no clamp, "
+                    "no alpha: the spec registry's gate_up layout), the routing and the k-sum; the op reads the "
+                    "stored interleaved w13 rows as they are (measured bf16 2026-12-03; before silu_interleaved "
+                    "existed only the two grouped GEMMs fused)",
     ),
     CorpusEntry(
         "transformers_batched_mm_mxfp4_moe", "moe", "transformers",
