@@ -3,7 +3,7 @@
 schemes      Scheme / ActQuant / SCHEMES / get_scheme: the named weight x activation
              configurations users pick (vLLM/Quark names plus NVFP4 w4a4/w4a16)
 compat       the one weight-format x activation compatibility table
-activations  the MoE activation names, which are gated, swigluoai's constants
+activations  the MoE activations as data (function, gate/up layout), swigluoai's constants
 opspec       OpSpec: the hashable configuration the mxemu ops carry as a string and
              the generated kernels are keyed by
 """
