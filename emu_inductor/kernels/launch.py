@@ -9,8 +9,9 @@ sorted and padded per expert), `KernelScales` (the fp32 scale operands the kerne
 and `MoEWorkspaces` (intermediate and debug buffers).
 
 No host synchronisation anywhere: every grid is sized from shapes only (at most
-cdiv(T*k, BM) + min(E, T*k) row blocks); the routing prep is device-side torch ops
-(stable argsort, index_add, cumsum, searchsorted, index_put); blocks past the last
+cdiv(T*k, BM) + min(E, T*k) row blocks); the routing prep is one Triton program
+(`routing.py`, up to ROUTING_SORT_MAX_ROWS rows) or device-side torch ops (stable argsort,
+index_add, cumsum, searchsorted, index_put); blocks past the last
 expert read a sentinel expert id and exit. Safe under CUDA-graph capture (autotuning
 never runs while capturing).
 """
