@@ -128,3 +128,26 @@ def test_auto_split():
     for p in (1, 7, 50, 300):
         s = auto_split(p, 64, 132)
         assert s & (s - 1) == 0 and (p * s >= 4 * 132 or s == 64)
+
+
+@pytest.mark.parametrize("scheme,activation", [("nvfp4_w4a4", "silu"), ("w_mxfp4_a_mxfp4", "swigluoai"),
+                                                ("w_mxfp4_a_fp8", "gelu_no_mul")])
+def test_last_split_epilogue_is_the_epilogue_kernel(scheme, activation, monkeypatch):
+    """Split-K GEMM1's epilogue run by the last split of each tile (a counter per tile, the
+    partial sums re-read in split order) equals act_epilogue_kernel bit for bit, and leaves
+    every counter back at zero for the next launch (they are zeroed once and cached)."""
+    from emu_inductor.kernels import launch
+    qe, x, tw, ids, b13, b2 = _case(scheme, activation, f"fused-epi/{scheme}/{activation}", bias=True)
+    cfg = TileConfig(16, 32, 32, 4, 1, split1=4, split2=2)
+    fused = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
+    cnt = launch._COUNTERS[str(x.device)]
+    assert int(cnt.abs().sum()) == 0
+    monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "0")
+    sep = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
+    for k in ("a1", "c2", "a2", "out"):
+        if fused.get(k) is not None:
+            assert torch.equal(fused[k].view(torch.uint8), sep[k].view(torch.uint8)), k
+    again = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)  # counters reused
+    monkeypatch.delenv("EMU_INDUCTOR_FUSED_EPILOGUE")
+    again = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
+    assert torch.equal(again["out"].view(torch.uint8), fused["out"].view(torch.uint8))

@@ -197,6 +197,28 @@ def _dummy(dev, dtype=torch.float32):
     return t
 
 
+_COUNTERS: dict = {}
+
+
+def _split_counters(dev, n: int) -> tuple[torch.Tensor, bool]:
+    """(int32 counters, fused) for gemm_act_kernel's last-split epilogue: one per (row block,
+    N tile), zero between launches (the last split of each tile resets its own), so they are
+    zeroed once and cached per device -- no memset per call. A buffer first needed while a
+    CUDA graph is being captured is a fresh zeroed one per call instead (a cached tensor from
+    the graph's pool must not outlive it). EMU_INDUCTOR_FUSED_EPILOGUE=0 keeps the separate
+    act_epilogue_kernel launch (for A/B timing)."""
+    if os.environ.get("EMU_INDUCTOR_FUSED_EPILOGUE", "1") == "0":
+        return _dummy(dev, torch.int32), False
+    t = _COUNTERS.get(str(dev))
+    if t is not None and t.numel() >= n:
+        return t, True
+    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=dev)
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return fresh, True
+    _COUNTERS[str(dev)] = fresh
+    return fresh, True
+
+
 def _scale_u8(scale: torch.Tensor) -> torch.Tensor:
     return scale.view(torch.uint8) if scale.dtype != torch.uint8 else scale
 
@@ -457,19 +479,20 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
     P = blocks.padded_rows
     pw = 2 * plan.I if is_gated(plan.spec.activation) else plan.I  # gate and up sums side by side
     part = torch.empty((split, P, pw), dtype=torch.float32, device=plan.x.device) if split > 1 else dummy
+    cnt, fuse = _split_counters(plan.x.device, grid1[0] * grid1[1]) if split > 1 else (_dummy(plan.x.device, torch.int32), False)
     bias = (w13.bias,) if w13.bias is not None else ()  # b1_ptr exists only in bias1 kernels
     amax_out = fp8 and not plan.kspec.a2_static
     plan.mod.gemm_act_kernel[grid1 + (split,)](
         a_src, a_src.stride(0), w1a, s1a, w13.alpha if w13.alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights, scales.gs1, scales.gs2, ws.a2,
-        ws.a2.stride(0), ws.dbg_a, ws.dbg_c, scales.amax2, *bias, part,
+        ws.a2.stride(0), ws.dbg_a, ws.dbg_c, scales.amax2, *bias, part, cnt,
         plan.I, plan.H, plan.R, plan.E, plan.N1, w1s[0], w1s[1], w13.scale.stride(0), w13.scale.stride(1),
         _k_per_split(plan.H, cfg.BK, split), P, pw,
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
-        PREQ=plan.prequant, SPLIT=split, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK), PREFETCH=bool(cfg.prefetch),
-        FASTDEC=_fast_decode(plan.kspec, plan.H, cfg.BK, plan.x.device), BM=cfg.BM,
+        PREQ=plan.prequant, SPLIT=split, FUSE_EPI=fuse, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK),
+        PREFETCH=bool(cfg.prefetch), FASTDEC=_fast_decode(plan.kspec, plan.H, cfg.BK, plan.x.device), BM=cfg.BM,
         BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
-    if split > 1:
+    if split > 1 and not fuse:
         plan.mod.act_epilogue_kernel[grid1](
             part, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
             scales.amax2, *bias, plan.I, plan.R, plan.E, plan.N1, P, pw, DEBUG=dbg, AMAX_OUT=amax_out,

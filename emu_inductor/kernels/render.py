@@ -90,6 +90,32 @@ def _w_step(tile: str, rows: str, buf: str, var: str) -> str:
             f"else:\n    {var} = {tile}(w_ptr, s_ptr, alpha_ptr, e, {rows}, cmask, k0, K, NW, {_W_ARGS})")
 
 
+def _split_sum(spec: KernelSpec, cache: str = "") -> str:
+    """acc_g / acc_u = the SPLIT fp32 partial sums added in order from +0 (both epilogue paths)."""
+    gated = is_gated(spec.op.activation)
+    mod = f", cache_modifier=\"{cache}\"" if cache else ""
+    sum_u = f"\n    acc_u += tl.load(prow + NOUT + cols[None, :], mask=pmask, other=0.0{mod})" if gated else ""
+    return (f"acc_g = tl.zeros((BM, BN), dtype=tl.float32)\n"
+            f"{'acc_u = tl.zeros((BM, BN), dtype=tl.float32)' if gated else ''}\n"
+            f"for s in tl.static_range(SPLIT):\n"
+            f"    prow = part_ptr + (s * PROWS + offs).to(tl.int64)[:, None] * PW\n"
+            f"    acc_g += tl.load(prow + cols[None, :], mask=pmask, other=0.0{mod}){sum_u}")
+
+
+def _last_split_epilogue(spec: KernelSpec) -> str:
+    """In gemm_act_kernel after a split's partial store: a release/acquire counter per
+    (row block, N tile); the program that brings it to SPLIT re-reads all partial sums (L2,
+    not a stale L1: .cg) in split order -- the same sums act_epilogue_kernel adds -- runs the
+    epilogue and resets the counter for the next launch (the counters start at zero once)."""
+    return f"""tl.debug_barrier()  # every thread's partial stores before the release
+cnt_ptr = cnt_base + pid_m * tl.num_programs(1) + pid_n
+done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+if done == SPLIT - 1:
+{_ind(_split_sum(spec, ".cg"))}
+    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+{_ind(_act_epilogue(spec))}"""
+
+
 def _gemm_act_kernel(spec: KernelSpec) -> str:
     op = spec.op
     gated = is_gated(op.activation)
@@ -148,24 +174,28 @@ acc_g = _acc_rows(acc_g, SWAP)
 {"acc_u = _acc_rows(acc_u, SWAP)" if gated else ""}
 if SPLIT > 1:
     # split-K: this program's fp32 sums go to part [SPLIT, PROWS, PW]; act_epilogue_kernel
-    # adds the splits in order and runs the epilogue below
+    # adds the splits in order and runs the epilogue below -- or, FUSE_EPI, the last of the
+    # tile's SPLIT programs to finish does (a counter per tile: one launch fewer at decode)
     pmask = rmask[:, None] & cmask[None, :]
     prow = part_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * PW
     tl.store(prow + cols[None, :], acc_g, mask=pmask){part_u}
+    if FUSE_EPI:
+{_ind(_last_split_epilogue(spec), 8)}
 else:
 {_ind(_act_epilogue(spec))}"""
     body = "\n".join(l for l in body.split("\n") if l.strip())
     return f"""@triton.jit(do_not_specialize=["R", "KTS"])
 def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""} part_ptr,
-                    NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
+                    cnt_base, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREQ: tl.constexpr, SPLIT: tl.constexpr, FUSE_EPI: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
-    # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue in act_epilogue_kernel)
+    # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue by the tile's last split
+    # (FUSE_EPI) or in act_epilogue_kernel)
 {_ind(body)}
 """
 
@@ -175,7 +205,6 @@ def _act_epilogue_kernel(spec: KernelSpec) -> str:
     gated = is_gated(op.activation)
     grow, urow = _gate_up_rows(op.activation)
     s2 = _a_scale_prologue(op.act_kind if op.act_kind == "block" else "none", False, "gs2_ptr", "g2")
-    sum_u = "\n    acc_u += tl.load(prow + NOUT + cols[None, :], mask=pmask, other=0.0)" if gated else ""
     body = f"""pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
 e = tl.load(bexp_ptr + pid_m)
@@ -190,11 +219,7 @@ grow = {grow}
 urow = {urow}
 {s2}
 pmask = rmask[:, None] & cmask[None, :]
-acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-{"acc_u = tl.zeros((BM, BN), dtype=tl.float32)" if gated else ""}
-for s in tl.static_range(SPLIT):
-    prow = part_ptr + (s * PROWS + offs).to(tl.int64)[:, None] * PW
-    acc_g += tl.load(prow + cols[None, :], mask=pmask, other=0.0){sum_u}
+{_split_sum(spec)}
 {_act_epilogue(spec)}"""
     body = "\n".join(l for l in body.split("\n") if l.strip())
     return f"""@triton.jit(do_not_specialize=["R"])

@@ -222,14 +222,15 @@ def _kmask(kk, K, EVEN_K: tl.constexpr):
 @triton.jit(do_not_specialize=["R", "KTS"])
 def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs1_ptr, gs2_ptr,
                     out_ptr, stride_o, dbg_a_ptr, dbg_c_ptr, amax_ptr, part_ptr,
-                    NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
+                    cnt_base, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS, PW,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                    PREQ: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREQ: tl.constexpr, SPLIT: tl.constexpr, FUSE_EPI: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then QDQ_a2 of the activation (blocks along I inside this N tile);
-    # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue in act_epilogue_kernel)
+    # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue by the tile's last split
+    # (FUSE_EPI) or in act_epilogue_kernel)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -296,11 +297,32 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     acc_u = _acc_rows(acc_u, SWAP)
     if SPLIT > 1:
         # split-K: this program's fp32 sums go to part [SPLIT, PROWS, PW]; act_epilogue_kernel
-        # adds the splits in order and runs the epilogue below
+        # adds the splits in order and runs the epilogue below -- or, FUSE_EPI, the last of the
+        # tile's SPLIT programs to finish does (a counter per tile: one launch fewer at decode)
         pmask = rmask[:, None] & cmask[None, :]
         prow = part_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * PW
         tl.store(prow + cols[None, :], acc_g, mask=pmask)
         tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)
+        if FUSE_EPI:
+            tl.debug_barrier()  # every thread's partial stores before the release
+            cnt_ptr = cnt_base + pid_m * tl.num_programs(1) + pid_n
+            done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT - 1:
+                acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+                acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+                for s in tl.static_range(SPLIT):
+                    prow = part_ptr + (s * PROWS + offs).to(tl.int64)[:, None] * PW
+                    acc_g += tl.load(prow + cols[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
+                    acc_u += tl.load(prow + NOUT + cols[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+                cg = _rnd(acc_g)
+                cu = _rnd(acc_u)
+                c2 = _act(cg, cu)
+                omask = rmask[:, None] & cmask[None, :]
+                if DEBUG:
+                    tl.store(dbg_c_ptr + offs[:, None] * NOUT + cols[None, :], c2, mask=omask)
+                c2 = _qdq_a(c2, g2, BM, BN)
+                tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)
     else:
         cg = _rnd(acc_g)
         cu = _rnd(acc_u)
