@@ -140,7 +140,7 @@ def test_last_split_epilogue_is_the_epilogue_kernel(scheme, activation, monkeypa
     qe, x, tw, ids, b13, b2 = _case(scheme, activation, f"fused-epi/{scheme}/{activation}", bias=True)
     cfg = TileConfig(16, 32, 32, 4, 1, split1=4, split2=2)
     fused = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
-    cnt = launch._COUNTERS[str(x.device)]
+    cnt = launch._COUNTERS[(str(x.device), 0)]
     assert int(cnt.abs().sum()) == 0
     monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "0")
     sep = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)

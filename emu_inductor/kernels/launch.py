@@ -209,13 +209,15 @@ def _split_counters(dev, n: int) -> tuple[torch.Tensor, bool]:
     act_epilogue_kernel launch (for A/B timing)."""
     if os.environ.get("EMU_INDUCTOR_FUSED_EPILOGUE", "1") == "0":
         return _dummy(dev, torch.int32), False
-    t = _COUNTERS.get(str(dev))
+    # per stream: launches on two streams may overlap, each must count its own tiles
+    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    t = _COUNTERS.get(key)
     if t is not None and t.numel() >= n:
         return t, True
     fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=dev)
     if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return fresh, True
-    _COUNTERS[str(dev)] = fresh
+    _COUNTERS[key] = fresh
     return fresh, True
 
 

@@ -86,6 +86,7 @@ def candidates(rows_per_expert: float) -> list[TileConfig]:
                 TileConfig(16, 64, 256, 4, 3, split1=-1, split2=-1), TileConfig(16, 128, 128, 8, 3, split1=-1, split2=-1),
                 TileConfig(16, 64, 128, 4, 3, split1=-1, split2=-1, swap=1),
                 TileConfig(16, 128, 128, 8, 3, split1=-1, split2=-1, swap=1),
+                TileConfig(16, 64, 128, 4, 3, split1=-1, split2=-1, prefetch=1),
                 TileConfig(16, 32, 256, 4, 4), TileConfig(16, 64, 128, 4, 4)]
     if rows_per_expert <= 64:
         return [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),
