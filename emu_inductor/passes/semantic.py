@@ -39,7 +39,7 @@ log = logging.getLogger("emu_inductor.passes.semantic")
 aten = torch.ops.aten
 FAMILY = "semantic"
 
-__all__ = ["FAMILY", "PackedWeightOperand", "outside_user"]
+__all__ = ["FAMILY", "PackedWeightOperand", "outside_user", "fused_grouped_gemm"]
 
 
 _ONE_BYTE = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2) + (
@@ -327,14 +327,22 @@ def _check_grouped(match) -> Optional[str]:
     return why
 
 
+def fused_grouped_gemm(graph, anchor, w: WeightVerdict, act: Optional[ActVerdict]):
+    """The mxemu::grouped_mm computing the `aten._grouped_mm` node `anchor` from proven
+    verdicts (its weight operand's, and the activation QDQ to carry or None), inserted
+    before it; the caller moves anchor's uses. Also used by "semantic_loop", which proves a
+    per-expert QDQ over the concatenated rows itself."""
+    x, codes, scale, alpha, gs = _operands(graph, w, act, anchor.args[0], anchor)
+    with graph.inserting_before(anchor):
+        return _call(graph, torch.ops.mxemu.grouped_mm.default,
+                     (x, codes, scale, alpha, anchor.args[2], gs, _spec(w, act)), _val(anchor))
+
+
 def _replace_grouped(match) -> None:
     anchor = match.output_node()
     w, act, note = match._mxemu_semantic
     graph = match.graph
-    x, codes, scale, alpha, gs = _operands(graph, w, act, anchor.args[0], anchor)
-    with graph.inserting_before(anchor):
-        new = _call(graph, torch.ops.mxemu.grouped_mm.default,
-                    (x, codes, scale, alpha, anchor.args[2], gs, _spec(w, act)), _val(anchor))
+    new = fused_grouped_gemm(graph, anchor, w, act)
     anchor.replace_all_uses_with(new)
     graph.erase_node(anchor)
     _done(new, "grouped_mm", w, act, note)

@@ -22,22 +22,30 @@ then proves the whole loop around the two grouped GEMMs and makes it one mxemu::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch._inductor import pattern_matcher as pm
 
+from ..formats import FORMATS
 from ..recognize import Rejection, recognize_weight
+from ..recognize.expert_qdq import recognize_expert_activations
+from ..spec import is_compatible
 from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import register_pattern_family
+from .runtime_guards import guard_tensor_input
 from .expert_groups import Builder, expert_ordered_gemm, graph_order
-from .semantic import PackedWeightOperand, outside_user
+from .semantic import PackedWeightOperand, fused_grouped_gemm, outside_user
 
 aten = torch.ops.aten
 FAMILY = "semantic_loop"
 
-__all__ = ["FAMILY", "expert_slice", "unfusable_stack", "rows_depend_on"]
+__all__ = ["FAMILY", "LOOP_QDQ", "expert_slice", "unfusable_stack", "rows_depend_on"]
+
+#: meta key on a loop's concatenated rows: why a per-expert activation QDQ stayed in the loop
+LOOP_QDQ = "mxemu_loop_qdq"
 
 #: ancestors visited per expert's rows when checking that no row depends on the group's GEMMs
 _SEARCH = 20000
@@ -169,8 +177,34 @@ def _check(match) -> Optional[str]:
     why = unfusable_stack(w, stack, slices)
     if why:
         return f"per-expert GEMMs left as written: {why}"
-    match._mxemu_loop = (group, stack, layout, w)
+    act, note = _expert_qdq(group, w)
+    for g in (w.guards + act[0].guards) if act else ():
+        guard_tensor_input(match, g.node, g.values, g.what)
+    match._mxemu_loop = (group, stack, layout, w, act, note)
     return None
+
+
+def _expert_qdq(group, w) -> tuple[Optional[list], Optional[str]]:
+    """([ActVerdict per expert], None) when every expert's rows go through the same proven
+    row-local QDQ that the fused kernels compute with `w`'s format: it becomes the grouped
+    GEMM's (one QDQ over the concatenated rows equals one per expert). (None, why not) when
+    the rows are quantized per expert in a way that stays as written; (None, None) when
+    they are not quantized."""
+    acts, why = recognize_expert_activations([n for _, n in group])
+    if acts is None:
+        return None, why
+    if not acts:
+        return None, None
+    a = acts[0]
+    if not a.kernel_supported:
+        return None, f"the per-expert activation {a.variant.name} is not fused ({a.unsupported_reason})"
+    if not is_compatible(FORMATS[w.variant.fmt], a.act_quant()):
+        return None, f"the per-expert activation {a.variant.name} does not go with {w.variant.fmt} weights"
+    gemms = {n for _, n in group}  # a dense loop's QDQ of all tokens may be one node read by every expert
+    for (_, n), v in zip(group, acts):
+        if outside_user([v.x], v.output, set(v.post) | gemms) is not None:
+            return None, f"the quantized rows of {n.name} have another user"
+    return acts, None
 
 
 def _erase_dead(graph, nodes) -> None:
@@ -183,8 +217,16 @@ def _erase_dead(graph, nodes) -> None:
             todo.extend(ins)
 
 
+def _unquantized_rows(b: Builder, act):
+    """An expert's rows before its QDQ, in the layout the GEMM read them (act.post)."""
+    x = act.x
+    for p in act.post:
+        x = b(p.target, x, *p.args[1:])
+    return x
+
+
 def _replace(match) -> None:
-    group, stack, layout, w = match._mxemu_loop
+    group, stack, layout, w, acts, note = match._mxemu_loop
     graph = match.graph
     order = graph_order(graph)
     last = max((n for _, n in group), key=order.__getitem__)
@@ -193,17 +235,39 @@ def _replace(match) -> None:
     E = int(sv.shape[0])
     dev = sv.device
     weight = b(aten.permute.default, stack, [0, 2, 1]) if layout == "nk" else stack
-    out = expert_ordered_gemm(b, group, E, dev, lambda rows, offs: b(aten._grouped_mm.default, rows, weight, offs))
     olds = [n for _, n in group]
     dead = [n.args[1] for n in olds]
+    if acts:  # the GEMMs read the rows before the QDQ: the grouped op quantizes them (row-local)
+        dead += [n.args[0] for n in olds]
+        for (_, n), a in zip(group, acts):
+            n.update_arg(0, _unquantized_rows(b, a))
+
+    def gemm(rows, offs):
+        g = b(aten._grouped_mm.default, rows, weight, offs)
+        if not acts:
+            return g  # fused next by 'semantic'
+        fused = fused_grouped_gemm(graph, g, w, dataclasses.replace(acts[0], x=rows, output=rows, post=()))
+        graph.erase_node(g)
+        return fused
+
+    out = expert_ordered_gemm(b, group, E, dev, gemm)
     for n in olds:
         graph.erase_node(n)
     _erase_dead(graph, dead)
     pm.stable_topological_sort(graph)  # users of earlier experts' GEMMs now follow the grouped GEMM
     experts = sorted({e for e, _ in group})
+    what = (f"{len(group)} per-expert GEMMs over {stack.name}[e] (experts {experts} of {E}) as one grouped GEMM over "
+            f"the expert-ordered rows; weights proven: {w.describe()}")
+    if acts:
+        record_candidate(FAMILY, out, True, "mxemu::grouped_mm",
+                         f"{what}; the activation QDQ written per expert, proven the same row-local function for "
+                         f"every expert ({acts[0].describe()}), quantizes the concatenated rows in the op",
+                         family=FAMILY, pattern="loop")
+        return
+    if note:  # read by 'semantic_loop_moe' for its reason: the rows are the grouped GEMM's
+        out.args[0].meta[LOOP_QDQ] = note
     record_candidate(FAMILY, out, True, "aten._grouped_mm (fused next by 'semantic')",
-                     f"{len(group)} per-expert GEMMs over {stack.name}[e] (experts {experts} of {E}) as one grouped "
-                     f"GEMM over the expert-ordered rows; weights proven: {w.describe()}", family=FAMILY,
+                     what + (f" (activation QDQ left per expert: {note})" if note else ""), family=FAMILY,
                      pattern="loop")
 
 

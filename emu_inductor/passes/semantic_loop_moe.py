@@ -16,9 +16,10 @@ routing for every expert, expert e's rows meeting expert e's slice of each stack
 activation, the router weight and the combine into one output. Then the region becomes
 `mxemu::moe(hidden, w13, ..., topk_weights, topk_ids, a1_gs, a2_gs, None, spec)` (arguments
 and spec as "semantic_moe" builds them). Anything not proven leaves the two grouped GEMMs as
-they are and explain() records the reason. An activation QDQ written per expert is not taken
-into the grouped GEMMs (the rows' count is data-dependent; the QDQ recogniser needs a size
-hint), so it stays in the body and the proof reports the difference.
+they are and explain() records the reason. An activation QDQ written per expert is taken into
+the grouped GEMMs by "semantic_loop" when it is proven the same row-local function for every
+expert (`recognize.expert_qdq`); otherwise it stays in the loop, and this family refuses the
+layer with semantic_loop's reason.
 
 Run-time assertions about the loop's row counts (`u0 != 0`, which stock Inductor adds for
 a reshape of nonzero-selected rows) go with the region: mxemu::moe needs none of them, so
@@ -42,6 +43,7 @@ from ..spec import OpSpec
 from .guards import register_family_pattern
 from .recorder import count, record
 from .registry import register_pattern_family
+from .semantic_loop import LOOP_QDQ
 from .semantic_moe import _ARGS, _meta, _moe_args, _spec, grouped_site
 
 FAMILY = "semantic_loop_moe"
@@ -108,9 +110,10 @@ def _check(match) -> Optional[str]:
     for s in (first, site):
         r = _qdq_left(s, {first.node})
         if r is not None:
+            why = s.rows.meta.get(LOOP_QDQ) or "not taken into the grouped GEMM"
             return (f"whole-layer mxemu::moe not formed (the grouped GEMMs stay fused alone): an activation QDQ "
                     f"written per expert ({r.name}, a block reduction above {s.node.name}'s rows) is not in the "
-                    f"weight-only grouped GEMM (the per-expert rows have no size hint for the QDQ recogniser)")
+                    f"weight-only grouped GEMM: {why}")
     region, why = find_loop_moe_region(site, grouped_site, live_nodes(anchor.graph))
     if region is None:
         return f"whole-layer mxemu::moe not found (the grouped GEMMs stay fused alone): {why}"

@@ -163,6 +163,34 @@ def _small_or_scalar(n: Node) -> bool:
     return v is None and n.op == "get_attr"
 
 
+def _in_list(a, p) -> bool:
+    return isinstance(a, (list, tuple)) and any(x is p or _in_list(x, p) for x in a)
+
+
+def _size_arg(n: Node, p: Node) -> bool:
+    """`n` reads the SymInt node `p` only inside list arguments (view / reshape / full
+    sizes), never as a value: a symbolic size (a data-dependent row count), which the
+    extracted cone takes as a leaf at its hint and `resize` rewrites with the row factor."""
+    return isinstance(_val(p), torch.SymInt) and not any(a is p for a in n.args) and \
+        p not in n.kwargs.values() and (_in_list(n.args, p) or _in_list(list(n.kwargs.values()), p))
+
+
+def _value_ancestors(out: Node, limit: int = MAX_CONE_NODES) -> Optional[set]:
+    """`ancestors(out)` not walking past sizes read as shape arguments (`_size_arg`)."""
+    seen, stack, calls = {out}, [out], 0
+    while stack:
+        n = stack.pop()
+        if n.op == "call_function":
+            calls += 1
+            if calls > limit:
+                return None
+        for a in n.all_input_nodes:
+            if a not in seen and not _size_arg(n, a):
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
 _REDUCING = ("aten.amax", "aten.max", "aten.amin", "aten.min", "aten.sum", "aten.argmin", "aten.argmax")
 
 
@@ -202,9 +230,9 @@ def activation_cone(gemm: Node) -> tuple[Optional[ActCone], Optional[str]]:
         side: set = set()
         for n in inside:
             for p in n.all_input_nodes:
-                if p in below:
-                    continue
-                sa = ancestors(p)
+                if p in below or _size_arg(n, p):
+                    continue  # a size (a data-dependent row count): a leaf taking its hint
+                sa = _value_ancestors(p)
                 if sa is None or any(s.op in ("placeholder", "get_attr") and not _small_or_scalar(s) for s in sa):
                     side_ok = False
                     break

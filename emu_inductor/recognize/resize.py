@@ -177,8 +177,12 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
             continue
         inputs = node.all_input_nodes
         in_f = set().union(*[set(info.get(a, {})) for a in inputs]) if inputs else set()
-        if packet_name(node.target) in ("aten.full", "aten.zeros", "aten.ones", "aten.empty") and not inputs:
+        if packet_name(node.target) in ("aten.full", "aten.zeros", "aten.ones", "aten.empty") and \
+                all(isinstance(a.meta.get("val"), torch.SymInt) for a in inputs) and \
+                not any(isinstance(a, Node) for a in node.args[1:]):  # symbolic sizes only, a constant value
             uniform[node] = 0
+            info[node] = {}
+            continue
         if packet_name(node.target) in ("aten.new_empty", "aten.new_zeros", "aten.new_ones", "aten.new_full"):
             uniform[node] = 1  # the tensor argument gives only dtype and device
             info[node] = {}

@@ -9,11 +9,41 @@ independent in every cone the recogniser accepts (the row factor is resized free
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
 
-__all__ = ["hint", "concrete_shape", "is_symbolic"]
+__all__ = ["hint", "concrete_shape", "is_symbolic", "assumed_sizes", "unhinted_symbols"]
+
+#: sympy symbol -> int used as the hint of sizes that have none (see `assumed_sizes`)
+_ASSUMED: contextvars.ContextVar = contextvars.ContextVar("mxemu_assumed_sizes", default={})
+
+
+@contextlib.contextmanager
+def assumed_sizes(values: dict):
+    """Within the block, a size without a hint whose free symbols all have a value in
+    `values` (sympy symbol -> int) gets that value as its hint. For a caller that proved the
+    value does not matter: a per-expert loop's rows selected by `nonzero` have data-dependent
+    counts (unbacked symbols), and a row-local QDQ over them is the same function at any row
+    count, so it is evaluated at an assumed one (`resize` checks the row-locality)."""
+    token = _ASSUMED.set({**_ASSUMED.get(), **values})
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
+
+
+def unhinted_symbols(x) -> set:
+    """Free symbols of a SymInt that has no hint (empty for ints and hinted sizes)."""
+    if not isinstance(x, torch.SymInt):
+        return set()
+    try:
+        hint(x)
+        return set()
+    except ValueError:
+        return set(x.node.expr.free_symbols)
 
 
 def hint(x) -> int:
@@ -30,6 +60,10 @@ def hint(x) -> int:
             try:
                 return int(env.size_hint(node.expr))
             except Exception as e:  # no hint recorded (unbacked symbol)
+                assumed = _ASSUMED.get()
+                expr = node.expr
+                if assumed and expr.free_symbols and all(s in assumed for s in expr.free_symbols):
+                    return int(expr.xreplace(assumed))
                 raise ValueError(f"size {x} has no hint") from e
     raise ValueError(f"size {x!r} is not an int or SymInt")
 
