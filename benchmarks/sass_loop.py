@@ -35,7 +35,7 @@ from emu_inductor.spec import SCHEMES, OpSpec  # noqa: E402
 _PTRS = {"a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "alpha_ptr": "*fp32", "ids_ptr": "*i32",
          "bexp_ptr": "*i32", "tw_ptr": "*fp32", "gs_ptr": "*fp32", "gs1_ptr": "*fp32", "gs2_ptr": "*fp32",
          "bias_ptr": "*fp32", "out_ptr": "*fp32", "dbg_a_ptr": "*fp32", "dbg_c_ptr": "*fp32",
-         "amax_ptr": "*fp32", "part_ptr": "*fp32", "cnt_base": "*i32"}
+         "amax_ptr": "*fp32", "part_ptr": "*fp32", "cnt_base": "*i32", "pos_ptr": "*i64", "y_ptr": "*bf16"}
 _ALIGNED = ("stride_a", "stride_o", "K", "NOUT", "NW", "stride_we", "stride_wn", "stride_se", "stride_sn")
 
 
@@ -50,7 +50,7 @@ def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastd
     names = fn.arg_names
     const = dict(TOPK=8, A_INDEX=2 if kernel == "gemm_out_kernel" else 0, QDQ_A=False, STATIC_A=False,
                  HAS_BIAS=False, STORE=1, MUL_W=True, SWAP=swap, EVEN_K=True, PREFETCH=bool(prefetch), DEBUG=False,
-                 AMAX_OUT=False, PREQ=act, SPLIT=1, FUSE_EPI=False, FASTDEC=fastdec and fast_decode_supported(ks), BM=BM, BN=BN, BK=BK)
+                 AMAX_OUT=False, PREQ=act, SPLIT=1, FUSE_EPI=False, FUSE_COMB=False, FASTDEC=fastdec and fast_decode_supported(ks), BM=BM, BN=BN, BK=BK)
     sig = {n: _PTRS.get(n, "constexpr" if n in const else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in _PTRS or n in _ALIGNED}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items() if k in names}, attrs=attrs)

@@ -200,17 +200,18 @@ def _dummy(dev, dtype=torch.float32):
 _COUNTERS: dict = {}
 
 
-def _split_counters(dev, n: int) -> tuple[torch.Tensor, bool]:
-    """(int32 counters, fused) for gemm_act_kernel's last-split epilogue: one per (row block,
-    N tile), zero between launches (the last split of each tile resets its own), so they are
+def _split_counters(dev, n: int, use: str = "epilogue") -> tuple[torch.Tensor, bool]:
+    """(int32 counters, fused) for gemm_act_kernel's last-split epilogue (`use` "epilogue": one
+    per (row block, N tile)) or gemm_out_kernel's fused combine ("combine": one per (token, N
+    tile)), zero between launches (the program that completes a count resets it), so they are
     zeroed once and cached per device -- no memset per call. A buffer first needed while a
     CUDA graph is being captured is a fresh zeroed one per call instead (a cached tensor from
     the graph's pool must not outlive it). EMU_INDUCTOR_FUSED_EPILOGUE=0 keeps the separate
-    act_epilogue_kernel launch (for A/B timing)."""
+    act_epilogue_kernel and combine_kernel launches (for A/B timing)."""
     if os.environ.get("EMU_INDUCTOR_FUSED_EPILOGUE", "1") == "0":
         return _dummy(dev, torch.int32), False
     # per stream: launches on two streams may overlap, each must count its own tiles
-    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0, use)
     t = _COUNTERS.get(key)
     if t is not None and t.numel() >= n:
         return t, True
@@ -514,9 +515,16 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
     P = blocks.padded_rows
     partial = cfg.split2 != 0
     split = _splits(cfg.split2, grid2[0] * grid2[1], I, cfg.BK, dev) if partial else 1
+    y = dummy
+    cnt, fuse = _dummy(dev, torch.int32), False
     if partial:
         out = torch.empty((split, P, H), dtype=torch.float32, device=dev)
         store = 2
+        cnt, fuse = _split_counters(dev, plan.T * grid2[1], "combine")
+        # fused: every token with a local slot is written by the program completing it; with
+        # an expert map a token may have none (combine_kernel writes its zeros)
+        y = (torch.zeros if plan.routing.expert_map is not None and fuse else torch.empty)(
+            (plan.T, H), dtype=dtype, device=dev)
     elif plan.reduction == "atomic":
         out = torch.zeros((plan.T, H), dtype=torch.float32, device=dev)
         store = 1
@@ -528,15 +536,16 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights,
         scales.gs2_static if scales.gs2_static is not None else scales.amax2,
         w2.bias if w2.bias is not None else dummy,
-        out, H if partial else out.stride(0), H, I, plan.R, plan.E, H, w2s[0], w2s[1], w2.scale.stride(0),
-        w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
+        out, H if partial else out.stride(0), blocks.pos_of_id, cnt, y, H, I, plan.R, plan.E, H, w2s[0], w2s[1],
+        w2.scale.stride(0), w2.scale.stride(1), _k_per_split(I, cfg.BK, split), P,
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
-        SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch),
+        SPLIT=split, FUSE_COMB=fuse, SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch),
         FASTDEC=_fast_decode(plan.kspec, I, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if not partial:
         return out
-    y = torch.empty((plan.T, H), dtype=dtype, device=dev)
+    if fuse:
+        return y
     BH = min(1024, _np2(H))
     plan.mod.combine_kernel[(plan.T, _cdiv(H, BH))](
         out, blocks.pos_of_id, blocks.block_expert, plan.routing.topk_weights,
@@ -649,9 +658,10 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
     mod.gemm_out_kernel[grid](
         a, a.stride(0), w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
-        out, out.stride(0), N, K, R, E, N, w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
-        _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
-        STORE=0, MUL_W=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch),
+        out, out.stride(0), dummy, _dummy(dev, torch.int32), dummy, N, K, R, E, N, w.stride(0), w.stride(1),
+        w_scale.stride(0), w_scale.stride(1), _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1,
+        QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
+        STORE=0, MUL_W=False, SPLIT=1, FUSE_COMB=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch),
         FASTDEC=_fast_decode(kspec, K, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
         **_launch_kw(cfg))
     return out

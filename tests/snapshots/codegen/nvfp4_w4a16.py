@@ -417,15 +417,18 @@ def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o,
 
 @triton.jit(do_not_specialize=["R", "KTS", "PROWS"])
 def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs_ptr, bias_ptr,
-                    out_ptr, stride_o, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se, stride_sn, KTS, PROWS,
+                    out_ptr, stride_o, pos_ptr, cnt_base, y_ptr, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se,
+                    stride_sn, KTS, PROWS,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, QDQ_A: tl.constexpr, STATIC_A: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, SPLIT: tl.constexpr,
+                    FUSE_COMB: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
-    # pid_k (grid axis 2) at padded row positions, for combine_kernel
+    # pid_k (grid axis 2) at padded row positions, for combine_kernel -- or, FUSE_COMB, the
+    # program that stores a token's last partial combines its row into y
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -478,6 +481,37 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
         # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)
         tl.store(out_ptr + (pid_k * PROWS + offs).to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
                  mask=rmask[:, None] & cmask[None, :])
+        if FUSE_COMB:
+            tl.debug_barrier()  # every thread's partial stores before the release
+            tok = tl.where(rmask, ids // TOPK, 0)
+            need = tl.zeros((BM,), dtype=tl.int32)
+            for j in tl.static_range(TOPK):
+                need += (tl.load(pos_ptr + tok * TOPK + j, mask=rmask, other=PROWS) < PROWS).to(tl.int32)
+            cptr = cnt_base + tok * tl.num_programs(1) + pid_n
+            done = tl.atomic_add(cptr, 1, mask=rmask, sem="acq_rel", scope="gpu")
+            ctm = rmask & (done == need * SPLIT - 1)
+            if tl.max(ctm.to(tl.int32), axis=0) > 0:
+                y = tl.zeros((BM, BN), dtype=tl.float32)
+                for j in tl.static_range(TOPK):
+                    r = tok * TOPK + j
+                    pos = tl.load(pos_ptr + r, mask=ctm, other=PROWS)
+                    ok = ctm & (pos < PROWS)
+                    p = tl.where(ok, pos, 0)
+                    cm2 = ok[:, None] & cmask[None, :]
+                    sacc = tl.zeros((BM, BN), dtype=tl.float32)
+                    for s in tl.static_range(SPLIT):
+                        sacc += tl.load(out_ptr + (s * PROWS + p).to(tl.int64)[:, None] * stride_o + cols[None, :], mask=cm2,
+                                        other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        eb = tl.load(bexp_ptr + p // BM, mask=ok, other=0)
+                        sacc = sacc + tl.load(bias_ptr + eb.to(tl.int64)[:, None] * NOUT + cols[None, :], mask=cm2, other=0.0).to(tl.float32)
+                    c = tl.where(ok[:, None], _rnd(sacc), 0.0)  # a slot of no local expert adds zeros
+                    if MUL_W:
+                        c = c * tl.load(tw_ptr + r, mask=ok, other=0.0).to(tl.float32)[:, None]
+                    y += c
+                tl.store(y_ptr + tok.to(tl.int64)[:, None] * NOUT + cols[None, :], _rnd(y).to(y_ptr.dtype.element_ty),
+                         mask=ctm[:, None] & cmask[None, :])
+                tl.atomic_xchg(cptr, 0, mask=ctm, sem="relaxed", scope="gpu")
         return
     if HAS_BIAS:
         c = _rnd(acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
