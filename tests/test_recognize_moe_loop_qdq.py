@@ -54,7 +54,8 @@ class QdqLoopMoE(GatherBmmMoE):
     fmt "mxfp4" (weights and activations) or "nvfp4" (per-expert float scales, static
     activation global scales in buffers). miss: "recipe" (the last expert's QDQ is amd-quark's
     MX recipe, another known variant: even scale, +0 for elements rounding to zero),
-    "dynamic" (NVFP4 global scale from each expert's own rows' amax)."""
+    "dynamic" (NVFP4 global scale from each expert's own rows' amax), "bf16_combine" (ModelOpt's
+    combine: bf16 weighted rows index_add_-ed into a bf16 buffer)."""
 
     def __init__(self, fmt="mxfp4", miss=None):
         super().__init__(act_qdq=False)
@@ -90,13 +91,19 @@ class QdqLoopMoE(GatherBmmMoE):
         w, ids = torch.topk(torch.softmax((x @ self.router.t()).float(), dim=-1), self.k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
         w13, w2 = self.weights(x.dtype)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+        bf16 = self.miss == "bf16_combine"
+        if bf16:
+            w = w.to(x.dtype)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=x.dtype if bf16 else torch.float32)
         for e in range(self.E):
             tok, slot = torch.nonzero(ids == e, as_tuple=True)
             h = F.linear(self.qdq(x[tok], 1, e), w13[e])
             h = F.silu(h[:, :self.I]) * h[:, self.I:]
             y = F.linear(self.qdq(h, 2, e), w2[e])
-            out.index_add_(0, tok, y.float() * w[tok, slot].unsqueeze(-1))
+            if bf16:
+                out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
+            else:
+                out.index_add_(0, tok, y.float() * w[tok, slot].unsqueeze(-1))
         return out.to(x.dtype)
 
 
@@ -119,6 +126,8 @@ def test_per_expert_qdq_loop_becomes_one_w4a4_moe(fmt):
 @pytest.mark.parametrize("fmt,miss,reason", [
     ("mxfp4", "recipe", "the experts quantize their rows differently"),
     ("nvfp4", "dynamic", "not row-local"),
+    # the QDQ goes into the GEMMs, the combine is what differs (ModelOpt's MoE, tests/corpus/modelopt_style.py)
+    ("mxfp4", "bf16_combine", "routing/combine differ from mxemu::moe"),
 ])
 def test_per_expert_qdq_near_misses_stay_per_expert(fmt, miss, reason):
     model = QdqLoopMoE(fmt, miss)
@@ -127,5 +136,23 @@ def test_per_expert_qdq_near_misses_stay_per_expert(fmt, miss, reason):
     assert counters["mxemu"]["semantic_loop_moe"] == 0, dict(counters["mxemu"])
     assert counters["mxemu_ops"] == {"grouped_mm": 2}, dict(counters["mxemu_ops"])
     whole = [r for r in records if r.family == "semantic_loop_moe" and not r.fused]
-    assert whole and "an activation QDQ written per expert" in whole[0].reason and reason in whole[0].reason, \
-        [r.reason for r in records]
+    assert whole and reason in whole[0].reason, [r.reason for r in records]
+
+
+def test_quark_corpus_moe_is_one_mxemu_moe():
+    """amd-quark's MoE (tests/corpus/quark_style.py): fake_quantize_mx per expert inside the loop, index_add_
+    in fp32 -> one mxemu::moe carrying Quark's MX recipe (quark_hw). Its QDQ reshapes rows with -1, which
+    eager PyTorch cannot do for an expert without rows, so every expert gets rows here."""
+    from tests.corpus import BY_NAME, E, H
+
+    m, _ = BY_NAME["quark_mxfp4_moe"].make(1, torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    xs = []
+    while len(xs) < 2:
+        x = torch.randn(16, H, generator=g).to(torch.bfloat16)
+        if m.route(x)[1].unique().numel() == E:
+            xs.append(x)
+    code, records = _compile(m, xs[0], flags=True, x2=xs[1])
+    assert counters["mxemu_ops"] == {"moe": 1}, [r.reason for r in records]
+    loop = [r for r in records if r.family == "semantic_loop" and r.fused]
+    assert loop and "quark_hw" in loop[0].reason, [r.reason for r in records]

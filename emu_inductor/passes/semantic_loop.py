@@ -15,9 +15,13 @@ the loop (fp32 accumulation; the order inside a dot product is the GEMM contract
 The rewrite is made only when the weight recogniser proves the stack's decode
 (`recognize_weight` over the stack, the verdict "semantic" then reads from its cache) and
 no expert's rows depend on another GEMM of the group; otherwise the loop stays as
-written and explain() says why. The row selection, activation QDQ (per expert, as the user
-wrote it), activation and combine stay as written here; "semantic_loop_moe" (order 98)
-then proves the whole loop around the two grouped GEMMs and makes it one mxemu::moe.
+written and explain() says why. An activation QDQ written once per expert goes into the
+grouped GEMM (this family then fuses it as mxemu::grouped_mm with the QDQ itself) when
+`recognize.expert_qdq` proves it the same row-local function for every expert: one QDQ over
+the concatenated rows then equals the per-expert ones. Otherwise it stays per expert and the
+reason is kept on the rows (`LOOP_QDQ`) for "semantic_loop_moe". The row selection,
+activation and combine stay as written here; "semantic_loop_moe" (order 98) then proves the
+whole loop around the two grouped GEMMs and makes it one mxemu::moe.
 """
 
 from __future__ import annotations
@@ -201,9 +205,13 @@ def _expert_qdq(group, w) -> tuple[Optional[list], Optional[str]]:
     if not is_compatible(FORMATS[w.variant.fmt], a.act_quant()):
         return None, f"the per-expert activation {a.variant.name} does not go with {w.variant.fmt} weights"
     gemms = {n for _, n in group}  # a dense loop's QDQ of all tokens may be one node read by every expert
+    # size arithmetic on the rows' count (`u0 >= 0` checks) reads no tensor: not a use of the QDQ
+    sizes = {u for u in group[0][1].graph.nodes if u.op == "call_function" and u.all_input_nodes and
+             all(isinstance(_val(a), torch.SymInt) for a in u.all_input_nodes)}
     for (_, n), v in zip(group, acts):
-        if outside_user([v.x], v.output, set(v.post) | gemms) is not None:
-            return None, f"the quantized rows of {n.name} have another user"
+        u = outside_user([v.x], v.output, set(v.post) | gemms | sizes)
+        if u is not None:
+            return None, f"the quantized rows of {n.name} are also used by {u.name}"
     return acts, None
 
 

@@ -135,9 +135,13 @@ ENTRIES = [
                     "gate_up[e] / down[e] become two mxemu::grouped_mm (semantic_loop), weight-only; but stock "
                     "Inductor miscompiles ModelOpt's activation QDQ on nonzero-selected rows (measured: backend "
                     "'inductor' and 'mxemu' both max error 10.0 vs eager at seed 1, aot_eager exact; the QDQ is "
-                    "not fused, so mxemu inherits it); no mxemu::moe: semantic_loop_moe refuses it (the activation QDQ "
-                    "written per expert is not in the weight-only grouped GEMMs; the bf16 index_add_ combine would "
-                    "also differ from mxemu::moe's fp32 sum)",
+                    "not fused, so mxemu inherits it); no mxemu::moe, for two reasons: semantic_loop takes a per-expert "
+                    "QDQ into the grouped GEMMs only when it is a proven variant, and ModelOpt's MXFP4 qtensor QDQ "
+                    "is none (closest 'modelopt' gives NaN for a block holding NaN / -Inf, ModelOpt gives -0.0; "
+                    "semantic_loop_moe's refusal names the probe); and its bf16 combine (weighted rows rounded to "
+                    "bf16, index_add_ into a bf16 buffer) differs from mxemu::moe's fp32 sum, verified by the body "
+                    "proof on the same plumbing with a proven QDQ (tests/test_recognize_moe_loop_qdq.py "
+                    "'bf16_combine': 261 of 1024 values differ on a probe routing); measured bf16 2026-12-02",
         plumbing="one-hot expert mask + torch.where per expert, chunk(2), index_add_ bf16",
     ),
 ]

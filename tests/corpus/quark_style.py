@@ -177,12 +177,12 @@ ENTRIES = [
                      "(measured: 7 graphs, 28-51 s, no fusion: the GEMMs never share a graph with their decode); "
                      "left out of the compile test for time",
         fused_today="default config: nothing. With capture_scalar_outputs / capture_dynamic_output_shape_ops: one "
-                    "graph, the 4+4 per-expert F.linear over w13[e] / w2[e] of one decoded stack become two "
-                    "mxemu::grouped_mm (semantic_loop: rows concatenated in expert order, unbacked counts), "
-                    "weight-only (the per-expert activation QDQ stays as written); no mxemu::moe: semantic_loop_moe "
-                    "(which makes the same loop without activation QDQ one mxemu::moe) refuses it because the QDQ "
-                    "written per expert is not in the weight-only grouped GEMMs (no size hint for the QDQ "
-                    "recogniser); equal to eager (measured bf16 2026-12-02, 45-92 s to compile)",
+                    "graph, one mxemu::moe (tests/test_recognize_moe_loop_qdq.py): semantic_loop makes the 4+4 "
+                    "per-expert F.linear over w13[e] / w2[e] two grouped GEMMs and proves fake_quantize_mx, written "
+                    "per expert, the same row-local function for every expert (formats variant quark_hw), so the "
+                    "grouped GEMMs carry it (w4a4); semantic_loop_moe proves the loop (nonzero rows, silu, fp32 "
+                    "index_add_) mxemu::moe; equal to eager (measured bf16 2026-12-02, ~15 s to compile). Eager "
+                    "cannot run an expert without rows (reshape(-1, ..) of 0 elements), the compiled layer can",
         plumbing="per-expert Python loop, nonzero(ids == e) rows, slicing gate/up, index_add_ fp32",
     ),
 ]

@@ -296,9 +296,12 @@ ENTRIES = [
         fused_today="default config: nothing. With the capture flags: one graph; 8 mxemu::linear (one per expert "
                     "and GEMM: each dequantizes w13[i] of the packed bytes, the traced vllm_lut pattern), "
                     "weight-only, grouped by semantic_group into two mxemu::grouped_mm; no mxemu::moe: semantic_loop_moe "
-                    "refuses it (GEMM2's activation QDQ is written per expert, not in the weight-only grouped GEMM; "
-                    "the bf16 product-and-sum combine would also differ from mxemu::moe's fp32 sum; measured bf16 "
-                    "2026-12-02)",
+                    "refuses it because GEMM2's activation QDQ is written per expert and semantic_group (unlike "
+                    "semantic_loop) does not take a per-expert QDQ into the grouped GEMM; and even then its combine "
+                    "(bf16 product with the bf16-rounded weights, summed over view(T, k, H) in bf16) differs from "
+                    "mxemu::moe's fp32 sum: verified by the body proof on the same plumbing (repeated rows, boolean "
+                    "mask, masked assignment) over a dequantized stack with a proven per-expert QDQ, where both "
+                    "QDQs go into the GEMMs: 351 of 1024 values differ on a probe routing; measured bf16 2026-12-02",
         compile_smoke=False,
         plumbing="repeat rows, per-expert boolean mask, masked assignment, view(T,k,H)*w summed in bf16; no renorm",
     ),
