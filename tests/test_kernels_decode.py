@@ -170,3 +170,22 @@ def test_fused_combine_with_expert_map_and_tokens_without_local_slots(monkeypatc
     ref = moe_emulated(x, qe.w13, qe.w2, tw, ids, scheme=scheme, w13_scale=qe.w13_scale, w2_scale=qe.w2_scale,
                        activation=act, expert_map=emap, w13_bias=b13, w2_bias=b2)
     assert (fused.float() - ref.float()).abs().max() <= 0.02 * max(1.0, ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("scheme,rw_in", [("nvfp4_w4a4", False), ("w_mxfp4_a_mxfp4", True)])
+def test_prep_kernel_is_routing_plus_prequant(scheme, rw_in, monkeypatch):
+    """prep_kernel (routing in program 0, the GEMM1 rows' fake-quant in the others) gives the
+    same routing layout, the same A1 rows and the same output as the two separate launches."""
+    act = "silu"
+    qe, x, tw, ids, _, _ = _case(scheme, act, f"prep/{scheme}/{rw_in}")
+    emap = torch.tensor([0, -1, 1, 2, 3, -1], dtype=torch.int32) if rw_in else None
+    if rw_in:
+        g = torch.Generator().manual_seed(3)
+        ids = torch.stack([torch.randperm(6, generator=g)[:1] for _ in range(T)]).to(torch.int32)
+        tw = torch.ones(T, 1)
+    cfg = TileConfig(16, 32, 32, 4, 1, split1=2, split2=1)
+    merged = _run(qe, scheme, act, x, tw, ids, cfg, emap=emap, rw_in=rw_in)
+    monkeypatch.setenv("EMU_INDUCTOR_PREP_MERGED", "0")
+    sep = _run(qe, scheme, act, x, tw, ids, cfg, emap=emap, rw_in=rw_in)
+    for k in ("valid", "a1", "out"):
+        assert torch.equal(merged[k].view(torch.uint8), sep[k].view(torch.uint8)), k

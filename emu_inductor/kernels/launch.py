@@ -417,11 +417,15 @@ def _moe_config(plan: _MoEPlan, run) -> TileConfig:
 
 
 def _moe_run(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
-    blocks = BlockRouting(*moe_align(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM))
     dummy = _dummy(plan.x.device)
     scales = _kernel_scales(plan, dummy)
+    if (plan.prequant and _routing_impl(plan.R, plan.E) == "triton" and _sort_kernel_fits(plan.R, plan.E)
+            and _prep_merged()):
+        blocks, a_src, a_index = _moe_prep(plan, cfg, scales)
+    else:
+        blocks = BlockRouting(*moe_align(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM))
+        a_src, a_index = _moe_prequant(plan, scales) if plan.prequant else (plan.x, 0)
     ws = _moe_workspaces(plan, blocks.padded_rows, dbg, dummy)
-    a_src, a_index = _moe_prequant(plan, scales) if plan.prequant else (plan.x, 0)
     _moe_gemm1(plan, cfg, blocks, scales, ws, a_src, a_index, dbg, dummy)
     del a_src
     out = _moe_gemm2(plan, cfg, blocks, scales, ws, dummy)
@@ -457,14 +461,52 @@ def _moe_workspaces(plan: _MoEPlan, P: int, dbg: bool, dummy) -> MoEWorkspaces:
         dbg_c=torch.zeros((P, plan.I), dtype=torch.float32, device=dev) if dbg else dummy)
 
 
+def _prep_merged() -> bool:
+    """Routing prep and the GEMM1 rows' fake-quant in one launch (`prep_kernel`) where both
+    run as Triton kernels; EMU_INDUCTOR_PREP_MERGED=0 keeps two launches (A/B timing)."""
+    return os.environ.get("EMU_INDUCTOR_PREP_MERGED", "1") != "0"
+
+
+def _prequant_shape(plan: _MoEPlan):
+    """(rows M, fake-quant K tile, router weight on the input) of the prequantized rows."""
+    rw = bool(plan.spec.router_weight_on_input)
+    return (plan.R if rw else plan.T), _qdq_bk(plan.H, plan.spec), rw
+
+
+def _moe_prep(plan: _MoEPlan, cfg: TileConfig, scales: KernelScales):
+    """`moe_align`'s sort kernel and `_moe_prequant` as one launch of prep_kernel: program 0
+    routes (routing.moe_align_sort), the others fake-quantize row tiles. Same outputs."""
+    x, H, dev = plan.x, plan.H, plan.x.device
+    M, qbk, rw = _prequant_shape(plan)
+    a_src = torch.empty((M, H), dtype=x.dtype, device=dev)
+    topk_ids, emap = plan.routing.topk_ids, plan.routing.expert_map
+    R, E, BM = plan.R, plan.E, cfg.BM
+    max_blocks = _cdiv(R, BM) + min(E, R)
+    P = max_blocks * BM
+    ids = topk_ids.reshape(-1)
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.to(torch.int64)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    pos_of_id = torch.empty(R, dtype=torch.int64, device=dev)
+    BN = max(16, _np2(R))
+    nqk = _cdiv(H, qbk)
+    plan.mod.prep_kernel[(1 + _cdiv(M, 16) * nqk,)](
+        x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H, nqk,
+        ids.contiguous(), emap.contiguous() if emap is not None else ids, sorted_ids, block_expert, pos_of_id,
+        R, E, emap.shape[0] if emap is not None else E, P, max_blocks,
+        TOPK=plan.top_k if rw else 1, RW=rw, BMQ=16, BKQ=qbk, HAS_MAP=emap is not None, BM=BM, BN=BN,
+        LOG_BN=BN.bit_length() - 1, BE=max(16, _np2(E)), BF=1024,
+        **({} if interpreting() else {"num_warps": _routing_warps(min(16, max(4, BN // 512)))}))
+    return BlockRouting(sorted_ids, block_expert, pos_of_id), a_src, 1 if rw else 0
+
+
 def _moe_prequant(plan: _MoEPlan, scales: KernelScales):
     """Fake-quantize the GEMM1 input rows once ([T, H], or [T*k, H] with the router weight on
     the input): returns (rows, A_INDEX of gemm_act_kernel)."""
     x, H = plan.x, plan.H
-    rw = bool(plan.spec.router_weight_on_input)
-    M = plan.R if rw else plan.T
+    M, qbk, rw = _prequant_shape(plan)
     a_src = torch.empty((M, H), dtype=x.dtype, device=x.device)
-    qbk = _qdq_bk(H, plan.spec)
     plan.mod.prequant_kernel[(_cdiv(M, 16), _cdiv(H, qbk))](
         x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H,
         TOPK=plan.top_k if rw else 1, RW=rw, BM=16, BK=qbk, **({} if interpreting() else {"num_warps": 4}))

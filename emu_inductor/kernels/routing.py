@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["moe_align_kernel", "moe_align_sort_kernel"]
+__all__ = ["moe_align_kernel", "moe_align_sort_kernel", "moe_align_sort"]
 
 
 @triton.jit(do_not_specialize=["R", "NG"])
@@ -110,6 +110,15 @@ def _sort_distinct(x, N: tl.constexpr, LOG_N: tl.constexpr):
 def moe_align_sort_kernel(ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB,
                           HAS_MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr,
                           BE: tl.constexpr, BF: tl.constexpr):
+    moe_align_sort(ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB, HAS_MAP, BM, BN, LOG_BN, BE, BF)
+
+
+@triton.jit
+def moe_align_sort(ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB,
+                   HAS_MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr,
+                   BE: tl.constexpr, BF: tl.constexpr):
+    # the sort kernel's body, for one program (also run by the generated MoE modules'
+    # prep_kernel, which fake-quantizes the GEMM1 input rows in its other programs)
     # one lane per row (BN = next_pow2(R) >= R); padding lanes sort last and are never stored
     r = tl.arange(0, BN)
     rm = r < R

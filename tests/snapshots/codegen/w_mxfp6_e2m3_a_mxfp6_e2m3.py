@@ -7,6 +7,8 @@ kernel spec: {"a1_static":false,"a2_static":false,"alpha1":"none","alpha2":"none
 import triton
 import triton.language as tl
 
+from emu_inductor.kernels.routing import moe_align_sort
+
 
 SIXTH = tl.constexpr(0.16666666666666666)  # fp32(1/6), a multiplier as vLLM uses it
 
@@ -531,10 +533,34 @@ def qdq_kernel(x_ptr, out_ptr, gs_ptr, M, K, STATIC_A: tl.constexpr, BM: tl.cons
 @triton.jit(do_not_specialize=["M"])
 def prequant_kernel(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, TOPK: tl.constexpr,
                     RW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    _prequant_tile(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, tl.program_id(0), tl.program_id(1),
+                   TOPK, RW, BM, BK)
+
+
+@triton.jit(do_not_specialize=["M", "R", "NG"])
+def prep_kernel(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, NQK,
+                ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB,
+                TOPK: tl.constexpr, RW: tl.constexpr, BMQ: tl.constexpr, BKQ: tl.constexpr,
+                HAS_MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr,
+                BE: tl.constexpr, BF: tl.constexpr):
+    # decode's routing prep (program 0: routing.moe_align_sort) and the GEMM1 input rows'
+    # fake-quant (programs 1..: prequant tiles, NQK per row block) in one launch
+    pid = tl.program_id(0)
+    if pid == 0:
+        moe_align_sort(ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB, HAS_MAP, BM, BN,
+                       LOG_BN, BE, BF)
+    else:
+        _prequant_tile(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, (pid - 1) // NQK, (pid - 1) % NQK,
+                       TOPK, RW, BMQ, BKQ)
+
+
+@triton.jit
+def _prequant_tile(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, pid_m, pid_k, TOPK: tl.constexpr,
+                   RW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     # MoE GEMM1 input rows, fake-quantized once (not once per N tile): out[r] = QDQ_a1(x[r // TOPK]
     # (* router weight r when RW)), the same ops as gemm_act_kernel's in-loop prologue
-    offs = tl.program_id(0) * BM + tl.arange(0, BM)
-    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs = pid_m * BM + tl.arange(0, BM)
+    kk = pid_k * BK + tl.arange(0, BK)
     rmask = offs < M
     m = rmask[:, None] & (kk < K)[None, :]
     a = tl.load(x_ptr + (offs // TOPK)[:, None] * stride_x + kk[None, :], mask=m, other=0.0).to(tl.float32)
