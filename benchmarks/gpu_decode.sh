@@ -37,7 +37,7 @@ case $what in
          step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          step fused 150 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"
          step quick 120 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 --out "$OUT"
-         EMU_INDUCTOR_FUSED_EPILOGUE=0 step quick_sep 100 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4 --configs 1,6 --tag quick_separate_epilogues --out "$OUT"
+         EMU_INDUCTOR_FUSED_EPILOGUE=0 EMU_INDUCTOR_PREP_MERGED=0 step quick_sep 100 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4 --configs 1,6 --tag quick_separate_epilogues --out "$OUT"
          step profile 120 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
   sweep)   # the committed decode sweep (all shapes) and the corpus at a real shape
          TAILN=30 step kernels 240 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 210 --out "$OUT"

@@ -1,6 +1,7 @@
-"""GPU check of the fused split-K epilogues (gemm_act's last split runs the activation
-epilogue, gemm_out's completing program combines a token): bit for bit against the separate
-act_epilogue_kernel / combine_kernel launches (EMU_INDUCTOR_FUSED_EPILOGUE=0), repeated many
+"""GPU check of the fused decode launches (gemm_act's last split runs the activation epilogue,
+gemm_out's completing program combines a token, prep_kernel routes and prequantizes): bit for
+bit against the separate act_epilogue_kernel / combine_kernel / routing / prequant launches
+(EMU_INDUCTOR_FUSED_EPILOGUE=0, EMU_INDUCTOR_PREP_MERGED=0), repeated many
 times per config, eagerly and as CUDA-graph replays -- a missing release / acquire or a
 counter left non-zero shows as an intermittent mismatch, which one run would likely miss.
 
@@ -50,8 +51,10 @@ def main():
                                           tw, ids, g1, g2, emap, spec, config=cfg, validate=False)
                     try:
                         os.environ["EMU_INDUCTOR_FUSED_EPILOGUE"] = "0"
+                        os.environ["EMU_INDUCTOR_PREP_MERGED"] = "0"
                         want = call()
                         os.environ.pop("EMU_INDUCTOR_FUSED_EPILOGUE")
+                        os.environ.pop("EMU_INDUCTOR_PREP_MERGED")
                         bad = sum(int(not torch.equal(call().view(torch.int16), want.view(torch.int16)))
                                   for _ in range(reps))
                         row["eager_mismatching_runs"] = bad
@@ -73,6 +76,7 @@ def main():
                         row["ok"] = False
                     finally:
                         os.environ.pop("EMU_INDUCTOR_FUSED_EPILOGUE", None)
+                        os.environ.pop("EMU_INDUCTOR_PREP_MERGED", None)
                     res["rows"].append(row)
                     print(row, flush=True)
     res["all_ok"] = all(r["ok"] for r in res["rows"])
