@@ -26,7 +26,7 @@ def main():
     dev = torch.device(os.environ.get("CHECK_DEVICE", "cuda"))
     small = dev.type == "cpu"
     E, k, H, I = (8, 2, 128, 64) if small else (64, 8, 1024, 512)
-    reps = 2 if small else 30
+    reps = 2 if small else int(os.environ.get("FUSED_REPS", "30"))
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "rows": []}
     g = torch.Generator().manual_seed(0)
     for scheme, act in (("nvfp4_w4a4", "silu"), ("w_mxfp4_a_mxfp4", "swigluoai")):
