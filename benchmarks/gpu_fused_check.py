@@ -53,7 +53,7 @@ def main():
                         os.environ["EMU_INDUCTOR_FUSED_EPILOGUE"] = "0"
                         os.environ["EMU_INDUCTOR_PREP_MERGED"] = "0"
                         want = call()
-                        os.environ.pop("EMU_INDUCTOR_FUSED_EPILOGUE")
+                        os.environ["EMU_INDUCTOR_FUSED_EPILOGUE"] = "1"
                         os.environ.pop("EMU_INDUCTOR_PREP_MERGED")
                         bad = sum(int(not torch.equal(call().view(torch.int16), want.view(torch.int16)))
                                   for _ in range(reps))

@@ -137,6 +137,7 @@ def test_last_split_epilogue_is_the_epilogue_kernel(scheme, activation, monkeypa
     partial sums re-read in split order) equals act_epilogue_kernel bit for bit, and leaves
     every counter back at zero for the next launch (they are zeroed once and cached)."""
     from emu_inductor.kernels import launch
+    monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "1")
     qe, x, tw, ids, b13, b2 = _case(scheme, activation, f"fused-epi/{scheme}/{activation}", bias=True)
     cfg = TileConfig(16, 32, 32, 4, 1, split1=4, split2=2)
     fused = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
@@ -148,7 +149,7 @@ def test_last_split_epilogue_is_the_epilogue_kernel(scheme, activation, monkeypa
         if fused.get(k) is not None:
             assert torch.equal(fused[k].view(torch.uint8), sep[k].view(torch.uint8)), k
     again = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)  # counters reused
-    monkeypatch.delenv("EMU_INDUCTOR_FUSED_EPILOGUE")
+    monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "1")
     again = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
     assert torch.equal(again["out"].view(torch.uint8), fused["out"].view(torch.uint8))
 
@@ -162,6 +163,7 @@ def test_fused_combine_with_expert_map_and_tokens_without_local_slots(monkeypatc
     emap = torch.tensor([0, -1, 1, 2, 3, -1], dtype=torch.int32)
     ids = torch.tensor([[1, 5], [0, 5], [2, 3], [5, 4], [1, 0]], dtype=torch.int32)
     cfg = TileConfig(16, 32, 32, 4, 1, split1=2, split2=2)
+    monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "1")
     fused = _run(qe, scheme, act, x, tw, ids, cfg, emap=emap, b13=b13, b2=b2, debug=False)
     monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "0")
     sep = _run(qe, scheme, act, x, tw, ids, cfg, emap=emap, b13=b13, b2=b2, debug=False)
