@@ -55,6 +55,23 @@ def run(fast: bool, fn):
         os.environ.pop("EMU_INDUCTOR_FAST_DECODE", None)
 
 
+def readback_row(row, x, w, s, alpha, ref, spec, cfg) -> dict:
+    """One linear over one-hot rows x with the fast and the plain decode: mismatches against
+    the reference weights `ref` and between the two, into `row` (an error is a result too)."""
+    try:
+        ys = {}
+        for name, fast in (("fast", True), ("plain", False)):
+            ys[name] = run(fast, lambda: linear_triton(x, w, s, alpha, None, None, spec, config=cfg)).t()
+            row[f"{name}_vs_ref_mismatch"] = same_weights(ys[name], ref)
+            row[f"{name}_vs_ref_subnormal_mismatch"] = same_weights(ys[name], ref, subnormal=True)
+        row["fast_vs_plain_mismatch"] = same(ys["fast"], ys["plain"])
+        row["ok"] = row["fast_vs_ref_mismatch"] == 0 and row["fast_vs_plain_mismatch"] == 0
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:800]
+        row["ok"] = False
+    return row
+
+
 def main():
     dev = torch.device(os.environ.get("CHECK_DEVICE", "cuda"))  # cpu: a smoke run of the script (plain decode)
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "linear": [], "moe": []}
@@ -73,19 +90,8 @@ def main():
         spec = OpSpec.from_scheme(scheme)
         for cfg in (TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 4, 4, prefetch=1),
                     TileConfig(16, 64, 128, 4, 3, swap=1), TileConfig(128, 64, 64, 4, 4, swap=1, prefetch=1)):
-            row = {"scheme": scheme, "config": cfg.to_dict()}
-            try:
-                ys = {}
-                for name, fast in (("fast", True), ("plain", False)):
-                    # (w4a4: one-hot rows survive the MXFP4 activation QDQ exactly: 1.0 and 0 are E2M1 values)
-                    ys[name] = run(fast, lambda: linear_triton(x, w, s, None, None, None, spec, config=cfg)).t()
-                    row[f"{name}_vs_ref_mismatch"] = same_weights(ys[name], ref)
-                    row[f"{name}_vs_ref_subnormal_mismatch"] = same_weights(ys[name], ref, subnormal=True)
-                row["fast_vs_plain_mismatch"] = same(ys["fast"], ys["plain"])
-                row["ok"] = row["fast_vs_ref_mismatch"] == 0 and row["fast_vs_plain_mismatch"] == 0
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:800]
-                row["ok"] = False
+            # (w4a4: one-hot rows survive the MXFP4 activation QDQ exactly: 1.0 and 0 are E2M1 values)
+            row = readback_row({"scheme": scheme, "config": cfg.to_dict()}, x, w, s, None, ref, spec, cfg)
             res["linear"].append(row)
             print("linear", row, flush=True)
     E, k, H, I, T = (4, 2, 128, 64, 20) if os.environ.get("CHECK_DEVICE") == "cpu" else (8, 2, 512, 256, 300)
@@ -149,18 +155,7 @@ def nvfp4_checks(dev, res):
             ref = dequantize_weight(w, s, fmt, alpha=a, dtype=torch.bfloat16, scale_order=order)
             for cfg in (TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 4, 4, prefetch=1),
                         TileConfig(16, 64, 128, 4, 3, swap=1)):
-                row = {"order": order, "global": g, "config": cfg.to_dict()}
-                try:
-                    ys = {}
-                    for name, fast in (("fast", True), ("plain", False)):
-                        ys[name] = run(fast, lambda: linear_triton(x, w, s, a, None, None, spec, config=cfg)).t()
-                        row[f"{name}_vs_ref_mismatch"] = same_weights(ys[name], ref)
-                        row[f"{name}_vs_ref_subnormal_mismatch"] = same_weights(ys[name], ref, subnormal=True)
-                    row["fast_vs_plain_mismatch"] = same(ys["fast"], ys["plain"])
-                    row["ok"] = row["fast_vs_ref_mismatch"] == 0 and row["fast_vs_plain_mismatch"] == 0
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {e}"[:800]
-                    row["ok"] = False
+                row = readback_row({"order": order, "global": g, "config": cfg.to_dict()}, x, w, s, a, ref, spec, cfg)
                 res["nv_linear"].append(row)
                 print("nv linear", row, flush=True)
     E, k, H, I, T = (4, 2, 128, 64, 20) if dev.type == "cpu" else (8, 2, 512, 256, 300)

@@ -164,8 +164,9 @@ def test_nv_fast_decode_ptx_bit_exact(order, globals_):
 
 def test_nv_fast_ok_condition_text():
     # the runtime guard admits exactly the global scales above (and rejects NaN / Inf / large)
-    assert rh._nv_fast_ok("expert", "s*a") == "tl.abs(tl.load(alpha_ptr + e)) <= 0.0078125"
-    assert rh._nv_fast_ok("scalar", "s/g") == "tl.abs(tl.load(alpha_ptr)) >= 128.0"
+    e4m3 = FORMATS["nvfp4"].scale.element
+    assert rh._nv_fast_ok("expert", "s*a", e4m3) == "tl.abs(tl.load(alpha_ptr + e)) <= 0.0078125"
+    assert rh._nv_fast_ok("scalar", "s/g", e4m3) == "tl.abs(tl.load(alpha_ptr)) >= 128.0"
     assert 448 * 0.0078125 * 2.0 ** 126 < np.finfo(np.float32).max
     assert 448 / 128.0 * 2.0 ** 126 < np.finfo(np.float32).max
 
@@ -193,3 +194,28 @@ def test_fast_decode_kind(alpha_mode, order, kind):
     assert rh.fast_decode_kind(KernelSpec(op=op, dtype="bf16", alpha1=alpha_mode, interpret=True), alpha_mode) == ""
     mx = KernelSpec(op=OpSpec.from_scheme("w_mxfp4_a_mxfp4"), dtype="bf16")
     assert rh.fast_decode_kind(mx, "none") == "mx"
+
+
+def test_scale_by_bits_is_the_format_decode(tmp_path):
+    """The inline NVFP4 path's block-scale decode (`scale_by_bits`, rendered from the format's
+    ElementSpec) run under Triton's interpreter: every E4M3 byte equals torch's float8_e4m3fn
+    value (NaN codes NaN, -0 kept)."""
+    import importlib.util
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton function under the interpreter")
+    src = ("import triton\nimport triton.language as tl\n\n\n" + rh.scale_by_bits(FORMATS["nvfp4"].scale.element)
+           + "\n\n@triton.jit\ndef k(u_ptr, o_ptr):\n    r = tl.arange(0, 256)\n"
+           "    tl.store(o_ptr + r, _scale_by_bits(tl.load(u_ptr + r)))\n")
+    path = tmp_path / "scale_by_bits_mod.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("scale_by_bits_mod", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    u = torch.arange(256, dtype=torch.int32)
+    out = torch.empty(256, dtype=torch.float32)
+    mod.k[(1,)](u, out)
+    want = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    same = (out.view(torch.int32) == want.view(torch.int32)) | (out.isnan() & want.isnan())
+    assert same.all(), u[~same].tolist()

@@ -103,7 +103,10 @@ def _routing_warps(default: int) -> int:
     return int(os.environ.get("EMU_INDUCTOR_ROUTING_WARPS", "0") or 0) or default
 
 
-def _moe_align_triton(topk_ids, expert_map, E: int, BM: int, kernel: str = "sort"):
+def _routing_launch(topk_ids, expert_map, E: int, BM: int):
+    """The routing kernels' outputs (sorted_ids, block_expert, pos_of_id, empty), their
+    arguments and the sort kernel's constexprs and warp count: shared by the routing kernel
+    launch and prep_kernel (routing in its program 0)."""
     dev = topk_ids.device
     R = topk_ids.numel()
     max_blocks = _cdiv(R, BM) + min(E, R)
@@ -111,26 +114,30 @@ def _moe_align_triton(topk_ids, expert_map, E: int, BM: int, kernel: str = "sort
     ids = topk_ids.reshape(-1)
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.to(torch.int64)
-    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    pos_of_id = torch.empty(R, dtype=torch.int64, device=dev)
-    BE = max(16, _np2(E))
+    outs = (torch.empty(P, dtype=torch.int32, device=dev), torch.empty(max_blocks, dtype=torch.int32, device=dev),
+            torch.empty(R, dtype=torch.int64, device=dev))
     emap = expert_map.contiguous() if expert_map is not None else ids
     NG = expert_map.shape[0] if expert_map is not None else E
-    args = (ids.contiguous(), emap, sorted_ids, block_expert, pos_of_id, R, E, NG, P, max_blocks)
+    args = (ids.contiguous(), emap, *outs, R, E, NG, P, max_blocks)
+    BN = max(16, _np2(R))
+    sort_kw = dict(HAS_MAP=expert_map is not None, BM=BM, BN=BN, LOG_BN=BN.bit_length() - 1, BE=max(16, _np2(E)),
+                   BF=1024)
+    # 16 lanes a thread at most (a 4096-row sort at 8 warps ~ 16 keys a thread)
+    warps = {} if interpreting() else {"num_warps": _routing_warps(min(16, max(4, BN // 512)))}
+    return outs, args, sort_kw, warps
+
+
+def _moe_align_triton(topk_ids, expert_map, E: int, BM: int, kernel: str = "sort"):
+    outs, args, sort_kw, warps = _routing_launch(topk_ids, expert_map, E, BM)
     if kernel == "sort":
-        BN = max(16, _np2(R))
-        # 16 lanes a thread at most (a 4096-row sort at 8 warps ~ 16 keys a thread)
-        warps = _routing_warps(min(16, max(4, BN // 512)))
-        moe_align_sort_kernel[(1,)](*args, HAS_MAP=expert_map is not None, BM=BM, BN=BN,
-                                    LOG_BN=BN.bit_length() - 1, BE=BE, BF=1024,
-                                    **({} if interpreting() else {"num_warps": warps}))
+        moe_align_sort_kernel[(1,)](*args, **sort_kw, **warps)
     else:
+        R, BE = topk_ids.numel(), sort_kw["BE"]
         BR = max(16, min(_np2(R), 8192 // BE))
         BF = max(16, 8192 // BE)
         moe_align_kernel[(1,)](*args, HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
                                **({} if interpreting() else {"num_warps": _routing_warps(4)}))
-    return sorted_ids, block_expert, pos_of_id
+    return outs
 
 
 def moe_align(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], E: int, BM: int,
@@ -477,29 +484,15 @@ def _prequant_shape(plan: _MoEPlan):
 def _moe_prep(plan: _MoEPlan, cfg: TileConfig, scales: KernelScales):
     """`moe_align`'s sort kernel and `_moe_prequant` as one launch of prep_kernel: program 0
     routes (routing.moe_align_sort), the others fake-quantize row tiles. Same outputs."""
-    x, H, dev = plan.x, plan.H, plan.x.device
+    x, H = plan.x, plan.H
     M, qbk, rw = _prequant_shape(plan)
-    a_src = torch.empty((M, H), dtype=x.dtype, device=dev)
-    topk_ids, emap = plan.routing.topk_ids, plan.routing.expert_map
-    R, E, BM = plan.R, plan.E, cfg.BM
-    max_blocks = _cdiv(R, BM) + min(E, R)
-    P = max_blocks * BM
-    ids = topk_ids.reshape(-1)
-    if ids.dtype not in (torch.int32, torch.int64):
-        ids = ids.to(torch.int64)
-    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    pos_of_id = torch.empty(R, dtype=torch.int64, device=dev)
-    BN = max(16, _np2(R))
+    a_src = torch.empty((M, H), dtype=x.dtype, device=x.device)
+    outs, args, sort_kw, warps = _routing_launch(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM)
     nqk = _cdiv(H, qbk)
     plan.mod.prep_kernel[(1 + _cdiv(M, 16) * nqk,)](
-        x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H, nqk,
-        ids.contiguous(), emap.contiguous() if emap is not None else ids, sorted_ids, block_expert, pos_of_id,
-        R, E, emap.shape[0] if emap is not None else E, P, max_blocks,
-        TOPK=plan.top_k if rw else 1, RW=rw, BMQ=16, BKQ=qbk, HAS_MAP=emap is not None, BM=BM, BN=BN,
-        LOG_BN=BN.bit_length() - 1, BE=max(16, _np2(E)), BF=1024,
-        **({} if interpreting() else {"num_warps": _routing_warps(min(16, max(4, BN // 512)))}))
-    return BlockRouting(sorted_ids, block_expert, pos_of_id), a_src, 1 if rw else 0
+        x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H, nqk, *args,
+        TOPK=plan.top_k if rw else 1, RW=rw, BMQ=16, BKQ=qbk, **sort_kw, **warps)
+    return BlockRouting(*outs), a_src, 1 if rw else 0
 
 
 def _moe_prequant(plan: _MoEPlan, scales: KernelScales):

@@ -34,7 +34,7 @@ from ..spec.activations import is_gated
 from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
-    _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK, E2M1_FAST, E2M1_NV_FAST, E4M3_BY_BITS, WORDS_IN_K_ORDER, fast_decode_kind,
+    _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK, E2M1_FAST, E2M1_NV_FAST, scale_by_bits, WORDS_IN_K_ORDER, fast_decode_kind,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -483,7 +483,7 @@ def render(spec: KernelSpec) -> str:
         parts.append(E2M1_FAST)
     if "nv" in kinds:
         parts.append(E2M1_NV_FAST)
-        parts.append(E4M3_BY_BITS)
+        parts.append(scale_by_bits(wfmt.scale.element))
     parts.append(_gemm_act_kernel(spec))
     parts.append(_act_epilogue_kernel(spec))
     parts.append(_gemm_out_kernel(spec))

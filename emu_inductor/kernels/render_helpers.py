@@ -6,6 +6,7 @@ objects of `emu_inductor.formats`; `render` assembles them with the kernel bodie
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import torch
@@ -126,6 +127,21 @@ def is_e2m1(el: ElementSpec) -> bool:
     return (el.ebits, el.mbits, el.bias) == (2, 1, 1) and not el.has_inf and not el.nan_codes
 
 
+def _by_bits(el: ElementSpec, c: str, at: int = 0) -> tuple[str, str]:
+    """(int32 bits, fp32 factor) of a code of `el` held in bits at..at+el.bits-1 of `c`: its
+    exponent and mantissa bits moved to fp32's (mantissa top at bit 22), its sign to bit 31.
+    Read as fp32 that is the value times 2^(bias - 127) for every code -- the subnormals too,
+    as fp32 subnormals -- so one exact multiply by 2^(127 - bias) finishes it. Codes whose
+    exponent field is all ones read as normal numbers: NaN / Inf codes need their own select."""
+    mag, sign = ((1 << (el.bits - 1)) - 1) << at, (1 << (el.bits - 1)) << at
+    sh_m, sh_s = 23 - el.mbits - at, 31 - (el.bits - 1) - at
+    def part(mask, sh):
+        m = hex(mask) if mask > 15 else str(mask)
+        return f"(({c} & {m}) << {sh})" if sh >= 0 else f"(({c} & {m}) >> {-sh})"
+    return f"{part(mag, sh_m)} | {part(sign, sh_s)}", \
+        _f(2.0 ** (127 - el.bias))
+
+
 def _decode(el: ElementSpec, name: str) -> str:
     emask = (1 << el.ebits) - 1
     if is_e2m1(el):
@@ -137,13 +153,13 @@ def _decode(el: ElementSpec, name: str) -> str:
         return (f"@triton.jit\n"
                 f"def {name}(c):\n"
                 f"    # {el.name} codes (int32, low 4 bits) -> fp32 values by bit placement\n"
-                f"    b = ((c & 7) << 22) | ((c & 8) << 28)\n"
-                f"    return b.to(tl.float32, bitcast=True) * {_f(2.0 ** 126)}\n\n\n"
+                f"    b = {_by_bits(el, 'c')[0]}\n"
+                f"    return b.to(tl.float32, bitcast=True) * {_by_bits(el, 'c')[1]}\n\n\n"
                 f"@triton.jit\n"
                 f"def {name}_hi(c):\n"
                 f"    # the {el.name} code in bits 4..7 of c -> fp32 value (as {name})\n"
-                f"    b = ((c & 0x70) << 18) | ((c & 0x80) << 24)\n"
-                f"    return b.to(tl.float32, bitcast=True) * {_f(2.0 ** 126)}\n")
+                f"    b = {_by_bits(el, 'c', 4)[0]}\n"
+                f"    return b.to(tl.float32, bitcast=True) * {_by_bits(el, 'c', 4)[1]}\n")
     lines = [
         "@triton.jit",
         f"def {name}(c):",
@@ -528,23 +544,44 @@ def _e2m1_i16_nv(w, sp, BN: tl.constexpr, BK: tl.constexpr):
 """
 
 
-# E4M3 scale bytes to fp32 in a few bit operations (the generic `_decode` selects between the
-# normal and subnormal forms; no fp8 cast: Ampere has no fp8 conversion): the exponent and
-# mantissa bits at fp32 bits 20..26 read as value * 2^-120 for every code, subnormals too.
-E4M3_BY_BITS = """@triton.jit
-def _e4m3_by_bits(u):
-    # E4M3 bytes (int32) -> fp32, exact; 0x7F / 0xFF -> NaN
-    v = (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * """ + _f(2.0 ** 120) + """
-    return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
-"""
+def scale_by_bits(el: ElementSpec) -> str:
+    """`_scale_by_bits`: block-scale bytes of element `el` (E4M3 for NVFP4) -> fp32 by bit
+    placement (`_by_bits`) and a select for its NaN codes -- a few bit operations where the
+    generic `_decode` selects between the normal and subnormal forms; no fp8 cast (Ampere has
+    no fp8 conversion)."""
+    assert not el.has_inf and not el.inf_codes, "Inf codes would need a select too"
+    bits, factor = _by_bits(el, "u")
+    nan = " | ".join(f"((u & {(1 << (el.bits - 1)) - 1}) == {c & ((1 << (el.bits - 1)) - 1)})" for c in el.nan_codes)
+    body = f"v = ({bits}).to(tl.float32, bitcast=True) * {factor}"
+    body += f"\n    return tl.where({nan}, float(\"nan\"), v)" if nan else "\n    return v"
+    return (f"@triton.jit\ndef _scale_by_bits(u):\n    # {el.name} scale bytes (int32) -> fp32, exact; NaN codes "
+            f"{', '.join(hex(c) for c in el.nan_codes)} (either sign) -> NaN\n    {body}\n")
 
 
-def _nv_fast_ok(mode: str, order: str) -> str:
+# The inline NVFP4 decode multiplies by scale * 2^126, which is finite and exact while
+# |scale| < 4 (2^126 * 4 is past fp32's largest value); block scales are at most the scale
+# element's max normal, so a global scale a (s * a) with |a| <= NV_FAST_MAX_A -- and g (s / g)
+# with |g| >= NV_FAST_MIN_G -- keeps every block of the expert there. Powers of two, exact.
+def _pow2_floor(x: float) -> float:
+    return 2.0 ** math.floor(math.log2(x))
+
+
+def _nv_fast_limits(el: ElementSpec) -> tuple[float, float]:
+    """(max |a|, min |g|) of the inline NVFP4 decode for block scales of element `el`."""
+    a = _pow2_floor(4.0 / el.max_normal)
+    while el.max_normal * a >= 4.0:  # strictly below 4
+        a /= 2
+    g = 1.0 / a
+    return a, g
+
+
+def _nv_fast_ok(mode: str, order: str, scale_el: ElementSpec) -> str:
     """The per-program condition of the NVFP4 inline decode: every block scale s * a (s / g)
-    is below 4 in magnitude (E4M3 scales are at most 448), so scale * 2^126 is finite and
-    exact. False for a NaN / Inf global scale (the plain decode runs then)."""
+    is below 4 in magnitude (`_nv_fast_limits`), so scale * 2^126 is finite and exact. False
+    for a NaN / Inf global scale (the plain decode runs then)."""
+    lo_a, hi_g = _nv_fast_limits(scale_el)
     a = _alpha_load(mode)
-    return f"tl.abs({a}) >= 128.0" if order == "s/g" else f"tl.abs({a}) <= 0.0078125"
+    return f"tl.abs({a}) >= {_f(hi_g)}" if order == "s/g" else f"tl.abs({a}) <= {_f(lo_a)}"
 
 
 def _w_tile_helper(spec: KernelSpec, name: str, alpha_mode: str) -> str:
@@ -606,8 +643,8 @@ byt = tl.load(({base}).to(tl.pointer_type(tl.int16)) + kq[None, :],
     elif kind == "nv":
         # one scale * 2^126 per word; where _nv_fast_ok fails (a large or non-finite global
         # scale) the words are split back into bytes for the plain decode
-        fast = (f"s = _e4m3_by_bits(sc.to(tl.int32))\n{_alpha_expr(alpha_mode, op.w_scale_order)}\n"
-                f"if {_nv_fast_ok(alpha_mode, op.w_scale_order)}:\n"
+        fast = (f"s = _scale_by_bits(sc.to(tl.int32))\n{_alpha_expr(alpha_mode, op.w_scale_order)}\n"
+                f"if {_nv_fast_ok(alpha_mode, op.w_scale_order, fmt.scale.element)}:\n"
                 f"    sp = s * {_f(2.0 ** 126)}  # exact: |s| < 4 here\n"
                 f"    sp = tl.reshape(tl.broadcast_to(sp[:, :, None], (BN, BK // {bs}, {bs // 4})), (BN, BK // 4))\n"
                 f"    w = _e2m1_i16_nv(byt, sp, BN, BK)\n"

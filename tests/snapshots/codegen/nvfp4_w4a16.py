@@ -145,7 +145,7 @@ def _w_tile1_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 def _w_tile1_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile1_ld loaded, in registers: bf16(value * scale)
     if FASTDEC:
-        s = _e4m3_by_bits(sc.to(tl.int32))
+        s = _scale_by_bits(sc.to(tl.int32))
         s = s * tl.load(alpha_ptr + e)
         if tl.abs(tl.load(alpha_ptr + e)) <= 0.0078125:
             sp = s * 8.507059173023462e+37  # exact: |s| < 4 here
@@ -202,7 +202,7 @@ def _w_tile2_ld(w_ptr, s_ptr, e, rows, rmask, k0, K, kok, stride_we, stride_wn, 
 def _w_tile2_dec(byt, sc, alpha_ptr, e, rows, rmask, NW, BN: tl.constexpr, BK: tl.constexpr, FASTDEC: tl.constexpr):
     # dequantize the tile _w_tile2_ld loaded, in registers: bf16(value * scale)
     if FASTDEC:
-        s = _e4m3_by_bits(sc.to(tl.int32))
+        s = _scale_by_bits(sc.to(tl.int32))
         s = s * tl.load(alpha_ptr + e)
         if tl.abs(tl.load(alpha_ptr + e)) <= 0.0078125:
             sp = s * 8.507059173023462e+37  # exact: |s| < 4 here
@@ -268,10 +268,10 @@ def _e2m1_i16_nv(w, sp, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_by_bits(u):
-    # E4M3 bytes (int32) -> fp32, exact; 0x7F / 0xFF -> NaN
-    v = (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * 1.329227995784916e+36
-    return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
+def _scale_by_bits(u):
+    # e4m3 scale bytes (int32) -> fp32, exact; NaN codes 0x7f (either sign) -> NaN
+    v = (((u & 0x7f) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * 1.329227995784916e+36
+    return tl.where(((u & 127) == 127), float("nan"), v)
 
 
 @triton.jit(do_not_specialize=["R", "KTS"])
