@@ -123,8 +123,9 @@ def _check(match) -> Optional[str]:
         hint = ""
         if any(isinstance(n.args[6], str) and OpSpec.from_str(n.args[6]).act_kind == "none"
                for n in (region.first.node, region.second.node)) and "differ" in v.reason:
-            hint = (" (a GEMM fused weight-only: an activation QDQ written per expert stays in the loop and is part "
-                    "of what was compared)")
+            # _qdq_left found no per-expert QDQ above, so this is only a possibility to name
+            hint = (" (a GEMM is fused weight-only: if the layer fake-quantizes activations in a form not "
+                    "recognised, that QDQ is still in the loop and part of what was compared)")
         return f"whole-layer mxemu::moe not proven (the grouped GEMMs stay fused alone): {v.reason}{hint}"
     spec, why = _spec(v)
     if why:
