@@ -213,10 +213,10 @@ def _split_counters(dev, n: int, use: str = "epilogue") -> tuple[torch.Tensor, b
     tile)), zero between launches (the program that completes a count resets it), so they are
     zeroed once and cached per device -- no memset per call. A buffer first needed while a
     CUDA graph is being captured is a fresh zeroed one per call instead (a cached tensor from
-    the graph's pool must not outlive it). Opt-in (EMU_INDUCTOR_FUSED_EPILOGUE=1) until
-    benchmarks/gpu_fused_check.py has passed on a GPU; otherwise the separate
+    the graph's pool must not outlive it). Opt-in (EMU_INDUCTOR_FUSED_EPILOGUE=1): exact on
+    the H200 but slower there (docs/kernels.md); otherwise the separate
     act_epilogue_kernel and combine_kernel launches (for A/B timing)."""
-    if os.environ.get("EMU_INDUCTOR_FUSED_EPILOGUE", "0") != "1":  # opt-in until checked on a GPU
+    if os.environ.get("EMU_INDUCTOR_FUSED_EPILOGUE", "0") != "1":  # opt-in: measured slower
         return _dummy(dev, torch.int32), False
     # per stream: launches on two streams may overlap, each must count its own tiles
     key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0, use)
