@@ -447,7 +447,12 @@ PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 4), 
                    TileConfig(128, 64, 64, 4, 3, prefetch=1), TileConfig(128, 64, 64, 4, 4, swap=1, prefetch=1),
                    TileConfig(128, 128, 64, 8, 3, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1),
                    TileConfig(128, 64, 128, 4, 3, prefetch=1), TileConfig(64, 64, 128, 4, 3, prefetch=1),
-                   TileConfig(128, 128, 128, 8, 3, swap=1, prefetch=1)]
+                   TileConfig(128, 128, 128, 8, 3, swap=1, prefetch=1),
+                   # 14-19: the swapped product once its wgmma pipelines (tl.assume(k_hi > k_lo):
+                   # no zero-trip path, no ptxas serialization)
+                   TileConfig(64, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1),
+                   TileConfig(128, 64, 64, 8, 3, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, swap=1, prefetch=1),
+                   TileConfig(128, 128, 64, 8, 3, swap=1, prefetch=1), TileConfig(64, 128, 64, 4, 3, swap=1, prefetch=1)]
 
 
 def _quick_precompile_worker(jobs):

@@ -4,7 +4,8 @@
 # iterate: prefill checks + the quick prefill comparison (Qwen3 NVFP4, 2048 / 8192 tokens)
 #          + ncu of the GEMM kernels at 2048 tokens under the pinned config $NCU_CONFIG;
 # ncu:     only the ncu step; full: gpu_check + prefill checks + the prefill sweep;
-# fastdec: the inline-PTX MX decode checked bit for bit, timed, and the kernel tests on the GPU.
+# fastdec: the inline-PTX MX decode checked bit for bit, timed, and the kernel tests on the GPU;
+# swap: every prefill config checked, the swapped (register-operand) product timed, prefill and decode.
 # Every step has its own limit; logs and JSON land in $OUT as each step ends (at most 8 files
 # come back from the device: keep the list short).
 set -u
@@ -33,6 +34,12 @@ case $what in
     SKIP_VALUES=1 TEST_LIMIT=70 OUT=$OUT bash benchmarks/gpu_kernel_tests.sh tests/test_kernels_act_edges.py tests/test_kernels_log2_floor.py
     TAILN=8 step decode_fastdec 60 python3 benchmarks/bench_moe_kernels.py --quick --schemes w_mxfp4_a_mxfp4 \
          --configs 0,1,10 --tag quick_fastdec --out "$OUT" ;;
+  swap)  # the swapped product with its wgmma pipelined: every prefill config checked, then timed
+    step checks 160 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
+    TAILN=45 step quick 230 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 \
+         --configs 7,8,14,15,16,17,18,19 --tokens 2048,8192 --tag prefill_quick_swap --out "$OUT"
+    TAILN=25 step decode 110 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 \
+         --configs 0,1,10,11,12,13,14 --tag quick_swap --out "$OUT" ;;
   full)
     step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
     [ -n "${SKIP_PREFILL_CHECKS:-}" ] || step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"

@@ -130,6 +130,24 @@ def test_auto_split():
         assert s & (s - 1) == 0 and (p * s >= 4 * 132 or s == 64)
 
 
+def test_launched_splits_are_never_empty():
+    """The kernels assume k_hi > k_lo (render: tl.assume under EVEN_K, so that ptxas keeps the
+    swapped product's wgmma pipelined); a split starting at or past K would break that."""
+    from emu_inductor.kernels import launch
+
+    cpu = torch.device("cpu")
+    for K in (32, 64, 96, 704, 768, 2048, 2880):
+        for BK in (32, 64, 128, 256):
+            k_tiles = -(-K // BK)
+            for requested in (-1, 1, 2, 3, 5, 7, 8, 16, 100):
+                split = launch._splits(requested, 7, K, BK, cpu)
+                kts = launch._k_per_split(K, BK, split)
+                assert 1 <= split <= k_tiles
+                assert all(s * kts * BK < K for s in range(split)), (K, BK, requested, split)
+                assert split * kts >= k_tiles  # the splits cover K
+    assert launch._splits(1, 7, 0, 64, cpu) == 1 and not launch._even_k(0, 64)  # K = 0: masked, no assume
+
+
 @pytest.mark.parametrize("scheme,activation", [("nvfp4_w4a4", "silu"), ("w_mxfp4_a_mxfp4", "swigluoai"),
                                                 ("w_mxfp4_a_fp8", "gelu_no_mul")])
 def test_last_split_epilogue_is_the_epilogue_kernel(scheme, activation, monkeypatch):

@@ -251,14 +251,18 @@ def _splits(requested: int, programs: int, K: int, BK: int, dev: torch.device) -
     """K splits of one GEMM: `requested` (>= 1), or -1 for `tiles.auto_split`."""
     k_tiles = _cdiv(K, BK)
     if requested < 0:
-        return auto_split(programs, k_tiles, _num_sms(dev))
-    return max(1, min(requested, k_tiles))
+        split = auto_split(programs, k_tiles, _num_sms(dev))
+    else:
+        split = max(1, min(requested, k_tiles))
+    # the splits actually needed at _k_per_split tiles each: none is empty, which the kernels
+    # tell the compiler (render: tl.assume(k_hi > k_lo) under EVEN_K)
+    return _cdiv(k_tiles, _k_per_split(K, BK, split)) if k_tiles else 1
 
 
 def _even_k(K: int, BK: int) -> bool:
     """K a multiple of BK: the kernels drop their K masks (wide weight and scale loads; see
     render_helpers.KMASK). EMU_INDUCTOR_EVEN_K=0 keeps the masks (for A/B timing)."""
-    return K % BK == 0 and os.environ.get("EMU_INDUCTOR_EVEN_K", "1") != "0"
+    return K > 0 and K % BK == 0 and os.environ.get("EMU_INDUCTOR_EVEN_K", "1") != "0"
 
 
 def _fast_decode(kspec: KernelSpec, K: int, BK: int, dev: torch.device) -> bool:

@@ -158,6 +158,11 @@ acc_g = _acc0(BM, BN, SWAP)
 {up_init}
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
 k_hi = tl.minimum(K, k_lo + KTS * BK)
+if EVEN_K:
+    # K > 0 and no split is empty (launch._splits): without this fact LLVM keeps a
+    # zero-trip path around the loop whose zeroed accumulators make ptxas serialize the
+    # loop's register-operand wgmma (warning C7515: the swap path lost all MMA overlap)
+    tl.assume(k_hi > k_lo)
 {_w_first("_w_tile1", "grow", "g")}
 {up_pre}
 for k0 in range(k_lo, k_hi, BK):
@@ -296,6 +301,11 @@ if QDQ_A:
 acc = _acc0(BM, BN, SWAP)
 k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
 k_hi = tl.minimum(K, k_lo + KTS * BK)
+if EVEN_K:
+    # K > 0 and no split is empty (launch._splits): without this fact LLVM keeps a
+    # zero-trip path around the loop whose zeroed accumulators make ptxas serialize the
+    # loop's register-operand wgmma (warning C7515: the swap path lost all MMA overlap)
+    tl.assume(k_hi > k_lo)
 {_w_first("_w_tile2", "cols", "w")}
 for k0 in range(k_lo, k_hi, BK):
 {_ind(_load_a_block())}

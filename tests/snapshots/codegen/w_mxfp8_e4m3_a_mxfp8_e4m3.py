@@ -259,6 +259,11 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     acc_u = _acc0(BM, BN, SWAP)
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     k_hi = tl.minimum(K, k_lo + KTS * BK)
+    if EVEN_K:
+        # K > 0 and no split is empty (launch._splits): without this fact LLVM keeps a
+        # zero-trip path around the loop whose zeroed accumulators make ptxas serialize the
+        # loop's register-operand wgmma (warning C7515: the swap path lost all MMA overlap)
+        tl.assume(k_hi > k_lo)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile1_ld)
         bg, sg = _w_tile1_ld(w_ptr, s_ptr, e, grow, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
@@ -413,6 +418,11 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
     acc = _acc0(BM, BN, SWAP)
     k_lo = pid_k * KTS * BK  # a multiple of BK the compiler can see: aligned, vectorised loads
     k_hi = tl.minimum(K, k_lo + KTS * BK)
+    if EVEN_K:
+        # K > 0 and no split is empty (launch._splits): without this fact LLVM keeps a
+        # zero-trip path around the loop whose zeroed accumulators make ptxas serialize the
+        # loop's register-operand wgmma (warning C7515: the swap path lost all MMA overlap)
+        tl.assume(k_hi > k_lo)
     if PREFETCH:
         # the first K step's weight bytes; each step then loads the next step's (_w_tile2_ld)
         bw, sw = _w_tile2_ld(w_ptr, s_ptr, e, cols, cmask, k_lo, K, k_lo < k_hi, stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC)
