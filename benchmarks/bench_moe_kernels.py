@@ -452,7 +452,12 @@ PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 4), 
                    # no zero-trip path, no ptxas serialization)
                    TileConfig(64, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1),
                    TileConfig(128, 64, 64, 8, 3, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, swap=1, prefetch=1),
-                   TileConfig(128, 128, 64, 8, 3, swap=1, prefetch=1), TileConfig(64, 128, 64, 4, 3, swap=1, prefetch=1)]
+                   TileConfig(128, 128, 64, 8, 3, swap=1, prefetch=1), TileConfig(64, 128, 64, 4, 3, swap=1, prefetch=1),
+                   # 20-24: more warps per SM (latency-bound): 8 warps share a 128-row tile's decode,
+                   # register caps that fit two such programs per SM, narrower N tiles
+                   TileConfig(128, 64, 64, 8, 3, prefetch=1), TileConfig(128, 64, 64, 8, 3, prefetch=1, maxnreg=128),
+                   TileConfig(128, 64, 64, 8, 4, prefetch=1, maxnreg=128), TileConfig(128, 32, 64, 4, 3, prefetch=1),
+                   TileConfig(128, 64, 64, 4, 3, prefetch=1, maxnreg=168)]
 
 
 def _quick_precompile_worker(jobs):

@@ -40,6 +40,11 @@ case $what in
          --configs 7,8,14,15,16,17,18,19 --tokens 2048,8192 --tag prefill_quick_swap --out "$OUT"
     TAILN=25 step decode 110 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 \
          --configs 0,1,10,11,12,13,14 --tag quick_swap --out "$OUT" ;;
+  regs)  # which change a swapped-product fault came with (this code and $OLD_CODE), then warps-per-SM configs
+    step ab_new 90 python3 benchmarks/gpu_swap_ab.py w_mxfp4_a_mxfp4 nvfp4_w4a4
+    [ -n "${OLD_CODE:-}" ] && PYTHONPATH=$OLD_CODE step ab_old 90 python3 benchmarks/gpu_swap_ab.py w_mxfp4_a_mxfp4
+    TAILN=35 step quick 200 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 \
+         --configs 7,15,20,21,22,23,24 --tokens 2048,8192 --tag prefill_quick_regs --out "$OUT" ;;
   full)
     step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
     [ -n "${SKIP_PREFILL_CHECKS:-}" ] || step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"

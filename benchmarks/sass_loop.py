@@ -39,7 +39,8 @@ _PTRS = {"a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "alpha_ptr": "*fp32",
 _ALIGNED = ("stride_a", "stride_o", "K", "NOUT", "NW", "stride_we", "stride_wn", "stride_se", "stride_sn")
 
 
-def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastdec: bool = True) -> tuple[str, int]:
+def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastdec: bool = True,
+                 maxnreg: int = 0) -> tuple[str, int]:
     BM, BN, BK, warps, stages = tile
     spec = OpSpec.from_scheme(scheme)
     nv = SCHEMES[scheme].weight_fmt.has_global_scale
@@ -54,7 +55,7 @@ def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastd
     sig = {n: _PTRS.get(n, "constexpr" if n in const else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in _PTRS or n in _ALIGNED}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items() if k in names}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})})
     d = tempfile.mkdtemp()
     path = os.path.join(d, "k.cubin")
     with open(path, "wb") as f:
@@ -98,11 +99,12 @@ def main():
     ap.add_argument("--prefetch", type=int, default=1)
     ap.add_argument("--swap", type=int, default=0)
     ap.add_argument("--fastdec", type=int, default=1, help="the inline-PTX MX decode where it applies")
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap (TileConfig.maxnreg)")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
     tile = [int(v) for v in args.tile.split(",")]
     sass, threads = compile_sass(args.scheme, f"{args.kernel}_kernel", tile, args.prefetch, args.swap,
-                                 bool(args.fastdec))
+                                 bool(args.fastdec), args.maxnreg)
     if args.sass:
         with open(args.sass, "w") as f:
             f.write(sass)

@@ -237,7 +237,10 @@ def _scale_u8(scale: torch.Tensor) -> torch.Tensor:
 def _launch_kw(cfg: TileConfig) -> dict:
     if interpreting():
         return {}
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    kw = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg:
+        kw["maxnreg"] = cfg.maxnreg
+    return kw
 
 
 @functools.lru_cache(maxsize=None)

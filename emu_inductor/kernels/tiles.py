@@ -33,6 +33,10 @@ class TileConfig:
     # own (register double buffering: the weight bytes are not dot operands, so Triton's
     # pipeliner leaves their global-memory latency exposed otherwise)
     prefetch: int = 0
+    # > 0: the register cap handed to ptxas (Triton's maxnreg). The prefill GEMMs are
+    # latency-bound at 8 warps per SM; a cap that fits two 8-warp programs per SM doubles the
+    # warps that hide the decode -> shared memory -> wgmma chain (0: the compiler's choice)
+    maxnreg: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)
