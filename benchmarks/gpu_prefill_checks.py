@@ -56,11 +56,16 @@ def run_case(case):
             for cfg in configs:
                 row = {"scheme": scheme, "activation": act, "config": cfg.to_dict()}
                 try:
+                    # the verdict is the production kernels' output; the DEBUG variant (it also
+                    # stores A1 / C2 rows) is a different compile: on the H200 its MXFP4 swap
+                    # tiles came out wrong where the production ones are exact (gpu_swap_ab)
+                    y = moe_triton(*args, reduction="deterministic", config=cfg)
                     d = moe_triton(*args, debug=True, reduction="deterministic", config=cfg)
                     if base is None:
                         base = d
                     v = d["valid"]
-                    row["out_max_abs_err"] = float((d["out"].float() - ref.float()).abs().max())
+                    row["out_max_abs_err"] = float((y.float() - ref.float()).abs().max())
+                    row["debug_out_max_abs_err"] = float((d["out"].float() - ref.float()).abs().max())
                     row["ref_max_abs"] = float(ref.float().abs().max())
                     row["a1_vs_first"] = int((d["a1"][v] != base["a1"][v]).sum())
                     row["c2_vs_first"] = int((d["c2"][v] != base["c2"][v]).sum())

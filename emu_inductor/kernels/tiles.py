@@ -96,11 +96,13 @@ def candidates(rows_per_expert: float) -> list[TileConfig]:
         return [TileConfig(32, 64, 128, 4, 3), TileConfig(16, 64, 128, 4, 4), TileConfig(64, 64, 128, 4, 3),
                 TileConfig(32, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3),
                 TileConfig(32, 64, 128, 4, 3, prefetch=1), TileConfig(64, 64, 64, 4, 4, prefetch=1)]
-    # prefill: the fastest of the H200 quick comparison at 2048 / 8192 tokens (Qwen3 NVFP4):
-    # narrow N tiles with prefetched weight bytes; swap and BM 256 win at many rows per expert
-    return [TileConfig(64, 64, 64, 4, 4, prefetch=1), TileConfig(128, 64, 64, 4, 3, prefetch=1),
-            TileConfig(128, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1),
-            TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 4)]
+    # prefill: the fastest of the H200 quick comparisons at 2048 / 8192 tokens (Qwen3;
+    # moe_kernels_prefill_quick_{swap,regs}_*): 128-row tiles with prefetched weight bytes
+    # first (NVFP4's best: 1.04 / 2.90 ms); the swapped product with its wgmma pipelined is
+    # MXFP4's best (0.98 / 2.86 ms, 10% under the first) and slower for NVFP4 (register-bound)
+    return [TileConfig(128, 64, 64, 4, 3, prefetch=1), TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1),
+            TileConfig(64, 64, 64, 4, 4, prefetch=1), TileConfig(128, 64, 64, 8, 3, prefetch=1),
+            TileConfig(64, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1)]
 
 
 def heuristic(rows_per_expert: float) -> TileConfig:
