@@ -56,13 +56,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-# The corpus layers are written as their authors write them, for one device: their tables
-# and in-forward constants follow the default device, as for a user who sets it.
-if torch.cuda.is_available():
-    torch.set_default_device("cuda")
-
 import emu_inductor  # noqa: E402
 from tests import corpus  # noqa: E402
+from tests.corpus.placement import to_device  # noqa: E402
 
 
 def _sync():
@@ -102,22 +98,16 @@ def mxemu_counts():
     return {k: v for k, v in counters["mxemu"].items() if k != "pass_runs"}
 
 
-def _to_device(module, dev):
-    # Not module.to(): some corpus layers keep their spelling's functions in slots named
-    # like nn.Module methods, which Module._apply trips over.
-    for m in module.modules():
-        for store in (m._parameters, m._buffers):
-            for k, v in store.items():
-                if v is not None:
-                    moved = v.to(dev)
-                    store[k] = torch.nn.Parameter(moved, v.requires_grad) if isinstance(v, torch.nn.Parameter) else moved
-
-
 def run_entry(entry, dev, tokens, iters):
     from torch._dynamo.utils import counters
 
-    module, _ = entry.make(0, torch.bfloat16)
-    _to_device(module, dev)
+    # Built under the device context only for speed (quantizing 128 experts on the GPU);
+    # then every tensor the layer holds is moved (parameters, buffers, plain attributes),
+    # and forward runs without a default device: the layers are device-correct on their
+    # own (tests/test_corpus_devices.py).
+    with torch.device(dev):
+        module, _ = entry.make(0, torch.bfloat16)
+    to_device(module, dev)
     module.eval()
     rows = []
     for T in tokens:

@@ -99,7 +99,7 @@ class CTMXFP4MoE(nn.Module):
         flat = ids.view(-1)
         sorted_ids, order = flat.sort()
         experts, counts = torch.unique(sorted_ids, return_counts=True)
-        out = torch.zeros(x.shape[0], H, dtype=torch.float32)
+        out = torch.zeros(x.shape[0], H, dtype=torch.float32, device=x.device)
         start = 0
         for e, n in zip(experts.tolist(), counts.tolist()):
             idx = order[start:start + n]

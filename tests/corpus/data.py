@@ -8,8 +8,8 @@ from emu_inductor.formats import QDQOptions, QuantizedTensor, get_format
 
 
 def gen(seed: int) -> torch.Generator:
-    # On the default device, so benchmarks/bench_corpus.py can build layers on a GPU with
-    # torch.set_default_device("cuda") (the layers' in-forward constants follow it too).
+    # On the default device, so benchmarks/bench_corpus.py can build layers on a GPU under
+    # `with torch.device("cuda")` (construction only: forward does not rely on it).
     return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
 
 

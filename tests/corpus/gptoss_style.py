@@ -57,8 +57,10 @@ class GptOssMXFP4MoE(nn.Module):
         self.router.weight.data.copy_(router)
         # gpt-oss interleaves gate and up rows: row 2j = gate j, row 2j+1 = up j
         inter = torch.stack([w13[:, :I], w13[:, I:]], dim=2).reshape(E, 2 * I, H)
-        self.gate_up_proj_blocks, self.gate_up_proj_scales = _to_blocks(inter)
-        self.down_proj_blocks, self.down_proj_scales = _to_blocks(w2)
+        for name, w in (("gate_up_proj", inter), ("down_proj", w2)):
+            blocks, scales = _to_blocks(w)
+            self.register_buffer(name + "_blocks", blocks)
+            self.register_buffer(name + "_scales", scales)
         self.act_qdq = None
 
     def route(self, x):

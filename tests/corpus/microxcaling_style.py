@@ -72,7 +72,8 @@ def _mx_weight(w):
 
 def dequant_mxfp4(packed, scale_u8, dtype):
     """Values and E8M0 exponents as microxcaling's users keep them: an E2M1 table per nibble."""
-    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                         device=packed.device)
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).long()
     v = table[codes].reshape(*scale_u8.shape, 32)
     s = torch.exp2(scale_u8.float() - 127.0)
@@ -84,7 +85,8 @@ class MXLinear(nn.Module):
     def __init__(self, w, round="even"):
         super().__init__()
         self.round = round
-        self.weight_q, self.weight_e8m0 = _mx_weight(w)
+        for name, t in zip(("weight_q", "weight_e8m0"), _mx_weight(w)):
+            self.register_buffer(name, t)
 
     def act_qdq(self, x):
         return _quantize_mx(x, round=self.round)
@@ -105,8 +107,8 @@ class MXDenseMoE(nn.Module):
         self.round = round
         self.router = nn.Linear(H, E, bias=False, dtype=router.dtype)
         self.router.weight.data.copy_(router)
-        self.w13_q, self.w13_e8m0 = _mx_weight(w13)
-        self.w2_q, self.w2_e8m0 = _mx_weight(w2)
+        for name, t in zip(("w13_q", "w13_e8m0", "w2_q", "w2_e8m0"), (*_mx_weight(w13), *_mx_weight(w2))):
+            self.register_buffer(name, t)
 
     def route(self, x):
         w, ids = torch.topk(torch.softmax(self.router(x).float(), dim=-1), TOP_K, dim=-1)
@@ -122,7 +124,7 @@ class MXDenseMoE(nn.Module):
     def forward(self, x):
         T = x.shape[0]
         w, ids = self.route(x)
-        dense = torch.zeros(T, E, dtype=torch.float32).scatter(1, ids, w)  # [T, E]
+        dense = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter(1, ids, w)  # [T, E]
         w13 = dequant_mxfp4(self.w13_q, self.w13_e8m0, x.dtype)
         w2 = dequant_mxfp4(self.w2_q, self.w2_e8m0, x.dtype)
         xe = self.act_qdq(x).unsqueeze(0).expand(E, T, H)

@@ -131,7 +131,7 @@ class QuarkMXFP4MoE(nn.Module):
         w, ids = self.route(x)
         w13 = dq_mxfp4(self.w13_weight, self.w13_weight_scale, x.dtype)
         w2 = dq_mxfp4(self.w2_weight, self.w2_weight_scale, x.dtype)
-        out = torch.zeros(x.shape[0], H, dtype=torch.float32)
+        out = torch.zeros(x.shape[0], H, dtype=torch.float32, device=x.device)
         for e in range(E):
             tok, slot = torch.nonzero(ids == e, as_tuple=True)
             h = fake_quantize_mx(x[tok]) @ w13[e].t()

@@ -67,8 +67,9 @@ class RespelledVllmLinear(V.VllmNVFP4Linear):
         return nvfp4_qdq_respelled(x, self.input_global_scale)
 
     def dequantized_weights(self, dtype=torch.bfloat16):  # LUT of 16 signed values instead of LUT * where
-        lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
         p = self.weight_packed
+        lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                           device=p.device)
         codes = torch.stack([p & 0xF, p >> 4], -1).flatten(-2).long()
         v = lut[codes].reshape(p.shape[0], -1, 16)
         s = self.weight_scale.float() * self.weight_global_scale
@@ -115,7 +116,8 @@ class ChunkedMXMoE(nn.Module):
         W = self.dequantized_weights(x.dtype)
         key = ids.reshape(-1).long()
         order = torch.argsort(key, stable=True)
-        counts = torch.zeros(E, dtype=torch.int32).index_add(0, key, torch.ones_like(key, dtype=torch.int32))
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add(
+            0, key, torch.ones_like(key, dtype=torch.int32))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = x.repeat_interleave(TOP_K, dim=0)[order]
         c1 = torch._grouped_mm(self.lin13.act_qdq(rows), W["w13"].transpose(-2, -1), offs=offs)
@@ -189,14 +191,14 @@ class TitanSortedMXMoE(nn.Module):
         w, ids = self.route(x)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(E, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, dim=0).to(torch.int32)
         tok = order // TOP_K
         W = self.dequantized_weights(x.dtype)
         h = torch._grouped_mm(mx_qdq_rows(x[tok]), W["w13"].transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         y = torch._grouped_mm(mx_qdq_rows(F.silu(gate) * up), W["w2"].transpose(-2, -1), offs=offs)
-        out = torch.zeros(T, H, dtype=torch.float32)
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
         out.index_add_(0, tok, y.float() * w.reshape(-1)[order].unsqueeze(-1))
         return out.to(x.dtype)
 

@@ -28,7 +28,7 @@ def unpack_stack(p):
 
 
 def unpack_strided(p):
-    out = torch.empty(*p.shape[:-1], p.shape[-1] * 2, dtype=torch.uint8)
+    out = torch.empty(*p.shape[:-1], p.shape[-1] * 2, dtype=torch.uint8, device=p.device)
     out[..., 0::2] = p & 0x0F
     out[..., 1::2] = (p >> 4) & 0x0F
     return out
@@ -36,7 +36,7 @@ def unpack_strided(p):
 
 def unpack_repeat_shift(p):
     r = p.repeat_interleave(2, dim=-1).to(torch.int32)
-    shift = (torch.arange(r.shape[-1]) % 2) * 4
+    shift = (torch.arange(r.shape[-1], device=p.device) % 2) * 4
     return ((r >> shift) & 0xF).to(torch.uint8)
 
 
@@ -51,12 +51,12 @@ UNPACK = {"stack": unpack_stack, "strided": unpack_strided, "repeat_shift": unpa
 
 
 def decode_lut8_where(c):
-    lut = torch.tensor(E2M1_MAG)
+    lut = torch.tensor(E2M1_MAG, device=c.device)
     return lut[(c & 7).long()] * torch.where((c & 8) != 0, -1.0, 1.0)
 
 
 def decode_lut16(c):
-    return torch.tensor(E2M1_ALL)[c.long()]
+    return torch.tensor(E2M1_ALL, device=c.device)[c.long()]
 
 
 def decode_bits(c):
@@ -140,11 +140,11 @@ def round_where_chain(y):
 
 def round_bucketize(y):
     a = y.abs()
-    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=y.device)
     idx = torch.bucketize(a, bounds, right=False)  # ties go to the lower bucket ...
     tie_up = (a == 0.75) | (a == 1.75) | (a == 3.5)  # ... except where the upper code is even
     idx = idx + tie_up.to(idx.dtype)
-    return torch.copysign(torch.tensor(E2M1_MAG)[idx], y)
+    return torch.copysign(torch.tensor(E2M1_MAG, device=y.device)[idx], y)
 
 
 def round_torch_round(y):

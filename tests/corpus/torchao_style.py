@@ -113,7 +113,7 @@ class TorchaoNVFP4MoE(nn.Module):
         h = (F.silu(gate) * up).contiguous()
         a_s, a_d = nvfp4_quantize(h, 16, None)
         y = _emulated_nvfp4_scaled_grouped_mm_2d_3d(a_d, a_s, self.w2_data, self.w2_scale, offs=offs)
-        out = torch.zeros(T, H, dtype=torch.float32)
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
         out.index_add_(0, tok, y.float() * w.reshape(-1)[order].unsqueeze(-1))
         return out.to(x.dtype)
 

@@ -31,7 +31,8 @@ def break_fp4_bytes(a, dtype):
     combined = torch.stack((low, high), dim=1).flatten()
     signs = (combined & 0x08).to(torch.bool)
     abs_vals = (combined & 0x07).to(torch.long)
-    values = kE2M1ToFloat[abs_vals] * torch.where(signs, -1.0, 1.0)
+    kE2M1 = kE2M1ToFloat.to(device=a.device)  # the module-level table, on the weight's device
+    values = kE2M1[abs_vals] * torch.where(signs, -1.0, 1.0)
     return values.reshape(m, n * 2).to(dtype=dtype)
 
 
@@ -97,7 +98,7 @@ def e8m0_to_half(scale, half_dtype):
 
 
 def upcast_fp4_to_bf16(val):
-    codes = torch.zeros(*val.shape[:-1], val.shape[-1] * 2, dtype=torch.uint8)
+    codes = torch.zeros(*val.shape[:-1], val.shape[-1] * 2, dtype=torch.uint8, device=val.device)
     codes[..., ::2] = val & 0x0F
     codes[..., 1::2] = (val >> 4) & 0x0F
     c = codes.to(torch.int32)
