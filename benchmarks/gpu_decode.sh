@@ -5,7 +5,7 @@
 # full: checks + profile + the decode sweep of bench_moe_kernels; nvfast: inline-decode GPU
 # checks, routing tests, quick benches (decode and prefill) and the profile; checks: gpu_check,
 # the fused-epilogue stress check, quick benches (fused / separate epilogues), profile; sweep:
-# the decode sweep and the gpt-oss corpus entries
+# the decode sweep and the gpt-oss corpus entries; pdl: PDL checks, profile A/B, corpus at 1 token
 # Each step has its own limit; logs and JSON land in $OUT as each step ends.
 set -u
 cd "$(dirname "$0")/.."
@@ -38,6 +38,12 @@ case $what in
          FUSED_REPS=10 step fused 75 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"
          step profile 100 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
          step quick 90 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 --configs 0,1,5,6,10,11,14 --out "$OUT" ;;
+  pdl)     # PDL on the MoE chain: checks (eager + graph replays), layer profile with and without, corpus at 1 token
+         step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         FUSED_REPS=5 step fused 70 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"
+         step profile 90 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
+         mkdir -p "$OUT/nopdl"; EMU_INDUCTOR_PDL=0 step profile_nopdl 90 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT/nopdl"
+         TAILN=20 step corpus ${CORPUS_LIMIT:-220} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --out "$OUT" ;;
   sweep)   # the committed decode sweep (all shapes) and the corpus at a real shape
          TAILN=30 step kernels 240 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 210 --out "$OUT"
          step corpus 200 python3 benchmarks/bench_corpus.py --shape gpt_oss --entries gptoss_mxfp4_moe gptoss_mxfp4_linear --tokens 1 32 --out "$OUT" ;;

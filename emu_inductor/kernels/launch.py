@@ -244,6 +244,20 @@ def _launch_kw(cfg: TileConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def _pdl_device(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
+def _pdl_kw(dev: torch.device) -> dict:
+    """Programmatic dependent launch for the MoE chain's kernels (render._PDL_ENTRY): each
+    grid starts while the previous one's last programs run, hiding a launch gap per kernel
+    at decode. CUDA sm_90+ (griddepcontrol), not the interpreter; EMU_INDUCTOR_PDL=0 off."""
+    if interpreting() or os.environ.get("EMU_INDUCTOR_PDL", "1") == "0" or not _pdl_device(dev):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@functools.lru_cache(maxsize=None)
 def _num_sms(dev: torch.device) -> int:
     if dev.type == "cuda":
         return torch.cuda.get_device_properties(dev).multi_processor_count
@@ -498,7 +512,7 @@ def _moe_prep(plan: _MoEPlan, cfg: TileConfig, scales: KernelScales):
     nqk = _cdiv(H, qbk)
     plan.mod.prep_kernel[(1 + _cdiv(M, 16) * nqk,)](
         x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H, nqk, *args,
-        TOPK=plan.top_k if rw else 1, RW=rw, BMQ=16, BKQ=qbk, **sort_kw, **warps)
+        TOPK=plan.top_k if rw else 1, RW=rw, BMQ=16, BKQ=qbk, **sort_kw, **warps, **_pdl_kw(x.device))
     return BlockRouting(*outs), a_src, 1 if rw else 0
 
 
@@ -537,12 +551,13 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
         PREQ=plan.prequant, SPLIT=split, FUSE_EPI=fuse, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK),
         PREFETCH=bool(cfg.prefetch), FASTDEC=_fast_decode(plan.kspec, plan.H, cfg.BK, plan.x.device), BM=cfg.BM,
-        BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg), **_pdl_kw(plan.x.device))
     if split > 1 and not fuse:
         plan.mod.act_epilogue_kernel[grid1](
             part, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
             scales.amax2, *bias, plan.I, plan.R, plan.E, plan.N1, P, pw, DEBUG=dbg, AMAX_OUT=amax_out,
-            SPLIT=split, BM=cfg.BM, BN=cfg.BN, **({} if interpreting() else {"num_warps": 4}))
+            SPLIT=split, BM=cfg.BM, BN=cfg.BN, **({} if interpreting() else {"num_warps": 4}),
+            **_pdl_kw(plan.x.device))
 
 
 def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: KernelScales, ws: MoEWorkspaces,
@@ -584,7 +599,8 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
         SPLIT=split, FUSE_COMB=fuse, SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch),
-        FASTDEC=_fast_decode(plan.kspec, I, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+        FASTDEC=_fast_decode(plan.kspec, I, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg),
+        **_pdl_kw(dev))
     if not partial:
         return out
     if fuse:
@@ -594,7 +610,7 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         out, blocks.pos_of_id, blocks.block_expert, plan.routing.topk_weights,
         w2.bias if w2.bias is not None else dummy, y, plan.T, H, P, TOPK=plan.top_k, SPLIT=split,
         HAS_BIAS=w2.bias is not None, MUL_W=not plan.spec.router_weight_on_input, BM=cfg.BM, BH=BH,
-        **({} if interpreting() else {"num_warps": 4}))
+        **({} if interpreting() else {"num_warps": 4}), **_pdl_kw(dev))
     return y
 
 

@@ -74,6 +74,15 @@ tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)"""
 
 _W_ARGS = "stride_we, stride_wn, stride_se, stride_sn, BN, BK, EVEN_K, FASTDEC"
 
+# PDL (programmatic dependent launch, CUDA sm_90+; launch.pdl_kw): the MoE chain's kernels are
+# launched so that the next one's grid starts while this one's last programs still run. Every
+# program waits for the previous grid (its outputs complete and visible) before it reads or
+# writes anything or returns, then lets the next grid launch: a grid that has started thus
+# implies that the one two back has finished, and no kernel outlives the chain.
+_PDL_ENTRY = """if PDL:
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()"""
+
 
 def _w_first(tile: str, rows: str, buf: str) -> str:
     """Before the K loop (PREFETCH): the first K step's raw weight bytes `b{buf}` / `s{buf}`."""
@@ -140,7 +149,8 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     prologue = ("if not PREQ:\n" + _ind(pro)) if pro else ""
     # prequantized rows enter the dot as loaded (see _load_a_block)
     operand = ("if PREQ:\n    ao = _opnd_raw(araw)\nelse:\n    ao = _opnd(a)") if pro else "ao = _opnd_raw(araw)"
-    body = f"""pid_m = tl.program_id(0)
+    body = f"""{_PDL_ENTRY}
+pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
 pid_k = tl.program_id(2)
 e = tl.load(bexp_ptr + pid_m)
@@ -196,7 +206,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, FUSE_EPI: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
     # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue by the tile's last split
@@ -210,7 +220,8 @@ def _act_epilogue_kernel(spec: KernelSpec) -> str:
     gated = is_gated(op.activation)
     grow, urow = _gate_up_rows(op.activation)
     s2 = _a_scale_prologue(op.act_kind if op.act_kind == "block" else "none", False, "gs2_ptr", "g2")
-    body = f"""pid_m = tl.program_id(0)
+    body = f"""{_PDL_ENTRY}
+pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
 e = tl.load(bexp_ptr + pid_m)
 if e >= NE:
@@ -230,7 +241,7 @@ pmask = rmask[:, None] & cmask[None, :]
     return f"""@triton.jit(do_not_specialize=["R"])
 def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o, dbg_c_ptr, amax_ptr,{" b1_ptr," if spec.bias1 else ""}
                         NOUT, R, NE, NW, PROWS, PW, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                        SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                        SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = False):
     # split-K GEMM1's epilogue: the SPLIT fp32 partial sums added in order, then the same
     # epilogue as gemm_act_kernel ({op.activation}, C1 rounded once, QDQ_a2 / a2 amax)
 {_ind(body)}
@@ -283,7 +294,8 @@ if tl.max(ctm.to(tl.int32), axis=0) > 0:
 
 def _gemm_out_kernel(spec: KernelSpec) -> str:
     op = spec.op
-    body = f"""pid_m = tl.program_id(0)
+    body = f"""{_PDL_ENTRY}
+pid_m = tl.program_id(0)
 pid_n = tl.program_id(1)
 pid_k = tl.program_id(2)
 e = tl.load(bexp_ptr + pid_m)
@@ -343,7 +355,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, SPLIT: tl.constexpr,
                     FUSE_COMB: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -356,10 +368,13 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
 _COMBINE_KERNEL = """@triton.jit(do_not_specialize=["T", "PROWS"])
 def combine_kernel(part_ptr, pos_ptr, bexp_ptr, tw_ptr, bias_ptr, out_ptr, T, H, PROWS, TOPK: tl.constexpr,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_W: tl.constexpr, BM: tl.constexpr,
-                   BH: tl.constexpr):
+                   BH: tl.constexpr, PDL: tl.constexpr = False):
     # MoE output of token t: sum over its top-k slots j (in order, fp32) of
     # rnd(sum of GEMM2's SPLIT partial sums (+ bias)) (* router weight): the reference's
     # per-slot rounding and summation order, one launch (no atomics, no memset, no cast)
+    if PDL:  # see _PDL_ENTRY in render.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     cm = cols < H
@@ -413,9 +428,12 @@ def prep_kernel(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, NQK,
                 ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB,
                 TOPK: tl.constexpr, RW: tl.constexpr, BMQ: tl.constexpr, BKQ: tl.constexpr,
                 HAS_MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr,
-                BE: tl.constexpr, BF: tl.constexpr):
+                BE: tl.constexpr, BF: tl.constexpr, PDL: tl.constexpr = False):
     # decode's routing prep (program 0: routing.moe_align_sort) and the GEMM1 input rows'
     # fake-quant (programs 1..: prequant tiles, NQK per row block) in one launch
+    if PDL:  # see _PDL_ENTRY in render.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid == 0:
         moe_align_sort(ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB, HAS_MAP, BM, BN,

@@ -286,11 +286,14 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, FUSE_EPI: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # silu epilogue, then QDQ_a2 of the activation (blocks along I inside this N tile);
     # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue by the tile's last split
     # (FUSE_EPI) or in act_epilogue_kernel)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -402,9 +405,12 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
 @triton.jit(do_not_specialize=["R"])
 def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o, dbg_c_ptr, amax_ptr,
                         NOUT, R, NE, NW, PROWS, PW, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
-                        SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                        SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = False):
     # split-K GEMM1's epilogue: the SPLIT fp32 partial sums added in order, then the same
     # epilogue as gemm_act_kernel (silu, C1 rounded once, QDQ_a2 / a2 amax)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m)
@@ -443,12 +449,15 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, SPLIT: tl.constexpr,
                     FUSE_COMB: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
     # pid_k (grid axis 2) at padded row positions, for combine_kernel -- or, FUSE_COMB, the
     # program that stores a token's last partial combines its row into y
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -555,10 +564,13 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
 @triton.jit(do_not_specialize=["T", "PROWS"])
 def combine_kernel(part_ptr, pos_ptr, bexp_ptr, tw_ptr, bias_ptr, out_ptr, T, H, PROWS, TOPK: tl.constexpr,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_W: tl.constexpr, BM: tl.constexpr,
-                   BH: tl.constexpr):
+                   BH: tl.constexpr, PDL: tl.constexpr = False):
     # MoE output of token t: sum over its top-k slots j (in order, fp32) of
     # rnd(sum of GEMM2's SPLIT partial sums (+ bias)) (* router weight): the reference's
     # per-slot rounding and summation order, one launch (no atomics, no memset, no cast)
+    if PDL:  # see _PDL_ENTRY in render.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     cm = cols < H
@@ -607,9 +619,12 @@ def prep_kernel(x_ptr, stride_x, tw_ptr, gs_ptr, out_ptr, stride_o, M, K, NQK,
                 ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB,
                 TOPK: tl.constexpr, RW: tl.constexpr, BMQ: tl.constexpr, BKQ: tl.constexpr,
                 HAS_MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOG_BN: tl.constexpr,
-                BE: tl.constexpr, BF: tl.constexpr):
+                BE: tl.constexpr, BF: tl.constexpr, PDL: tl.constexpr = False):
     # decode's routing prep (program 0: routing.moe_align_sort) and the GEMM1 input rows'
     # fake-quant (programs 1..: prequant tiles, NQK per row block) in one launch
+    if PDL:  # see _PDL_ENTRY in render.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid == 0:
         moe_align_sort(ids_ptr, map_ptr, sorted_ptr, bexp_ptr, pos_ptr, R, E, NG, P, MAXB, HAS_MAP, BM, BN,
