@@ -44,6 +44,11 @@ case $what in
          step profile 90 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
          mkdir -p "$OUT/nopdl"; EMU_INDUCTOR_PDL=0 step profile_nopdl 90 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT/nopdl"
          TAILN=20 step corpus ${CORPUS_LIMIT:-220} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --out "$OUT" ;;
+  sweeps)  # the committed sweeps, decode then prefill (each stops at its budget, rows kept), gpt-oss corpus at 1 token
+         TAILN=30 step kernels 230 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 200 --out "$OUT"
+         TAILN=40 step prefill 250 python3 benchmarks/bench_moe_kernels.py --skip-check --prefill --budget 215 --out "$OUT"
+         TAILN=12 step corpus_gptoss 100 python3 benchmarks/bench_corpus.py --shape gpt_oss --entries gptoss_mxfp4_moe \
+              gptoss_mxfp4_linear --tokens 1 --iters 10 --out "$OUT" ;;
   sweep)   # the committed decode sweep (all shapes) and the corpus at a real shape
          TAILN=30 step kernels 240 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 210 --out "$OUT"
          step corpus 200 python3 benchmarks/bench_corpus.py --shape gpt_oss --entries gptoss_mxfp4_moe gptoss_mxfp4_linear --tokens 1 32 --out "$OUT" ;;
