@@ -250,9 +250,11 @@ def _pdl_device(dev: torch.device) -> bool:
 
 def _pdl_kw(dev: torch.device) -> dict:
     """Programmatic dependent launch for the MoE chain's kernels (render._PDL_ENTRY): each
-    grid starts while the previous one's last programs run, hiding a launch gap per kernel
-    at decode. CUDA sm_90+ (griddepcontrol), not the interpreter; EMU_INDUCTOR_PDL=0 off."""
-    if interpreting() or os.environ.get("EMU_INDUCTOR_PDL", "1") == "0" or not _pdl_device(dev):
+    grid starts while the previous one's last programs run. CUDA sm_90+ (griddepcontrol), not
+    the interpreter. Opt-in (EMU_INDUCTOR_PDL=1): exact on the H200 (gpu_check, graph
+    replays) but no measurable gain (Qwen3 decode kernels 35.2 us with it, 36.3 without in
+    the previous session's run; docs/kernels.md), so not worth a default."""
+    if interpreting() or os.environ.get("EMU_INDUCTOR_PDL", "0") != "1" or not _pdl_device(dev):
         return {}
     return {"PDL": True, "launch_pdl": True}
 
@@ -713,16 +715,30 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else a.abs().amax().to(torch.float32).reshape(1)
     else:
         gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else dummy
-    grid = (blocks.num_blocks, _cdiv(N, cfg.BN), 1)
-    mod.gemm_out_kernel[grid](
+    grid = (blocks.num_blocks, _cdiv(N, cfg.BN))
+    # split2 != 0 (decode configs): K split over programs as in the MoE's GEMM2 -- a linear at a
+    # few rows has too few N tiles to fill the GPU, each walking all of K -- with fp32 partial
+    # sums [split, P, N] that combine_kernel adds in order (bias, one rounding) into `out`
+    split = _splits(cfg.split2, grid[0] * grid[1], K, cfg.BK, dev) if cfg.split2 != 0 else 1
+    P = blocks.padded_rows
+    part = torch.empty((split, P, N), dtype=torch.float32, device=dev) if split > 1 else out
+    mod.gemm_out_kernel[grid + (split,)](
         a, a.stride(0), w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
-        out, out.stride(0), dummy, _dummy(dev, torch.int32), dummy, N, K, R, E, N, w.stride(0), w.stride(1),
-        w_scale.stride(0), w_scale.stride(1), _k_per_split(K, cfg.BK, 1), 0, TOPK=1, A_INDEX=1,
-        QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
-        STORE=0, MUL_W=False, SPLIT=1, FUSE_COMB=False, SWAP=cfg.swap, EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch),
-        FASTDEC=_fast_decode(kspec, K, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-        **_launch_kw(cfg))
+        part, N if split > 1 else out.stride(0), dummy, _dummy(dev, torch.int32), dummy, N, K, R, E, N,
+        w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), _k_per_split(K, cfg.BK, split), P,
+        TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
+        STORE=2 if split > 1 else 0, MUL_W=False, SPLIT=split, FUSE_COMB=False, SWAP=cfg.swap,
+        EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), FASTDEC=_fast_decode(kspec, K, cfg.BK, dev),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
+    if split > 1:
+        # rows r < R: the row's padded position (pos_of_id), its block's expert for the bias;
+        # a row of no group (grouped_mm rows past offs[-1]) has pos P and comes out zero
+        BH = min(1024, _np2(N))
+        mod.combine_kernel[(R, _cdiv(N, BH))](
+            part, blocks.pos_of_id, blocks.block_expert, dummy, bias if bias is not None else dummy, out, R, N, P,
+            TOPK=1, SPLIT=split, HAS_BIAS=bias is not None, MUL_W=False, BM=cfg.BM, BH=BH,
+            **({} if interpreting() else {"num_warps": 4}))
     return out
 
 
