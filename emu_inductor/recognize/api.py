@@ -12,7 +12,8 @@ from .candidates import activation_cone, gemm_nodes, operands, weight_cone
 from .extract import attr_value, real_mode
 from .variants import NO_ACT
 from .verdict import CACHE, ActVerdict, Guard, Rejection, WeightVerdict, cone_key
-from .weight import DEFAULT_BUDGET_BYTES, recognize_weight_uncached
+from . import weight as weight_side
+from .weight import recognize_weight_uncached
 
 __all__ = ["recognize_weight", "recognize_activation", "gemm_nodes", "CACHE"]
 
@@ -69,14 +70,17 @@ def _concrete(entry, cone, gemm, side, post=()):
 
 
 def recognize_weight(gemm_node: Node, *, values: Optional[dict] = None,
-                     budget_bytes: int = DEFAULT_BUDGET_BYTES, use_cache: bool = True) -> WeightResult:
+                     budget_bytes: Optional[int] = None, use_cache: bool = True) -> WeightResult:
     """Prove what the weight operand of `gemm_node` (aten.mm/addmm/bmm/_grouped_mm in a
     post-grad graph) computes: a `WeightVerdict`, or a `Rejection` with the reason.
 
     values: optional {leaf node: tensor} for graph inputs whose values are known (a LUT
     buffer); the verdict lists in `guards` every input whose value it relied on.
-    budget_bytes: the largest intermediate one probe evaluation may create.
+    budget_bytes: the largest intermediate one probe evaluation may create (None:
+    `weight.DEFAULT_BUDGET_BYTES`, read at each call so that tests can lower it).
     """
+    if budget_bytes is None:
+        budget_bytes = weight_side.DEFAULT_BUDGET_BYTES
     with real_mode():  # probes are real tensors even inside a compile's fake mode
         return _recognize_weight(gemm_node, values, budget_bytes, use_cache)
 
@@ -87,7 +91,9 @@ def _recognize_weight(gemm_node, values, budget_bytes, use_cache) -> WeightResul
     cone, why = weight_cone(gemm_node)
     if cone is None:
         return Rejection("weight", gemm_node, why, seconds=time.perf_counter() - t0)
-    key = cone_key("weight", cone, attr_value, extra=str(sorted((k.name for k in (values or {})))))
+    # the budget decides refusals ("too large to evaluate"): part of the key
+    key = cone_key("weight", cone, attr_value,
+                   extra=str(sorted((k.name for k in (values or {})))) + f"|budget={budget_bytes}")
     if use_cache:
         hit = CACHE.get(key)
         if hit is not None:

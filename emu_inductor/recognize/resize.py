@@ -19,6 +19,7 @@ The plan lists every shape argument to rewrite; `Plan.resized_args` applies new 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import torch
@@ -88,7 +89,9 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
     """Propagate the factors `leaf_factors` (leaf -> {dim: fid}) through `nodes` (topo order).
 
     Sizes are the leaves' real (hinted) sizes; a fid used on several leaves must have the
-    same size on each, else it is lost at once.
+    same size on each, else it is lost at once. A leaf dim that holds several factors
+    flattened (experts stored 2-d as [E*N, K/2]) is given as a tuple of (fid, size), outer
+    digit first, whose sizes multiply to the dim's size.
     """
     sizes: dict = {}
     lost: set = set()
@@ -107,11 +110,15 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
         shp = concrete_shape(leaf.meta.get("val"))
         inf: Info = {}
         for d, f in dims.items():
-            s = shp[d]
-            if f in sizes and sizes[f] != s:
-                lose([f], leaf, "leaves disagree on its size")
-            sizes.setdefault(f, s)
-            inf[f] = (d, 1, 1)
+            digits = ((f, shp[d]),) if isinstance(f, str) else tuple(f)
+            if math.prod(s for _, s in digits) != shp[d]:
+                raise ValueError(f"leaf_factors: {leaf.name} dim {d} has size {shp[d]}, not {digits}")
+            for k, (f, s) in enumerate(digits):
+                if f in sizes and sizes[f] != s:
+                    lose([f], leaf, "leaves disagree on its size")
+                sizes.setdefault(f, s)
+                inner = math.prod(s2 for _, s2 in digits[k + 1:])
+                inf[f] = (d, inner, shp[d] // (s * inner))
         info[leaf] = inf
 
     def shape(n):

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -63,7 +64,8 @@ class _Hyp:
         self.bits, self.block = bits, block
         self.consts, self.guards, self.cone = consts, guards, cone
         # canonical shapes [.., N, K*bits/8] / [.., N, K/block]; where each leaf holds the
-        # canonical leading dims and N (None: reshaped as a whole, evaluated at real size)
+        # canonical leading dims and N: an int j (leaf dims j.. hold them), a `_Flat` (one
+        # leaf dim holds them flattened), None (reshaped as a whole, evaluated at real size)
         self.cshape, self.sshape, self.offsets = cshape, sshape, offsets
 
     def leaf_shape(self, leaf, canonical) -> list:
@@ -72,6 +74,8 @@ class _Hyp:
         j = self.offsets[leaf]
         if j is None:
             return real
+        if isinstance(j, _Flat):
+            return real[:j.dim] + [math.prod(canonical[:-1])] + real[j.dim + 1:]
         nl = len(canonical) - 1  # lead dims + N
         return real[:j] + list(canonical[:-1]) + real[j + nl:]
 
@@ -119,10 +123,19 @@ def _leaf_list(leaves) -> str:
     return ", ".join(f"{n.name}:{getattr(_val(n), 'dtype', None)}{_shape(n)}" for n in leaves)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """A leaf whose dim `dim` holds the canonical leading dims and N flattened ([E*N, K/2])."""
+
+    dim: int
+
+
 def _layout(shp, lead, N):
     """(last, offset) when a leaf of shape `shp` can hold [*lead, N, last] row-major: offset j
     when shp is (1,)*j + lead + (N,) + trailing (its leading dims resize with the cone's),
-    None when only the element count fits (a reshape as a whole). None if neither."""
+    _Flat(j) when shp is (1,)*j + (prod(lead)*N,) + trailing (experts stored 2-d: the
+    factors are digits of that dim and resize the same way), None when only the element
+    count fits (a reshape as a whole). None if neither."""
     total = math.prod(lead) * N
     n = math.prod(shp)
     if not total or n % total:
@@ -132,6 +145,8 @@ def _layout(shp, lead, N):
     for j in range(len(shp) - nl + 1):
         if tuple(shp[j:j + nl]) == tuple(lead) + (N,) and all(d == 1 for d in shp[:j]):
             return last, j
+        if lead and shp[j] == total and all(d == 1 for d in shp[:j]):
+            return last, _Flat(j)
         if shp[j] != 1:
             break
     return last, None
@@ -210,8 +225,13 @@ def _factor_map(h: _Hyp, lead) -> dict:
     nl = len(lead)
     if h.offsets[h.codes] is None or h.offsets[h.scale] is None:
         return {}  # a leaf reshaped as a whole: no factor to resize (evaluated at its real size)
-    fmap = {leaf: {h.offsets[leaf] + i: f"lead{i}" for i in range(nl)} | {h.offsets[leaf] + nl: "rows"}
-            for leaf in (h.codes, h.scale)}
+    fmap = {}
+    for leaf in (h.codes, h.scale):
+        j = h.offsets[leaf]
+        if isinstance(j, _Flat):  # one dim, the factors its digits, outer first
+            fmap[leaf] = {j.dim: tuple((f"lead{i}", lead[i]) for i in range(nl)) + (("rows", h.cshape[-2]),)}
+        else:
+            fmap[leaf] = {j + i: f"lead{i}" for i in range(nl)} | {j + nl: "rows"}
     if h.alpha is not None and nl:
         shp = _shape(h.alpha)
         if math.prod(shp) != 1:
