@@ -145,9 +145,12 @@ def _layout(shp, lead, N):
     for j in range(len(shp) - nl + 1):
         if tuple(shp[j:j + nl]) == tuple(lead) + (N,) and all(d == 1 for d in shp[:j]):
             return last, j
-        if lead and shp[j] == total and all(d == 1 for d in shp[:j]):
-            return last, _Flat(j)
         if shp[j] != 1:
+            break
+    for j, d in enumerate(shp):
+        if lead and d == total:
+            return last, _Flat(j)
+        if d != 1:
             break
     return last, None
 
