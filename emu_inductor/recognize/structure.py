@@ -60,6 +60,9 @@ ELEMENTWISE = frozenset({
     "aten.frac", "aten.sign", "aten.sgn", "aten.signbit", "aten.copysign", "aten.exp2", "aten.log2",
     "aten.exp", "aten.log", "aten.pow", "aten.isnan", "aten.isinf", "aten.isfinite", "aten.isposinf",
     "aten.isneginf", "aten.nan_to_num", "aten._to_copy", "prims.convert_element_type", "aten.clone",
+    # a device copy: vLLM's `kE2M1ToFloat.to(device=a.device)` of a CPU table is one on a GPU
+    # (it vanishes in a CPU graph); evaluation on the CPU makes it the identity
+    "prims.device_put",
     "aten.remainder", "aten.fmod", "aten.floor_divide", "aten.frexp", "aten.ldexp", "aten.masked_fill",
     "aten.zeros_like", "aten.ones_like", "aten.full_like", "aten.alias", "aten.lift_fresh_copy",
     "aten.lift_fresh", "aten.fill", "aten.nextafter", "aten.mul_", "aten.heaviside",
@@ -206,7 +209,8 @@ def value_preserving(node: Node) -> bool:
     if kind == "layout":
         return True
     name = packet_name(node.target)
-    if name in ("aten.clone", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "prims.convert_element_type"):
+    if name in ("aten.clone", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "prims.convert_element_type",
+                "prims.device_put"):
         src, out = _val(node.args[0]), _val(node)
         return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype
     return False
