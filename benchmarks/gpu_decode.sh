@@ -44,11 +44,12 @@ case $what in
          step profile 90 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
          mkdir -p "$OUT/nopdl"; EMU_INDUCTOR_PDL=0 step profile_nopdl 90 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT/nopdl"
          TAILN=20 step corpus ${CORPUS_LIMIT:-220} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --out "$OUT" ;;
-  final)   # checks, GPU explain() of the corpus layers that fused on the CPU only, corpus at both shapes at 1 token
-         step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
-         step explain 90 python3 benchmarks/gpu_explain.py vllm_nvfp4_linear resp_moe_chunk
-         TAILN=16 step corpus ${CORPUS_LIMIT:-160} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --out "$OUT"
-         TAILN=16 step corpus_gptoss ${CORPUS_GPTOSS_LIMIT:-130} python3 benchmarks/bench_corpus.py --shape gpt_oss --tokens 1 --iters 10 --out "$OUT" ;;
+  final)   # checks, GPU explain() of the corpus layers that fused on the CPU only, host overhead, corpus at both shapes at 1 token
+         step check 90 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         step explain 70 python3 benchmarks/gpu_explain.py vllm_nvfp4_linear resp_moe_chunk
+         TAILN=4 step overhead 60 python3 benchmarks/profile_overhead.py vllm_mxfp4_linear resp_moe_chunk
+         TAILN=16 step corpus ${CORPUS_LIMIT:-170} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --out "$OUT"
+         TAILN=16 step corpus_gptoss ${CORPUS_GPTOSS_LIMIT:-150} python3 benchmarks/bench_corpus.py --shape gpt_oss --tokens 1 --iters 10 --out "$OUT" ;;
   sweeps)  # the committed sweeps, decode then prefill (each stops at its budget, rows kept), gpt-oss corpus at 1 token
          TAILN=30 step kernels 230 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 200 --out "$OUT"
          TAILN=40 step prefill 250 python3 benchmarks/bench_moe_kernels.py --skip-check --prefill --budget 215 --out "$OUT"

@@ -1,0 +1,105 @@
+"""Where the host time of one compiled call goes, at 1 token (no CUDA graphs).
+
+Without CUDA graphs a decode step is bound by host work: bench_corpus measured mxemu
+linears at ~0.45 ms per call against ~0.1 ms for stock compile on the H200. This script
+compiles corpus entries at a real model's widths with backend="mxemu" (and stock), then
+runs cProfile over many calls and prints the functions with the most own time, plus the
+device kernels one call launches (torch.profiler), so the overhead can be attributed.
+
+    PYTHONPATH=. python3 benchmarks/profile_overhead.py [--shape qwen3] [ENTRY ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("entries", nargs="*", default=["vllm_mxfp4_linear", "resp_moe_chunk"])
+p.add_argument("--shape", default="qwen3")
+p.add_argument("--calls", type=int, default=200)
+p.add_argument("--top", type=int, default=30)
+ARGS = p.parse_args()
+SHAPES = {"qwen3": (2048, 768, 128, 8), "gpt_oss": (2880, 2880, 32, 4), "tiny": (64, 32, 4, 2)}
+os.environ["EMU_CORPUS_DIMS"] = ",".join(str(v) for v in SHAPES[ARGS.shape])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import emu_inductor  # noqa: E402,F401
+from tests import corpus  # noqa: E402
+from tests.corpus.placement import to_device  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn, x, calls):
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    sync()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def kernels_per_call(fn, x):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            fn(x)
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+        if DEV == "cuda" and dev_us and e.count:
+            rows.append((e.key[:70], e.count / 5, dev_us / 5))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def main():
+    for name in ARGS.entries:
+        entry = corpus.BY_NAME[name]
+        with torch.device(DEV):
+            module, _ = entry.make(0, torch.bfloat16)
+        to_device(module, DEV)
+        module.eval()
+        x = (torch.randn(1, corpus.H, device=DEV) * 0.5).to(torch.bfloat16)
+        with torch.no_grad():
+            for label, backend in (("stock", "inductor"), ("mxemu", "mxemu")):
+                torch._dynamo.reset()
+                fn = torch.compile(module, backend=backend)
+                for _ in range(5):
+                    fn(x)
+                us = host_us(fn, x, ARGS.calls)
+                print(f"\n##### {name} {label}: {us:.1f} us per call (host loop, sync at the end)", flush=True)
+                for k, n, d in kernels_per_call(fn, x):
+                    print(f"   {n:5.1f} x {d:8.1f} us  {k}")
+                if label == "mxemu":
+                    pr = cProfile.Profile()
+                    pr.enable()
+                    for _ in range(ARGS.calls):
+                        fn(x)
+                    sync()
+                    pr.disable()
+                    s = io.StringIO()
+                    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(ARGS.top)
+                    print(s.getvalue()[-9000:])
+                    s = io.StringIO()
+                    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(ARGS.top)
+                    print(s.getvalue()[-9000:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
