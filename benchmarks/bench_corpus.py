@@ -47,6 +47,7 @@ def _parse():
     p.add_argument("--entries", nargs="+")
     p.add_argument("--tokens", nargs="+", type=int)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (a second run at the same shape)")
     p.add_argument("--graph-calls", type=int, default=20,
                    help="calls captured in one CUDA graph for the *_graph_ms columns")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
@@ -202,7 +203,7 @@ def main():
            "rows": [], "skipped": {}}
     os.makedirs(ARGS.out, exist_ok=True)
     slug = "cpu" if dev == "cpu" else res["device"].split()[-1].lower()
-    path = os.path.join(ARGS.out, f"corpus_{ARGS.shape}_{slug}{'_quick' if ARGS.quick else ''}.json")
+    path = os.path.join(ARGS.out, f"corpus_{ARGS.shape}_{slug}{'_quick' if ARGS.quick else ''}{'_' + ARGS.tag if ARGS.tag else ''}.json")
     for name in names:
         entry = corpus.BY_NAME.get(name)
         if entry is None:

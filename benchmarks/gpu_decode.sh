@@ -50,6 +50,14 @@ case $what in
          TAILN=4 step overhead 60 python3 benchmarks/profile_overhead.py vllm_mxfp4_linear resp_moe_chunk
          TAILN=16 step corpus ${CORPUS_LIMIT:-170} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --out "$OUT"
          TAILN=16 step corpus_gptoss ${CORPUS_GPTOSS_LIMIT:-150} python3 benchmarks/bench_corpus.py --shape gpt_oss --tokens 1 --iters 10 --out "$OUT" ;;
+  final2)  # after the host-path caches: checks, host overhead one layer down at a time, the corpus rows the
+           # first final run did not reach (gpt-oss widths) and the Qwen3-width linears again
+         step check 150 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         TAILN=40 step overhead 90 python3 benchmarks/profile_overhead.py --calls 100 vllm_mxfp4_linear gptoss_mxfp4_moe
+         TAILN=12 step corpus_gptoss 170 python3 benchmarks/bench_corpus.py --shape gpt_oss --tokens 1 --iters 10 --tag rest \
+              --entries vllm_mxfp4_linear microxcaling_mx_linear resp_vllm_nvfp4_where resp_e8m0_frexp resp_round_bucketize gptoss_mxfp4_moe --out "$OUT"
+         TAILN=8 step corpus 80 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --tag cached_ids \
+              --entries vllm_nvfp4_linear gptoss_mxfp4_linear quark_mxfp4_linear --out "$OUT" ;;
   sweeps)  # the committed sweeps, decode then prefill (each stops at its budget, rows kept), gpt-oss corpus at 1 token
          TAILN=30 step kernels 230 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 200 --out "$OUT"
          TAILN=40 step prefill 250 python3 benchmarks/bench_moe_kernels.py --skip-check --prefill --budget 215 --out "$OUT"

@@ -20,7 +20,7 @@ import sys
 import time
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("entries", nargs="*", default=["vllm_mxfp4_linear", "resp_moe_chunk"])
+p.add_argument("entries", nargs="*", default=["vllm_mxfp4_linear", "gptoss_mxfp4_moe"])
 p.add_argument("--shape", default="qwen3")
 p.add_argument("--calls", type=int, default=200)
 p.add_argument("--top", type=int, default=30)
@@ -68,7 +68,45 @@ def kernels_per_call(fn, x):
     return sorted(rows, key=lambda r: -r[2])
 
 
+def direct_layers():
+    """Host us per call of the linear op one layer down at a time (w_mxfp4, [1, H] @ [2I, H]):
+    the dispatcher's op, the validated launcher, the bare launcher with the config fixed."""
+    from emu_inductor.formats.quantize import quantize
+    from emu_inductor.kernels import launch
+    from emu_inductor.kernels.autotune import pinned_config  # noqa: F401
+    from emu_inductor.ops.triton_impl import linear_triton
+    from emu_inductor.spec.opspec import OpSpec
+
+    spec = OpSpec.from_scheme("w_mxfp4")
+    q = quantize(torch.randn(2 * corpus.I, corpus.H, device=DEV), "mxfp4")
+    x = (torch.randn(1, corpus.H, device=DEV) * 0.5).to(torch.bfloat16)
+    s = spec.to_str()
+    op = lambda x: torch.ops.mxemu.linear(x, q.qdata, q.scale, None, None, None, s)  # noqa: E731
+    op(x)
+    cfg = {}
+    orig = launch._gemm_cfg
+
+    def spy(*a, **k):
+        cfg["c"] = orig(*a, **k)
+        return cfg["c"]
+
+    launch._gemm_cfg = spy
+    op(x)
+    launch._gemm_cfg = orig
+    w = launch.GemmWeights(q.qdata, q.scale, None, None)
+    rows = [("torch.ops.mxemu.linear", op),
+            ("linear_triton (validated)", lambda x: linear_triton(x, q.qdata, q.scale, None, None, None, spec)),
+            ("launch_linear (config chosen)", lambda x: launch.launch_linear(x, w, None, spec)),
+            (f"launch_linear (config fixed {cfg.get('c')})", lambda x: launch.launch_linear(x, w, None, spec,
+                                                                                      config=cfg.get("c")))]
+    print("\n##### host us per call, one layer down at a time (w_mxfp4 linear, 1 token)")
+    for label, fn in rows:
+        print(f"   {host_us(fn, x, ARGS.calls):8.1f} us  {label}", flush=True)
+
+
 def main():
+    if DEV == "cuda":
+        direct_layers()
     for name in ARGS.entries:
         entry = corpus.BY_NAME[name]
         with torch.device(DEV):

@@ -13,6 +13,7 @@ for CUDA devices, never under CUDA-graph capture, never in the interpreter).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -50,8 +51,11 @@ def pin_config(cfg: "TileConfig | dict | None" = None, **kw) -> None:
 
 def _env_config() -> Optional[TileConfig]:
     s = os.environ.get("EMU_INDUCTOR_KERNEL_CONFIG")
-    if not s:
-        return None
+    return _parse_env_config(s) if s else None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env_config(s: str) -> TileConfig:  # read on every launch: parsed once per value
     try:
         d = json.loads(s) if s.lstrip().startswith("{") else {
             k.strip(): int(v) for k, v in (p.split("=") for p in s.split(",") if p.strip())}
@@ -93,6 +97,11 @@ def _autotune_enabled(device: torch.device) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def select_config(key: str, device: torch.device, rows_per_expert: float,
                   bench: Optional[Callable[[TileConfig], float]] = None,
                   verify: Optional[Callable[[TileConfig], bool]] = None) -> TileConfig:
@@ -106,7 +115,7 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
     p = pinned_config()
     if p is not None:
         return p
-    dev_key = f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}|{key}"
+    dev_key = f"{_device_name(device)}|{key}"
     with _lock:
         if dev_key in _mem:
             return _mem[dev_key]

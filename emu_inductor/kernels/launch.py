@@ -193,15 +193,38 @@ def moe_align(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], E: int
 _DUMMIES: dict = {}
 
 
+def _capturing(dev) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _cached_const(key, make):
+    """A read-only device tensor made once per key (no launch per call for it). One first
+    needed while a CUDA graph is being captured is made fresh and not cached: a tensor from
+    the graph's private pool must not outlive the graph."""
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = make()
+        if not _capturing(t.device):
+            _DUMMIES[key] = t
+    return t
+
+
 def _dummy(dev, dtype=torch.float32):
     """A one-element placeholder for pointer arguments a launch does not use (never read
     or written under the flags that go with it): cached per device, so a decode call does
     not pay a memset launch for it."""
-    key = (str(dev), dtype)
-    t = _DUMMIES.get(key)
-    if t is None:
-        t = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=dev)
-    return t
+    return _cached_const((str(dev), dtype), lambda: torch.zeros(1, dtype=dtype, device=dev))
+
+
+def _iota_i32(dev, n: int) -> torch.Tensor:
+    """0..n-1 (int32), read-only and cached: a linear's row ids (its one expert's rows in
+    order, ids >= M are padding), so a decode call does not launch an arange for them."""
+    return _cached_const((str(dev), "iota", n), lambda: torch.arange(n, dtype=torch.int32, device=dev))
+
+
+def _zeros_i32(dev, n: int) -> torch.Tensor:
+    """n int32 zeros, read-only and cached: a linear's block -> expert map (expert 0)."""
+    return _cached_const((str(dev), "zeros", n), lambda: torch.zeros(n, dtype=torch.int32, device=dev))
 
 
 _COUNTERS: dict = {}
@@ -742,10 +765,16 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _spec_key(spec: OpSpec) -> str:
+    # OpSpec is frozen: its JSON (the autotune key's spec part) is computed once, not per call
+    return spec.to_str()
+
+
 def _gemm_cfg(kind, spec, dtype, dev, N, K, rows, E, run):
     if interpreting() or dev.type == "cpu":
         return interpreter_config(N, K, rows)
-    key = f"{kind}|{spec.to_str()}|{dtype}|E{E}|N{N}|K{K}|T{token_bucket(rows)}"
+    key = f"{kind}|{_spec_key(spec)}|{dtype}|E{E}|N{N}|K{K}|T{token_bucket(rows)}"
     return select_config(key, dev, rows / max(1, E), bench=_bencher(run), verify=_verifier(run))
 
 
@@ -796,8 +825,8 @@ def launch_linear(x, weights: GemmWeights, input_global_scale, spec: OpSpec, *, 
 
     def run(cfg):
         nb = _cdiv(M, cfg.BM)
-        ids = torch.arange(nb * cfg.BM, dtype=torch.int32, device=dev)  # ids >= M are padding
-        bexp = torch.zeros(nb, dtype=torch.int32, device=dev)
+        ids = _iota_i32(dev, nb * cfg.BM)  # ids >= M are padding; neither is written by the kernels
+        bexp = _zeros_i32(dev, nb)
         return _gemm_rows(x2, w3, BlockRouting(ids, bexp, ids), M, input_global_scale, spec, out, cfg, amode)
 
     cfg = config or _gemm_cfg("linear", spec, x.dtype, dev, N, K, M, 1, run)

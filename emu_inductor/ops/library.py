@@ -11,6 +11,7 @@ EMU_INDUCTOR_KERNEL_BACKEND=reference|triton overrides the choice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -111,6 +112,13 @@ def _impl(op: str, device: torch.device) -> Callable:
 # --- op definitions -------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_spec(spec: str) -> OpSpec:
+    # the spec string is a constant of the compiled graph: parse it once, not on every call
+    # (OpSpec is frozen, so sharing the parsed value is safe; a bad string raises every time)
+    return OpSpec.from_str(spec)
+
+
 def _bias_kwargs(**biases) -> dict:
     # only calls with a bias pass the keywords: implementations registered before biases
     # existed keep working for bias-less calls
@@ -129,7 +137,7 @@ def moe(hidden_states: Tensor, w13: Tensor, w13_scale: Tensor, w13_alpha: Option
     Every argument is validated here, for every backend (`validate.check_moe_op`): host
     facts raise ValueError now, bad values (scales, ids) raise on CPU and fail a
     `torch._assert_async` on an accelerator (no device-to-host sync)."""
-    op_spec = OpSpec.from_str(spec)
+    op_spec = _parse_spec(spec)
     check_moe_op(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alpha, topk_weights, topk_ids,
                  a1_global_scale, a2_global_scale, expert_map, op_spec, w13_bias, w2_bias, values=_check_values())
     return _impl("moe", hidden_states.device)(
@@ -150,7 +158,7 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor, alpha: Optional[Tens
            input_global_scale: Optional[Tensor], bias: Optional[Tensor], spec: str) -> Tensor:
     """y = QDQ(x) @ dequant(weight).T + bias (the dense, one-expert case); validated here
     for every backend (`validate.check_linear_op`)."""
-    op_spec = OpSpec.from_str(spec)
+    op_spec = _parse_spec(spec)
     check_linear_op(x, weight, weight_scale, alpha, input_global_scale, bias, op_spec, values=_check_values())
     return _impl("linear", x.device)(x, weight, weight_scale, alpha, input_global_scale, bias, op_spec)
 
@@ -168,7 +176,7 @@ def grouped_mm(a: Tensor, w: Tensor, w_scale: Tensor, w_alpha: Optional[Tensor],
     """One grouped GEMM over expert-sorted rows with fused activation QDQ and weight dequant;
     optional per-expert bias [E, N] (activation dtype) added to the fp32 accumulator;
     validated here for every backend (`validate.check_grouped_mm_op`)."""
-    op_spec = OpSpec.from_str(spec)
+    op_spec = _parse_spec(spec)
     check_grouped_mm_op(a, w, w_scale, w_alpha, offs, a_global_scale, op_spec, bias, values=_check_values())
     return _impl("grouped_mm", a.device)(a, w, w_scale, w_alpha, offs, a_global_scale, op_spec,
                                           **_bias_kwargs(bias=bias))
