@@ -4,8 +4,9 @@ The layers are tests/corpus's entries (torchao / compressed-tensors / ModelOpt /
 Quark / vLLM / microxcaling styles and the respellings), built at a real model's widths
 through EMU_CORPUS_DIMS. For each entry and token count it records the fusion counters of
 the mxemu compile, the relative error of stock and mxemu against eager, and median ms of
-eager, stock compile, mxemu, and both compiled modes replayed from a manual CUDA graph
-that holds --graph-calls back-to-back calls (median replay time / calls: the device time
+eager, stock compile, mxemu, and all three replayed from a manual CUDA graph (where
+capture works: library code that copies a CPU table per call cannot be captured) that
+holds --graph-calls back-to-back calls (median replay time / calls: the device time
 of one call without Python or cudagraph-tree overhead, which at 1 token is ~0.1 ms per call
 and hides the difference being measured). Rows are appended to the JSON as they finish, so a time limit
 still leaves every finished row (issue 8 item 9).
@@ -171,7 +172,7 @@ def run_entry(entry, dev, tokens, iters):
                 row["mxemu_max_abs_diff"] = float((y.float() - ref.float()).abs().max())
                 row["mxemu_ms"] = median_ms(mx, x, iters)
                 if dev == "cuda":
-                    for name, fn in (("stock_graph_ms", stock), ("mxemu_graph_ms", mx)):
+                    for name, fn in (("eager_graph_ms", module), ("stock_graph_ms", stock), ("mxemu_graph_ms", mx)):
                         try:
                             row[name] = graph_ms(fn, x, ARGS.graph_calls, iters)
                         except Exception as e:  # capture can fail on library code; record why

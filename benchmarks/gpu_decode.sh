@@ -58,6 +58,9 @@ case $what in
               --entries vllm_mxfp4_linear microxcaling_mx_linear resp_vllm_nvfp4_where resp_e8m0_frexp resp_round_bucketize gptoss_mxfp4_moe --out "$OUT"
          TAILN=8 step corpus 80 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --tag cached_ids \
               --entries vllm_nvfp4_linear gptoss_mxfp4_linear quark_mxfp4_linear --out "$OUT" ;;
+  corpus_tokens)  # issue 8 item 9's other token counts (1 token: the final / final2 runs), both shapes
+         TAILN=16 step corpus 280 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 32 2048 --iters 10 --tag t32_2048 --out "$OUT"
+         TAILN=16 step corpus_gptoss 280 python3 benchmarks/bench_corpus.py --shape gpt_oss --tokens 32 2048 --iters 10 --tag t32_2048 --out "$OUT" ;;
   sweeps)  # the committed sweeps, decode then prefill (each stops at its budget, rows kept), gpt-oss corpus at 1 token
          TAILN=30 step kernels 230 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 200 --out "$OUT"
          TAILN=40 step prefill 250 python3 benchmarks/bench_moe_kernels.py --skip-check --prefill --budget 215 --out "$OUT"

@@ -115,15 +115,47 @@ def _cone_from(members: set, output: Node, order: dict) -> Cone:
     return Cone(calls, leaves, output)
 
 
+def expert_slice(n: Node) -> bool:
+    """`n` is `select(L, 0, e)` of a graph input L with a literal e: one expert's stored bytes
+    (or scales) of a stack, which a loop decoding expert by expert (`deq(w13[e], s13[e])`)
+    reads. The weight cone takes such a slice as its leaf: the decode of one expert is then
+    the same function of its leaves as a single linear's (one proof, cached, for every e), and
+    the fused op reads the slice, which "semantic_group" groups back into the stack."""
+    if n.op != "call_function" or n.target is not aten.select.int or len(n.args) != 3:
+        return False
+    src, dim, e = n.args
+    return isinstance(src, Node) and src.op in ("placeholder", "get_attr") and dim == 0 and isinstance(e, int)
+
+
+def _weight_ancestors(out: Node, limit: int = MAX_CONE_NODES) -> Optional[set]:
+    """`ancestors(out)` not walking above expert slices (`expert_slice`), which are leaves."""
+    seen, stack, calls = {out}, [out], 0
+    while stack:
+        n = stack.pop()
+        if n is not out and expert_slice(n):
+            continue
+        if n.op == "call_function":
+            calls += 1
+            if calls > limit:
+                return None
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
 def weight_cone(gemm: Node) -> tuple[Optional[Cone], Optional[str]]:
     """(cone, None) or (None, why there is no weight cone)."""
     _, w = operands(gemm)
-    anc = ancestors(w)
+    anc = _weight_ancestors(w)
     if anc is None:
         return None, f"weight operand {w.name} has more than {MAX_CONE_NODES} ancestors"
     if w.op != "call_function":
         return None, f"weight operand {w.name} is a graph input: no dequantization in this graph"
-    return _cone_from(anc, w, _order(w.graph)), None
+    slices = {n for n in anc if n is not w and expert_slice(n)}
+    cone = _cone_from(anc - slices, w, _order(w.graph))
+    return cone, None
 
 
 # --- activation side ------------------------------------------------------------------------

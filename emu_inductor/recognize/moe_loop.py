@@ -44,6 +44,8 @@ from .shapes import hint
 __all__ = ["find_loop_moe_region", "loop_routing", "assertion_only", "is_loop_rows"]
 
 _SEARCH = 600
+#: [T, k] float candidates tried as the router weights, nearest the combine first
+_TW_TRIES = 8
 _ASSERTS = tuple(getattr(torch.ops.aten, n).default for n in ("_assert_scalar", "sym_constrain_range",
                                                                 "sym_constrain_range_for_size")
                  if hasattr(torch.ops.aten, n))
@@ -197,18 +199,21 @@ def find_loop_moe_region(second: GemmSite, site_of: Callable[[Node], Optional[Ge
                       f"rows reach (no combine over all experts)")
     out = outs[0]
     stop = {first.node, second.node, ids, hidden}
-    tw = None
-    for n in _ancestors(out, {}, 4 * _SEARCH):
-        if n in stop:
-            continue
-        if _is_float(n) and _hinted(n) == (T, k) and second.node not in set(_ancestors(n, {}, 4 * _SEARCH)):
-            tw = n
-            break
-    if tw is None:
+    tws = [n for n in _ancestors(out, {}, 4 * _SEARCH) if n not in stop and _is_float(n) and _hinted(n) == (T, k)
+           and second.node not in set(_ancestors(n, {}, 4 * _SEARCH))]
+    if not tws:
         return None, f"no router weights [T={T}, k={k}] reach the combine {out.name}"
-    body, why = cone(out, [hidden, ids, tw], sites, follow_syms=True)
+    # nearest first; a [T, k] float computed per expert from the weights (`w * (ids == e)`, whose
+    # sum over the slots is the expert's weight) is nearer than the weights themselves, and its
+    # body would reach the router: the first candidate whose body is closed is the router weights
+    body, first_why = None, None
+    for tw in tws[:_TW_TRIES]:
+        body, why = cone(out, [hidden, ids, tw], sites, follow_syms=True)
+        if body is not None:
+            break
+        first_why = first_why or why
     if body is None:
-        return None, f"{out.name}: {why}"
+        return None, f"{out.name}: {first_why}"
     if first.node not in body.nodes or second.node not in body.nodes:
         return None, f"{out.name} does not combine the GEMMs' rows"
     why = _used_outside(body, out, live, assertion_only(out.graph))
