@@ -3,7 +3,8 @@
 weight cone      every ancestor of the GEMM's weight operand; its leaves are graph inputs
                  (parameters and buffers are placeholders post-grad) or attributes.
 activation cone  from ONE float tensor x to the tensor q feeding the GEMM's activation
-                 operand (through row gathers `q[order]` and leading-dim reshapes), with q
+                 operand (through row gathers `q[order]` and layout ops that keep its
+                 last-dim rows whole, e.g. leading-dim reshapes), with q
                  of x's shape and dtype; every other input of the cone is computed from
                  scalars (a global scale), small tables and literals only.
 """
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from .shapes import concrete_shape
+from .shapes import concrete_shape, hint
 from .structure import MAX_TABLE, packet_name
 
 __all__ = ["GEMM_OPERANDS", "Cone", "ActCone", "gemm_nodes", "operands", "weight_cone", "activation_cone",
@@ -183,6 +184,59 @@ def _is_lead_reshape(n: Node) -> bool:
     return a.shape[-1] == b.shape[-1]
 
 
+#: Layout ops that may carry the QDQ output to the GEMM operand, when together they keep rows.
+_ROW_LAYOUT = ("aten.reshape", "aten.view", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze",
+               "aten.permute", "aten.transpose")
+_VIEWS = ("aten.reshape", "aten.view", "aten._unsafe_view")
+
+
+def _concrete_arg(a):
+    """A layout op's argument with symbolic sizes (SymInts, their nodes) at their hints."""
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete_arg(x) for x in a)
+    if isinstance(a, Node):
+        a = _val(a)
+    return hint(a) if isinstance(a, torch.SymInt) else a
+
+
+def _keeps_rows(chain: list) -> bool:
+    """True when the layout nodes `chain` (in graph order; the first one's input is the
+    source) only regroup the source's last-dim rows: every last-dim row of the result is one
+    row of the source, whole and in order (a leading-dim reshape, an unsqueeze before the
+    last dim, a permute that leaves the last dim last, or any composition of them that does,
+    like einsum's unsqueeze + permute + reshape). The row-wise QDQ then commutes with the
+    chain, so the pass can apply the chain to the QDQ's input instead. Decided on a meta
+    tensor as views (its strides), so it costs no data at any size."""
+    try:
+        src = concrete_shape(_val(chain[0].args[0]))
+        if src is None or len(src) == 0:
+            return False
+        t = torch.empty(src, device="meta")
+        for n in chain:
+            args = [_concrete_arg(a) for a in n.args[1:]]
+            t = t.view(*args) if packet_name(n.target) in _VIEWS else n.target(t, *args)
+    except Exception:  # a reshape that is no view of the source, or sizes without hints
+        return False
+    K = src[-1]
+    if t.dim() == 0 or t.shape[-1] != K or (K > 1 and t.stride(-1) != 1) or t.storage_offset() % K:
+        return False
+    return all(st % K == 0 for sz, st in zip(t.shape[:-1], t.stride()[:-1]) if sz > 1)
+
+
+def _row_layout(q: Node) -> list:
+    """The longest run of layout nodes ending at `q` (nearest q first) that keeps rows
+    (`_keeps_rows`) as a whole, though single nodes of it may not; [] when there is none."""
+    run, n = [], q
+    while (n.op == "call_function" and packet_name(n.target) in _ROW_LAYOUT and isinstance(n.args[0], Node)
+           and isinstance(_val(n.args[0]), torch.Tensor) and _val(n.args[0]).dtype == _val(n).dtype):
+        run.append(n)
+        n = n.args[0]
+    for k in range(len(run), 0, -1):
+        if _keeps_rows(run[:k][::-1]):
+            return run[:k]
+    return []
+
+
 def _small_or_scalar(n: Node) -> bool:
     v = _val(n)
     if isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat)):
@@ -232,9 +286,16 @@ def activation_cone(gemm: Node) -> tuple[Optional[ActCone], Optional[str]]:
     a, _ = operands(gemm)
     post = []
     q = a
-    while _is_row_gather(q) or _is_lead_reshape(q):
-        post.append(q)
-        q = q.args[0]
+    while True:
+        if _is_row_gather(q) or _is_lead_reshape(q):  # one node at a time (symbolic sizes too)
+            post.append(q)
+            q = q.args[0]
+            continue
+        run = _row_layout(q)
+        if not run:
+            break
+        post.extend(run)
+        q = run[-1].args[0]
     qv = _val(q)
     if not isinstance(qv, torch.Tensor) or not qv.is_floating_point():
         return None, f"activation operand {a.name} is not a float tensor"

@@ -23,6 +23,7 @@ evaluation.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from typing import Callable, Optional, Union
 
@@ -118,11 +119,12 @@ def _no_signed_zero(t):
     return t + 0.0 if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
-def _prove_body(region: MoeRegion, activations: list) -> tuple[Optional[tuple], str, int]:
+def _prove_body(region: MoeRegion, activations: list, distinct: bool = False) -> tuple[Optional[tuple], str, int]:
     """((activation, combine order), "", probes) or (None, reason, probes): the body with
     probe GEMMs against mxemu::moe's semantics for each candidate activation and k-sum
     order. An activation not proven on its own cone (routing inside it) is proven here on
-    identity probe GEMMs and hidden states holding every 16-bit pattern."""
+    identity probe GEMMs and hidden states holding every 16-bit pattern. `distinct`: the
+    ids are a top-k's (`topk_indices`), so only routings a top-k can give are probed."""
     first, second = region.first, region.second
     T, k = concrete_shape(_val(region.topk_ids))
     H = concrete_shape(_val(region.hidden))[1]
@@ -138,12 +140,12 @@ def _prove_body(region: MoeRegion, activations: list) -> tuple[Optional[tuple], 
     inputs = [region.hidden, region.topk_ids, region.topk_weights]
     runs = []  # (probe GEMM1, probe GEMM2, probes, k-sum orders to try)
     g1, g2 = ProbeGemm(E, n1, gen), ProbeGemm(E, H2, gen)
-    runs.append((g1, g2, routing_probes(T, H, k, E, *dtypes, gen), list(COMBINE_ORDERS)))
+    runs.append((g1, g2, routing_probes(T, H, k, E, *dtypes, gen, distinct), list(COMBINE_ORDERS)))
     if not region.act_direct:
         if H2 < _width(second.rows):
             return None, "the activation is not proven on its own and GEMM2's output is narrower than its input", 0
         runs.append((ProbeGemm.identity(E, n1), ProbeGemm.identity(E, H2),
-                     activation_routings(T, H, k, E, *dtypes, gen), ["sum"]))
+                     activation_routings(T, H, k, E, *dtypes, gen, distinct), ["sum"]))
     alive = [(a, o) for a in activations for o in COMBINE_ORDERS]
     told: dict = {}
     n_probes = 0
@@ -238,14 +240,34 @@ def _activations_by_width(region: MoeRegion) -> tuple[list, str]:
     return activations, ""
 
 
+_ID_CASTS = ("aten.convert_element_type", "aten._to_copy", "aten.clone", "prims.convert_element_type")
+
+
+def topk_indices(ids: Node) -> bool:
+    """`ids` are the indices of an `aten.topk` over the last dim (through dtype casts): k
+    distinct experts per token, whatever the scores."""
+    n = ids
+    while n.op == "call_function" and str(n.target).rsplit(".", 1)[0] in _ID_CASTS:
+        n = n.args[0]
+    if n.op != "call_function" or n.target is not operator.getitem or n.args[1] != 1:
+        return False
+    src = n.args[0]
+    if not isinstance(src, Node) or src.op != "call_function" or src.target is not torch.ops.aten.topk.default:
+        return False
+    dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", -1)
+    x = _val(src.args[0])
+    return isinstance(x, torch.Tensor) and dim in (-1, x.dim() - 1)
+
+
 def _verdict(region: MoeRegion, activations: list, use_cache: bool, t0: float) -> Union[MoeVerdict, str]:
     """The body proof of one region (cached by the body's structure): a verdict or the reason."""
-    key = cone_key("moe_body", region.body, attr_value, extra=",".join(activations))
+    distinct = topk_indices(region.topk_ids)
+    key = cone_key("moe_body", region.body, attr_value, extra=",".join(activations) + f";distinct={distinct}")
     entry = CACHE.get(key) if use_cache else None
     cached = entry is not None
     if entry is None:
         try:
-            found, why, n = _prove_body(region, activations)
+            found, why, n = _prove_body(region, activations, distinct)
         except Exception as e:
             found, why, n = None, f"evaluating the body raised {type(e).__name__}: {e}", 0
         entry = ("ok", found, n) if found else ("rej", why, n)

@@ -80,10 +80,37 @@ class ProbeGemm:
         return self.rows(a, torch.searchsorted(offs.long().contiguous(), r, right=True))
 
 
-def routing_probes(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_dtype, gen: torch.Generator):
+def _distinct_ids(T: int, k: int, pool: int, gen: torch.Generator) -> torch.Tensor:
+    """[T, k] ids, k distinct experts of range(pool) per token (what top-k gives)."""
+    return torch.stack([torch.randperm(pool, generator=gen)[:k] for _ in range(T)])
+
+
+def routing_probes(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_dtype, gen: torch.Generator,
+                   distinct: bool = False):
     """[(what, hidden, topk_ids, topk_weights)]: repeated experts in a token, empty
-    experts, every token on one expert, distinct experts per token, zero weights."""
+    experts, every token on one expert, distinct experts per token, zero weights.
+
+    `distinct`: the graph's ids are a top-k's indices, so a token never meets one expert
+    twice; every probe routing is then one top-k can give (distinct experts per token, an
+    empty expert, every token on the last k experts), and a body that relies on distinct
+    ids (a token mask per expert, its weight summed over the slots) can be proven."""
     out = []
+    if distinct and k <= experts:
+        def add(what, ids, scale=1.0, zero_weights=False):
+            w = torch.rand(T, k, generator=gen) + 0.05
+            if zero_weights:
+                w[0] = 0.0
+                w[-1, 0] = 0.0
+            x = torch.randn(T, H, generator=gen) * scale
+            out.append((what, x.to(x_dtype), ids.to(ids_dtype), w.to(w_dtype)))
+
+        add("distinct experts per token (top-k), zero weights", _distinct_ids(T, k, experts, gen), zero_weights=True)
+        if experts > k:
+            skip = experts // 2
+            ids = _distinct_ids(T, k, experts - 1, gen)
+            add(f"distinct experts per token, expert {skip} empty", ids + (ids >= skip).to(ids.dtype))
+        add(f"every token on the last {k} experts", experts - k + _distinct_ids(T, k, k, gen), scale=8.0)
+        return out
 
     def add(what, ids, scale=1.0, zero_weights=False):
         w = torch.rand(T, k, generator=gen) + 0.05
@@ -107,7 +134,7 @@ def routing_probes(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_d
 
 
 def activation_routings(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, ids_dtype,
-                        gen: torch.Generator) -> list:
+                        gen: torch.Generator, distinct: bool = False) -> list:
     """[(what, hidden, topk_ids, topk_weights)] for proving the activation inside the body
     (with identity probe GEMMs): hidden states holding every 16-bit pattern of the dtype,
     random data at many magnitudes and specials; slot 0 weighted 1, the others 0 (so the
@@ -116,7 +143,8 @@ def activation_routings(T: int, H: int, k: int, experts: int, x_dtype, w_dtype, 
     w[:, 0] = 1.0
     out = []
     for i, x in enumerate(_batches(_activation_values(x_dtype, gen), T, H)):
-        ids = torch.randint(0, experts, (T, k), generator=gen)
+        ids = (_distinct_ids(T, k, experts, gen) if distinct and k <= experts
+               else torch.randint(0, experts, (T, k), generator=gen))
         out.append((f"activation values {i}", x, ids.to(ids_dtype), w.to(w_dtype)))
     return out
 
