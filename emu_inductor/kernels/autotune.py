@@ -28,7 +28,7 @@ from .cache import cache_dir
 from .tiles import TileConfig, candidates, heuristic, interpreter_config, token_bucket
 
 __all__ = ["TileConfig", "pin_config", "pinned_config", "select_config", "token_bucket", "candidates",
-           "interpreter_config", "heuristic"]
+           "interpreter_config", "heuristic", "autotune_time"]
 
 log = logging.getLogger("emu_inductor.kernels")
 
@@ -36,6 +36,16 @@ log = logging.getLogger("emu_inductor.kernels")
 _pinned: Optional[TileConfig] = None
 _mem: dict[str, TileConfig] = {}
 _lock = threading.Lock()
+# seconds spent autotuning in this process and the number of keys tuned: on a GPU the first
+# call of each shape bucket compiles and times every candidate (tens of seconds), which a user
+# sees as part of the first step; explain() reports it next to the compile-time split
+_tuned = {"seconds": 0.0, "count": 0}
+
+
+def autotune_time() -> tuple[float, int]:
+    """(seconds spent autotuning tile configs in this process, keys autotuned)."""
+    with _lock:
+        return _tuned["seconds"], _tuned["count"]
 
 
 def pin_config(cfg: "TileConfig | dict | None" = None, **kw) -> None:
@@ -146,6 +156,8 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
     progress("autotuned %s -> %s (%.4f ms) in %.1f s", dev_key, best, best_t,
              time.perf_counter() - t0)
     with _lock:
+        _tuned["seconds"] += time.perf_counter() - t0
+        _tuned["count"] += 1
         _mem[dev_key] = best
         try:
             _disk_store(dev_key, best)

@@ -9,7 +9,10 @@ triton_impl     the ops computed by the generated kernels (imported lazily)
 """
 
 from . import library
+from ..kernels.autotune import autotune_time
 from ..spec.opspec import OpSpec
 from .library import OP_NAMES, register_backend_impl, select_backend
 
-__all__ = ["OpSpec", "OP_NAMES", "register_backend_impl", "select_backend", "library"]
+# autotune_time: the kernels' autotuning cost, for the compile report (passes reach the
+# kernels only through this layer)
+__all__ = ["OpSpec", "OP_NAMES", "register_backend_impl", "select_backend", "library", "autotune_time"]

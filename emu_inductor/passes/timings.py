@@ -11,7 +11,9 @@ Phases (seconds, accumulated in this process since the last ``reset()``):
   (part of its matching time; from counters["mxemu_patterns"]["semantic.check_ms"]);
 - ``pass``: the whole mxemu pass; ``compile``: the backend's Inductor compiles,
   outermost call only; ``inductor`` = compile - pass (Dynamo tracing before the backend
-  is called is not included).
+  is called is not included);
+- ``autotune``: the fused kernels' tile-config autotuning (``kernels.autotune``), paid by the
+  first call of each shape bucket on a GPU, not by the compile.
 
 ``emu_inductor.compile_report()`` returns them; ``explain()`` shows them. Long steps
 also report through ``progress()``: an INFO log line on the ``emu_inductor`` logger and,
@@ -31,6 +33,7 @@ from typing import Any
 from torch._dynamo.utils import counters
 
 from .._logging import get_logger, progress, progress_to
+from ..ops import autotune_time
 
 log = get_logger("compile")
 
@@ -89,6 +92,10 @@ class CompileReport:
     pass_s: float  # the whole mxemu pass (rules built on first use included)
     compile_s: float  # the backend's Inductor compiles (pass included)
     compiles: int
+    # tile-config autotuning of the fused kernels (first call of each shape bucket on a GPU;
+    # run time, not compile time, but paid once like it; cached on disk afterwards)
+    autotune_s: float = 0.0
+    autotunes: int = 0
 
     @property
     def inductor_s(self) -> float:
@@ -112,6 +119,8 @@ class CompileReport:
             pass_s=self.pass_s - earlier.pass_s,
             compile_s=self.compile_s - earlier.compile_s,
             compiles=self.compiles - earlier.compiles,
+            autotune_s=max(0.0, self.autotune_s - earlier.autotune_s),
+            autotunes=self.autotunes - earlier.autotunes,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,13 +136,16 @@ class CompileReport:
         return (f"compile time (s): Inductor {self.inductor_s:.2f} + mxemu pass {self.pass_s:.2f} "
                 f"over {self.compiles} compile(s); pattern rules {self.rules_total_s:.2f} "
                 f"(import {self.families_import_s:.2f}; {fmt(self.rules_s)}); matching "
-                f"{fmt(self.matching_s)}; semantic recognition {self.semantic_s:.2f}")
+                f"{fmt(self.matching_s)}; semantic recognition {self.semantic_s:.2f}"
+                + (f"; kernel autotuning {self.autotune_s:.2f} over {self.autotunes} shape bucket(s) (first "
+                   f"calls on the GPU; cached on disk)" if self.autotunes else ""))
 
 
 def compile_report() -> CompileReport:
     """The compile-time split accumulated in this process (since ``reset()``)."""
     with _lock:
         t = dict(_totals)
+    tune_s, tunes = autotune_time()
 
     def per(prefix: str) -> dict[str, float]:
         return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
@@ -146,4 +158,6 @@ def compile_report() -> CompileReport:
         pass_s=t.get("pass", 0.0),
         compile_s=t.get("compile", 0.0),
         compiles=int(t.get("compiles", 0.0)),
+        autotune_s=tune_s,
+        autotunes=tunes,
     )
