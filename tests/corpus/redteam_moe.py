@@ -206,6 +206,24 @@ class TokenMaskLoopMoE(RedTeamMoE):
         return out.to(x.dtype)
 
 
+class TokenMaskDecodeLoopMoE(TokenMaskLoopMoE):
+    """The token-mask loop over NVFP4 experts (weight-only), each expert's bytes decoded in the loop."""
+
+    fmt = "nvfp4"
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in range(E):
+            hit = ids == e
+            tok = hit.any(dim=-1).nonzero().squeeze(-1)
+            we = (w * hit).sum(dim=-1)[tok]
+            h = F.linear(x[tok], self.deq("w13", x.dtype, e))
+            y = F.linear(F.silu(h[:, :I]) * h[:, I:], self.deq("w2", x.dtype, e))
+            out.index_add_(0, tok, y.float() * we[:, None])
+        return out.to(x.dtype)
+
+
 # --- 5. codes gathered per routed row, then decoded, then bmm ------------------------------
 
 
@@ -251,23 +269,61 @@ def _make(cls):
 
 
 def _moe(name, cls, variant, plumbing, **kw):
-    return CorpusEntry(f"redteam_{name}", "moe", "redteam", "written here (red team): " + cls.__doc__.split("\n")[0]
-                       if cls.__doc__ else "written here (red team)", variant, _make(cls), plumbing=plumbing, **kw)
+    what = cls.__doc__.split("\n")[0] if cls.__doc__ else plumbing
+    return CorpusEntry(f"redteam_{name}", "moe", "redteam", f"written here (red team): {what}", variant, _make(cls),
+                       plumbing=plumbing, **kw)
 
+
+#: Dynamo's default config skips a forward whose loop holds nonzero() / torch.where(mask): with
+#: these flags (docs/backend.md) the loop is one graph; tests/test_recognize_moe_redteam.py
+#: compiles the loop entries with them
+LOOP_NOTE = ("default config: frame skipped (nonzero() / torch.where(mask) in a loop over experts: data-dependent "
+             "shape); with torch._dynamo.config.patch(capture_scalar_outputs=True, "
+             "capture_dynamic_output_shape_ops=True): ")
 
 ENTRIES = [
     _moe("sort_searchsorted_moe", SortSearchsortedMoE, MXFP4_W4A4,
-         "sort + searchsorted(right) ends, x[order // k], _grouped_mm, split(I), scatter_add_ fp32"),
+         "sort + searchsorted(right) ends, x[order // k], _grouped_mm, split(I), scatter_add_ fp32",
+         expect_fused=True, compile_smoke=False,
+         compile_note="not smoke-compiled (~20 s; its routing is the titan entry's with other spellings)",
+         fused_today="one mxemu::moe (semantic + semantic_moe), bit-identical to eager"),
     _moe("histc_split_gate_up_moe", HistcSeparateGateUpMoE, MXFP4_W4A4,
          "topk logits then softmax; argsort + histc counts/cumsum; gate and up as two _grouped_mm; "
-         "unpermute by argsort(order); view(T,k,H) weighted fp32 sum"),
+         "unpermute by argsort(order); view(T,k,H) weighted fp32 sum",
+         expect_fused=True,
+         fused_today="one mxemu::moe: three mxemu::grouped_mm (semantic), gate and up merged into one over the "
+                     "stacks concatenated along N (semantic_gate_up), then semantic_moe; before: three grouped "
+                     "GEMMs, 'reads the graph input ... which is not hidden states or routing'"),
     _moe("per_expert_decode_loop_moe", PerExpertDecodeLoopMoE, NVFP4_W4A16,
-         "loop over range(E): torch.where(ids == e), decode w[e] in the loop, @, index_add_ fp32"),
+         "loop over range(E): torch.where(ids == e), decode w[e] in the loop, @, index_add_ fp32",
+         compile_smoke=False, compile_note=LOOP_NOTE + "one mxemu::moe",
+         fused_today="default config: nothing (frame skipped). With the capture flags: one mxemu::moe (each "
+                     "expert's decode proven once with select(P, 0, e) as its leaves -> 8 mxemu::linear -> "
+                     "semantic_group -> semantic_loop_moe); before: 'no leaf looks like packed codes'"),
+    _moe("token_mask_decode_loop_moe", TokenMaskDecodeLoopMoE, NVFP4_W4A16,
+         "loop over range(E): (ids == e).any(-1).nonzero(), weight (w * (ids == e)).sum(-1), decode w[e] in the "
+         "loop, F.linear, index_add_ fp32",
+         compile_smoke=False, compile_note=LOOP_NOTE + "one mxemu::moe (tests/test_recognize_moe_redteam.py)",
+         fused_today="default config: nothing. With the capture flags: one mxemu::moe"),
     _moe("token_mask_loop_moe", TokenMaskLoopMoE, MXFP4_W4A4,
          "loop over range(E): (ids == e).any(-1).nonzero(), weight (w * (ids == e)).sum(-1), F.linear, "
-         "index_add_ fp32"),
+         "index_add_ fp32",
+         compile_smoke=False, compile_note=LOOP_NOTE + "one mxemu::moe",
+         fused_today="default config: nothing. With the capture flags: one mxemu::moe (router weights: the first "
+                     "[T, k] candidate whose body is closed; ids from aten.topk probed with distinct experts per "
+                     "token); before: two mxemu::grouped_mm, 'reads the graph input (router weight)', then "
+                     "'probe routing ... ids [1, 1]: graph gives inf, mxemu::moe gives nan'"),
     _moe("gather_codes_bmm_moe", GatherCodesBmmMoE, MXFP4_W4A4,
-         "codes and scales gathered per routed row, decoded after the gather, bmm, view(T,k,H) fp32 sum"),
+         "codes and scales gathered per routed row, decoded after the gather, bmm, view(T,k,H) fp32 sum",
+         compile_smoke=False,
+         compile_note="the weight cone holds the data-indexed gather w13[ids] (and the router behind the ids)",
+         fused_today="nothing: 'expert weights not proven, bmm left as written: weight cone contains aten.mm' "
+                     "(the gather of the packed bytes by the routed ids puts the router in the weight cone; "
+                     "decode-then-gather, the gpt-oss entry, fuses)"),
     _moe("dense_einsum_moe", DenseEinsumMoE, MXFP4_W4A4,
-         "every expert on every token by einsum; dense [T, E] weights from scatter; einsum over E in fp32"),
+         "every expert on every token by einsum; dense [T, E] weights from scatter; einsum over E in fp32",
+         compile_smoke=False, compile_note="~30 s compile",
+         fused_today="two mxemu::grouped_mm (semantic_bmm dense + semantic, with the activation QDQ); not one "
+                     "mxemu::moe: no top-k ids behind the GEMMs, and it is not mxemu::moe's function (an "
+                     "unchosen expert's non-finite output times its zero weight is NaN)"),
 ]

@@ -1,0 +1,145 @@
+"""Pattern family "semantic_gate_up" (order 93, after "semantic", before "semantic_moe"):
+two `mxemu::grouped_mm` over the SAME rows and group ends, under one OpSpec, global scale
+and float scale, with experts that differ only in their output width (gate and up
+projections stored as two [E, I, H] stacks: `g = grouped_mm(rows, Wg)`, `u = grouped_mm(rows,
+Wu)`) are one grouped GEMM over the stacks concatenated along N: every output column is
+the same row times the same expert's weight row under the same scheme (the GEMM contract
+is per output element), so `cat([Pg, Pu], 1)` / `cat([Sg, Su], 1)` and slices of the one
+result give what the two gave. "semantic_moe" then sees the two-GEMM layer it proves.
+
+Only pairs whose results both reach a third grouped GEMM's rows (an MoE's first GEMM, split
+in two) are merged: elsewhere the run-time `cat` of the packed bytes would be a cost with
+nothing to gain. The half that reaches a non-linear function first (silu's sigmoid / exp,
+gelu's erf / tanh) is put first (the gate), so a silu-gated layer reads `act(h[:, :I]) *
+h[:, I:]`; the layer proof decides whether the result is an mxemu::moe at all.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import torch
+from torch._inductor import pattern_matcher as pm
+
+from .expert_groups import Builder, graph_order
+from .guards import register_family_pattern
+from .recorder import record_candidate
+from .registry import register_pattern_family
+
+aten = torch.ops.aten
+FAMILY = "semantic_gate_up"
+
+__all__ = ["FAMILY"]
+
+#: mxemu::grouped_mm(a, w, w_scale, w_alpha, offs, a_global_scale, spec) -- no bias
+_ARGS = 7
+_NONLINEAR = {aten.sigmoid.default, aten.exp.default, aten.erf.default, aten.tanh.default, aten.silu.default,
+              aten.gelu.default, aten.expm1.default}
+_REACH = 40  # nodes searched below a GEMM for the GEMM its result feeds
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _gemm(n) -> bool:
+    return (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is torch.ops.mxemu.grouped_mm.default
+            and len(n.args) == _ARGS and not n.kwargs)
+
+
+def _key(n) -> tuple:
+    a, w, s, alpha, offs, gs, spec = n.args
+    return (a, alpha, offs, gs, spec, _val(w).dtype, _val(s).dtype, tuple(_val(w).shape[::2]),
+            tuple(_val(s).shape[::2]))
+
+
+def _below(n, limit: int = _REACH) -> list:
+    seen, q, out = {n}, deque([n]), []
+    while q and len(out) < limit:
+        for u in q.popleft().users:
+            if u not in seen:
+                seen.add(u)
+                out.append(u)
+                q.append(u)
+    return out
+
+
+def _next_gemm(n) -> Optional[torch.fx.Node]:
+    """The nearest grouped GEMM the result of `n` reaches."""
+    for u in _below(n):
+        if _gemm(u) or (isinstance(u, torch.fx.Node) and u.target is torch.ops.mxemu.grouped_mm.default):
+            return u
+    return None
+
+
+def _nonlinear_depth(n) -> int:
+    for i, u in enumerate(_below(n)):
+        if u.op == "call_function" and u.target in _NONLINEAR:
+            return i
+    return _REACH
+
+
+def _partner(node) -> Optional[torch.fx.Node]:
+    if not _gemm(node) or not isinstance(node.args[6], str):
+        return None
+    key, nxt = _key(node), _next_gemm(node)
+    if nxt is None:
+        return None
+    for m in node.args[0].users:
+        if m is not node and _gemm(m) and m.args[0] is node.args[0] and _key(m) == key and _next_gemm(m) is nxt:
+            return m
+    return None
+
+
+class SplitFirstGemm(pm.CallFunction):
+    """An mxemu::grouped_mm with a partner over the same rows (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__(torch.ops.mxemu.grouped_mm.default, *[pm.Ignored() for _ in range(_ARGS)])
+
+    def _match(self, node, ctx):
+        m = super()._match(node, ctx)
+        if pm.is_match(m) and _partner(node) is None:
+            return pm.FailedMatch("{} has no partner GEMM over the same rows", node)
+        return m
+
+
+def _check(match) -> Optional[str]:
+    node = match.output_node()
+    other = _partner(node)
+    if other is None or node.graph is not other.graph:
+        return "no partner GEMM over the same rows"
+    pair = sorted((node, other), key=lambda n: (_nonlinear_depth(n), graph_order(n.graph)[n]))
+    match._mxemu_pair = pair
+    return None
+
+
+def _replace(match) -> None:
+    gate, up = match._mxemu_pair
+    graph = match.graph
+    order = graph_order(graph)
+    b = Builder(graph, max(gate, up, key=order.__getitem__))
+    a, wg, sg, alpha, offs, gs, spec = gate.args
+    wu, su = up.args[1], up.args[2]
+    w = b(aten.cat.default, [wg, wu], 1)
+    s = b(aten.cat.default, [sg, su], 1)
+    out = b(torch.ops.mxemu.grouped_mm.default, a, w, s, alpha, offs, gs, spec)
+    ng = _val(wg).shape[1]
+    n_all = _val(w).shape[1]
+    hg = b(aten.slice.Tensor, out, 1, 0, ng)
+    hu = b(aten.slice.Tensor, out, 1, ng, n_all)
+    gate.replace_all_uses_with(hg)
+    up.replace_all_uses_with(hu)
+    graph.erase_node(gate)
+    graph.erase_node(up)
+    pm.stable_topological_sort(graph)
+    record_candidate(FAMILY, out, True, "mxemu::grouped_mm",
+                     f"two grouped GEMMs over the same rows ({wg.name}, {wu.name}: gate then up) as one over the "
+                     f"stacks concatenated along N", family=FAMILY, pattern="gate_up")
+
+
+@register_pattern_family(FAMILY, order=93, anchors=(torch.ops.mxemu.grouped_mm,),
+                         description="two grouped GEMMs over the same rows (gate, up) -> one over both stacks")
+def _init(pm_pass, input_device=None):
+    register_family_pattern(SplitFirstGemm(), pm_pass, family=FAMILY, name="gate_up", check=_check, replace=_replace)
