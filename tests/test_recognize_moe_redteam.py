@@ -8,6 +8,9 @@
   candidate whose body is closed) and is proven on routings a top-k can give (the ids are
   `aten.topk`'s indices: `moe.topk_indices`, `moe_probes.routing_probes(distinct=True)`;
   other ids keep the routings that repeat an expert within a token);
+* bytes gathered per routed row before the decode (`deq(w13[ids], s13[ids])`): the gathers
+  are the weight cone's leaves (`candidates.gathered_rows`), not the router behind the ids;
+  a look-up `lut[code]` stays inside the cone;
 * gate and up as two grouped GEMMs over the same rows become one (`semantic_gate_up`),
   covered by the corpus compile smoke test of `redteam_histc_split_gate_up_moe`.
 """
@@ -15,7 +18,7 @@
 import torch
 from torch._dynamo.utils import counters
 
-from emu_inductor.formats import NVFP4
+from emu_inductor.formats import MXFP4, NVFP4
 from emu_inductor.recognize import WeightVerdict, gemm_nodes, recognize_weight
 from emu_inductor.recognize.candidates import weight_cone
 from emu_inductor.recognize.moe import topk_indices
@@ -23,7 +26,7 @@ from emu_inductor.recognize.moe_probes import activation_routings, routing_probe
 from emu_inductor.reference import dequantize_weight
 from tests.corpus import BY_NAME
 from tests.corpus.data import tokens
-from tests.corpus.redteam_moe import FP4_MAGNITUDES, nvfp4_dequant
+from tests.corpus.redteam_moe import FP4_MAGNITUDES, mxfp4_dequant, nvfp4_dequant
 from tests.test_recognize_moe_loop import _compile
 from tests.test_recognize_weight import leaves, trace
 
@@ -51,6 +54,28 @@ def test_expert_slice_decode_is_proven_with_the_slices_as_leaves():
         w, s, a = leaves(seed, N=N, K=K, E=E, fmt=NVFP4)
         want = dequantize_weight(w[e], s[e], NVFP4, alpha=a[e], dtype=torch.bfloat16)
         assert torch.equal(nvfp4_dequant(w[e], s[e], a[e], table, torch.bfloat16), want)
+
+
+def test_codes_gathered_by_routed_ids_are_leaves():
+    E, N, K = 4, 48, 64
+    w, s, _ = leaves(8, N=N, K=K, E=E, fmt=MXFP4)
+    table = torch.tensor(FP4_MAGNITUDES)
+    x, r = torch.randn(6, 1, K, dtype=torch.bfloat16), torch.randn(E, K, dtype=torch.bfloat16)
+
+    def layer(x, r, w, s, table):
+        ids = torch.argmax(x[:, 0] @ r.t(), dim=-1)
+        return torch.bmm(x, mxfp4_dequant(w[ids], s[ids], table, x.dtype).transpose(1, 2))
+
+    gm = trace(layer, x, r, w, s, table)
+    (gemm,) = [n for n in gemm_nodes(gm.graph) if n.target is torch.ops.aten.bmm.default]
+    cone, _ = weight_cone(gemm)
+    gathers = [n for n in cone.leaves if n.op == "call_function"]
+    assert len(gathers) == 2 and all(n.target is torch.ops.aten.index.Tensor for n in gathers), cone.leaves
+    assert not any(n.target in (torch.ops.aten.mm.default, torch.ops.aten.argmax.default) for n in cone.nodes)
+    assert any(n.target is torch.ops.aten.index.Tensor for n in cone.nodes)  # table[code] stays inside
+    v = recognize_weight(gemm, use_cache=False, values={n: table for n in cone.leaves if n.op == "placeholder"})
+    assert isinstance(v, WeightVerdict), v.reason
+    assert v.variant.fmt == "mxfp4" and {v.codes, v.scale} == set(gathers)
 
 
 def test_topk_indices_and_distinct_probe_routings():

@@ -128,12 +128,37 @@ def expert_slice(n: Node) -> bool:
     return isinstance(src, Node) and src.op in ("placeholder", "get_attr") and dim == 0 and isinstance(e, int)
 
 
+_ONE_BYTE = {torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def gathered_rows(n: Node) -> bool:
+    """`n` is `L[idx]` of a graph input L by one integer index tensor on dim 0 that is not
+    computed from 1-byte graph inputs: each routed row's expert bytes / scales gathered
+    before the decode (`deq(w13[ids], s13[ids])`). Such a gather is a leaf of the weight
+    cone (not the router behind `idx`): the decode of the gathered rows is the same
+    function of them as a stack's decode of its experts. A look-up `lut[code]` indexes by
+    a value computed from the packed bytes and stays inside the cone."""
+    if n.op != "call_function" or n.target is not aten.index.Tensor or len(n.args) != 2:
+        return False
+    src, idx = n.args
+    if not isinstance(src, Node) or src.op not in ("placeholder", "get_attr") or not isinstance(idx, (list, tuple)) \
+            or len(idx) != 1 or not isinstance(idx[0], Node):
+        return False
+    iv = _val(idx[0])
+    if not isinstance(iv, torch.Tensor) or iv.dim() != 1 or iv.dtype not in (torch.int64, torch.int32):
+        return False
+    up = ancestors(idx[0])
+    return up is not None and not any(a.op == "placeholder" and getattr(_val(a), "dtype", None) in _ONE_BYTE
+                                       for a in up)
+
+
 def _weight_ancestors(out: Node, limit: int = MAX_CONE_NODES) -> Optional[set]:
-    """`ancestors(out)` not walking above expert slices (`expert_slice`), which are leaves."""
+    """`ancestors(out)` not walking above expert slices (`expert_slice`) and routed-row
+    gathers (`gathered_rows`), which are leaves."""
     seen, stack, calls = {out}, [out], 0
     while stack:
         n = stack.pop()
-        if n is not out and expert_slice(n):
+        if n is not out and (expert_slice(n) or gathered_rows(n)):
             continue
         if n.op == "call_function":
             calls += 1
@@ -154,7 +179,7 @@ def weight_cone(gemm: Node) -> tuple[Optional[Cone], Optional[str]]:
         return None, f"weight operand {w.name} has more than {MAX_CONE_NODES} ancestors"
     if w.op != "call_function":
         return None, f"weight operand {w.name} is a graph input: no dequantization in this graph"
-    slices = {n for n in anc if n is not w and expert_slice(n)}
+    slices = {n for n in anc if n is not w and (expert_slice(n) or gathered_rows(n))}
     cone = _cone_from(anc - slices, w, _order(w.graph))
     return cone, None
 
@@ -220,6 +245,8 @@ def _keeps_rows(chain: list) -> bool:
     K = src[-1]
     if t.dim() == 0 or t.shape[-1] != K or (K > 1 and t.stride(-1) != 1) or t.storage_offset() % K:
         return False
+    if tuple(t.shape) == tuple(src) and t.is_contiguous():
+        return False  # the identity (fake_quantize's movedim(-1, -1)): nothing to look through
     return all(st % K == 0 for sz, st in zip(t.shape[:-1], t.stride()[:-1]) if sz > 1)
 
 

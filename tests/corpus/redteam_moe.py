@@ -60,6 +60,8 @@ def mxfp4_fake_quant(x: torch.Tensor) -> torch.Tensor:
     return (round_to_e2m1(xb / scale) * scale).flatten(-2).to(x.dtype)
 
 
+_GATE_THEN_UP = torch.cat([torch.arange(0, 2 * I, 2), torch.arange(1, 2 * I, 2)])
+
 MXFP4_W4A4 = Variant(WeightVariant("mxfp4", e8m0_byte255="inf"), act={"fmt": "mxfp4", "scale_mode": "floor"})
 NVFP4_W4A16 = Variant(WeightVariant("nvfp4", "q*(s*a)"))
 
@@ -69,12 +71,15 @@ class RedTeamMoE(nn.Module):
 
     fmt = "mxfp4"
     split_gate_up = False  # gate and up stored as two [E, I, H] tensors
+    interleaved = False  # w13 rows alternate gate j, up j (gpt-oss's layout)
 
     def __init__(self, router, w13, w2):
         super().__init__()
         self.gate = nn.Linear(H, E, bias=False, dtype=router.dtype)
         self.gate.weight.data.copy_(router)
         self.register_buffer("fp4_table", torch.tensor(FP4_MAGNITUDES))
+        if self.interleaved:
+            w13 = torch.stack([w13[:, :I], w13[:, I:]], dim=2).reshape(E, 2 * I, H)
         parts = {"w_gate": w13[:, :I], "w_up": w13[:, I:]} if self.split_gate_up else {"w13": w13}
         parts["w2"] = w2
         for name, w in parts.items():
@@ -103,13 +108,15 @@ class RedTeamMoE(nn.Module):
         if self.fmt == "mxfp4":
             return mxfp4_dequant(sel(getattr(self, name)), sel(getattr(self, name + "_scale")), self.fp4_table, dtype)
         alpha = getattr(self, name + "_alpha")
-        alpha = alpha[:, None, None, None] if e is None else alpha[e]
+        alpha = alpha[:, None, None] if e is None else alpha[e]
         return nvfp4_dequant(sel(getattr(self, name)), sel(getattr(self, name + "_scale")), alpha,
                              self.fp4_table, dtype)
 
     def dequantized_weights(self, dtype=torch.bfloat16):
         w13 = (torch.cat([self.deq("w_gate", dtype), self.deq("w_up", dtype)], dim=1) if self.split_gate_up
                else self.deq("w13", dtype))
+        if self.interleaved:
+            w13 = w13[:, _GATE_THEN_UP.to(w13.device)]
         return {"w13": w13, "w2": self.deq("w2", dtype)}
 
     def emu_view(self):
@@ -118,6 +125,8 @@ class RedTeamMoE(nn.Module):
         for key, group in zip(("w13", "w2"), names):
             q = torch.cat([getattr(self, n) for n in group], dim=1)
             s = torch.cat([getattr(self, n + "_scale") for n in group], dim=1)
+            if self.interleaved and key == "w13":
+                q, s = q[:, _GATE_THEN_UP.to(q.device)], s[:, _GATE_THEN_UP.to(q.device)]
             out[key] = qtensor(self.fmt, q, s, getattr(self, group[0] + "_alpha", None))
         return out
 
@@ -138,6 +147,29 @@ class SortSearchsortedMoE(RedTeamMoE):
         out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
         out.scatter_add_(0, tok[:, None].expand(-1, H), y.float() * w.flatten()[order, None])
         return out.to(x.dtype)
+
+
+# --- 1b. index_put accumulate counts, index_select rows, interleaved gate/up, index_copy_ back,
+# einsum combine
+
+
+class InterleavedIndexCopyMoE(RedTeamMoE):
+    interleaved = True
+
+    def forward(self, x):
+        T = x.shape[0]
+        w, ids = self.route(x)
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_put_((flat,), torch.ones_like(flat),
+                                                                             accumulate=True)
+        ends = counts.cumsum(0).to(torch.int32)
+        rows = self.act_qdq(x.index_select(0, order // TOP_K))
+        h = torch._grouped_mm(rows, self.deq("w13", x.dtype).mT, offs=ends)
+        gate, up = h.unflatten(-1, (I, 2)).unbind(-1)
+        y = torch._grouped_mm(self.act_qdq(F.silu(gate) * up), self.deq("w2", x.dtype).mT, offs=ends)
+        y = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
+        return torch.einsum("tkh,tk->th", y.view(T, TOP_K, H).float(), w).to(x.dtype)
 
 
 # --- 2. histc counts, separate gate / up experts (three grouped GEMMs), unpermute + view-sum
@@ -287,6 +319,11 @@ ENTRIES = [
          expect_fused=True, compile_smoke=False,
          compile_note="not smoke-compiled (~20 s; its routing is the titan entry's with other spellings)",
          fused_today="one mxemu::moe (semantic + semantic_moe), bit-identical to eager"),
+    _moe("interleaved_index_copy_moe", InterleavedIndexCopyMoE, MXFP4_W4A4,
+         "argsort + index_put_(accumulate) counts/cumsum, index_select rows, interleaved gate/up by "
+         "unflatten(I, 2).unbind, index_copy_ back to slot order, einsum('tkh,tk->th') fp32",
+         expect_fused=True, compile_smoke=False, compile_note="not smoke-compiled (~25-45 s)",
+         fused_today="one mxemu::moe (silu_interleaved; the einsum k-sum proven as torch.sum), bit-identical"),
     _moe("histc_split_gate_up_moe", HistcSeparateGateUpMoE, MXFP4_W4A4,
          "topk logits then softmax; argsort + histc counts/cumsum; gate and up as two _grouped_mm; "
          "unpermute by argsort(order); view(T,k,H) weighted fp32 sum",
@@ -316,10 +353,11 @@ ENTRIES = [
     _moe("gather_codes_bmm_moe", GatherCodesBmmMoE, MXFP4_W4A4,
          "codes and scales gathered per routed row, decoded after the gather, bmm, view(T,k,H) fp32 sum",
          compile_smoke=False,
-         compile_note="the weight cone holds the data-indexed gather w13[ids] (and the router behind the ids)",
-         fused_today="nothing: 'expert weights not proven, bmm left as written: weight cone contains aten.mm' "
-                     "(the gather of the packed bytes by the routed ids puts the router in the weight cone; "
-                     "decode-then-gather, the gpt-oss entry, fuses)"),
+         compile_note="~28 s compile",
+         fused_today="two mxemu::grouped_mm with the activation QDQ (the gathered bytes w13[ids] are the weight "
+                     "cone's leaves: semantic_bmm's dense form over T*k one-row groups); not one mxemu::moe: "
+                     "the GEMMs' groups are rows, not experts (decode-then-gather, the gpt-oss entry, is one). "
+                     "Before: nothing, 'weight cone contains aten.mm' (the router behind the ids)"),
     _moe("dense_einsum_moe", DenseEinsumMoE, MXFP4_W4A4,
          "every expert on every token by einsum; dense [T, E] weights from scatter; einsum over E in fp32",
          compile_smoke=False, compile_note="~30 s compile",
