@@ -211,6 +211,8 @@ def assert_runtime_tensors(match: pm.Match, family: str, name: str) -> list[str]
         with graph.inserting_before(anchor):
             view = _call_with_meta(graph, aten.view.dtype, (node, torch.int32), fake_mode=fm)
             view.meta["mxemu_tensor_guard"] = table
+            if val.dim() != 1:  # a table of another rank ([256, 2] byte -> value pairs): flat, as `table` is
+                view = _call_with_meta(graph, aten.reshape.default, (view, [len(bits)]), fake_mode=fm)
             parts = [_call_with_meta(graph, aten.full.default, ([1], b),
                                      dict(dtype=torch.int32, layout=torch.strided, device=val.device,
                                           pin_memory=False), fake_mode=fm) for b in bits]

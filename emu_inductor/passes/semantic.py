@@ -184,7 +184,9 @@ def _activation(anchor, weight_fmt: str, weight_dims: int):
         return None, f"activation {a.variant.name} not fused ({a.unsupported_reason}); weight-only"
     if not is_compatible(FORMATS[weight_fmt], a.act_quant()):
         return None, f"activation {a.variant.name} does not go with {weight_fmt} weights; weight-only"
-    if any(p.target is not aten.reshape.default for p in a.post) and weight_dims == 2:
+    # the post layout ops other than row gathers (reshapes, einsum's unsqueeze + permute) keep
+    # rows whole and in order (recognize.candidates), so the dense op can take them
+    if any(p.target is aten.index.Tensor for p in a.post) and weight_dims == 2:
         return None, "activation reaches the GEMM through a gather; weight-only"
     if outside_user([a.x], a.output, set(a.post) | {anchor}) is not None:
         return None, "the quantized activation has another user; weight-only"

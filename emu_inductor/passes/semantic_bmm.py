@@ -172,7 +172,14 @@ def _replace(match) -> None:
     E, K, N = (int(s) for s in sv.shape)
     M = av.shape[1]
     dev = av.device
-    if kind == "dense":
+    if kind == "dense" and E == 1:
+        # one batch over one matrix is a dense linear (einsum("...k,nk->...n") and matmul of a
+        # 3-d input broadcast over one weight become bmm with batch 1): an mm, which 'semantic'
+        # fuses as mxemu::linear
+        out = b(aten.mm.default, b(aten.reshape.default, a, [-1, K]), b(aten.reshape.default, stack, [K, N]))
+        new = b(aten.reshape.default, out, [1, -1, N])
+        how = "one batch over one weight matrix: a dense GEMM"
+    elif kind == "dense":
         rows = b(aten.reshape.default, a, [-1, K])
         if isinstance(M, int):  # group ends M, 2M, .., E*M
             m, end = M, E * M + 1
@@ -207,8 +214,10 @@ def _replace(match) -> None:
     graph.erase_node(anchor)
     if kind == "gathered" and not gathered_w.users:  # the gather W[ids] is dead: 'semantic' must not see it
         graph.erase_node(gathered_w)
-    record_candidate(FAMILY, out, True, "aten._grouped_mm (fused next by 'semantic')",
-                     f"bmm as a grouped GEMM ({how}); weights proven: {w.describe()}", family=FAMILY, pattern=kind)
+    op = "aten.mm" if out.target is aten.mm.default else "aten._grouped_mm"
+    record_candidate(FAMILY, out, True, f"{op} (fused next by 'semantic')",
+                     f"bmm as {'a dense' if op == 'aten.mm' else 'a grouped'} GEMM ({how}); weights proven: "
+                     f"{w.describe()}", family=FAMILY, pattern=kind)
 
 
 @register_pattern_family(FAMILY, order=88, anchors=(aten.bmm.default,),

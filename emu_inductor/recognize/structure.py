@@ -44,6 +44,9 @@ __all__ = [
     "check_activation_cone",
     "value_preserving",
     "constant_nodes",
+    "table_elements",
+    "is_table_leaf",
+    "MAX_LOOKUP",
 ]
 
 aten = torch.ops.aten
@@ -99,6 +102,9 @@ _PY_OPS = {operator.mul, operator.floordiv, operator.add, operator.sub, operator
 
 #: Largest table (in elements) that counts as a "small constant table".
 MAX_TABLE = 256
+#: Largest look-up table in distinct elements (`table_elements`): a table indexed by a whole
+#: packed byte that yields both of its FP4 values (256 x 2).
+MAX_LOOKUP = 2 * MAX_TABLE
 #: Largest last-dim reduction an activation cone may do (a block, or a grid of values).
 MAX_REDUCED_DIM = 256
 
@@ -150,6 +156,33 @@ def _tensor_args(node: Node) -> list[Node]:
     return out
 
 
+def table_elements(v) -> Optional[int]:
+    """The distinct elements a tensor value holds: its numel without broadcast (stride-0)
+    dims, whose positions all read the same element (a 16-entry LUT expanded to [N, 16]
+    for `torch.gather` holds 16). None for a non-tensor or a symbolic size."""
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        n = 1
+        for size, stride in zip(v.shape, v.stride()):
+            if stride != 0:
+                n *= int(size)
+        return n
+    except Exception:  # symbolic sizes or strides
+        return None
+
+
+def is_table_leaf(node: Node) -> bool:
+    """A float graph input small enough to be a look-up table (`MAX_LOOKUP` distinct
+    elements, any rank: a [256, 2] byte -> value-pair table too); its values are read from
+    the real inputs or hypothesised, and guarded (leaves.leaf_bindings)."""
+    v = _val(node)
+    if node.op != "placeholder" or not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() == 0:
+        return False
+    n = table_elements(v)
+    return n is not None and n <= MAX_LOOKUP
+
+
 def _lookup_ok(node: Node, constant: set[Node]) -> Optional[str]:
     """A gather is a table look-up when the table is a small constant (LUT[code]) or the
     indices are constants (a fixed permutation of the data)."""
@@ -168,7 +201,7 @@ def _lookup_ok(node: Node, constant: set[Node]) -> Optional[str]:
         table, idx = args[0], [args[2]]
     else:  # take
         table, idx = args[0], [args[1]]
-    if table in constant and (_numel(_val(table)) or MAX_TABLE + 1) <= MAX_TABLE:
+    if table in constant and (table_elements(_val(table)) or MAX_LOOKUP + 1) <= MAX_LOOKUP:
         return None
     if all(i in constant for i in idx if isinstance(i, Node)):
         return None

@@ -240,6 +240,7 @@ class ActVariant:
         if self.kind == "mx":
             extra = "" if self.e8m0_byte0 == "pow2" else " e8m0(0=zero)"
             extra += "" if self.signed_zero == "keep" else f" signed_zero={self.signed_zero}"
+            extra += "" if self.inf_amax == "nan" else f" inf_amax={self.inf_amax}"
             return f"{self.fmt} scale_mode={self.scale_mode}{tail}{extra}"
         return f"nvfp4 recipe={self.recipe}{tail}"
 
@@ -258,6 +259,10 @@ class ActVariant:
                         f"inf_amax {FUSED_MX_INF_AMAX} only, 'exponent' for {FUSED_MX_EXPONENT_MODES})")
         if self.kind == "mx" and self.scale_mode not in FUSED_MX_SCALE_MODES:
             return f"MX scale_mode {self.scale_mode!r} (the kernels implement {FUSED_MX_SCALE_MODES})"
+        if self.kind == "mx" and (self.inf_amax not in FUSED_MX_INF_AMAX or (
+                self.inf_amax == "exponent" and self.scale_mode not in FUSED_MX_EXPONENT_MODES)):
+            return (f"inf_amax={self.inf_amax} with scale_mode {self.scale_mode} (the kernels render inf_amax "
+                    f"{FUSED_MX_INF_AMAX}, 'exponent' for {FUSED_MX_EXPONENT_MODES} only)")
         if self.kind == "mx" and self.e8m0_byte0 != "pow2":
             return "E8M0 byte 0 read as 0 (the kernels read 2^-127)"
         if self.kind == "fp8_tensor" and self.rounding != "rne":
@@ -332,6 +337,13 @@ def act_variants() -> list[ActVariant]:
                     (("pow2", "keep"), ("zero", "keep"), ("pow2", "lt0"), ("pow2", "positive"))):
                 out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0,
                                       signed_zero=zero))
+            # an Inf block as users write the scale without a NaN/Inf guard: the exponent of
+            # log2(inf) clamped to 127 (scale 2^127, "max": `clamp(ceil(log2(amax / 6)), -127,
+            # 127)`) or the exponent field of Inf read as 128 ("exponent"); ties to even,
+            # OCP zeros and byte 0 (the other edge options vary above)
+            for mode, inf in itertools.product(("floor", "ceil", "even", "rceil", "floor_log2"),
+                                               ("max", "exponent")):
+                out.append(ActVariant("mx", fmt.name, scale_mode=mode, inf_amax=inf))
             # the libraries' own quantizers (formats.variants), edge cases included: Quark's
             # fake_quantize_mx gives +0 where the element rounds to zero, and so on
             for name, mv in MX_VARIANTS.items():

@@ -33,7 +33,7 @@ from .extract import evaluate, extract, real_mode
 from .leaves import known_value, leaf_bindings
 from .resize import plan as make_plan
 from .shapes import concrete_shape
-from .structure import check_weight_cone, constant_nodes, value_preserving
+from .structure import check_weight_cone, constant_nodes, is_table_leaf, value_preserving
 from .variants import weight_variants
 from .verdict import Rejection, WeightVerdict
 
@@ -194,7 +194,7 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
         if v.dtype == torch.float32 and _alpha_shape_ok(shp, lead, N):
             alpha_c.append(leaf)
             continue
-        if v.is_floating_point() and v.dim() == 1 and shp is not None and shp[0] <= 256:
+        if is_table_leaf(leaf):
             tables.append(leaf)
             continue
         others.append(leaf)
@@ -508,8 +508,7 @@ def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_byt
     """(verdict or Rejection); see `api.recognize_weight`."""
     _, w = operands(gemm)
     # small float graph inputs may be tables: their values are hypothesised and guarded
-    tables = {n for n in cone.leaves if n.op == "placeholder" and isinstance(_val(n), torch.Tensor)
-              and _val(n).is_floating_point() and _val(n).dim() == 1 and (_shape(n) or (999,))[0] <= 256}
+    tables = {n for n in cone.leaves if is_table_leaf(n)}
     const = constant_nodes(cone.nodes, tables)
     why = check_weight_cone(cone.nodes, const, cone.output)
     if why:

@@ -34,7 +34,8 @@ Module contract (what the oracle reads, never what the layer computes with):
   layer.dequantized_weights(dtype) {name: tensor} as the layer's forward builds them, in
                                    emu_view's layout ([N, K], gate rows then up rows)
   layer.emu_view()                 {name: QuantizedTensor} the stored bytes in emu layout
-                                   (+ "a1_global"/"a2_global" static activation scales)
+                                   (+ "a1_global"/"a2_global" static activation scales,
+                                   "bias" a linear's bias, added by the oracle's F.linear)
   moe.route(x) -> (w fp32 [T,k], ids [T,k])   the layer's own routing
 """
 
@@ -108,7 +109,8 @@ class CorpusEntry:
 
 
 MODULES = ("torchao_style", "compressed_tensors_style", "modelopt_style", "gptoss_style", "quark_style",
-           "vllm_style", "microxcaling_style", "respellings", "near_misses", "redteam_moe")
+           "vllm_style", "microxcaling_style", "respellings", "near_misses", "redteam_moe",
+           "redteam_linear")
 #: module -> ImportError text, for a library missing from this environment (all are in the
 #: `test` extras; test_corpus_eager.test_registry_metadata fails naming them)
 UNAVAILABLE: dict = {}

@@ -56,7 +56,7 @@ def linear_reference(layer, x: torch.Tensor, variant: Variant) -> torch.Tensor:
     view = layer.emu_view()
     w = weight_reference(view["weight"], variant.weight, x.dtype)
     a = act_reference(x, variant, view.get("a1_global"))
-    return torch.nn.functional.linear(a, w)
+    return torch.nn.functional.linear(a, w, view.get("bias"))  # a layer's bias as its emu_view gives it
 
 
 def moe_reference(layer, x: torch.Tensor, variant: Variant) -> torch.Tensor:
