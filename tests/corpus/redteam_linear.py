@@ -323,8 +323,7 @@ class PowMXFP4Linear(nn.Module):
         w = v.view(p.shape[0], -1, 32) * scale.unsqueeze(-1)
         return w.view(p.shape[0], -1).to(dtype)
 
-    def act_qdq(self, x):
-        return None
+    act_qdq = None  # weight-only
 
     def dequantized_weights(self, dtype=torch.bfloat16):
         return {"weight": self.unpack_weight(dtype)}
@@ -366,8 +365,7 @@ class PairTableMXFP4Linear(nn.Module):
         w = torch.ldexp(v, (self.w_scale.to(torch.int32) - 127).unsqueeze(-1))
         return w.flatten(1).to(dtype)
 
-    def act_qdq(self, x):
-        return None
+    act_qdq = None  # weight-only
 
     def dequantized_weights(self, dtype=torch.bfloat16):
         return {"weight": self.unpack_weight(dtype)}
