@@ -293,6 +293,28 @@ class DenseEinsumMoE(RedTeamMoE):
         return torch.einsum("eth,te->th", y.float(), dense_w).to(x.dtype)
 
 
+# --- 7. capacity dispatch (GShard / Switch style): expert-major [E, C, H] buffer, dense bmm ----
+
+
+class CapacityDispatchMoE(RedTeamMoE):
+    """Routed rows written into an expert-major [E, C, H] buffer (C = T*k: nothing dropped) at
+    their position within the expert (one-hot cumsum), dense bmm per expert, rows read back
+    from (expert, position), view(T, k, H) weighted fp32 sum."""
+
+    def forward(self, x):
+        T = x.shape[0]
+        C = T * TOP_K
+        w, ids = self.route(x)
+        flat = ids.flatten()
+        onehot = F.one_hot(flat, E)
+        pos = ((onehot.cumsum(0) - 1) * onehot).sum(-1)
+        buf = x.new_zeros(E, C, H)
+        buf[flat, pos] = x.repeat_interleave(TOP_K, dim=0)
+        h = torch.bmm(self.act_qdq(buf), self.deq("w13", x.dtype).mT)
+        y = torch.bmm(self.act_qdq(F.silu(h[..., :I]) * h[..., I:]), self.deq("w2", x.dtype).mT)
+        return (y[flat, pos].view(T, TOP_K, H).float() * w[..., None]).sum(1).to(x.dtype)
+
+
 def _make(cls):
     def make(seed, dtype):
         g = gen(seed)
@@ -358,6 +380,13 @@ ENTRIES = [
                      "cone's leaves: semantic_bmm's dense form over T*k one-row groups); not one mxemu::moe: "
                      "the GEMMs' groups are rows, not experts (decode-then-gather, the gpt-oss entry, is one). "
                      "Before: nothing, 'weight cone contains aten.mm' (the router behind the ids)"),
+    _moe("capacity_dispatch_moe", CapacityDispatchMoE, MXFP4_W4A4,
+         "one-hot cumsum positions, index_put into [E, C, H], dense bmm per expert, y[ids, pos], view-sum fp32",
+         compile_smoke=False, compile_note="~50 s compile",
+         fused_today="two mxemu::grouped_mm with the QDQ (semantic_bmm dense: E groups of C = T*k rows, the "
+                     "padding included); no mxemu::moe and no record from semantic_moe: the group ends are an "
+                     "arange, not computed from the ids, so the pair is not an MoE's to it (the layer IS "
+                     "mxemu::moe's function: padded rows are never read back)"),
     _moe("dense_einsum_moe", DenseEinsumMoE, MXFP4_W4A4,
          "every expert on every token by einsum; dense [T, E] weights from scatter; einsum over E in fp32",
          compile_smoke=False, compile_note="~30 s compile",
