@@ -122,6 +122,33 @@ def round_e2m1_per_binade(a):
                                                                        torch.round(a * 0.5) * 2.0))
 
 
+class EmbeddingNVFP4Linear(GatherNVFP4Linear):
+    """Layer 1's numerics, other spellings: codes decoded by F.embedding from a [16, 1]
+    table, the activation blocks made by x.view(-1, 16) over all leading dims, E2M1 by
+    torch.round per binade, then .view(x.shape) back to [B, S, H]."""
+
+    def unpack_weight(self, dtype):
+        p = self.qweight
+        codes = torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1).long()
+        v = F.embedding(codes, torch.tensor(FP4_VALUES, device=p.device).unsqueeze(1)).squeeze(-1)
+        s = self.wscale_bytes.view(torch.float8_e4m3fn).float()
+        return (v.view(p.shape[0], -1, 16) * (s / self.w_gscale)[..., None]).view(p.shape[0], -1).to(dtype)
+
+    def act_qdq(self, x):
+        g = self.x_gscale
+        xf = x.float().view(-1, 16)
+        amax = xf.abs().max(dim=-1, keepdim=True).values
+        s = (g * (amax * (1 / 6))).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+        y = (xf * torch.where(s == 0, torch.zeros_like(s), g / s)).clamp(-6.0, 6.0)
+        q = torch.copysign(round_e2m1_per_binade(y.abs()), y)
+        return (q * (s / g)).view(x.shape).to(x.dtype)
+
+
+def make_embedding_nvfp4(seed, dtype):
+    g = gen(seed)
+    return EmbeddingNVFP4Linear(weight(g, N, H, dtype=dtype), tokens(seed + 50, 8, H, dtype)), (_batch(seed, dtype),)
+
+
 class BitsNVFP4Linear(nn.Module):
     """TransformerEngine-style scales written out: weights dequantized as (v * s) * alpha
     with alpha = amax_w / (448*6) (dequant direction); activations: s = e4m3(min(amax *
@@ -520,6 +547,12 @@ ENTRIES = [
         fused_today="one mxemu::linear with the NVFP4 recipe-vllm QDQ; was nothing: 'aten.gather gathers data "
                     "with data-dependent indices' (the [N, 16] expand of the table counted 1024 elements; "
                     "structure.table_elements counts 16)"),
+    CorpusEntry(
+        "rt_nvfp4_embedding_flatview", "linear", "red-team", _SRC + "F.embedding decode from a [16, 1] table, "
+        "activation blocks by x.view(-1, 16) over all leading dims, torch.round per binade, x @ w.t()",
+        _nv("vllm", "vllm", "q*(s/g)"), make_embedding_nvfp4, dtypes=_BOTH, expect_fused=True, compile_smoke=False,
+        compile_note="left out of the compile test for time (measured 2026-12-03: fused whole, bit-exact)",
+        fused_today="one mxemu::linear with the NVFP4 recipe-vllm QDQ"),
     CorpusEntry(
         "rt_nvfp4_bits_round", "linear", "red-team", _SRC + "E4M3 scale bytes and E2M1 codes decoded from their "
         "bits (ldexp), (v * s) * alpha, TE-style QDQ with torch.round per binade, torch.matmul",
