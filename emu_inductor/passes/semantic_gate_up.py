@@ -1,6 +1,6 @@
 """Pattern family "semantic_gate_up" (order 93, after "semantic", before "semantic_moe"):
 two `mxemu::grouped_mm` over the SAME rows and group ends, under one OpSpec, global scale
-and float scale, with experts that differ only in their output width (gate and up
+and float scale (a pair with different float scales is left, with the reason), with experts that differ only in their output width (gate and up
 projections stored as two [E, I, H] stacks: `g = grouped_mm(rows, Wg)`, `u = grouped_mm(rows,
 Wu)`) are one grouped GEMM over the stacks concatenated along N: every output column is
 the same row times the same expert's weight row under the same scheme (the GEMM contract
@@ -50,8 +50,11 @@ def _gemm(n) -> bool:
 
 def _key(n) -> tuple:
     a, w, s, alpha, offs, gs, spec = n.args
-    return (a, alpha, offs, gs, spec, _val(w).dtype, _val(s).dtype, tuple(_val(w).shape[::2]),
-            tuple(_val(s).shape[::2]))
+    return (a, offs, gs, spec, _val(w).dtype, _val(s).dtype, tuple(_val(w).shape[::2]), tuple(_val(s).shape[::2]))
+
+
+def _name(n) -> str:
+    return n.name if isinstance(n, torch.fx.Node) else repr(n)
 
 
 def _below(n, limit: int = _REACH) -> list:
@@ -100,8 +103,13 @@ class SplitFirstGemm(pm.CallFunction):
 
     def _match(self, node, ctx):
         m = super()._match(node, ctx)
-        if pm.is_match(m) and _partner(node) is None:
+        if not pm.is_match(m):
+            return m
+        other = _partner(node)
+        if other is None:
             return pm.FailedMatch("{} has no partner GEMM over the same rows", node)
+        if node.args[3] is not other.args[3] and graph_order(node.graph)[other] < graph_order(node.graph)[node]:
+            return pm.FailedMatch("{}: its partner records why the pair is left", node)  # one record per pair
         return m
 
 
@@ -110,6 +118,12 @@ def _check(match) -> Optional[str]:
     other = _partner(node)
     if other is None or node.graph is not other.graph:
         return "no partner GEMM over the same rows"
+    if node.args[3] is not other.args[3]:
+        # NVFP4 gate_proj / up_proj with their own global scales: mxemu::grouped_mm and
+        # mxemu::moe take one float scale per expert, not one per half
+        return (f"gate and up GEMMs over the same rows have different float scales ({_name(node.args[3])}, "
+                f"{_name(other.args[3])}): the fused ops take one per expert, so they stay two GEMMs and the "
+                f"layer is not one mxemu::moe")
     pair = sorted((node, other), key=lambda n: (_nonlinear_depth(n), graph_order(n.graph)[n]))
     match._mxemu_pair = pair
     return None
