@@ -100,7 +100,7 @@ class RedTeamMoE(nn.Module):
         return w / w.sum(dim=-1, keepdim=True), ids
 
     def act_qdq(self, x):
-        return mxfp4_fake_quant(x) if self.fmt == "mxfp4" else x
+        return mxfp4_fake_quant(x)
 
     def deq(self, name, dtype, e=None):
         """The whole stack (e None) or expert e, [.., N, K]."""
@@ -204,6 +204,7 @@ class PerExpertDecodeLoopMoE(RedTeamMoE):
     """NVFP4 weight-only (w4a16): each expert's packed bytes decoded inside the loop."""
 
     fmt = "nvfp4"
+    act_qdq = None  # weight-only (the corpus contract)
 
     def forward(self, x):
         w, ids = self.route(x)
@@ -242,6 +243,7 @@ class TokenMaskDecodeLoopMoE(TokenMaskLoopMoE):
     """The token-mask loop over NVFP4 experts (weight-only), each expert's bytes decoded in the loop."""
 
     fmt = "nvfp4"
+    act_qdq = None  # weight-only (the corpus contract)
 
     def forward(self, x):
         w, ids = self.route(x)
