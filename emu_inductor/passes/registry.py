@@ -268,6 +268,7 @@ BUILTIN_FAMILY_MODULES = (
     "emu_inductor.passes.semantic",
     "emu_inductor.passes.semantic_bmm",
     "emu_inductor.passes.semantic_loop",
+    "emu_inductor.passes.semantic_regather",
     "emu_inductor.passes.semantic_gate_up",
     "emu_inductor.passes.semantic_moe",
     "emu_inductor.passes.semantic_group",

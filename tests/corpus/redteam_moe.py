@@ -376,12 +376,11 @@ ENTRIES = [
                      "'probe routing ... ids [1, 1]: graph gives inf, mxemu::moe gives nan'"),
     _moe("gather_codes_bmm_moe", GatherCodesBmmMoE, MXFP4_W4A4,
          "codes and scales gathered per routed row, decoded after the gather, bmm, view(T,k,H) fp32 sum",
-         compile_smoke=False,
-         compile_note="~28 s compile",
-         fused_today="two mxemu::grouped_mm with the activation QDQ (the gathered bytes w13[ids] are the weight "
-                     "cone's leaves: semantic_bmm's dense form over T*k one-row groups); not one mxemu::moe: "
-                     "the GEMMs' groups are rows, not experts (decode-then-gather, the gpt-oss entry, is one). "
-                     "Before: nothing, 'weight cone contains aten.mm' (the router behind the ids)"),
+         expect_fused=True,
+         fused_today="one mxemu::moe: the gathered bytes w13[ids] are the weight cone's leaves (semantic_bmm's "
+                     "dense form over T*k one-row groups, fused by semantic), semantic_regather turns each "
+                     "grouped GEMM over gathered bytes into one over the stacks with rows sorted by expert, then "
+                     "semantic_moe. Before: nothing, 'weight cone contains aten.mm' (the router behind the ids)"),
     _moe("capacity_dispatch_moe", CapacityDispatchMoE, MXFP4_W4A4,
          "one-hot cumsum positions, index_put into [E, C, H], dense bmm per expert, y[ids, pos], view-sum fp32",
          compile_smoke=False, compile_note="~50 s compile",
