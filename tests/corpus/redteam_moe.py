@@ -149,6 +149,26 @@ class SortSearchsortedMoE(RedTeamMoE):
         return out.to(x.dtype)
 
 
+class BucketizeScatterReduceMoE(RedTeamMoE):
+    """Mixtral routing without renormalisation (softmax, top-k), group ends by torch.bucketize of
+    the expert ids against the sorted ids, rows x[tok], fp32 combine by scatter_reduce_(sum)."""
+
+    def route(self, x):
+        return torch.topk(torch.softmax(self.gate(x), dim=-1, dtype=torch.float32), TOP_K, dim=-1)
+
+    def forward(self, x):
+        T = x.shape[0]
+        w, ids = self.route(x)
+        sorted_ids, order = ids.flatten().sort(stable=True)
+        ends = torch.bucketize(torch.arange(E, device=x.device), sorted_ids, right=True).to(torch.int32)
+        tok = order // TOP_K
+        h = torch._grouped_mm(self.act_qdq(x[tok]), self.deq("w13", x.dtype).mT, offs=ends)
+        y = torch._grouped_mm(self.act_qdq(F.silu(h[:, :I]) * h[:, I:]), self.deq("w2", x.dtype).mT, offs=ends)
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        out.scatter_reduce_(0, tok[:, None].expand(-1, H), y.float() * w.flatten()[order, None], reduce="sum")
+        return out.to(x.dtype)
+
+
 # --- 1b. index_put accumulate counts, index_select rows, interleaved gate/up, index_copy_ back,
 # einsum combine
 
@@ -343,6 +363,10 @@ ENTRIES = [
          expect_fused=True, compile_smoke=False,
          compile_note="not smoke-compiled (~20 s; its routing is the titan entry's with other spellings)",
          fused_today="one mxemu::moe (semantic + semantic_moe), bit-identical to eager"),
+    _moe("bucketize_scatter_reduce_moe", BucketizeScatterReduceMoE, MXFP4_W4A4,
+         "softmax, top-k without renormalisation; sort + bucketize(arange(E), sorted, right) ends; x[order // k]; "
+         "scatter_reduce_(sum) fp32", expect_fused=True, compile_smoke=False,
+         compile_note="not smoke-compiled (~20 s)", fused_today="one mxemu::moe (no change needed), bit-identical"),
     _moe("interleaved_index_copy_moe", InterleavedIndexCopyMoE, MXFP4_W4A4,
          "argsort + index_put_(accumulate) counts/cumsum, index_select rows, interleaved gate/up by "
          "unflatten(I, 2).unbind, index_copy_ back to slot order, einsum('tkh,tk->th') fp32",
