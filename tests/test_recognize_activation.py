@@ -79,7 +79,7 @@ def round_e2m1_where(y):
 
 
 def round_e2m1_half_down(y):
-    """Ties toward zero (ModelOpt's MXFP4 qtensor): a near miss of every known variant."""
+    """Ties toward zero (ModelOpt's MXFP4 qtensor): formats' rounding "half_toward_zero"."""
     a = y.abs()
     q = torch.where(a <= 0.25, 0.0, torch.where(a <= 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
         a <= 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a <= 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
@@ -215,8 +215,18 @@ def test_fp8_per_tensor_dynamic():
     expect(lambda x: fp8_tensor_fake_quantize(x), kind="fp8_tensor", static=False)
 
 
+def test_ties_toward_zero_is_its_own_variant():
+    # ModelOpt's tie rule is formats' rounding "half_toward_zero", a generic MX variant
+    v = recognise(lambda x: qdq_mx_log2(x, round_e2m1_half_down))
+    assert isinstance(v, ActVerdict), v.reason
+    assert (v.variant.scale_mode, v.variant.rounding) == ("floor", "half_toward_zero")
+    assert_reproduces(v, lambda x: qdq_mx_log2(x, round_e2m1_half_down), torch.bfloat16)
+
+
 def test_near_miss_tie_rule_rejected_naming_the_probe():
-    r = recognise(lambda x: qdq_mx_log2(x, round_e2m1_half_down))
+    from tests.corpus.spellings import round_half_up  # ties toward +inf: no variant's rule
+
+    r = recognise(lambda x: qdq_mx_log2(x, round_half_up))
     assert isinstance(r, Rejection)
     assert "no known activation quantization matches" in r.reason
     assert "closest: mxfp4 scale_mode=floor rounding=rne" in r.reason, r.reason

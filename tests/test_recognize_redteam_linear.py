@@ -9,7 +9,9 @@ the passes):
 * einsum's unsqueeze + permute + reshape between the QDQ and the GEMM keeps rows, so the
   QDQ is found behind it; a chain that moves elements across rows is not looked through;
 * an MX scale written without a NaN/Inf guard, `clamp(ceil(log2(amax / 6)), -127, 127)`,
-  is rceil with inf_amax "max" (an Inf block scaled by 2^127), which the kernels compute.
+  is rceil with inf_amax "max" (an Inf block scaled by 2^127), which the kernels compute;
+* a plain bucketize on the E2M1 midpoints rounds ties toward zero: the variant with rounding
+  "half_toward_zero", which the kernels now render as such (they rendered it half away).
 Each verdict's reference is compared with the user's function on fresh inputs.
 """
 
@@ -136,3 +138,31 @@ def test_unguarded_ceil_log2_scale_is_rceil_with_inf_max():
     ref = fake_quantize(x, "mxfp4", scale_mode="rceil", inf_amax="max")
     assert same_bits(m.act_qdq(x), ref).all()
     assert not torch.isnan(m.act_qdq(x)[:2]).any()  # an Inf block is scaled by 2^127, not NaN
+
+
+def test_plain_bucketize_is_ties_toward_zero_and_the_kernel_computes_it():
+    m, _ = R.make_plain_bucketize(1, torch.bfloat16)
+    v = recognise(m.act_qdq)
+    assert isinstance(v, ActVerdict), v.reason
+    assert (v.variant.scale_mode, v.variant.rounding, v.variant.inf_amax) == ("floor", "half_toward_zero", "max")
+    assert v.kernel_supported
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5]
+    row = [6.0] + (ties * 4)[:31] + [-4.0] + ([-t for t in ties] * 4)[:31]  # two 32-blocks of ties
+    x = torch.tensor([row, [t / 8 for t in row], [float("inf"), 2.0 ** 125] + row[2:]]).to(torch.bfloat16)
+    assert same_bits(m.act_qdq(x), v.reference(x)).all()
+    assert same_bits(m.act_qdq(x), fake_quantize(x, "mxfp4", scale_mode="floor", rounding="half_toward_zero",
+                                                 inf_amax="max")).all()
+    # the rendered kernel with that rounding equals the reference (it rounded ties away before)
+    from emu_inductor.ops.reference_impl import linear_reference
+    from emu_inductor.ops.triton_impl import linear_triton
+    from emu_inductor.spec import OpSpec
+
+    op = OpSpec("mxfp4", "block", "mxfp4", "floor", act_rounding="half_toward_zero", act_inf_amax="max")
+    g = torch.Generator().manual_seed(11)
+    w = torch.randint(0, 256, (16, 32), generator=g, dtype=torch.uint8)
+    s = torch.randint(120, 130, (16, 2), generator=g, dtype=torch.uint8)
+    out = linear_triton(x[:2], w, s, None, None, None, op)
+    ref = linear_reference(x[:2], w, s, None, None, None, op)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    rne = linear_reference(x[:2], w, s, None, None, None, OpSpec("mxfp4", "block", "mxfp4", "floor"))
+    assert not torch.equal(ref, rne)  # the tie rows tell the roundings apart

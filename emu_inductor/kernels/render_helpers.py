@@ -106,8 +106,11 @@ def _round_elem(el: ElementSpec, rounding: str) -> str:
         if rounding == "microxcaling_even":
             rnd += "\nt = n - 0.5  # exact for n >= 1/2; below, never an even integer\n" \
                    "r = r - (t == 2.0 * tl.floor(t * 0.5)).to(tl.float32)"
-    else:
-        rnd = "f = tl.floor(n)\nr = f + (n - f >= 0.5).to(tl.float32)"
+    elif rounding in ("half_away", "half_toward_zero"):
+        # n >= 0 (a magnitude): a tie goes up (away from zero) or stays (toward zero)
+        rnd = "f = tl.floor(n)\nr = f + (n - f " + (">=" if rounding == "half_away" else ">") + " 0.5).to(tl.float32)"
+    else:  # a rounding rendered as another would compute a different function silently
+        raise ValueError(f"rounding: no kernel rendering for {rounding!r}")
     return f"""@triton.jit
 def _round_{el.name}_{rounding}(y):
     # round fp32 onto the {el.name} grid (max normal {el.max_normal}, emin {el.emin}), saturating;

@@ -230,6 +230,10 @@ def _common_blocks(b: _Builder, dtype):
         b.add(vals, f"{name} in a normal block")
     b.add(torch.tensor([float("inf"), float("-inf")] + [1.0] * (bs - 2)), "+Inf and -Inf block")
     b.add(torch.tensor([float("nan"), float("inf")] + [1.0] * (bs - 2)), "NaN and +Inf block")
+    # finite neighbours big enough to survive the Inf block's scale: 2^127 (inf_amax "max")
+    # and 2^126 ("exponent": 2^128 / 2^emax) give them different values
+    b.add(torch.tensor([float("inf")] + [sp["max"] * f for f in (0.375, -0.3, 0.2, 0.45)] + [1.0] * (bs - 5)),
+          "+Inf with huge neighbours")
 
 
 def _random_blocks(b: _Builder, n: int):

@@ -344,6 +344,10 @@ def act_variants() -> list[ActVariant]:
             for mode, inf in itertools.product(("floor", "ceil", "even", "rceil", "floor_log2"),
                                                ("max", "exponent")):
                 out.append(ActVariant("mx", fmt.name, scale_mode=mode, inf_amax=inf))
+                # ties toward zero (a plain bucketize on the midpoints), with the same Inf rules
+                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding="half_toward_zero", inf_amax=inf))
+            for mode in ("floor", "ceil", "even", "rceil", "floor_log2"):
+                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding="half_toward_zero"))
             # the libraries' own quantizers (formats.variants), edge cases included: Quark's
             # fake_quantize_mx gives +0 where the element rounds to zero, and so on
             for name, mv in MX_VARIANTS.items():

@@ -458,13 +458,13 @@ def make_ceil_mxfp4(seed, dtype):
     return m, (_batch(seed, dtype),)
 
 
-# --- 8. MXFP4 w4a4, ties toward zero: plain bucketize (not a kernel variant) -------------
+# --- 8. MXFP4 w4a4, ties toward zero: plain bucketize ------------------------------------
 
 
 class PlainBucketizeMXFP4Linear(nn.Module):
     """floor(log2(amax)) - 2 clamped to [-127, 127], x * 2^-e, then torch.bucketize against
     the E2M1 midpoints as they are: a value on a midpoint goes to the lower magnitude, so ties
-    round toward zero (formats rounding "half_toward_zero", which no fused kernel computes).
+    round toward zero (formats rounding "half_toward_zero").
     Weights by index_select from a 16-entry table."""
 
     def __init__(self, w):
@@ -602,10 +602,10 @@ ENTRIES = [
         "torch.bucketize on the E2M1 midpoints (ties toward zero), index_select weights, F.linear",
         Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "floor", "inf_amax": "max",
                                              "rounding": "half_toward_zero"}),
-        make_plain_bucketize, expect_fused=False, compile_smoke=False,  # bf16: fp32's log2 rounds (floor_log2)
-        compile_note="left out of the compile test for time (measured 2026-12-03: weight-only)",
-        fused_today="mxemu::linear weight-only: its QDQ is formats' rounding half_toward_zero, which neither "
-                    "the recogniser's variants nor the kernels have; explain() names the tie probe"),
+        make_plain_bucketize, expect_fused=True,  # bf16 only: fp32's log2 rounds (scale_mode floor_log2)
+        fused_today="one mxemu::linear with the MX floor QDQ, rounding half_toward_zero, inf_amax max; was "
+                    "weight-only: no recogniser variant had that rounding, and the kernels rendered "
+                    "act_rounding 'half_toward_zero' as half away from zero (OpSpec accepted it)"),
     CorpusEntry(
         "near_rt_e8m0_shift_byte0", "linear", "near-miss", _SRC + "layer rt_mxfp4_magic_einsum with the E8M0 "
         "scale read as (u << 23).view(float32) alone", Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4",
