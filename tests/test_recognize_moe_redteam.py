@@ -12,7 +12,9 @@
   are the weight cone's leaves (`candidates.gathered_rows`), not the router behind the ids;
   a look-up `lut[code]` stays inside the cone;
 * gate and up as two grouped GEMMs over the same rows become one (`semantic_gate_up`),
-  covered by the corpus compile smoke test of `redteam_histc_split_gate_up_moe`.
+  covered by the corpus compile smoke test of `redteam_histc_split_gate_up_moe`; a grouped
+  GEMM over gathered bytes becomes one over the stacks (`semantic_regather`), covered by
+  `redteam_gather_codes_bmm_moe` (one mxemu::moe).
 """
 
 import torch
