@@ -150,7 +150,7 @@ class SortSearchsortedMoE(RedTeamMoE):
 
 
 class BucketizeScatterReduceMoE(RedTeamMoE):
-    """Mixtral routing without renormalisation (softmax, top-k), group ends by torch.bucketize of
+    """Routing without renormalisation (softmax, top-k: Qwen2-MoE norm_topk_prob=False), ends by torch.bucketize of
     the expert ids against the sorted ids, rows x[tok], fp32 combine by scatter_reduce_(sum)."""
 
     def route(self, x):
