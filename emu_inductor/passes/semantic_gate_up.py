@@ -1,8 +1,8 @@
 """Pattern family "semantic_gate_up" (order 93, after "semantic", before "semantic_moe"):
 two `mxemu::grouped_mm` over the SAME rows and group ends, under one OpSpec, global scale
-and float scale (a pair with different float scales is left, with the reason), with experts that differ only in their output width (gate and up
-projections stored as two [E, I, H] stacks: `g = grouped_mm(rows, Wg)`, `u = grouped_mm(rows,
-Wu)`) are one grouped GEMM over the stacks concatenated along N: every output column is
+and float scale (a pair with different float scales is left, with the reason), with
+experts that differ only in their output width (gate and up projections stored as two
+[E, I, H] stacks: `g = grouped_mm(rows, Wg)`, `u = grouped_mm(rows, Wu)`) are one grouped GEMM over the stacks concatenated along N: every output column is
 the same row times the same expert's weight row under the same scheme (the GEMM contract
 is per output element), so `cat([Pg, Pu], 1)` / `cat([Sg, Su], 1)` and slices of the one
 result give what the two gave. "semantic_moe" then sees the two-GEMM layer it proves.
