@@ -166,3 +166,21 @@ def test_plain_bucketize_is_ties_toward_zero_and_the_kernel_computes_it():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     rne = linear_reference(x[:2], w, s, None, None, None, OpSpec("mxfp4", "block", "mxfp4", "floor"))
     assert not torch.equal(ref, rne)  # the tie rows tell the roundings apart
+
+
+def test_sign_times_rounded_magnitude_without_guard_is_lt0_with_inf_max():
+    def qdq(x):  # torch.sign(y) * R(|y|), floor(log2(amax)) - 2 clamped, no NaN/Inf guard
+        xb = x.unflatten(-1, (-1, 32)).float()
+        e = (torch.floor(torch.log2(xb.abs().amax(-1, keepdim=True))) - 2).clamp(-127, 127)
+        y = (xb / torch.exp2(e)).clamp(-6, 6)
+        return (torch.sign(y) * R.round_e2m1_per_binade(y.abs()) * torch.exp2(e)).flatten(-2).to(x.dtype)
+
+    v = recognise(qdq)
+    assert isinstance(v, ActVerdict), v.reason
+    assert (v.variant.scale_mode, v.variant.signed_zero, v.variant.inf_amax) == ("floor", "lt0", "max")
+    assert v.kernel_supported
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (4, 1), generator=g).float())
+    x[0, 3], x[1, :32], x[2, 40] = float("inf"), -1e-30, -0.0
+    x = x.to(torch.bfloat16)
+    assert same_bits(qdq(x), v.reference(x)).all()

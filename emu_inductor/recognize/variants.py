@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, e8m0_multiply, fake_quantize, unpack
+from ..formats import E2M1, E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, e8m0_multiply, fake_quantize, unpack
 from ..formats.variants import MX_VARIANTS
 from ..reference import fp8_tensor_fake_quantize
 
@@ -337,17 +337,22 @@ def act_variants() -> list[ActVariant]:
                     (("pow2", "keep"), ("zero", "keep"), ("pow2", "lt0"), ("pow2", "positive"))):
                 out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding=rnd, e8m0_byte0=b0,
                                       signed_zero=zero))
-            # an Inf block as users write the scale without a NaN/Inf guard: the exponent of
-            # log2(inf) clamped to 127 (scale 2^127, "max": `clamp(ceil(log2(amax / 6)), -127,
-            # 127)`) or the exponent field of Inf read as 128 ("exponent"); ties to even,
-            # OCP zeros and byte 0 (the other edge options vary above)
-            for mode, inf in itertools.product(("floor", "ceil", "even", "rceil", "floor_log2"),
-                                               ("max", "exponent")):
-                out.append(ActVariant("mx", fmt.name, scale_mode=mode, inf_amax=inf))
-                # ties toward zero (a plain bucketize on the midpoints), with the same Inf rules
-                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding="half_toward_zero", inf_amax=inf))
-            for mode in ("floor", "ceil", "even", "rceil", "floor_log2"):
-                out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding="half_toward_zero"))
+            if fmt.element == E2M1:
+                # hand-written FP4 QDQs (E2M1 only: each variant costs a reference per probe chunk
+                # for every MX format of the cone's block size, so the set stays small):
+                # an Inf block as users write the scale without a NaN/Inf guard: the exponent of
+                # log2(inf) clamped to 127 (scale 2^127, "max": `clamp(ceil(log2(amax / 6)), -127,
+                # 127)`) or the exponent field of Inf read as 128 ("exponent"), with OCP zeros or
+                # `torch.sign(y) * R(|y|)`'s (lt0); ties toward zero (a plain bucketize on the E2M1
+                # midpoints; ModelOpt's tie rule) with each Inf rule
+                for mode, inf in itertools.product(("floor", "ceil", "even", "rceil", "floor_log2"),
+                                                   ("max", "exponent")):
+                    out.append(ActVariant("mx", fmt.name, scale_mode=mode, inf_amax=inf))
+                    out.append(ActVariant("mx", fmt.name, scale_mode=mode, signed_zero="lt0", inf_amax=inf))
+                    out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding="half_toward_zero",
+                                          inf_amax=inf))
+                for mode in ("floor", "ceil", "even", "rceil", "floor_log2"):
+                    out.append(ActVariant("mx", fmt.name, scale_mode=mode, rounding="half_toward_zero"))
             # the libraries' own quantizers (formats.variants), edge cases included: Quark's
             # fake_quantize_mx gives +0 where the element rounds to zero, and so on
             for name, mv in MX_VARIANTS.items():
