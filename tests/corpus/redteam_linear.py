@@ -593,7 +593,9 @@ ENTRIES = [
         "rt_mxfp4_ceil_log2_bias", "linear", "red-team", _SRC + "scale 2^ceil(log2(amax / 6)) clamped to "
         "[-127, 127] (no NaN/Inf guard: an Inf block gets 2^127), torch.round per binade, F.linear with a bias",
         Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4", "scale_mode": "rceil_log2", "inf_amax": "max"}),
-        make_ceil_mxfp4, dtypes=_BOTH, expect_fused=True,
+        make_ceil_mxfp4, dtypes=_BOTH, expect_fused=True, compile_smoke=False,
+        compile_note="left out of the compile test for time (measured 2026-12-03 in bf16: fused whole, bit-exact; "
+                     "the verdict: tests/test_recognize_redteam_linear.py)",
         fused_today="bf16: one mxemu::linear (bias) with the MX rceil QDQ, inf_amax max (in bf16 rceil_log2 and "
                     "rceil are one function); was weight-only: no generic variant had inf_amax 'max'. fp32: "
                     "weight-only (rceil_log2 is no kernel scale mode)"),
