@@ -11,14 +11,22 @@
 * bytes gathered per routed row before the decode (`deq(w13[ids], s13[ids])`): the gathers
   are the weight cone's leaves (`candidates.gathered_rows`), not the router behind the ids;
   a look-up `lut[code]` stays inside the cone;
-* gate and up as two grouped GEMMs over the same rows become one (`semantic_gate_up`),
-  covered by the corpus compile smoke test of `redteam_histc_split_gate_up_moe`; a grouped
+* gate and up as two grouped GEMMs over the same rows become one (`semantic_gate_up`) with
+  the option `semantic_gate_up.merge` (default off: the merge copies both packed stacks on
+  every call; the corpus smoke test of `redteam_histc_split_gate_up_moe` checks the default
+  leaves three grouped GEMMs, the test below the merged mxemu::moe); a grouped
   GEMM over gathered bytes becomes one over the stacks (`semantic_regather`), covered by
   `redteam_gather_codes_bmm_moe` (one mxemu::moe).
 """
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+import emu_inductor
+from emu_inductor import _compat
+from emu_inductor.passes import recording
+from tests.corpus.oracle import assert_within_accumulation
 
 from emu_inductor.formats import MXFP4, NVFP4
 from emu_inductor.recognize import WeightVerdict, gemm_nodes, recognize_weight
@@ -113,3 +121,20 @@ def test_token_mask_loop_decoding_each_expert_is_one_moe():
     assert counters["mxemu_ops"] == {"moe": 1}, ([r.reason for r in records], dict(counters["mxemu_ops"]))
     assert code.count("torch.ops.mxemu.moe.default(") == 1
     assert counters["mxemu"]["semantic_group"] == 2 and counters["mxemu"]["semantic_loop_moe"] == 1
+
+
+def test_separate_gate_up_stacks_merge_into_one_moe_only_when_asked():
+    entry = BY_NAME["redteam_histc_split_gate_up_moe"]
+    m, (x,) = entry.make(1, torch.bfloat16)
+    counters.clear()
+    torch._dynamo.reset()
+    backend = emu_inductor.backend(**{"semantic_gate_up.merge": True})
+    with _compat.inductor_caches_disabled(), recording() as sink, torch.no_grad():
+        compiled = torch.compile(m, backend=backend)
+        out, code = run_and_get_code(compiled, x)
+        assert_within_accumulation(out, m(x), entry.name)
+        x2 = torch.randn(x.shape).to(torch.bfloat16) * 3  # fresh inputs, same graph
+        assert_within_accumulation(compiled(x2), m(x2), entry.name + " (fresh inputs)")
+    code = "\n".join(code)
+    assert counters["mxemu"]["semantic_gate_up"] == 1, [r.reason for r in sink.candidates]
+    assert code.count("torch.ops.mxemu.moe.default(") == 1 and "mxemu.grouped_mm" not in code

@@ -12,6 +12,13 @@ in two) are merged: elsewhere the run-time `cat` of the packed bytes would be a 
 nothing to gain. The half that reaches a non-linear function first (silu's sigmoid / exp,
 gelu's erf / tanh) is put first (the gate), so a silu-gated layer reads `act(h[:, :I]) *
 h[:, I:]`; the layer proof decides whether the result is an mxemu::moe at all.
+
+Off by default (option ``semantic_gate_up.merge``): the `cat` of the two packed stacks runs on
+every call, E*2I*K/2 bytes copied (Qwen3-30B-A3B: ~200 MB, ~0.1 ms on an H200), far more than
+a decode step reads (the touched experts only) and more than the mxemu::moe it enables saves
+over the three grouped GEMMs. With the option off the pair stays two grouped GEMMs and
+explain() says why; turn it on (``emu_inductor.backend(**{"semantic_gate_up.merge": True})``)
+where one op matters more than the copy, e.g. prefill-only compiles.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from torch._inductor import pattern_matcher as pm
 from .expert_groups import Builder, graph_order
 from .guards import register_family_pattern
 from .recorder import record_candidate
-from .registry import register_pattern_family
+from .registry import get_option, register_pattern_family
 
 aten = torch.ops.aten
 FAMILY = "semantic_gate_up"
+MERGE_OPTION = "semantic_gate_up.merge"
 
 __all__ = ["FAMILY"]
 
@@ -118,6 +126,10 @@ def _check(match) -> Optional[str]:
     other = _partner(node)
     if other is None or node.graph is not other.graph:
         return "no partner GEMM over the same rows"
+    if not get_option(MERGE_OPTION, False):
+        return (f"gate and up GEMMs over the same rows with their weights in two stacks: one mxemu::moe would "
+                f"need both stacks concatenated on every call (a copy of all experts' packed weights, more than a "
+                f"decode step reads), so they stay grouped GEMMs; option {MERGE_OPTION}=True merges them")
     if node.args[3] is not other.args[3]:
         # NVFP4 gate_proj / up_proj with their own global scales: mxemu::grouped_mm and
         # mxemu::moe take one float scale per expert, not one per half
@@ -153,7 +165,7 @@ def _replace(match) -> None:
                      f"stacks concatenated along N", family=FAMILY, pattern="gate_up")
 
 
-@register_pattern_family(FAMILY, order=93, anchors=(torch.ops.mxemu.grouped_mm,),
+@register_pattern_family(FAMILY, order=93, anchors=(torch.ops.mxemu.grouped_mm,), options={MERGE_OPTION: False},
                          description="two grouped GEMMs over the same rows (gate, up) -> one over both stacks")
 def _init(pm_pass, input_device=None):
     register_family_pattern(SplitFirstGemm(), pm_pass, family=FAMILY, name="gate_up", check=_check, replace=_replace)

@@ -375,9 +375,11 @@ ENTRIES = [
     _moe("histc_split_gate_up_moe", HistcSeparateGateUpMoE, MXFP4_W4A4,
          "topk logits then softmax; argsort + histc counts/cumsum; gate and up as two _grouped_mm; "
          "unpermute by argsort(order); view(T,k,H) weighted fp32 sum",
-         expect_fused=True,
-         fused_today="one mxemu::moe: three mxemu::grouped_mm (semantic), gate and up merged into one over the "
-                     "stacks concatenated along N (semantic_gate_up), then semantic_moe; before: three grouped "
+         expect_fused=False,
+         fused_today="default: three mxemu::grouped_mm (semantic); semantic_gate_up leaves gate and up apart "
+                     "(merging copies both packed stacks on every call). With the option "
+                     "semantic_gate_up.merge=True: one mxemu::moe (the stacks concatenated along N, then "
+                     "semantic_moe; tests/test_recognize_moe_redteam.py); before the red team: three grouped "
                      "GEMMs, 'reads the graph input ... which is not hidden states or routing'"),
     _moe("per_expert_decode_loop_moe", PerExpertDecodeLoopMoE, NVFP4_W4A16,
          "loop over range(E): torch.where(ids == e), decode w[e] in the loop, @, index_add_ fp32",
