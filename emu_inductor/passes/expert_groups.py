@@ -18,8 +18,12 @@ aten = torch.ops.aten
 __all__ = ["Builder", "graph_order", "expert_ordered_gemm"]
 
 
-def _val(n):
+def node_val(n):
+    """The fake value of an FX node (None for a non-node or a node without one)."""
     return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+_val = node_val
 
 
 def graph_order(graph) -> dict:

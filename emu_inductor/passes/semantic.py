@@ -33,6 +33,7 @@ from .guards import register_family_pattern
 from .recorder import count, record
 from .registry import register_pattern_family
 from .runtime_guards import guard_tensor_input
+from .expert_groups import node_val as _val
 
 log = logging.getLogger("emu_inductor.passes.semantic")
 
@@ -45,9 +46,6 @@ __all__ = ["FAMILY", "PackedWeightOperand", "outside_user", "fused_grouped_gemm"
 _ONE_BYTE = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2) + (
     (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ())
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _reaches(node, hit, stop=lambda n: False, limit: int = 400) -> bool:

@@ -36,15 +36,13 @@ from .registry import register_pattern_family
 from .expert_groups import Builder
 from .semantic import PackedWeightOperand
 from .semantic_loop import unfusable_stack
+from .expert_groups import node_val as _val
 
 aten = torch.ops.aten
 FAMILY = "semantic_bmm"
 
 __all__ = ["FAMILY"]
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _static(*sizes) -> bool:

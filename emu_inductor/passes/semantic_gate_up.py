@@ -33,6 +33,7 @@ from .expert_groups import Builder, graph_order
 from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import get_option, register_pattern_family
+from .expert_groups import node_val as _val
 
 aten = torch.ops.aten
 FAMILY = "semantic_gate_up"
@@ -46,9 +47,6 @@ _NONLINEAR = {aten.sigmoid.default, aten.exp.default, aten.erf.default, aten.tan
               aten.gelu.default, aten.expm1.default}
 _REACH = 40  # nodes searched below a GEMM for the GEMM its result feeds
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _gemm(n) -> bool:

@@ -25,6 +25,7 @@ from .recorder import record_candidate
 from .registry import register_pattern_family
 from .expert_groups import Builder, expert_ordered_gemm, graph_order
 from .semantic_loop import rows_depend_on
+from .expert_groups import node_val as _val
 
 aten = torch.ops.aten
 FAMILY = "semantic_group"
@@ -34,9 +35,6 @@ __all__ = ["FAMILY"]
 #: mxemu::linear(x, codes, scale, alpha, a_global_scale, bias, spec)
 _LINEAR_ARGS = 7
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _slice_of(n) -> Optional[tuple]:

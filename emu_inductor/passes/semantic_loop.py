@@ -42,6 +42,7 @@ from .registry import register_pattern_family
 from .runtime_guards import guard_tensor_input
 from .expert_groups import Builder, expert_ordered_gemm, graph_order
 from .semantic import PackedWeightOperand, fused_grouped_gemm, outside_user
+from .expert_groups import node_val as _val
 
 aten = torch.ops.aten
 FAMILY = "semantic_loop"
@@ -54,9 +55,6 @@ LOOP_QDQ = "mxemu_loop_qdq"
 #: ancestors visited per expert's rows when checking that no row depends on the group's GEMMs
 _SEARCH = 20000
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def expert_slice(w) -> Optional[tuple]:

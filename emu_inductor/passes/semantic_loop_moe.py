@@ -45,14 +45,12 @@ from .recorder import count, record
 from .registry import register_pattern_family
 from .semantic_loop import LOOP_QDQ
 from .semantic_moe import _ARGS, _meta, _moe_args, _spec, grouped_site
+from .expert_groups import node_val as _val
 
 FAMILY = "semantic_loop_moe"
 
 __all__ = ["FAMILY"]
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 class LoopSecondGemm(pm.CallFunction):

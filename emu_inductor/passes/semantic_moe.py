@@ -29,6 +29,7 @@ from ..spec import OpSpec
 from .guards import register_family_pattern
 from .recorder import count, record
 from .registry import register_pattern_family
+from .expert_groups import node_val as _val
 
 FAMILY = "semantic_moe"
 
@@ -37,9 +38,6 @@ __all__ = ["FAMILY", "grouped_site"]
 #: mxemu::grouped_mm(a, w, w_scale, w_alpha, offs, a_global_scale, spec[, bias])
 _ARGS = (7, 8)
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def grouped_site(node) -> Optional[GemmSite]:

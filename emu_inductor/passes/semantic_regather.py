@@ -24,6 +24,7 @@ from .expert_groups import Builder
 from .guards import register_family_pattern
 from .recorder import record_candidate
 from .registry import register_pattern_family
+from .expert_groups import node_val as _val
 
 aten = torch.ops.aten
 FAMILY = "semantic_regather"
@@ -33,9 +34,6 @@ __all__ = ["FAMILY"]
 #: mxemu::grouped_mm(a, w, w_scale, w_alpha, offs, a_global_scale, spec) -- no bias
 _ARGS = 7
 
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _gather(n) -> Optional[tuple]:

@@ -12,7 +12,7 @@ activation cone  from ONE float tensor x to the tensor q feeding the GEMM's acti
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.fx import Node
@@ -85,13 +85,17 @@ def _order(graph) -> dict:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def ancestors(out: Node, limit: int = MAX_CONE_NODES) -> Optional[set]:
-    """All ancestors of `out` (inclusive); None if more than `limit` call nodes."""
+def ancestors(out: Node, limit: int = MAX_CONE_NODES,
+              stop: Optional[Callable[[Node], bool]] = None) -> Optional[set]:
+    """All ancestors of `out` (inclusive); None if more than `limit` call nodes. `stop(n)`
+    true: `n` is kept but not walked above (a leaf), unless it is `out` itself."""
     seen = {out}
     stack = [out]
     calls = 0
     while stack:
         n = stack.pop()
+        if stop is not None and n is not out and stop(n):
+            continue
         if n.op == "call_function":
             calls += 1
             if calls > limit:
@@ -155,20 +159,7 @@ def gathered_rows(n: Node) -> bool:
 def _weight_ancestors(out: Node, limit: int = MAX_CONE_NODES) -> Optional[set]:
     """`ancestors(out)` not walking above expert slices (`expert_slice`) and routed-row
     gathers (`gathered_rows`), which are leaves."""
-    seen, stack, calls = {out}, [out], 0
-    while stack:
-        n = stack.pop()
-        if n is not out and (expert_slice(n) or gathered_rows(n)):
-            continue
-        if n.op == "call_function":
-            calls += 1
-            if calls > limit:
-                return None
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
+    return ancestors(out, limit, stop=lambda n: bool(expert_slice(n) or gathered_rows(n)))
 
 
 def weight_cone(gemm: Node) -> tuple[Optional[Cone], Optional[str]]:
