@@ -28,11 +28,8 @@ import sys
 import time
 import traceback
 
-SHAPES = {  # H, I, E, top_k
-    "qwen3": (2048, 768, 128, 8),
-    "gpt_oss": (2880, 2880, 32, 4),
-    "tiny": (64, 32, 4, 2),
-}
+from corpus_dims import SHAPES, corpus_dims_env  # noqa: E402  (benchmarks/ is the script dir)
+
 QUICK = ["resp_all_slots", "vllm_nvfp4_linear", "resp_moe_chunk"]
 DEFAULT = [  # most informative first: a time limit keeps the rows already written
     "vllm_nvfp4_linear", "gptoss_mxfp4_linear", "resp_all_slots", "quark_mxfp4_linear",
@@ -56,7 +53,7 @@ def _parse():
 
 
 ARGS = _parse()
-os.environ["EMU_CORPUS_DIMS"] = ",".join(str(v) for v in SHAPES[ARGS.shape])
+os.environ["EMU_CORPUS_DIMS"] = corpus_dims_env(ARGS.shape)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -64,7 +61,7 @@ import triton  # noqa: E402
 
 import emu_inductor  # noqa: E402
 from tests import corpus  # noqa: E402
-from tests.corpus.placement import to_device  # noqa: E402
+from tests.corpus.placement import build_on  # noqa: E402
 
 
 def _sync():
@@ -138,14 +135,7 @@ def mxemu_counts():
 def run_entry(entry, dev, tokens, iters):
     from torch._dynamo.utils import counters
 
-    # Built under the device context only for speed (quantizing 128 experts on the GPU);
-    # then every tensor the layer holds is moved (parameters, buffers, plain attributes),
-    # and forward runs without a default device: the layers are device-correct on their
-    # own (tests/test_corpus_devices.py).
-    with torch.device(dev):
-        module, _ = entry.make(0, torch.bfloat16)
-    to_device(module, dev)
-    module.eval()
+    module = build_on(entry, dev)
     rows = []
     for T in tokens:
         try:

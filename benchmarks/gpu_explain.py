@@ -9,27 +9,24 @@ import argparse
 import os
 import sys
 
-SHAPES = {"qwen3": (2048, 768, 128, 8), "gpt_oss": (2880, 2880, 32, 4), "tiny": (64, 32, 4, 2)}
+from corpus_dims import SHAPES, corpus_dims_env  # noqa: E402  (benchmarks/ is the script dir)
 ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="qwen3", choices=sorted(SHAPES))
 ap.add_argument("entries", nargs="+")
 args = ap.parse_args()
-os.environ["EMU_CORPUS_DIMS"] = ",".join(map(str, SHAPES[args.shape]))
+os.environ["EMU_CORPUS_DIMS"] = corpus_dims_env(args.shape)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import emu_inductor  # noqa: E402
 from tests import corpus  # noqa: E402
-from tests.corpus.placement import to_device  # noqa: E402
+from tests.corpus.placement import build_on  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 for name in args.entries:
     entry = corpus.BY_NAME[name]
-    with torch.device(dev):
-        module, _ = entry.make(0, torch.bfloat16)
-    to_device(module, dev)
-    module.eval()
+    module = build_on(entry, dev)
     x = (torch.randn(1, corpus.H, device=dev) * 0.5).to(torch.bfloat16)
     torch._dynamo.reset()
     with torch.no_grad():

@@ -19,21 +19,22 @@ import pstats
 import sys
 import time
 
+from corpus_dims import SHAPES, corpus_dims_env  # noqa: E402  (benchmarks/ is the script dir)
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("entries", nargs="*", default=["vllm_mxfp4_linear", "gptoss_mxfp4_moe"])
-p.add_argument("--shape", default="qwen3")
+p.add_argument("--shape", default="qwen3", choices=sorted(SHAPES))
 p.add_argument("--calls", type=int, default=200)
 p.add_argument("--top", type=int, default=30)
 ARGS = p.parse_args()
-SHAPES = {"qwen3": (2048, 768, 128, 8), "gpt_oss": (2880, 2880, 32, 4), "tiny": (64, 32, 4, 2)}
-os.environ["EMU_CORPUS_DIMS"] = ",".join(str(v) for v in SHAPES[ARGS.shape])
+os.environ["EMU_CORPUS_DIMS"] = corpus_dims_env(ARGS.shape)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import emu_inductor  # noqa: E402,F401
 from tests import corpus  # noqa: E402
-from tests.corpus.placement import to_device  # noqa: E402
+from tests.corpus.placement import build_on  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,10 +110,7 @@ def main():
         direct_layers()
     for name in ARGS.entries:
         entry = corpus.BY_NAME[name]
-        with torch.device(DEV):
-            module, _ = entry.make(0, torch.bfloat16)
-        to_device(module, DEV)
-        module.eval()
+        module = build_on(entry, DEV)
         x = (torch.randn(1, corpus.H, device=DEV) * 0.5).to(torch.bfloat16)
         with torch.no_grad():
             for label, backend in (("stock", "inductor"), ("mxemu", "mxemu")):

@@ -228,3 +228,16 @@ def test_map_module_tensors_reaches_plain_attributes():
     assert m.nested["a"][1][1] == 5 and m.nested["b"] == "text"
     with pytest.raises(TypeError, match="module"):
         map_module_tensors(torch.ones(2), to_stand_in)
+
+
+def test_build_on_gives_the_layer_eval_on_the_device():
+    """benchmarks/*.py build their layers with build_on: same outputs as entry.make's layer."""
+    from tests.corpus import BY_NAME
+    from tests.corpus.placement import build_on
+
+    entry = BY_NAME["resp_all_slots"]
+    m = build_on(entry, "cpu")
+    ref, (x,) = entry.make(0, torch.bfloat16)
+    assert not m.training
+    with torch.no_grad():
+        assert bool(same_bits(m(x), ref.eval()(x)).all())

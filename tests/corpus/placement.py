@@ -4,8 +4,9 @@ nn.Module.to() knows about.
 The layers keep their spelling's functions in slots named like nn.Module methods (which
 Module._apply trips over), and some libraries keep weight-side tensors as plain attributes
 or in lists / dicts; a tensor left behind meets the device input in forward. Used by
-benchmarks/bench_corpus.py (to the GPU) and tests/test_corpus_devices.py (to a checked
-stand-in device on the CPU), so the test covers what the benchmark moves.
+benchmarks/bench_corpus.py, gpu_explain.py and profile_overhead.py (to the GPU, through
+`build_on`) and tests/test_corpus_devices.py (to a checked stand-in device on the CPU), so
+the test covers what the benchmarks move.
 """
 
 from __future__ import annotations
@@ -86,3 +87,14 @@ def to_device(module: torch.nn.Module, device) -> torch.nn.Module:
     """Every tensor module holds moved to device (see map_module_tensors)."""
     device = torch.device(device)
     return map_module_tensors(module, lambda t: t.to(device))
+
+
+def build_on(entry, device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """`entry.make(0, dtype)`'s layer on `device`, in eval mode. Built under the device
+    context only for speed (quantizing many experts on the GPU); then every tensor it holds
+    is moved, and forward runs without a default device: the layers are device-correct on
+    their own (tests/test_corpus_devices.py)."""
+    with torch.device(device):
+        module, _ = entry.make(0, dtype)
+    to_device(module, device)
+    return module.eval()
