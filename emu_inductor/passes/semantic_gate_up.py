@@ -114,7 +114,8 @@ class SplitFirstGemm(pm.CallFunction):
         other = _partner(node)
         if other is None:
             return pm.FailedMatch("{} has no partner GEMM over the same rows", node)
-        if node.args[3] is not other.args[3] and graph_order(node.graph)[other] < graph_order(node.graph)[node]:
+        refused = node.args[3] is not other.args[3] or not get_option(MERGE_OPTION, False)
+        if refused and graph_order(node.graph)[other] < graph_order(node.graph)[node]:
             return pm.FailedMatch("{}: its partner records why the pair is left", node)  # one record per pair
         return m
 
