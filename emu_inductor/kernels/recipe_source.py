@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from ..formats import E4M3, NVFP4_RECIPES, round_to_element
+from ..formats import E4M3, IN_DTYPE_ROUNDINGS, NVFP4_RECIPES, round_to_element
 from ..formats.nvfp4 import E2M1_MAX
 
 __all__ = ["RecipeNotRenderable", "recipe_lines", "recipe_unsupported_reason"]
@@ -246,7 +246,13 @@ def recipe_lines(recipe: str, element: str, rounding: str) -> str:
         raise RecipeNotRenderable(f"signed_zero {r.signed_zero!r}")
     if r.negzero_decode not in ("keep", "positive"):
         raise RecipeNotRenderable(f"negzero_decode {r.negzero_decode!r}")
-    lines = ["x = xb", *blk_tmp, f"s = {blk}", *mul_tmp, f"y = {mul}", f"v = _round_{element}_{rounding}(y)"]
+    lines = ["x = xb", *blk_tmp, f"s = {blk}", *mul_tmp, f"y = {mul}"]
+    if rounding in IN_DTYPE_ROUNDINGS:
+        # formats.round_to_element rounds y to the activation dtype first for these (the
+        # library scales the block in its dtype); without it a value just under a tie in
+        # fp32 rounds down where the reference's bf16 y sits on the tie
+        lines.append("y = _rnd(y)")
+    lines.append(f"v = _round_{element}_{rounding}(y)")
     if _ZERO_SIGN[r.signed_zero]:
         lines.append(_ZERO_SIGN[r.signed_zero])
     if r.negzero_decode == "positive":
