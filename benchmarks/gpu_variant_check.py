@@ -79,7 +79,8 @@ def variants():
     return out
 
 
-def main():
+def check_all(verbose: bool = False) -> list:
+    """One row per variant: ok / mismatch count / first differing element, or skipped."""
     x = probe_rows().to(torch.bfloat16)
     res = []
     for fmt, kw in variants():
@@ -109,7 +110,13 @@ def main():
             row["ok"] = False
             row["error"] = f"{type(e).__name__}: {e}"[:400]
         res.append(row)
-        print(json.dumps(row), flush=True)
+        if verbose:
+            print(json.dumps(row), flush=True)
+    return res
+
+
+def main():
+    res = check_all(verbose=True)
     checked = [r for r in res if "skipped" not in r]
     summary = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "checked": len(checked),
                "skipped": len(res) - len(checked), "all_ok": all(r["ok"] for r in checked), "rows": res}
