@@ -45,12 +45,13 @@ case $what in
     [ -n "${OLD_CODE:-}" ] && PYTHONPATH=$OLD_CODE step ab_old 90 python3 benchmarks/gpu_swap_ab.py w_mxfp4_a_mxfp4
     TAILN=35 step quick 200 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 \
          --configs 7,15,20,21,22,23,24 --tokens 2048,8192 --tag prefill_quick_regs --out "$OUT" ;;
-  probe)  # the prefill design probe (dot_scaled / dequantize-once / bf16 grouped_mm), the activation-QDQ
-          # variants on the GPU, and the current kernels' best tiles in the same run for comparison
-    step variants 120 python3 benchmarks/gpu_variant_check.py "$OUT/gpu_variant_check_$slug.json"
-    TAILN=30 step probe 300 python3 benchmarks/prefill_probe.py --out "$OUT"
-    TAILN=14 step quick 150 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes w_mxfp4_a_mxfp4,nvfp4_w4a4 \
-         --configs 7,15 --tokens 2048,8192 --tag prefill_quick_probe --out "$OUT" ;;
+  probe)  # the dequantize-once (dq) and dot_scaled prefill paths checked and timed against the best fused
+          # tiles, the activation-QDQ variants on the GPU, the design probe (dot_scaled decode, gmm bars)
+    CHECK_CONFIGS=7,15,25,26,27,28,29 step checks 150 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_dq_$slug.json"
+    TAILN=24 step quick 170 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes w_mxfp4_a_mxfp4,nvfp4_w4a4 \
+         --configs 7,15,25,26,27,28 --tokens 2048,8192 --tag prefill_quick_dq --out "$OUT"
+    step variants 80 python3 benchmarks/gpu_variant_check.py "$OUT/gpu_variant_check_$slug.json"
+    TAILN=12 step probe 150 python3 benchmarks/prefill_probe.py --quick --out "$OUT" ;;
   full)
     step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
     [ -n "${SKIP_PREFILL_CHECKS:-}" ] || step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"

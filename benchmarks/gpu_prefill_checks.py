@@ -33,6 +33,8 @@ def run_case(case):
     smoke = dev.type == "cpu"
     E, k, H, I, T = (4, 2, 128, 64, 40) if smoke else (8, 2, 512, 256, 300)
     configs = PREFILL_CONFIGS[:2] + [c for c in PREFILL_CONFIGS if c.swap][:1] if smoke else PREFILL_CONFIGS
+    if os.environ.get("CHECK_CONFIGS"):  # indices into PREFILL_CONFIGS (the first is the A1 baseline)
+        configs = [PREFILL_CONFIGS[int(i)] for i in os.environ["CHECK_CONFIGS"].split(",")]
     if True:
         if True:
             g = torch.Generator(device="cpu").manual_seed(0)

@@ -34,7 +34,7 @@ from .autotune import select_config
 from .cache import load_module
 from .kernel_spec import KernelSpec, alpha_mode_of
 from .render import render
-from .render_helpers import fast_decode_supported
+from .render_helpers import fast_decode_supported, scaled_dot_supported
 from .routing import moe_align_kernel, moe_align_sort_kernel
 from .tiles import TileConfig, auto_split, interpreter_config, token_bucket
 
@@ -314,6 +314,21 @@ def _fast_decode(kspec: KernelSpec, K: int, BK: int, dev: torch.device) -> bool:
             and _even_k(K, BK) and os.environ.get("EMU_INDUCTOR_FAST_DECODE", "1") != "0")
 
 
+def _scaled(kspec: KernelSpec, K: int, cfg: TileConfig, dev: torch.device) -> bool:
+    """MXFP4 weights through tl.dot_scaled (render_helpers.scaled_dot_supported): asked for by
+    the tile config, CUDA (not ROCm), unmasked K tiles of at least 64 (dot_scaled's packed
+    operand needs 32 bytes along K); EMU_INDUCTOR_SCALED_DOT=0 turns it off."""
+    return (bool(cfg.scaled) and dev.type == "cuda" and torch.version.hip is None and scaled_dot_supported(kspec)
+            and cfg.BK >= 64 and _even_k(K, cfg.BK) and os.environ.get("EMU_INDUCTOR_SCALED_DOT", "1") != "0")
+
+
+def _dec_kw(kspec: KernelSpec, K: int, cfg: TileConfig, dev: torch.device) -> dict:
+    """The weight-decode constexprs of one GEMM launch: SCALED, else the inline-PTX decode
+    where it applies (the SCALED path loads plain bytes, not the int16 words FASTDEC reads)."""
+    scaled = _scaled(kspec, K, cfg, dev)
+    return {"SCALED": scaled, "FASTDEC": not scaled and _fast_decode(kspec, K, cfg.BK, dev)}
+
+
 def _k_per_split(K: int, BK: int, split: int) -> int:
     """K tiles (of BK) per split: the kernels start split s at s * KTS * BK, a multiple of
     BK the compiler can prove (aligned loads; a runtime K offset would cost vectorisation)."""
@@ -471,6 +486,8 @@ def _moe_config(plan: _MoEPlan, run) -> TileConfig:
 
 
 def _moe_run(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
+    if cfg.dq and dq_applies(plan):
+        return _moe_run_dq(plan, cfg, dbg)
     dummy = _dummy(plan.x.device)
     scales = _kernel_scales(plan, dummy)
     if (plan.prequant and _routing_impl(plan.R, plan.E) == "triton" and _sort_kernel_fits(plan.R, plan.E)
@@ -484,6 +501,110 @@ def _moe_run(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
     del a_src
     out = _moe_gemm2(plan, cfg, blocks, scales, ws, dummy)
     y = out if cfg.split2 != 0 else _moe_combine(plan, out)
+    if not dbg:
+        return y
+    return _moe_debug_rows(plan, blocks, ws, y)
+
+
+# --- MoE prefill: dequantize once per call, library grouped GEMM ------------------------------
+# At prefill every expert's weight tile is decoded again for every row block in the fused
+# GEMMs (CUDA-core work the tensor cores wait on). This path decodes each weight once per call
+# into a bf16 workspace -- with the GEMMs' own tile functions, so the values are the same --
+# and runs both GEMMs on torch._grouped_mm (cuBLAS / CUTLASS), the activation + QDQ_a2
+# epilogue and the top-k combine on the fused path's kernels (act_epilogue_kernel and
+# combine_kernel read the library's bf16 outputs as their "partial sums"). The workspace holds
+# a chunk of output rows of every expert at a time (`_dq_chunk_rows`), so its size is bounded.
+
+
+def dq_applies(plan: _MoEPlan) -> bool:
+    """The dequantize-once path covers: bf16, block-scaled or no activation QDQ (fp8
+    per-tensor a2 needs GEMM1's amax first), no expert map, no biases, the router weight on
+    the input only with prequantized rows (the fused GEMM1 applies it in its prologue)."""
+    return (plan.x.dtype == torch.bfloat16 and plan.spec.act_kind in ("block", "none")
+            and plan.routing.expert_map is None and plan.w13.bias is None and plan.w2.bias is None
+            and (plan.prequant or not plan.spec.router_weight_on_input) and hasattr(torch, "_grouped_mm"))
+
+
+def _dq_chunk_rows(E: int, K: int, N: int, budget: int, align: int = 64) -> int:
+    """Output rows per dequantized chunk: as many as fit `budget` bytes for all E experts
+    (a multiple of `align`, at least one align), at most N."""
+    per_row = E * K * 2
+    return min(N, max(align, (budget // per_row) // align * align))
+
+
+def _dq_budget(plan: _MoEPlan, P: int) -> int:
+    """Workspace bytes for dequantized weights: EMU_INDUCTOR_DQ_WORKSPACE_MB, else the size of
+    the call's activation workspaces (A1 rows, C1, A2, GEMM2 rows), so the path's extra memory
+    stays within what the activations take."""
+    env = os.environ.get("EMU_INDUCTOR_DQ_WORKSPACE_MB")
+    if env:
+        return int(float(env) * 2 ** 20)
+    return P * (plan.H + plan.N1 + plan.I + plan.H) * 2
+
+
+def _dq_gemm(plan: _MoEPlan, a: torch.Tensor, wts: GemmWeights, w2: bool, N: int, K: int, offs, wbuf, chunk: int,
+             cfg: TileConfig) -> torch.Tensor:
+    """a [P, K] @ every expert's dequantized weight^T by groups `offs`, chunk by chunk of
+    output rows (dequant_kernel into `wbuf`, then torch._grouped_mm): [P, N] bf16."""
+    dev = a.device
+    E = plan.E
+    out = None if chunk >= N else torch.empty((a.shape[0], N), dtype=a.dtype, device=dev)
+    BN, BK = 32, min(128, _np2(K))
+    kspec = plan.kspec
+    scale = _scale_u8(wts.scale)
+    for r0 in range(0, N, chunk):
+        n = min(chunk, N - r0)
+        wd = wbuf[: E * n * K].view(E, n, K)
+        plan.mod.dequant_kernel[(E * _cdiv(n, BN), _cdiv(K, BK))](
+            wts.w, scale, wts.alpha if wts.alpha is not None else _dummy(dev), wd, wts.w.shape[1], K, n, r0,
+            plan.I, wts.w.stride(0), wts.w.stride(1), wts.scale.stride(0), wts.scale.stride(1), W2=w2,
+            EVEN_K=_even_k(K, BK), FASTDEC=_fast_decode(kspec, K, BK, dev), BN=BN, BK=BK,
+            **({} if interpreting() else {"num_warps": 4}))
+        c = torch._grouped_mm(a, wd.transpose(1, 2), offs=offs)
+        if out is None:
+            return c
+        out[:, r0:r0 + n].copy_(c)
+    return out
+
+
+def _moe_run_dq(plan: _MoEPlan, cfg: TileConfig, dbg: bool = False):
+    dev = plan.x.device
+    dummy = _dummy(dev)
+    scales = _kernel_scales(plan, dummy)
+    blocks = BlockRouting(*moe_align(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM))
+    a_src, a_index = _moe_prequant(plan, scales) if plan.prequant else (plan.x, 0)
+    P, R, E = blocks.padded_rows, plan.R, plan.E
+    # groups of torch._grouped_mm: expert e owns its padded blocks (blocks are in expert
+    # order; padding rows compute garbage nobody reads; blocks past the last expert: no group)
+    nblk = torch.zeros(E + 1, dtype=torch.int32, device=dev).index_add_(
+        0, blocks.block_expert.to(torch.int64).clamp(max=E), torch.ones_like(blocks.block_expert))
+    offs = (torch.cumsum(nblk[:E], 0) * cfg.BM).to(torch.int32)
+    sid = blocks.sorted_ids.to(torch.int64)
+    src_row = sid // plan.top_k if a_index == 0 else sid
+    a1 = a_src.index_select(0, torch.where(sid < R, src_row, 0))
+    del a_src
+    chunk1 = _dq_chunk_rows(E, plan.H, plan.N1, _dq_budget(plan, P))
+    chunk2 = _dq_chunk_rows(E, plan.I, plan.H, _dq_budget(plan, P))
+    wbuf = torch.empty(max(E * chunk1 * plan.H, E * chunk2 * plan.I), dtype=plan.x.dtype, device=dev)
+    c1 = _dq_gemm(plan, a1, plan.w13, False, plan.N1, plan.H, offs, wbuf, chunk1, cfg)
+    ws = _moe_workspaces(plan, P, dbg, dummy)
+    if dbg:
+        ws.dbg_a.copy_(a1.float())
+    del a1
+    BN = 64
+    plan.mod.act_epilogue_kernel[(blocks.num_blocks, _cdiv(plan.I, BN))](
+        c1, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
+        scales.amax2, plan.I, R, E, plan.N1, P, plan.N1, DEBUG=dbg, AMAX_OUT=False,
+        SPLIT=1, BM=cfg.BM, BN=BN, **({} if interpreting() else {"num_warps": 4}))
+    del c1
+    c2 = _dq_gemm(plan, ws.a2, plan.w2, True, plan.H, plan.I, offs, wbuf, chunk2, cfg)
+    del wbuf
+    y = torch.empty((plan.T, plan.H), dtype=plan.x.dtype, device=dev)
+    BH = min(1024, _np2(plan.H))
+    plan.mod.combine_kernel[(plan.T, _cdiv(plan.H, BH))](
+        c2, blocks.pos_of_id, blocks.block_expert, plan.routing.topk_weights, dummy, y, plan.T, plan.H, P,
+        TOPK=plan.top_k, SPLIT=1, HAS_BIAS=False, MUL_W=not plan.spec.router_weight_on_input, BM=cfg.BM, BH=BH,
+        **({} if interpreting() else {"num_warps": 4}))
     if not dbg:
         return y
     return _moe_debug_rows(plan, blocks, ws, y)
@@ -575,7 +696,7 @@ def _moe_gemm1(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         _k_per_split(plan.H, cfg.BK, split), P, pw,
         TOPK=plan.top_k, A_INDEX=a_index, DEBUG=dbg, AMAX_OUT=amax_out,
         PREQ=plan.prequant, SPLIT=split, FUSE_EPI=fuse, SWAP=cfg.swap, EVEN_K=_even_k(plan.H, cfg.BK),
-        PREFETCH=bool(cfg.prefetch), FASTDEC=_fast_decode(plan.kspec, plan.H, cfg.BK, plan.x.device), BM=cfg.BM,
+        PREFETCH=bool(cfg.prefetch), **_dec_kw(plan.kspec, plan.H, cfg, plan.x.device), BM=cfg.BM,
         BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg), **_pdl_kw(plan.x.device))
     if split > 1 and not fuse:
         plan.mod.act_epilogue_kernel[grid1](
@@ -624,7 +745,7 @@ def _moe_gemm2(plan: _MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ke
         TOPK=plan.top_k, A_INDEX=2, QDQ_A=plan.spec.act_kind == "fp8_tensor", STATIC_A=plan.kspec.a2_static,
         HAS_BIAS=w2.bias is not None, STORE=store, MUL_W=not plan.spec.router_weight_on_input,
         SPLIT=split, FUSE_COMB=fuse, SWAP=cfg.swap, EVEN_K=_even_k(I, cfg.BK), PREFETCH=bool(cfg.prefetch),
-        FASTDEC=_fast_decode(plan.kspec, I, cfg.BK, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg),
+        **_dec_kw(plan.kspec, I, cfg, dev), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg),
         **_pdl_kw(dev))
     if not partial:
         return out
@@ -752,7 +873,7 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), _k_per_split(K, cfg.BK, split), P,
         TOPK=1, A_INDEX=1, QDQ_A=spec.act_kind != "none", STATIC_A=kspec.a2_static, HAS_BIAS=bias is not None,
         STORE=2 if split > 1 else 0, MUL_W=False, SPLIT=split, FUSE_COMB=False, SWAP=cfg.swap,
-        EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), FASTDEC=_fast_decode(kspec, K, cfg.BK, dev),
+        EVEN_K=_even_k(K, cfg.BK), PREFETCH=bool(cfg.prefetch), **_dec_kw(kspec, K, cfg, dev),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg))
     if split > 1:
         # rows r < R: the row's padded position (pos_of_id), its block's expert for the bias;

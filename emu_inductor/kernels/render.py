@@ -35,6 +35,7 @@ from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
     _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK, E2M1_FAST, E2M1_NV_FAST, scale_by_bits, WORDS_IN_K_ORDER, fast_decode_kind,
+    scaled_dot_supported, MMA_SCALED,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -99,6 +100,21 @@ def _w_step(tile: str, rows: str, buf: str, var: str) -> str:
             f"else:\n    {var} = {tile}(w_ptr, s_ptr, alpha_ptr, e, {rows}, cmask, k0, K, NW, {_W_ARGS})")
 
 
+def _w_mma(spec: KernelSpec, tile: str, rows: str, buf: str, var: str, acc: str) -> str:
+    """One K step of a weight operand: `acc` += the activation tile times the [BN, BK] weight
+    tile. SCALED (MXFP4 weights, scaled_dot_supported): the packed codes and scale bytes go
+    to tl.dot_scaled as loaded, whose upcast feeds the MMA; otherwise the tile is
+    dequantized in registers (_w_step) and multiplied (_mma)."""
+    plain = f"{_w_step(tile, rows, buf, var)}\n{acc} = _mma(ao, {var}, {acc}, SWAP)"
+    if not scaled_dot_supported(spec):
+        return plain
+    return (f"if SCALED:\n    if PREFETCH:\n        b{buf}c = b{buf}\n        s{buf}c = s{buf}\n"
+            f"        b{buf}, s{buf} = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k0 + BK, K, k0 + BK < k_hi, {_W_ARGS})\n"
+            f"    else:\n        b{buf}c, s{buf}c = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k0, K, True, {_W_ARGS})\n"
+            f"    {acc} = _mma_scaled(ao, b{buf}c, s{buf}c, {acc}, SWAP)\n"
+            f"else:\n{_ind(plain)}")
+
+
 def _split_sum(spec: KernelSpec, cache: str = "") -> str:
     """acc_g / acc_u = the SPLIT fp32 partial sums added in order from +0 (both epilogue paths)."""
     gated = is_gated(spec.op.activation)
@@ -141,7 +157,7 @@ def _gemm_act_kernel(spec: KernelSpec) -> str:
     part_u = ""
     if gated:
         up_init = "acc_u = _acc0(BM, BN, SWAP)"
-        up_dot = _w_step("_w_tile1", "urow", "u", "wu") + "\nacc_u = _mma(ao, wu, acc_u, SWAP)"
+        up_dot = _w_mma(spec, "_w_tile1", "urow", "u", "wu", "acc_u")
         up_pre = _w_first("_w_tile1", "urow", "u")
         part_u = "\n    tl.store(prow + NOUT + cols[None, :], acc_u, mask=pmask)"
     pro = "\n".join(l for l in (router_mul, qdq1) if l)
@@ -182,8 +198,7 @@ for k0 in range(k_lo, k_hi, BK):
         if pid_n == 0:
             tl.store(dbg_a_ptr + offs[:, None] * K + kk[None, :], a, mask=rmask[:, None] & (kk < K)[None, :])
 {_ind(operand)}
-{_ind(_w_step("_w_tile1", "grow", "g", "wg"))}
-    acc_g = _mma(ao, wg, acc_g, SWAP)
+{_ind(_w_mma(spec, "_w_tile1", "grow", "g", "wg", "acc_g"))}
 {_ind(up_dot)}
 acc_g = _acc_rows(acc_g, SWAP)
 {"acc_u = _acc_rows(acc_u, SWAP)" if gated else ""}
@@ -206,7 +221,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, FUSE_EPI: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = False):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
     # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue by the tile's last split
@@ -245,6 +260,44 @@ def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o,
     # split-K GEMM1's epilogue: the SPLIT fp32 partial sums added in order, then the same
     # epilogue as gemm_act_kernel ({op.activation}, C1 rounded once, QDQ_a2 / a2 amax)
 {_ind(body)}
+"""
+
+
+def _dequant_kernel(spec: KernelSpec) -> str:
+    """dequant_kernel: a block of weight rows of every expert dequantized by the same tile
+    functions the GEMMs decode with (so the values are those the fused GEMMs multiply),
+    stored in the activation dtype for a library grouped GEMM (launch's dequantize-once
+    prefill path). Output column o of GEMM1 is gate row grow(o) for o < NOUT and up row
+    urow(o - NOUT) after it: the gate | up order the epilogue reads, whatever the layout."""
+    grow, urow = _gate_up_rows(spec.op.activation)
+    gated = is_gated(spec.op.activation)
+    rows = (f"cols = tl.where(o < NOUT, o, o - NOUT)\n        rows = tl.where(o < NOUT, {grow}, {urow})" if gated
+            else "rows = o")
+    return f"""@triton.jit
+def dequant_kernel(w_ptr, s_ptr, alpha_ptr, out_ptr, NW, K, NROWS, ROW0, NOUT, stride_we, stride_wn, stride_se,
+                   stride_sn, W2: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
+    # out [E, NROWS, K] = output columns ROW0 .. ROW0 + NROWS of every expert's weight, dequantized
+    nb = tl.cdiv(NROWS, BN)
+    e = tl.program_id(0) // nb
+    j = (tl.program_id(0) % nb) * BN + tl.arange(0, BN)
+    jmask = j < NROWS
+    o = ROW0 + j
+    if W2:
+        rows = o
+    else:
+        {rows}
+    rows = tl.where(jmask, rows, 0)
+    k0 = tl.program_id(1) * BK
+    if W2:
+        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, jmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
+                     BN, BK, EVEN_K, FASTDEC)
+    else:
+        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, jmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
+                     BN, BK, EVEN_K, FASTDEC)
+    kk = k0 + tl.arange(0, BK)
+    dst = out_ptr + (e.to(tl.int64) * NROWS + j[:, None]) * K + kk[None, :]
+    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=jmask[:, None] & (kk < K)[None, :])
 """
 
 
@@ -325,8 +378,7 @@ for k0 in range(k_lo, k_hi, BK):
         ao = _opnd(_qdq_a(a, g, BM, BK))
     else:
         ao = _opnd_raw(araw)
-{_ind(_w_step("_w_tile2", "cols", "w", "w"))}
-    acc = _mma(ao, w, acc, SWAP)
+{_ind(_w_mma(spec, "_w_tile2", "cols", "w", "w", "acc"))}
 acc = _acc_rows(acc, SWAP)
 if STORE == 2:
     # fp32 partial sums [SPLIT, PROWS, NOUT] for combine_kernel (bias, rounding, router weight there)
@@ -355,7 +407,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, SPLIT: tl.constexpr,
                     FUSE_COMB: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = False):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -512,8 +564,11 @@ def render(spec: KernelSpec) -> str:
     if "nv" in kinds:
         parts.append(E2M1_NV_FAST)
         parts.append(scale_by_bits(wfmt.scale.element))
+    if scaled_dot_supported(spec):
+        parts.append(MMA_SCALED)
     parts.append(_gemm_act_kernel(spec))
     parts.append(_act_epilogue_kernel(spec))
+    parts.append(_dequant_kernel(spec))
     parts.append(_gemm_out_kernel(spec))
     parts.append(_COMBINE_KERNEL)
     gs_dyn = ("_fp8_scale(tl.load(gs_ptr))" if op.act_kind == "fp8_tensor" else

@@ -37,6 +37,13 @@ class TileConfig:
     # latency-bound at 8 warps per SM; a cap that fits two 8-warp programs per SM doubles the
     # warps that hide the decode -> shared memory -> wgmma chain (0: the compiler's choice)
     maxnreg: int = 0
+    # 1: MXFP4 weight tiles go to tl.dot_scaled as packed codes + scale bytes (Triton's
+    # upcast feeds the MMA; launch._scaled says where it applies, elsewhere ignored)
+    scaled: int = 0
+    # 1 (MoE prefill): dequantize each weight once per call into a bf16 workspace (bounded,
+    # in chunks of output rows) and run both GEMMs on torch._grouped_mm; BM is then the
+    # routing's row padding (launch.dq_applies says which calls it covers)
+    dq: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -102,7 +109,10 @@ def candidates(rows_per_expert: float) -> list[TileConfig]:
     # MXFP4's best (0.98 / 2.86 ms, 10% under the first) and slower for NVFP4 (register-bound)
     return [TileConfig(128, 64, 64, 4, 3, prefetch=1), TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1),
             TileConfig(64, 64, 64, 4, 4, prefetch=1), TileConfig(128, 64, 64, 8, 3, prefetch=1),
-            TileConfig(64, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1)]
+            TileConfig(64, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1),
+            # dequantize once per call, library grouped GEMM (where launch.dq_applies; else
+            # the same as the fused default): rows padded to 16 per expert
+            TileConfig(16, 64, 64, 4, 3, dq=1)]
 
 
 def heuristic(rows_per_expert: float) -> TileConfig:
