@@ -534,12 +534,12 @@ def _dq_chunk_rows(E: int, K: int, N: int, budget: int, align: int = 64) -> int:
 
 def _dq_budget(plan: _MoEPlan, P: int) -> int:
     """Workspace bytes for dequantized weights: EMU_INDUCTOR_DQ_WORKSPACE_MB, else the size of
-    the call's activation workspaces (A1 rows, C1, A2, GEMM2 rows), so the path's extra memory
-    stays within what the activations take."""
+    the call's largest activation buffer (P rows of max(H, N1)), so the weights' workspace
+    grows with the tokens like the activations do and never past them."""
     env = os.environ.get("EMU_INDUCTOR_DQ_WORKSPACE_MB")
     if env:
         return int(float(env) * 2 ** 20)
-    return P * (plan.H + plan.N1 + plan.I + plan.H) * 2
+    return P * max(plan.H, plan.N1) * 2
 
 
 def _dq_gemm(plan: _MoEPlan, a: torch.Tensor, wts: GemmWeights, w2: bool, N: int, K: int, offs, wbuf, chunk: int,
