@@ -151,8 +151,9 @@ def test_four_independent_spellings_fuse():
 
 
 def test_unsupported_decode_is_left_alone_with_the_reason():
-    class ExpBits(torch.nn.Module):
-        """MXFP4 weights read with raw exponent bits (byte 0 -> 0.0, 255 -> inf)."""
+    class HighNibbleFirst(torch.nn.Module):
+        """MXFP4 weights with element 2j in the high nibble (the kernels read it from the low
+        one); scales 2^(u-127) by exp2 (byte 255 -> inf)."""
 
         def __init__(self):
             super().__init__()
@@ -161,20 +162,22 @@ def test_unsupported_decode_is_left_alone_with_the_reason():
             self.register_buffer("s", q.scale)
 
         def forward(self, x):
-            sc = (self.s.to(torch.int32) << 23).view(torch.float32)
-            w = (lut_decode(self.w).reshape(64, -1, 32) * sc.unsqueeze(-1)).reshape(64, 64)
+            sc = torch.exp2(self.s.float() - 127.0)
+            lut = torch.tensor(E2M1 + [-v for v in E2M1], device=self.w.device)
+            v = lut[torch.stack([self.w >> 4, self.w & 0xF], -1).reshape(64, -1).long()]
+            w = (v.reshape(64, -1, 32) * sc.unsqueeze(-1)).reshape(64, 64)
             return x @ w.to(x.dtype).t()
 
     from emu_inductor.passes import recording
 
-    model = ExpBits()
+    model = HighNibbleFirst()
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     counters.clear()
     with _compat.inductor_caches_disabled(), recording() as sink:
         out, graphs = _compile(model, x)
     assert counters["mxemu"]["semantic"] == 0 and "aten.mm.default" in graphs[0]
     reasons = [c.reason for c in sink.candidates if c.family == "semantic" and not c.fused]
-    assert any("E8M0 reader byte 255 -> inf" in r for r in reasons), reasons  # what explain() shows
+    assert any("high-nibble-first" in r for r in reasons), reasons  # what explain() shows
     assert torch.equal(out, model(x))
 
 

@@ -187,10 +187,11 @@ def test_torchao_bf16_product_equals_the_fp32_decode():
     assert v.kernel_supported and v.variant.compute_dtype == "fp32"  # the same function (exact products)
 
 
-def test_exponent_bits_reader_recognised_but_not_fused():
+def test_exponent_bits_reader_recognised_and_fused():
     w, s, _ = leaves(6, K=128, fmt=MXFP4)
-    v = check(deq_mx_exponent_bits, (w, s), expect_fmt="mxfp4", supported=False)
+    v = check(deq_mx_exponent_bits, (w, s), expect_fmt="mxfp4")
     assert (v.variant.e8m0_byte255, v.variant.e8m0_byte0) == ("inf", "zero")
+    assert v.variant.spec_fields == {"w_e8m0_byte255": "inf", "w_e8m0_byte0": "zero", "w_scale_order": "s*a"}
 
 
 def test_high_nibble_first():

@@ -456,8 +456,8 @@ def fast_decode_kind(spec: KernelSpec, alpha_mode: str) -> str:
     fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
     if spec.interpret or spec.dtype != "bf16" or fmt.pack_bits != 4 or not is_e2m1(fmt.element):
         return ""
-    if fmt.is_mx:
-        return "mx" if spec.op.w_e8m0_byte255 == "nan" else ""
+    if fmt.is_mx:  # E2M1_FAST decodes byte 0 as 2^-127 and byte 255 as NaN
+        return "mx" if spec.op.w_e8m0_byte255 == "nan" and spec.op.w_e8m0_byte0 == "pow2" else ""
     if (fmt.scale.name == "e4m3" and fmt.block_size % 8 == 0 and alpha_mode in ("scalar", "expert")
             and spec.op.w_scale_order in ("s*a", "s/g")):
         return "nv"
@@ -467,13 +467,15 @@ def fast_decode_kind(spec: KernelSpec, alpha_mode: str) -> str:
 def scaled_dot_supported(spec: KernelSpec) -> bool:
     """The kernels can hand MXFP4 weight tiles to tl.dot_scaled (SCALED): GPU variant, bf16
     activations, E2M1 codes packed two per byte along K under E8M0 scales per 32, read with
-    the default byte-255 rule (NaN). Triton upcasts the codes in registers straight into the
-    MMA operand layout (no shared-memory round trip of a dequantized tile); its decode was
+    the default byte-255 and byte-0 rules (NaN, 2^-127). Triton upcasts the codes in
+    registers straight into the MMA operand layout (no shared-memory round trip of a
+    dequantized tile); its decode was
     checked against this package's reference for every (byte, scale byte) pair on the
     H200 (benchmarks/prefill_probe.py)."""
     fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
     return (not spec.interpret and spec.dtype == "bf16" and fmt.is_mx and fmt.pack_bits == 4
-            and is_e2m1(fmt.element) and fmt.block_size == 32 and spec.op.w_e8m0_byte255 == "nan")
+            and is_e2m1(fmt.element) and fmt.block_size == 32 and spec.op.w_e8m0_byte255 == "nan"
+            and spec.op.w_e8m0_byte0 == "pow2")
 
 
 MMA_SCALED = """@triton.jit
@@ -642,7 +644,10 @@ sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows[:, None] * stride_sn + ks
              mask={m} & _kmask(ks, K // {bs}, EVEN_K)[None, :], other=0)"""
     op = spec.op
     if fmt.is_mx:
-        scale = "s = _e8m0_decode(sc)" if op.w_e8m0_byte255 == "nan" else "s = _e8m0_decode_w(sc)"
+        sdec = "_e8m0_decode(sc)" if op.w_e8m0_byte255 == "nan" else "_e8m0_decode_w(sc)"
+        if op.w_e8m0_byte0 == "zero":  # exponent-bit readers, (u << 23).view(float32): byte 0 is 0.0
+            sdec = f"tl.where(sc == 0, 0.0, {sdec})"
+        scale = f"s = {sdec}"
         post = ""
         if op.w_e8m0_byte255 == "ldexp":  # (v * 2^127) * 2 under byte 255: exact until it overflows
             scale += "\ns2 = tl.where(sc == 255, 2.0, 1.0)"

@@ -23,7 +23,7 @@ def moe_reference(hidden_states, w13, w13_scale, w13_alpha, w2, w2_scale, w2_alp
         a2_global_scale=a2_global_scale, activation=spec.activation,
         apply_router_weight_on_input=spec.router_weight_on_input, expert_map=expert_map,
         gemm_style=style, fp6_layout=spec.fp6_layout, validate=False, w13_bias=w13_bias, w2_bias=w2_bias,
-        e8m0_byte255=spec.w_e8m0_byte255, scale_order=spec.w_scale_order,
+        e8m0_byte255=spec.w_e8m0_byte255, scale_order=spec.w_scale_order, e8m0_byte0=spec.w_e8m0_byte0,
     )
 
 
@@ -31,7 +31,7 @@ def linear_reference(x, weight, weight_scale, alpha, input_global_scale, bias, s
     scheme = spec.scheme()
     w = dequantize_weight(weight, weight_scale, scheme.weight_fmt, alpha=alpha, dtype=x.dtype,
                           fp6_layout=spec.fp6_layout, e8m0_byte255=spec.w_e8m0_byte255,
-                          scale_order=spec.w_scale_order)
+                          scale_order=spec.w_scale_order, e8m0_byte0=spec.w_e8m0_byte0)
     a = act_fake_quantize(x, scheme.act, input_global_scale)
     return torch.nn.functional.linear(a, w, bias)
 
@@ -41,7 +41,8 @@ def grouped_mm_reference(a, w, w_scale, w_alpha, offs, a_global_scale, spec: OpS
     g(r) the group whose offs range holds r; rows at or past offs[-1] are zeros."""
     scheme = spec.scheme()
     W = dequantize_experts(w, w_scale, scheme.weight_fmt, w_alpha, a.dtype, spec.fp6_layout,
-                           e8m0_byte255=spec.w_e8m0_byte255, scale_order=spec.w_scale_order)
+                           e8m0_byte255=spec.w_e8m0_byte255, scale_order=spec.w_scale_order,
+                           e8m0_byte0=spec.w_e8m0_byte0)
     aq = act_fake_quantize(a, scheme.act, a_global_scale)
     rows = torch.arange(a.shape[0], device=a.device)
     g = torch.searchsorted(offs.to(torch.int64), rows, right=True)  # group of each row; E if past the end

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..formats import E2M1, E4M3, FORMATS, NVFP4_RECIPES, decode, e8m0_decode, e8m0_multiply, fake_quantize, unpack
+from ..formats.scales import E8M0_BYTE0
 from ..formats.variants import MX_VARIANTS
 from ..reference import fp8_tensor_fake_quantize
 
@@ -82,9 +83,6 @@ class WeightVariant:
         """None when the fused kernels compute exactly this decode, else why not."""
         if self.nibble_order != "low_first":
             return "high-nibble-first packing (the kernels read element 2j from the low nibble)"
-        if self.e8m0_byte0 != "pow2":
-            return (f"E8M0 reader byte 255 -> {self.e8m0_byte255}, byte 0 -> {self.e8m0_byte0} "
-                    f"(the kernels decode byte 0 as 2^-127)")
         if FORMATS[self.fmt].is_mx and self.alpha_order != "none":
             return f"a float scale on {self.fmt} weights ({_ALPHA_TEXT[self.alpha_order]}; the MX kernels take none)"
         if self.compute_dtype != "fp32":
@@ -97,8 +95,12 @@ class WeightVariant:
 
     @property
     def spec_fields(self) -> dict:
-        """The OpSpec weight-reader fields (spec.OpSpec) that make the kernels read this decode."""
-        return {"w_e8m0_byte255": self.e8m0_byte255, "w_scale_order": _SCALE_ORDER[self.alpha_order]}
+        """The OpSpec weight-reader fields (spec.OpSpec) that make the kernels read this decode
+        (the byte-0 rule for MX formats only: OpSpec takes it for E8M0 scales alone)."""
+        fields = {"w_e8m0_byte255": self.e8m0_byte255, "w_scale_order": _SCALE_ORDER[self.alpha_order]}
+        if FORMATS[self.fmt].is_mx:
+            fields["w_e8m0_byte0"] = self.e8m0_byte0
+        return fields
 
     @property
     def kernel_key(self) -> tuple:
@@ -112,7 +114,7 @@ class WeightVariant:
         round alike, e.g. v*(s*a) and (v*s)*a in bf16), the one reported: the reference's
         own reading first."""
         return (ALPHA_ORDERS.index(self.alpha_order) if self.alpha_order != "none" else 0,
-                E8M0_READER_ORDER.index(self.e8m0_byte255), self.name)
+                E8M0_READER_ORDER.index(self.e8m0_byte255), E8M0_BYTE0.index(self.e8m0_byte0), self.name)
 
     def reference(self, codes: torch.Tensor, scale: torch.Tensor, alpha: Optional[torch.Tensor],
                   out_dtype: torch.dtype) -> torch.Tensor:
@@ -138,7 +140,8 @@ class WeightVariant:
         vb, s = vb.to(cd), s.to(cd)
         if self.alpha_order == "none" or alpha is None:
             # "ldexp": byte 255 is an exact 2^128 factor, not the fp32 scale +inf
-            out = e8m0_multiply(vb, sb.unsqueeze(-1), byte255="ldexp") if self.e8m0_byte255 == "ldexp" else vb * s
+            out = e8m0_multiply(vb, sb.unsqueeze(-1), byte255="ldexp", byte0=self.e8m0_byte0) \
+                if self.e8m0_byte255 == "ldexp" else vb * s
         else:
             a = alpha.to(torch.float32)
             while a.dim() and a.shape[-1] == 1:

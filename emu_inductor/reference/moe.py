@@ -193,11 +193,11 @@ def _expand_alpha(alpha, E, N):
 
 
 def dequantize_experts(w, scale, fmt, alpha=None, dtype=torch.bfloat16, fp6_layout="quark", *,
-                       e8m0_byte255="nan", scale_order="s*a"):
+                       e8m0_byte255="nan", scale_order="s*a", e8m0_byte0="pow2"):
     """All experts' weights in `dtype` ([E, N, K]); per gate/up alphas supported exactly."""
     return dequantize_weight(w, scale, fmt, alpha=_expand_alpha(alpha, w.shape[0], w.shape[1]),
                              dtype=dtype, fp6_layout=fp6_layout, e8m0_byte255=e8m0_byte255,
-                             scale_order=scale_order)
+                             scale_order=scale_order, e8m0_byte0=e8m0_byte0)
 
 
 def sort_by_expert(key: torch.Tensor, E: int):
@@ -281,6 +281,7 @@ def moe_emulated(
     w2_bias: Optional[torch.Tensor] = None,
     e8m0_byte255: str = "nan",
     scale_order: str = "s*a",
+    e8m0_byte0: str = "pow2",
 ) -> torch.Tensor:
     """Emulated quantized MoE forward; see the module docstring for the exact numerics.
 
@@ -293,7 +294,8 @@ def moe_emulated(
     added to the fp32 accumulator before the GEMM's one rounding (vLLM's HAS_BIAS).
     e8m0_byte255 / scale_order: how both GEMMs' weights are read, as `dequantize_weight`
     takes them (MX scale byte 255 as NaN or +inf; NVFP4 s*a, s/g or (v*s)*a): the readers
-    of ModelOpt, Quark, compressed-tensors and gpt-oss that the passes prove.
+    of ModelOpt, Quark, compressed-tensors and gpt-oss that the passes prove; e8m0_byte0
+    "zero" reads MX scale byte 0 as 0.0 (exponent-bit readers) instead of 2^-127.
     """
     scheme = get_scheme(scheme)
     check_gemm_style(gemm_style, hidden_states)
@@ -312,9 +314,9 @@ def moe_emulated(
     top_k = topk_ids.shape[1]
 
     W13 = dequantize_experts(w13, w13_scale, fmt, w13_alpha, dtype, fp6_layout, e8m0_byte255=e8m0_byte255,
-                             scale_order=scale_order)
+                             scale_order=scale_order, e8m0_byte0=e8m0_byte0)
     W2 = dequantize_experts(w2, w2_scale, fmt, w2_alpha, dtype, fp6_layout, e8m0_byte255=e8m0_byte255,
-                            scale_order=scale_order)
+                            scale_order=scale_order, e8m0_byte0=e8m0_byte0)
 
     ids = topk_ids.reshape(-1).long()
     local = expert_map.long()[ids] if expert_map is not None else ids

@@ -56,6 +56,7 @@ def dequantize_weight(
     fp6_layout: str = "quark",
     e8m0_byte255: str = "nan",
     scale_order: str = "s*a",
+    e8m0_byte0: str = "pow2",
 ) -> torch.Tensor:
     """Packed weights [..., N, K*bits/8] with block scales [..., N, K/block] -> [..., N, K].
 
@@ -69,6 +70,8 @@ def dequantize_weight(
     MX: `dtype(value * 2^(u-127))`, exact; `e8m0_byte255="inf"` reads byte 255 as +inf
     (the exponent-bit readers: compressed-tensors, ModelOpt, Quark's HIP kernels);
     "ldexp" multiplies by 2^128 exactly (transformers' gpt-oss `torch.ldexp`: 0 stays 0).
+    `e8m0_byte0="zero"` reads byte 0 as 0.0 instead of 2^-127 (readers that build the scale
+    from the exponent bits, `(u << 23).view(float32)`; Quark's Triton dequant).
     """
     if scale_order not in _SCALE_ORDERS:
         raise ValueError(f"scale_order: expected one of {_SCALE_ORDERS}, got {scale_order!r}")
@@ -77,7 +80,7 @@ def dequantize_weight(
     vb = v.reshape(*v.shape[:-1], v.shape[-1] // fmt.block_size, fmt.block_size)
     a = None
     if fmt.is_mx:
-        s = e8m0_decode(scale, byte255=e8m0_byte255)
+        s = e8m0_decode(scale, byte255=e8m0_byte255, byte0=e8m0_byte0)
     else:
         s = decode(scale.view(torch.uint8), E4M3)
         if alpha is not None:
@@ -89,7 +92,7 @@ def dequantize_weight(
                 s = s / a
     if fmt.is_mx and e8m0_byte255 == "ldexp":
         # e8m0_multiply keeps the "ldexp" reader's byte-255 product exact (0 * 2^128 = 0)
-        out = e8m0_multiply(vb, scale.unsqueeze(-1), byte255=e8m0_byte255)
+        out = e8m0_multiply(vb, scale.unsqueeze(-1), byte255=e8m0_byte255, byte0=e8m0_byte0)
     else:
         # decode, then broadcast: the op order the traced weight patterns are built from
         out = vb * s.unsqueeze(-1)

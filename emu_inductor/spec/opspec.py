@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..formats import FORMATS
 from ..formats.elements import SIGNED_ZERO_MODES
-from ..formats.scales import BYTE0_INVERSE_MODES, E8M0_BYTE255
+from ..formats.scales import BYTE0_INVERSE_MODES, E8M0_BYTE0, E8M0_BYTE255
 from .activations import ACTIVATION_NAMES
 from .compat import FUSED_MX_EXPONENT_MODES, FUSED_MX_INF_AMAX
 from .schemes import ActQuant, Scheme, get_scheme
@@ -29,7 +29,7 @@ W_SCALE_ORDERS = ("s*a", "s/g", "(v*s)*a")
 #: Weight-reader fields and their defaults. They are left out of the spec string (and of
 #: the kernel spec JSON) at these values, so specs and kernels that existed before the
 #: fields render byte for byte as before.
-WEIGHT_READER_DEFAULTS = {"w_e8m0_byte255": "nan", "w_scale_order": "s*a"}
+WEIGHT_READER_DEFAULTS = {"w_e8m0_byte255": "nan", "w_e8m0_byte0": "pow2", "w_scale_order": "s*a"}
 #: MX activation-QDQ edge-case fields (formats.QDQOptions signed_zero / inf_amax) and their
 #: defaults, left out of the spec string and kernel JSON the same way.
 ACT_QDQ_DEFAULTS = {"act_signed_zero": "keep", "act_inf_amax": "nan", "act_byte0_inverse": "pow2"}
@@ -50,6 +50,9 @@ class OpSpec:
     # compressed-tensors, ModelOpt, Quark HIP) or an exact 2^128 factor ("ldexp":
     # transformers' gpt-oss, 0 stays 0); the NVFP4 float-scale product order
     w_e8m0_byte255: str = "nan"
+    # E8M0 byte 0 as 2^-127 (pow2, OCP) or 0.0 ("zero": readers that build the scale as
+    # `(u << 23).view(float32)`, Quark's Triton dequant), MX weights only
+    w_e8m0_byte0: str = "pow2"
     w_scale_order: str = "s*a"
     # MX activation QDQ edge cases, as formats.QDQOptions names them: the sign of an element
     # that rounds to zero (keep | lt0 | le0 | positive; Quark's fake_quantize_mx gives +0,
@@ -74,6 +77,11 @@ class OpSpec:
             raise ValueError(f"activation: unknown activation {self.activation!r}")
         if self.w_e8m0_byte255 not in E8M0_BYTE255:
             raise ValueError(f"w_e8m0_byte255: expected one of {E8M0_BYTE255}, got {self.w_e8m0_byte255!r}")
+        if self.w_e8m0_byte0 not in E8M0_BYTE0:
+            raise ValueError(f"w_e8m0_byte0: expected one of {E8M0_BYTE0}, got {self.w_e8m0_byte0!r}")
+        if self.w_e8m0_byte0 != "pow2" and not FORMATS[self.weight_fmt].is_mx:
+            raise ValueError(f"w_e8m0_byte0: {self.w_e8m0_byte0!r} applies to MX weights (E8M0 scales) only, "
+                             f"got weight_fmt={self.weight_fmt!r}; expected 'pow2'")
         if self.w_scale_order not in W_SCALE_ORDERS:
             raise ValueError(f"w_scale_order: expected one of {W_SCALE_ORDERS}, got {self.w_scale_order!r}")
         if self.act_signed_zero not in SIGNED_ZERO_MODES:
@@ -159,7 +167,8 @@ class OpSpec:
         act += ("" if self.act_signed_zero == "keep" else f"-z{self.act_signed_zero}") + \
             ("" if self.act_inf_amax == "nan" else f"-inf{self.act_inf_amax.replace('_', '')}") + \
             ("" if self.act_byte0_inverse == "pow2" else f"-b0{self.act_byte0_inverse.replace('_', '')}")
-        reader = {"nan": "", "inf": "_e8m0inf", "ldexp": "_e8m0ldexp"}[self.w_e8m0_byte255] + {
+        reader = {"nan": "", "inf": "_e8m0inf", "ldexp": "_e8m0ldexp"}[self.w_e8m0_byte255] + \
+            ("" if self.w_e8m0_byte0 == "pow2" else f"_e8m0b0{self.w_e8m0_byte0}") + {
             "s*a": "", "s/g": "_sdivg", "(v*s)*a": "_vsa"}[self.w_scale_order]
         return (f"w{self.weight_fmt}{reader}_{act}_{self.activation}"
                 + ("_rwin" if self.router_weight_on_input else ""))

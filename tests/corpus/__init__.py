@@ -64,13 +64,15 @@ class WeightVariant:
     direction global). `product` documents the fp32 order: "q*(s/g)" (g quantize direction),
     "q*(s*g)" / "q*(s*a)" (dequantize direction), "q*(s*(1/g))" (te).
     MX: "q*2^e" (exact). e8m0_byte255: the reader of byte 255 ("nan", "inf", or "ldexp":
-    an exact 2^128 factor as torch.ldexp applies it, formats.E8M0_BYTE255).
+    an exact 2^128 factor as torch.ldexp applies it, formats.E8M0_BYTE255); e8m0_byte0:
+    the reader of byte 0 ("pow2" 2^-127, or "zero" as a bare exponent field gives it).
     """
 
     fmt: str
     product: str = "q*2^e"
     recipe: Optional[str] = None
     e8m0_byte255: str = "nan"
+    e8m0_byte0: str = "pow2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Variant:
         w = f"{self.weight.fmt} {self.weight.product}" + (f" recipe={self.weight.recipe}" if self.weight.recipe else "")
         if self.weight.e8m0_byte255 != "nan":
             w += f" byte255={self.weight.e8m0_byte255}"
+        if self.weight.e8m0_byte0 != "pow2":
+            w += f" byte0={self.weight.e8m0_byte0}"
         a = "w-only" if self.act is None else " ".join(f"{k}={v}" for k, v in self.act.items())
         return f"W[{w}] A[{a}]"
 

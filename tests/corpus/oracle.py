@@ -26,7 +26,8 @@ def weight_reference(qt: QuantizedTensor, wv: WeightVariant, dtype: torch.dtype)
     fmt = qt.fmt
     if fmt.is_mx:
         opts = QDQOptions.resolve(fmt, "floor")  # the scale rule does not matter to dequant
-        return dequantize(dataclasses.replace(qt, options=opts), dtype, e8m0_byte255=wv.e8m0_byte255)
+        return dequantize(dataclasses.replace(qt, options=opts), dtype, e8m0_byte255=wv.e8m0_byte255,
+                          e8m0_byte0=wv.e8m0_byte0)
     g = qt.global_scale.to(torch.float32)
     if wv.recipe is None:
         if wv.product != "q*(s*a)":

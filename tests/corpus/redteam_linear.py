@@ -505,12 +505,13 @@ def make_plain_bucketize(seed, dtype):
     return PlainBucketizeMXFP4Linear(weight(g, N, H, dtype=dtype)), (_batch(seed, dtype),)
 
 
-# --- near miss: (u << 23).view(float32) without the byte-0 case ---------------------------
+# --- 9. (u << 23).view(float32) without the byte-0 case: byte 0 read as 0.0 ----------------
 
 
 class ShiftOnlyMXFP4Linear(MagicMXFP4Linear):
     """Layer 4 with the E8M0 scale read as the bare exponent field: byte 0 becomes +0.0, not
-    2^-127, so a block of tiny weights (scale byte 0, non-zero codes) dequantizes to zeros."""
+    2^-127, so a block of tiny weights (scale byte 0, non-zero codes) dequantizes to zeros
+    (the reader formats calls e8m0_byte0="zero"; byte 255 still NaN by the where)."""
 
     def unpack_weight(self, dtype):
         b = self.blocks
@@ -609,11 +610,13 @@ ENTRIES = [
                     "weight-only: no recogniser variant had that rounding, and the kernels rendered "
                     "act_rounding 'half_toward_zero' as half away from zero (OpSpec accepted it)"),
     CorpusEntry(
-        "near_rt_e8m0_shift_byte0", "linear", "near-miss", _SRC + "layer rt_mxfp4_magic_einsum with the E8M0 "
-        "scale read as (u << 23).view(float32) alone", Variant(WeightVariant("mxfp4"), act={"fmt": "mxfp4",
-                                                                                              "scale_mode": "floor"}),
-        make_shift_only, near_miss="E8M0 byte 0 read as +0.0 (a bare exponent field), not 2^-127: a block of tiny "
-        "weights dequantizes to zeros", near_part="weights", compile_smoke=False,
-        compile_note="left out of the compile test for time (measured 2026-12-03: nothing fused)",
-        fused_today="nothing: weights recognised as e8m0(0=zero), which the kernels do not read"),
+        "rt_mxfp4_shift_byte0_zero", "linear", "red-team", _SRC + "layer rt_mxfp4_magic_einsum with the E8M0 "
+        "scale read as (u << 23).view(float32) alone (byte 0 -> +0.0, byte 255 -> NaN by a where)",
+        Variant(WeightVariant("mxfp4", e8m0_byte0="zero"), act={"fmt": "mxfp4", "scale_mode": "floor"}),
+        make_shift_only, expect_fused=True, compile_smoke=False,
+        compile_note="left out of the compile smoke for time; compiled and checked bit for bit against eager by "
+                     "tests/test_weight_reader_byte0.py",
+        fused_today="one mxemu::linear with the MX floor QDQ, weights read with byte 0 as 0.0 (OpSpec "
+                    "w_e8m0_byte0='zero'); was nothing while the kernels decoded byte 0 as 2^-127 only (a "
+                    "near miss, near_rt_e8m0_shift_byte0)"),
 ]
