@@ -459,10 +459,7 @@ PREFILL_CONFIGS = [TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 4), 
                    TileConfig(128, 64, 64, 8, 4, prefetch=1, maxnreg=128), TileConfig(128, 32, 64, 4, 3, prefetch=1),
                    TileConfig(128, 64, 64, 4, 3, prefetch=1, maxnreg=168),
                    # 25-26: dequantize once per call + torch._grouped_mm (BM = the routing's row padding)
-                   TileConfig(16, 64, 64, 4, 3, dq=1), TileConfig(64, 64, 64, 4, 3, dq=1),
-                   # 27-29: MXFP4 weights through tl.dot_scaled (Triton's upcast into the MMA)
-                   TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1, scaled=1),
-                   TileConfig(128, 64, 64, 4, 3, prefetch=1, scaled=1), TileConfig(64, 128, 128, 8, 3, scaled=1)]
+                   TileConfig(16, 64, 64, 4, 3, dq=1), TileConfig(64, 64, 64, 4, 3, dq=1)]
 
 
 def _quick_precompile_worker(jobs):

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emu_inductor.kernels.launch import get_module, kernel_spec_for  # noqa: E402
-from emu_inductor.kernels.render_helpers import fast_decode_supported, scaled_dot_supported  # noqa: E402
+from emu_inductor.kernels.render_helpers import fast_decode_supported  # noqa: E402
 from emu_inductor.spec import SCHEMES, OpSpec  # noqa: E402
 
 _PTRS = {"a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "alpha_ptr": "*fp32", "ids_ptr": "*i32",
@@ -40,7 +40,7 @@ _ALIGNED = ("stride_a", "stride_o", "K", "NOUT", "NW", "stride_we", "stride_wn",
 
 
 def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastdec: bool = True,
-                 maxnreg: int = 0, scaled: bool = False) -> tuple[str, int]:
+                 maxnreg: int = 0) -> tuple[str, int]:
     BM, BN, BK, warps, stages = tile
     spec = OpSpec.from_scheme(scheme)
     nv = SCHEMES[scheme].weight_fmt.has_global_scale
@@ -51,8 +51,7 @@ def compile_sass(scheme: str, kernel: str, tile, prefetch: int, swap: int, fastd
     names = fn.arg_names
     const = dict(TOPK=8, A_INDEX=2 if kernel == "gemm_out_kernel" else 0, QDQ_A=False, STATIC_A=False,
                  HAS_BIAS=False, STORE=1, MUL_W=True, SWAP=swap, EVEN_K=True, PREFETCH=bool(prefetch), DEBUG=False,
-                 AMAX_OUT=False, PREQ=act, SPLIT=1, FUSE_EPI=False, FUSE_COMB=False, FASTDEC=fastdec and not scaled and fast_decode_supported(ks), BM=BM, BN=BN, BK=BK,
-                 SCALED=scaled and scaled_dot_supported(ks))
+                 AMAX_OUT=False, PREQ=act, SPLIT=1, FUSE_EPI=False, FUSE_COMB=False, FASTDEC=fastdec and fast_decode_supported(ks), BM=BM, BN=BN, BK=BK)
     sig = {n: _PTRS.get(n, "constexpr" if n in const else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in _PTRS or n in _ALIGNED}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items() if k in names}, attrs=attrs)
@@ -101,12 +100,11 @@ def main():
     ap.add_argument("--swap", type=int, default=0)
     ap.add_argument("--fastdec", type=int, default=1, help="the inline-PTX MX decode where it applies")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap (TileConfig.maxnreg)")
-    ap.add_argument("--scaled", type=int, default=0, help="MXFP4 weights through tl.dot_scaled (TileConfig.scaled)")
     ap.add_argument("--sass", help="also write the whole SASS here")
     args = ap.parse_args()
     tile = [int(v) for v in args.tile.split(",")]
     sass, threads = compile_sass(args.scheme, f"{args.kernel}_kernel", tile, args.prefetch, args.swap,
-                                 bool(args.fastdec), args.maxnreg, bool(args.scaled))
+                                 bool(args.fastdec), args.maxnreg)
     if args.sass:
         with open(args.sass, "w") as f:
             f.write(sass)
@@ -114,7 +112,7 @@ def main():
     n = sum(ops.values())
     per = tile[1] * tile[2] * (2 if args.kernel == "gemm_act" else 1) / threads
     print(f"{args.scheme} {args.kernel} tile={args.tile} prefetch={args.prefetch} swap={args.swap}: "
-          f"fastdec={args.fastdec} scaled={args.scaled}: {n} loop instructions per thread per K step, {per:.0f} weight elements each: {n / per:.1f} per element")
+          f"fastdec={args.fastdec}: {n} loop instructions per thread per K step, {per:.0f} weight elements each: {n / per:.1f} per element")
     for op, c in ops.most_common(20):
         print(f"  {op:10s} {c:5d}  {c / per:5.2f}/element")
 

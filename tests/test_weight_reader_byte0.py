@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from emu_inductor import _compat
 from emu_inductor.formats import FORMATS
 from emu_inductor.kernels import KernelSpec, render
-from emu_inductor.kernels.render_helpers import fast_decode_kind, scaled_dot_supported
+from emu_inductor.kernels.render_helpers import fast_decode_kind
 from emu_inductor.ops.reference_impl import linear_reference
 from emu_inductor.ops.triton_impl import linear_triton, moe_triton
 from emu_inductor.reference import dequantize_weight, moe_emulated
@@ -62,13 +62,13 @@ def test_opspec_field_defaults_validation_and_names():
 
 
 def test_gpu_only_decodes_refuse_the_zero_reader():
-    """The inline-PTX MX decode and tl.dot_scaled assume byte 0 is 2^-127: off for "zero"."""
+    """The inline-PTX MX decode assumes byte 0 is 2^-127: off for "zero"."""
     gpu = KernelSpec(OpSpec("mxfp4"), "bf16", interpret=False)
-    assert fast_decode_kind(gpu, "none") == "mx" and scaled_dot_supported(gpu)
+    assert fast_decode_kind(gpu, "none") == "mx"
     for b255 in ("nan", "inf"):
         z = dataclasses.replace(gpu, op=OpSpec("mxfp4", w_e8m0_byte255=b255, w_e8m0_byte0="zero"))
-        assert fast_decode_kind(z, "none") == "" and not scaled_dot_supported(z)
-        assert "_mma_scaled" not in render(z) and "_e2m1_i16_bf16(byt" not in render(z)
+        assert fast_decode_kind(z, "none") == ""
+        assert "_e2m1_i16_bf16(byt" not in render(z)
 
 
 @pytest.mark.parametrize("b255", ["nan", "inf", "ldexp"])

@@ -34,7 +34,7 @@ from .autotune import select_config
 from .cache import load_module
 from .kernel_spec import KernelSpec, alpha_mode_of
 from .render import render
-from .render_helpers import fast_decode_supported, scaled_dot_supported
+from .render_helpers import fast_decode_supported
 from .routing import moe_align_kernel, moe_align_sort_kernel
 from .tiles import TileConfig, auto_split, interpreter_config, token_bucket
 
@@ -314,19 +314,9 @@ def _fast_decode(kspec: KernelSpec, K: int, BK: int, dev: torch.device) -> bool:
             and _even_k(K, BK) and os.environ.get("EMU_INDUCTOR_FAST_DECODE", "1") != "0")
 
 
-def _scaled(kspec: KernelSpec, K: int, cfg: TileConfig, dev: torch.device) -> bool:
-    """MXFP4 weights through tl.dot_scaled (render_helpers.scaled_dot_supported): asked for by
-    the tile config, CUDA (not ROCm), unmasked K tiles of at least 64 (dot_scaled's packed
-    operand needs 32 bytes along K); EMU_INDUCTOR_SCALED_DOT=0 turns it off."""
-    return (bool(cfg.scaled) and dev.type == "cuda" and torch.version.hip is None and scaled_dot_supported(kspec)
-            and cfg.BK >= 64 and _even_k(K, cfg.BK) and os.environ.get("EMU_INDUCTOR_SCALED_DOT", "1") != "0")
-
-
 def _dec_kw(kspec: KernelSpec, K: int, cfg: TileConfig, dev: torch.device) -> dict:
-    """The weight-decode constexprs of one GEMM launch: SCALED, else the inline-PTX decode
-    where it applies (the SCALED path loads plain bytes, not the int16 words FASTDEC reads)."""
-    scaled = _scaled(kspec, K, cfg, dev)
-    return {"SCALED": scaled, "FASTDEC": not scaled and _fast_decode(kspec, K, cfg.BK, dev)}
+    """The weight-decode constexprs of one GEMM launch (the inline-PTX decode where it applies)."""
+    return {"FASTDEC": _fast_decode(kspec, K, cfg.BK, dev)}
 
 
 def _k_per_split(K: int, BK: int, split: int) -> int:
@@ -549,7 +539,8 @@ def _dq_gemm(plan: _MoEPlan, a: torch.Tensor, wts: GemmWeights, w2: bool, N: int
     dev = a.device
     E = plan.E
     out = None if chunk >= N else torch.empty((a.shape[0], N), dtype=a.dtype, device=dev)
-    BN, BK = 32, min(128, _np2(K))
+    # 64 x 256 tiles: each program streams 8 KiB of packed codes out as 32 KiB of bf16 rows
+    BN, BK = 64, min(256, _np2(K))
     kspec = plan.kspec
     scale = _scale_u8(wts.scale)
     for r0 in range(0, N, chunk):

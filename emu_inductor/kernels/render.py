@@ -35,7 +35,6 @@ from .kernel_spec import KernelSpec
 from .render_helpers import (
     _f, _ind, _rnd_helper, _dot_helper, _round_elem, _decode, _E8M0, _e8m0_scale, _qdq_helper, _act_helper,
     _gate_up_rows, _w_tile_helper, _load_a_block, _row_index, _a_scale_prologue, _E8M0_W_INF, _E8M0_W_LDEXP, KMASK, E2M1_FAST, E2M1_NV_FAST, scale_by_bits, WORDS_IN_K_ORDER, fast_decode_kind,
-    scaled_dot_supported, MMA_SCALED,
 )
 
 __all__ = ["render", "TEMPLATE_VERSION"]
@@ -101,18 +100,9 @@ def _w_step(tile: str, rows: str, buf: str, var: str) -> str:
 
 
 def _w_mma(spec: KernelSpec, tile: str, rows: str, buf: str, var: str, acc: str) -> str:
-    """One K step of a weight operand: `acc` += the activation tile times the [BN, BK] weight
-    tile. SCALED (MXFP4 weights, scaled_dot_supported): the packed codes and scale bytes go
-    to tl.dot_scaled as loaded, whose upcast feeds the MMA; otherwise the tile is
-    dequantized in registers (_w_step) and multiplied (_mma)."""
-    plain = f"{_w_step(tile, rows, buf, var)}\n{acc} = _mma(ao, {var}, {acc}, SWAP)"
-    if not scaled_dot_supported(spec):
-        return plain
-    return (f"if SCALED:\n    if PREFETCH:\n        b{buf}c = b{buf}\n        s{buf}c = s{buf}\n"
-            f"        b{buf}, s{buf} = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k0 + BK, K, k0 + BK < k_hi, {_W_ARGS})\n"
-            f"    else:\n        b{buf}c, s{buf}c = {tile}_ld(w_ptr, s_ptr, e, {rows}, cmask, k0, K, True, {_W_ARGS})\n"
-            f"    {acc} = _mma_scaled(ao, b{buf}c, s{buf}c, {acc}, SWAP)\n"
-            f"else:\n{_ind(plain)}")
+    """One K step of a weight operand: the [BN, BK] weight tile dequantized in registers
+    (_w_step), then `acc` += the activation tile times it (_mma)."""
+    return f"{_w_step(tile, rows, buf, var)}\n{acc} = _mma(ao, {var}, {acc}, SWAP)"
 
 
 def _split_sum(spec: KernelSpec, cache: str = "") -> str:
@@ -221,7 +211,7 @@ def gemm_act_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     TOPK: tl.constexpr, A_INDEX: tl.constexpr, DEBUG: tl.constexpr, AMAX_OUT: tl.constexpr,
                     PREQ: tl.constexpr, SPLIT: tl.constexpr, FUSE_EPI: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                     PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = False):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     # MoE GEMM1: rows of expert-sorted blocks, QDQ_a1 in registers, w13 dequant in registers,
     # {op.activation} epilogue, then {"QDQ_a2 of the activation (blocks along I inside this N tile)" if op.act_kind == "block" else ("the a2 amax (per-tensor fp8 QDQ runs in GEMM2)" if op.act_kind == "fp8_tensor" else "no QDQ (weight-only)")};
     # grid axis 2 splits K (SPLIT > 1: fp32 partial sums, epilogue by the tile's last split
@@ -407,7 +397,7 @@ def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr,
                     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, MUL_W: tl.constexpr, SPLIT: tl.constexpr,
                     FUSE_COMB: tl.constexpr,
                     SWAP: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FASTDEC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = False):
+                    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     # MoE GEMM2 / grouped GEMM / linear: optional prologue QDQ, weight dequant in registers,
     # fp32 accumulation, one rounding; STORE 0: rows at their id, 1: fp32 atomics into
     # out[id // TOPK] (times the router weight when MUL_W), 2: fp32 partial sums of K split
@@ -564,8 +554,6 @@ def render(spec: KernelSpec) -> str:
     if "nv" in kinds:
         parts.append(E2M1_NV_FAST)
         parts.append(scale_by_bits(wfmt.scale.element))
-    if scaled_dot_supported(spec):
-        parts.append(MMA_SCALED)
     parts.append(_gemm_act_kernel(spec))
     parts.append(_act_epilogue_kernel(spec))
     parts.append(_dequant_kernel(spec))

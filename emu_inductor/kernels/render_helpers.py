@@ -464,31 +464,6 @@ def fast_decode_kind(spec: KernelSpec, alpha_mode: str) -> str:
     return ""
 
 
-def scaled_dot_supported(spec: KernelSpec) -> bool:
-    """The kernels can hand MXFP4 weight tiles to tl.dot_scaled (SCALED): GPU variant, bf16
-    activations, E2M1 codes packed two per byte along K under E8M0 scales per 32, read with
-    the default byte-255 and byte-0 rules (NaN, 2^-127). Triton upcasts the codes in
-    registers straight into the MMA operand layout (no shared-memory round trip of a
-    dequantized tile); its decode was
-    checked against this package's reference for every (byte, scale byte) pair on the
-    H200 (benchmarks/prefill_probe.py)."""
-    fmt: BlockFormat = FORMATS[spec.op.weight_fmt]
-    return (not spec.interpret and spec.dtype == "bf16" and fmt.is_mx and fmt.pack_bits == 4
-            and is_e2m1(fmt.element) and fmt.block_size == 32 and spec.op.w_e8m0_byte255 == "nan"
-            and spec.op.w_e8m0_byte0 == "pow2")
-
-
-MMA_SCALED = """@triton.jit
-def _mma_scaled(a, wb, ws, acc, SWAP: tl.constexpr):
-    # acc += a @ W^T for the MXFP4 tile W given as its packed codes wb [BN, BK // 2] (even k in
-    # the low nibble) and E8M0 scale bytes ws [BN, BK // 32], or its transpose when SWAP
-    if SWAP:
-        return tl.dot_scaled(wb, ws, "e2m1", tl.trans(a), None, "bf16", acc)
-    else:
-        return tl.dot_scaled(a, None, "bf16", tl.trans(wb), ws, "e2m1", acc)
-"""
-
-
 def fast_decode_supported(spec: KernelSpec) -> bool:
     """Some weight operand of the spec's kernels has an inline-PTX decode (`fast_decode_kind`)."""
     return any(fast_decode_kind(spec, a) for a in (spec.alpha1, spec.alpha2))

@@ -37,9 +37,6 @@ class TileConfig:
     # latency-bound at 8 warps per SM; a cap that fits two 8-warp programs per SM doubles the
     # warps that hide the decode -> shared memory -> wgmma chain (0: the compiler's choice)
     maxnreg: int = 0
-    # 1: MXFP4 weight tiles go to tl.dot_scaled as packed codes + scale bytes (Triton's
-    # upcast feeds the MMA; launch._scaled says where it applies, elsewhere ignored)
-    scaled: int = 0
     # 1 (MoE prefill): dequantize each weight once per call into a bf16 workspace (bounded,
     # in chunks of output rows) and run both GEMMs on torch._grouped_mm; BM is then the
     # routing's row padding (launch.dq_applies says which calls it covers)

@@ -400,6 +400,34 @@ def act_epilogue_kernel(part_ptr, ids_ptr, bexp_ptr, gs2_ptr, out_ptr, stride_o,
     tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], c2, mask=omask)
 
 
+@triton.jit
+def dequant_kernel(w_ptr, s_ptr, alpha_ptr, out_ptr, NW, K, NROWS, ROW0, NOUT, stride_we, stride_wn, stride_se,
+                   stride_sn, W2: tl.constexpr, EVEN_K: tl.constexpr, FASTDEC: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
+    # out [E, NROWS, K] = output columns ROW0 .. ROW0 + NROWS of every expert's weight, dequantized
+    nb = tl.cdiv(NROWS, BN)
+    e = tl.program_id(0) // nb
+    j = (tl.program_id(0) % nb) * BN + tl.arange(0, BN)
+    jmask = j < NROWS
+    o = ROW0 + j
+    if W2:
+        rows = o
+    else:
+        cols = tl.where(o < NOUT, o, o - NOUT)
+        rows = tl.where(o < NOUT, cols, cols + NOUT)
+    rows = tl.where(jmask, rows, 0)
+    k0 = tl.program_id(1) * BK
+    if W2:
+        w = _w_tile2(w_ptr, s_ptr, alpha_ptr, e, rows, jmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
+                     BN, BK, EVEN_K, FASTDEC)
+    else:
+        w = _w_tile1(w_ptr, s_ptr, alpha_ptr, e, rows, jmask, k0, K, NW, stride_we, stride_wn, stride_se, stride_sn,
+                     BN, BK, EVEN_K, FASTDEC)
+    kk = k0 + tl.arange(0, BK)
+    dst = out_ptr + (e.to(tl.int64) * NROWS + j[:, None]) * K + kk[None, :]
+    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=jmask[:, None] & (kk < K)[None, :])
+
+
 @triton.jit(do_not_specialize=["R", "KTS", "PROWS"])
 def gemm_out_kernel(a_ptr, stride_a, w_ptr, s_ptr, alpha_ptr, ids_ptr, bexp_ptr, tw_ptr, gs_ptr, bias_ptr,
                     out_ptr, stride_o, pos_ptr, cnt_base, y_ptr, NOUT, K, R, NE, NW, stride_we, stride_wn, stride_se,
