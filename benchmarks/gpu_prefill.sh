@@ -45,13 +45,18 @@ case $what in
     [ -n "${OLD_CODE:-}" ] && PYTHONPATH=$OLD_CODE step ab_old 90 python3 benchmarks/gpu_swap_ab.py w_mxfp4_a_mxfp4
     TAILN=35 step quick 200 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 \
          --configs 7,15,20,21,22,23,24 --tokens 2048,8192 --tag prefill_quick_regs --out "$OUT" ;;
-  probe)  # the dequantize-once (dq) and dot_scaled prefill paths checked and timed against the best fused
-          # tiles, the activation-QDQ variants on the GPU, the design probe (dot_scaled decode, gmm bars)
-    CHECK_CONFIGS=7,15,25,26,27,28,29 step checks 150 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_dq_$slug.json"
+  probe)  # the dequantize-once (dq) prefill path checked and timed against the best fused tiles, the
+          # activation-QDQ variants on the GPU, the design probe (tl.dot_scaled, its decode, gmm bars)
+    CHECK_CONFIGS=7,15,25,26 step checks 150 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_dq_$slug.json"
     TAILN=24 step quick 170 python3 benchmarks/bench_moe_kernels.py --quick --prefill --schemes w_mxfp4_a_mxfp4,nvfp4_w4a4 \
-         --configs 7,15,25,26,27,28 --tokens 2048,8192 --tag prefill_quick_dq --out "$OUT"
+         --configs 7,15,25,26 --tokens 2048,8192 --tag prefill_quick_dq --out "$OUT"
     step variants 80 python3 benchmarks/gpu_variant_check.py "$OUT/gpu_variant_check_$slug.json"
     TAILN=12 step probe 150 python3 benchmarks/prefill_probe.py --quick --out "$OUT" ;;
+  final)  # the dq path's checks on the final dequant tile, the QDQ variants, then the prefill sweep (autotune incl. dq)
+    CHECK_CONFIGS=7,25,26 step checks 70 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_dq_$slug.json"
+    step variants 130 python3 benchmarks/gpu_variant_check.py "$OUT/gpu_variant_check_$slug.json"
+    TAILN=70 step kernels ${SWEEP_LIMIT:-370} python3 benchmarks/bench_moe_kernels.py --skip-check --prefill \
+         --budget $(( ${SWEEP_LIMIT:-370} - 30 )) --out "$OUT" ;;
   full)
     step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
     [ -n "${SKIP_PREFILL_CHECKS:-}" ] || step checks 100 python3 benchmarks/gpu_prefill_checks.py "$OUT/gpu_prefill_checks_$slug.json"
