@@ -110,3 +110,40 @@ def test_dq_applies_only_where_it_is_the_same_function():
     finally:
         torch._grouped_mm = real
     assert not calls  # fell back to the fused kernels
+
+
+@pytest.mark.parametrize("scheme,bias,ws_rows", [("nvfp4_w4a4", True, None), ("w_mxfp4_a_mxfp4", False, 64),
+                                                 ("w_mxfp6_e2m3", True, 64), ("nvfp4_w4a16", False, None)])
+def test_linear_dq_path_is_the_reference(scheme, bias, ws_rows, monkeypatch):
+    """A linear through the dequantize-once path: QDQ rows and decoded weights are the
+    reference's, and the GEMM is F.linear itself -- bit-identical to linear_reference on the
+    CPU; with few rows the weight comes in chunks of 64 output rows."""
+    from emu_inductor.ops.reference_impl import linear_reference
+    from emu_inductor.ops.triton_impl import linear_triton
+    from emu_inductor.reference.modules import quantize_weight
+
+    g = torch.Generator().manual_seed(zlib.crc32(f"lin-{scheme}".encode()))
+    spec = OpSpec.from_scheme(scheme)
+    sch = spec.scheme()
+    N, K, M = 192, 128, 24 if ws_rows else 300
+    w, s, alpha = quantize_weight((torch.randn(N, K, generator=g) * 0.2).bfloat16(), sch.weight_fmt)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    gs = torch.tensor(2688.0 / 4.0) if sch.weight_fmt.has_global_scale and spec.act_kind != "none" else None
+    b = (torch.randn(N, generator=g) * 0.1).bfloat16() if bias else None
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = linear_triton(x, w, s, alpha, gs, b, spec, config=TileConfig(16, 64, 64, 4, 1, dq=1))
+    monkeypatch.setattr(torch.nn.functional, "linear", real)
+    assert len(calls) == (3 if ws_rows else 1)  # M x max(N, K) x 2 bytes of workspace: 64-row chunks
+    ref = linear_reference(x, w, s, alpha, gs, b, spec)
+    assert torch.equal(out, ref)
+
+
+def test_dq_is_a_prefill_candidate_unless_turned_off(monkeypatch):
+    from emu_inductor.kernels.tiles import candidates
+
+    assert any(c.dq for c in candidates(512)) and not any(c.dq for c in candidates(4))
+    assert not candidates(512)[0].dq  # the heuristic without autotuning stays the fused tile
+    monkeypatch.setenv("EMU_INDUCTOR_DQ", "0")
+    assert not any(c.dq for c in candidates(512))

@@ -9,6 +9,7 @@ them; the launchers only read the chosen config.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 __all__ = ["TileConfig", "token_bucket", "interpreter_config", "candidates", "heuristic", "auto_split"]
 
@@ -104,12 +105,17 @@ def candidates(rows_per_expert: float) -> list[TileConfig]:
     # moe_kernels_prefill_quick_{swap,regs}_*): 128-row tiles with prefetched weight bytes
     # first (NVFP4's best: 1.04 / 2.90 ms); the swapped product with its wgmma pipelined is
     # MXFP4's best (0.98 / 2.86 ms, 10% under the first) and slower for NVFP4 (register-bound)
-    return [TileConfig(128, 64, 64, 4, 3, prefetch=1), TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1),
+    fused = [TileConfig(128, 64, 64, 4, 3, prefetch=1), TileConfig(128, 64, 64, 4, 3, swap=1, prefetch=1),
             TileConfig(64, 64, 64, 4, 4, prefetch=1), TileConfig(128, 64, 64, 8, 3, prefetch=1),
             TileConfig(64, 64, 64, 4, 4, swap=1, prefetch=1), TileConfig(256, 64, 64, 8, 3, prefetch=1),
-            # dequantize once per call, library grouped GEMM (where launch.dq_applies; else
-            # the same as the fused default): rows padded to 16 per expert
+            # dequantize once per call, library GEMM (where launch.dq_applies /
+            # linear_dq_applies; else the same as the fused default): rows padded to 16 per
+            # expert. Its workspaces exceed the fused path's (docs/kernels.md, sixth session):
+            # EMU_INDUCTOR_DQ=0 leaves it out
             TileConfig(16, 64, 64, 4, 3, dq=1)]
+    if os.environ.get("EMU_INDUCTOR_DQ", "1") == "0":
+        return [c for c in fused if not c.dq]
+    return fused
 
 
 def heuristic(rows_per_expert: float) -> TileConfig:
