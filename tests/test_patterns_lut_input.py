@@ -71,3 +71,31 @@ def test_module_global_lut_fuses_guarded(dynamic):
         finally:
             lut.copy_(saved)
         assert (cm(x).float() - ref.float()).abs().max().item() == 0.0
+
+
+def test_large_table_guard_is_one_constant_and_still_raises():
+    """A 512-entry table buffer (the red-team [256, 2] byte -> value-pair table) is guarded
+    against one constant buffer, not a cat of 512 `full`s (seconds of Inductor compile), and a
+    changed table still raises."""
+    from tests.corpus import redteam_linear as R
+
+    m, (x,) = R.make_pair_mxfp4(3, torch.bfloat16)
+    with torch.no_grad():
+        ref = m(x)
+    torch._dynamo.reset()
+    counters.clear()
+    cm = torch.compile(m, backend="mxemu")
+    with fresh_cache(), torch.no_grad():
+        out, code = run_and_get_code(cm, x)
+        code = "\n".join(code)
+        assert counters["mxemu_patterns"]["semantic.runtime_tensor_guard"] == 1, dict(counters["mxemu_patterns"])
+        assert "_mxemu_guard_table_" in code
+        assert torch.equal(out, ref)
+        saved = m.pairs.clone()
+        try:
+            m.pairs[17, 1] = 0.75  # in place: no Dynamo guard fails; the run-time assertion must
+            with pytest.raises(RuntimeError, match="mxemu"):
+                cm(x)
+        finally:
+            m.pairs.copy_(saved)
+        assert torch.equal(cm(x), ref)

@@ -186,11 +186,36 @@ def _call_with_meta(graph: torch.fx.Graph, op, args: tuple, kwargs: Optional[dic
     return n
 
 
+_table_ids = iter(range(1 << 62))
+
+
+def _table_node(graph: torch.fx.Graph, bits: list[int], device, fake_mode) -> torch.fx.Node:
+    """The guard's reference table as a graph node: a constant int32 buffer registered on the
+    graph's module (one get_attr: Inductor embeds it like any tensor constant), else -- no
+    owning module -- a `cat` of one `full` per element (which costs Inductor ~10 ms of compile
+    per element: seconds for a 512-entry table)."""
+    gm = graph.owning_module
+    if gm is not None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            t = torch.tensor(bits, dtype=torch.int32, device=device)
+        name = f"_mxemu_guard_table_{next(_table_ids)}"
+        gm.register_buffer(name, t)
+        node = graph.get_attr(name)
+        node.meta["val"] = fake_mode.from_tensor(t) if fake_mode is not None else t
+        return node
+    parts = [_call_with_meta(graph, aten.full.default, ([1], b),
+                             dict(dtype=torch.int32, layout=torch.strided, device=device, pin_memory=False),
+                             fake_mode=fake_mode) for b in bits]
+    return _call_with_meta(graph, aten.cat.default, (parts, 0), fake_mode=fake_mode)
+
+
 def assert_runtime_tensors(match: pm.Match, family: str, name: str) -> list[str]:
     """For each guarded tensor input of the match (`guard_tensor_input`) insert
     `_assert_async(not(any(view(node, int32) != bits(table))), msg)` (one per input and table,
-    shared by every match that relies on it); the table is built in-graph from `full`s, so
-    it lowers on any device and needs no sync beyond _assert_async's own. Returns explain()
+    shared by every match that relies on it); the table is a constant on the input's device
+    (`_table_node`), so the check needs no sync beyond _assert_async's own. Returns explain()
     notes."""
     guards = getattr(match, "_mxemu_tensor_guards", ())
     notes = []
@@ -213,10 +238,7 @@ def assert_runtime_tensors(match: pm.Match, family: str, name: str) -> list[str]
             view.meta["mxemu_tensor_guard"] = table
             if val.dim() != 1:  # a table of another rank ([256, 2] byte -> value pairs): flat, as `table` is
                 view = _call_with_meta(graph, aten.reshape.default, (view, [len(bits)]), fake_mode=fm)
-            parts = [_call_with_meta(graph, aten.full.default, ([1], b),
-                                     dict(dtype=torch.int32, layout=torch.strided, device=val.device,
-                                          pin_memory=False), fake_mode=fm) for b in bits]
-            ref = _call_with_meta(graph, aten.cat.default, (parts, 0), fake_mode=fm)
+            ref = _table_node(graph, bits, val.device, fm)
             # not(any(ne)): aten.all has a decomposition but no Inductor lowering post-grad
             ne = _call_with_meta(graph, aten.ne.Tensor, (view, ref), fake_mode=fm)
             bad = _call_with_meta(graph, aten.any.default, (ne,), fake_mode=fm)
