@@ -154,13 +154,13 @@ def test_last_split_epilogue_is_the_epilogue_kernel(scheme, activation, monkeypa
     """Split-K GEMM1's epilogue run by the last split of each tile (a counter per tile, the
     partial sums re-read in split order) equals act_epilogue_kernel bit for bit, and leaves
     every counter back at zero for the next launch (they are zeroed once and cached)."""
-    from emu_inductor.kernels import launch
+    from emu_inductor.kernels import launch, launch_common
     monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "1")
     qe, x, tw, ids, b13, b2 = _case(scheme, activation, f"fused-epi/{scheme}/{activation}", bias=True)
     cfg = TileConfig(16, 32, 32, 4, 1, split1=4, split2=2)
     fused = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
     for use in ("epilogue", "combine"):
-        assert int(launch._COUNTERS[(str(x.device), 0, use)].abs().sum()) == 0
+        assert int(launch_common._COUNTERS[(str(x.device), 0, use)].abs().sum()) == 0
     monkeypatch.setenv("EMU_INDUCTOR_FUSED_EPILOGUE", "0")
     sep = _run(qe, scheme, activation, x, tw, ids, cfg, b13=b13, b2=b2)
     for k in ("a1", "c2", "a2", "out"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu_inductor.kernels import autotune, launch
+from emu_inductor.kernels import autotune, launch, launch_common
 from emu_inductor.ops import library
 from emu_inductor.spec.opspec import OpSpec
 
@@ -36,21 +36,21 @@ def test_spec_key_is_the_specs_json():
 
 def test_linear_row_ids_are_cached_constants():
     dev = torch.device("cpu")
-    ids, bexp = launch._iota_i32(dev, 48), launch._zeros_i32(dev, 3)
+    ids, bexp = launch_common._iota_i32(dev, 48), launch_common._zeros_i32(dev, 3)
     assert torch.equal(ids, torch.arange(48, dtype=torch.int32)) and ids.dtype == torch.int32
     assert torch.equal(bexp, torch.zeros(3, dtype=torch.int32))
-    assert launch._iota_i32(dev, 48) is ids and launch._zeros_i32(dev, 3) is bexp
-    assert launch._iota_i32(dev, 64) is not ids and launch._iota_i32(dev, 64).numel() == 64
+    assert launch_common._iota_i32(dev, 48) is ids and launch_common._zeros_i32(dev, 3) is bexp
+    assert launch_common._iota_i32(dev, 64) is not ids and launch_common._iota_i32(dev, 64).numel() == 64
 
 
 def test_nothing_made_during_capture_is_cached(monkeypatch):
-    monkeypatch.setattr(launch, "_DUMMIES", {})
-    monkeypatch.setattr(launch, "_capturing", lambda dev: True)
-    a = launch._iota_i32(torch.device("cpu"), 16)
+    monkeypatch.setattr(launch_common, "_DUMMIES", {})
+    monkeypatch.setattr(launch_common, "_capturing", lambda dev: True)
+    a = launch_common._iota_i32(torch.device("cpu"), 16)
     assert torch.equal(a, torch.arange(16, dtype=torch.int32))
-    assert launch._iota_i32(torch.device("cpu"), 16) is not a and launch._DUMMIES == {}
-    monkeypatch.setattr(launch, "_capturing", lambda dev: False)
-    assert launch._iota_i32(torch.device("cpu"), 16) is launch._iota_i32(torch.device("cpu"), 16)
+    assert launch_common._iota_i32(torch.device("cpu"), 16) is not a and launch_common._DUMMIES == {}
+    monkeypatch.setattr(launch_common, "_capturing", lambda dev: False)
+    assert launch_common._iota_i32(torch.device("cpu"), 16) is launch_common._iota_i32(torch.device("cpu"), 16)
 
 
 def test_env_config_parsed_once_per_value(monkeypatch):

@@ -9,7 +9,7 @@ int32 and int64 ids. On a CUDA machine the same checks run the compiled kernels.
 import pytest
 import torch
 
-from emu_inductor.kernels import launch
+from emu_inductor.kernels import launch, launch_common
 from emu_inductor.kernels.launch import moe_align
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,16 +54,16 @@ def test_sort_kernel_matches_torch(E, BM):
         for j, kind in enumerate(kinds):
             dtype = (torch.int32, torch.int64)[(i + j) % 2]
             ids, emap = _routing(kind, R, E, g, dtype)
-            assert launch._routing_impl(R, E) == "triton"
+            assert launch_common._routing_impl(R, E) == "triton"
             _assert_same(ids, emap, E, BM, "triton")
 
 
 @pytest.mark.parametrize("kind", ["uniform", "map"])
 def test_sort_kernel_at_the_row_cap(kind):
-    R = launch.ROUTING_SORT_MAX_ROWS
+    R = launch_common.ROUTING_SORT_MAX_ROWS
     g = torch.Generator().manual_seed(len(kind))
     ids, emap = _routing(kind, R, 256, g, torch.int64)
-    assert launch._routing_impl(R, 256) == "triton"
+    assert launch_common._routing_impl(R, 256) == "triton"
     _assert_same(ids, emap, 256, 16, "triton")
 
 
@@ -109,14 +109,14 @@ def test_no_rows(impl):
 
 def test_impl_choice(monkeypatch):
     monkeypatch.delenv("EMU_INDUCTOR_ROUTING", raising=False)
-    cap = launch.ROUTING_SORT_MAX_ROWS
-    assert launch._routing_impl(8, 128) == "triton"
-    assert launch._routing_impl(cap, 256) == "triton"
-    assert launch._routing_impl(cap + 1, 256) == "torch"
-    assert launch._routing_impl(64, 2**26) == "torch"  # (expert, row) keys would not fit in int32
-    for forced in launch.ROUTING_IMPLS:
+    cap = launch_common.ROUTING_SORT_MAX_ROWS
+    assert launch_common._routing_impl(8, 128) == "triton"
+    assert launch_common._routing_impl(cap, 256) == "triton"
+    assert launch_common._routing_impl(cap + 1, 256) == "torch"
+    assert launch_common._routing_impl(64, 2**26) == "torch"  # (expert, row) keys would not fit in int32
+    for forced in launch_common.ROUTING_IMPLS:
         monkeypatch.setenv("EMU_INDUCTOR_ROUTING", forced)
-        assert launch._routing_impl(8, 128) == forced
+        assert launch_common._routing_impl(8, 128) == forced
     # forced past the sort kernel's cap: the torch path's values
     ids = torch.randint(0, 3, (cap + 1,), generator=torch.Generator().manual_seed(3)).to(DEV)
     _assert_same(ids, None, 3, 64, "triton")

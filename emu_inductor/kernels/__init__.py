@@ -9,8 +9,12 @@ cache       per-user, hash-verified file cache of rendered modules (EMU_INDUCTOR
 tiles       TileConfig and the tile strategy (candidates per token-count regime)
 autotune    choosing a config: pinned, cached, autotuned, heuristic
 routing     the one-program Triton routing prep kernel (decode sizes)
-launch      routing prep and the fused MoE / grouped GEMM / linear pipelines, taking
+launch      the fused MoE / grouped GEMM / linear pipelines and their config choice, taking
             validated arguments as small dataclasses (ops validates at the op boundary)
+launch_common  what the launchers share: the dataclasses, routing prep (moe_align), device
+            constants, launch keywords, the MoE stages both MoE paths run
+dequant_once   the prefill path that decodes each weight once per call and runs the GEMMs
+            on the library (torch._grouped_mm, F.linear)
 """
 
 from .autotune import pin_config

@@ -5,7 +5,7 @@ with the sentinel R; block -> expert table; row -> padded position map).
 Not scheme-specific, so it is written by hand rather than rendered. Two kernels, same values
 as the torch path (stable order within an expert; tested bit for bit):
 
-- `moe_align_sort_kernel` (default, up to `launch.ROUTING_SORT_MAX_ROWS` rows): one lane
+- `moe_align_sort_kernel` (default, up to `launch_common.ROUTING_SORT_MAX_ROWS` rows): one lane
   per row. The key (local expert << log2(lanes)) | row is sorted in registers (bitonic,
   ~R log^2 R compare-exchanges spread over the CTA); rank within an expert = sorted index
   minus the expert's histogram prefix (tl.histogram, tl.cumsum, one tl.gather from the
