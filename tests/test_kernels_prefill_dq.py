@@ -147,3 +147,21 @@ def test_dq_is_a_prefill_candidate_unless_turned_off(monkeypatch):
     assert not candidates(512)[0].dq  # the heuristic without autotuning stays the fused tile
     monkeypatch.setenv("EMU_INDUCTOR_DQ", "0")
     assert not any(c.dq for c in candidates(512))
+
+
+def test_turning_dq_off_also_skips_a_cached_dq_choice(monkeypatch, tmp_path):
+    """A dq config autotuned earlier (in memory or on disk) is not reused once the user sets
+    EMU_INDUCTOR_DQ=0: the call re-tunes over the fused candidates instead."""
+    from emu_inductor.kernels import autotune
+
+    monkeypatch.setenv("EMU_INDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_autotune_enabled", lambda dev: True)
+    monkeypatch.setattr(autotune, "_mem", {})
+    dev = torch.device("cpu")
+    cfg = autotune.select_config("test|dq-off", dev, 512, bench=lambda c: 0.5 if c.dq else 1.0)
+    assert cfg.dq
+    assert autotune.select_config("test|dq-off", dev, 512, bench=lambda c: 1 / 0).dq  # cached
+    monkeypatch.setenv("EMU_INDUCTOR_DQ", "0")
+    assert not autotune.select_config("test|dq-off", dev, 512, bench=lambda c: 0.5 if c.dq else 1.0).dq
+    monkeypatch.setattr(autotune, "_mem", {})  # a new process: the disk cache holds the fused choice now
+    assert not autotune.select_config("test|dq-off", dev, 512, bench=lambda c: 1 / 0).dq

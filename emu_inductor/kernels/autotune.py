@@ -25,7 +25,7 @@ import torch
 
 from .._logging import progress
 from .cache import cache_dir
-from .tiles import TileConfig, candidates, heuristic, interpreter_config, token_bucket
+from .tiles import TileConfig, candidates, dq_enabled, heuristic, interpreter_config, token_bucket
 
 __all__ = ["TileConfig", "pin_config", "pinned_config", "select_config", "token_bucket", "candidates",
            "interpreter_config", "heuristic", "autotune_time"]
@@ -127,10 +127,10 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
         return p
     dev_key = f"{_device_name(device)}|{key}"
     with _lock:
-        if dev_key in _mem:
+        if dev_key in _mem and (dq_enabled() or not _mem[dev_key].dq):
             return _mem[dev_key]
         disk = _disk_load().get(dev_key)
-        if disk is not None:
+        if disk is not None and (dq_enabled() or not disk.get("dq")):
             _mem[dev_key] = TileConfig.from_dict(disk)
             return _mem[dev_key]
     if bench is None or not _autotune_enabled(device):
@@ -153,8 +153,9 @@ def select_config(key: str, device: torch.device, rows_per_expert: float,
         if t < best_t:
             best, best_t = cfg, t
     best = best or heuristic(rows_per_expert)
-    progress("autotuned %s -> %s (%.4f ms) in %.1f s", dev_key, best, best_t,
-             time.perf_counter() - t0)
+    progress("autotuned %s -> %s (%.4f ms) in %.1f s%s", dev_key, best, best_t, time.perf_counter() - t0,
+             " (the dequantize-once path: faster here, with more workspace memory than the fused kernels; "
+             "EMU_INDUCTOR_DQ=0 leaves it out)" if best.dq else "")
     with _lock:
         _tuned["seconds"] += time.perf_counter() - t0
         _tuned["count"] += 1

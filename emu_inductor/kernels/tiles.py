@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-__all__ = ["TileConfig", "token_bucket", "interpreter_config", "candidates", "heuristic", "auto_split"]
+__all__ = ["TileConfig", "token_bucket", "interpreter_config", "candidates", "heuristic", "auto_split", "dq_enabled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +113,13 @@ def candidates(rows_per_expert: float) -> list[TileConfig]:
             # expert. Its workspaces exceed the fused path's (docs/kernels.md, sixth session):
             # EMU_INDUCTOR_DQ=0 leaves it out
             TileConfig(16, 64, 64, 4, 3, dq=1)]
-    if os.environ.get("EMU_INDUCTOR_DQ", "1") == "0":
-        return [c for c in fused if not c.dq]
-    return fused
+    return fused if dq_enabled() else [c for c in fused if not c.dq]
+
+
+def dq_enabled() -> bool:
+    """The dequantize-once path may be chosen (EMU_INDUCTOR_DQ=0: never, also not from a
+    cached autotune result)."""
+    return os.environ.get("EMU_INDUCTOR_DQ", "1") != "0"
 
 
 def heuristic(rows_per_expert: float) -> TileConfig:
