@@ -24,14 +24,7 @@ from .tiles import TileConfig
 __all__ = ["dq_applies", "moe_run_dq", "linear_dq_applies", "linear_dq"]
 
 
-# --- MoE prefill: dequantize once per call, library grouped GEMM ------------------------------
-# At prefill every expert's weight tile is decoded again for every row block in the fused
-# GEMMs (CUDA-core work the tensor cores wait on). This path decodes each weight once per call
-# into a bf16 workspace -- with the GEMMs' own tile functions, so the values are the same --
-# and runs both GEMMs on torch._grouped_mm (cuBLAS / CUTLASS), the activation + QDQ_a2
-# epilogue and the top-k combine on the fused path's kernels (act_epilogue_kernel and
-# combine_kernel read the library's bf16 outputs as their "partial sums"). The workspace holds
-# a chunk of output rows of every expert at a time (`_dq_chunk_rows`), so its size is bounded.
+# --- MoE: library grouped GEMM --------------------------------------------------------------
 
 
 def dq_applies(plan: MoEPlan) -> bool:
