@@ -124,6 +124,9 @@ def moe_run_dq(plan: MoEPlan, cfg: TileConfig, dbg: bool = False):
 
 
 
+# --- linear: F.linear -----------------------------------------------------------------------
+
+
 def linear_dq(a, weights: GemmWeights, R, a_gs, spec: OpSpec, out, alpha_mode) -> torch.Tensor:
     """The dequantize-once path for a linear (TileConfig.dq): QDQ(a) by prequant_kernel, the
     weight decoded by dequant_kernel (the GEMM's own tile function) in chunks of output rows,
