@@ -3,7 +3,8 @@
 - dummy custom ops and pattern families for the pass infrastructure
   (tests/test_passes_infra.py, tests/test_backend.py);
 - the fused-MoE oracle against the reference (tests/test_kernels_moe.py,
-  tests/test_kernels_moe_bias.py);
+  tests/test_kernels_moe_bias.py) and the seeded random MoE case of the kernel-option tests
+  (`random_moe_case`: tests/test_kernels_decode.py, _prefill.py, _prefill_dq.py);
 - the compiled-model decoding loop (tests/test_models_compile*.py).
 """
 
@@ -242,3 +243,28 @@ def greedy(fwd, prompt, new=NEW):
         step_logits.append(logits[:, : pos + 1].clone())
         buf[:, pos + 1] = logits[:, pos].argmax(-1)
     return buf, step_logits
+
+
+def random_moe_case(scheme: str, activation: str, name: str, *, E: int, H: int, I: int, T: int, k: int = 2,
+                    bias: bool = False):
+    """Quantized experts from fresh random bf16 weights, rows, top-k routing over distinct
+    experts and (with `bias`) per-expert GEMM biases, seeded by `name`; NVFP4 activation global
+    scales set to fixed values. Returns (experts, x, topk_weights, topk_ids, b13, b2)."""
+    import zlib
+
+    from emu_inductor.reference.modules import QuantizedExperts
+
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    n1 = 2 * I if is_gated(activation) else I
+    qe = QuantizedExperts.from_float((torch.randn(E, n1, H, generator=g) * 0.2).bfloat16(),
+                                     (torch.randn(E, H, I, generator=g) * 0.2).bfloat16(), scheme=scheme,
+                                     activation=activation)
+    if qe.a1_global_scale is not None:
+        qe.a1_global_scale.fill_(2688.0 / 4.0)
+        qe.a2_global_scale.fill_(2688.0 / 8.0)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    tw = torch.softmax(torch.randn(T, k, generator=g), -1)
+    b13 = (torch.randn(E, n1, generator=g) * 0.05).bfloat16() if bias else None
+    b2 = (torch.randn(E, H, generator=g) * 0.05).bfloat16() if bias else None
+    return qe, x, tw, ids, b13, b2

@@ -10,7 +10,6 @@
 * `auto_split` fills the SMs without splitting past the K tiles.
 Fresh random inputs per case (seeded by the case name, so reruns are reproducible)."""
 
-import zlib
 
 import pytest
 import torch
@@ -19,31 +18,17 @@ from emu_inductor.kernels.tiles import TileConfig, auto_split
 from emu_inductor.ops.triton_impl import moe_triton
 from emu_inductor.reference import moe_emulated
 from emu_inductor.reference.activations import is_gated
-from emu_inductor.reference.modules import QuantizedExperts
 from emu_inductor.reference.qdq import act_fake_quantize
 from emu_inductor.spec import OpSpec
 from emu_inductor.spec.schemes import SCHEMES
-from helpers import bf16_ulp_close
+from helpers import bf16_ulp_close, random_moe_case
 
 E, H, I, T = 4, 128, 64, 5
 BASE = TileConfig(16, 32, 32, 4, 1)
 
 
 def _case(scheme, activation, seed_name, bias=False):
-    g = torch.Generator().manual_seed(zlib.crc32(seed_name.encode()))
-    n1 = 2 * I if is_gated(activation) else I
-    qe = QuantizedExperts.from_float((torch.randn(E, n1, H, generator=g) * 0.2).bfloat16(),
-                                     (torch.randn(E, H, I, generator=g) * 0.2).bfloat16(), scheme=scheme,
-                                     activation=activation)
-    if qe.a1_global_scale is not None:
-        qe.a1_global_scale.fill_(2688.0 / 4.0)
-        qe.a2_global_scale.fill_(2688.0 / 8.0)
-    x = torch.randn(T, H, generator=g).bfloat16()
-    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)]).to(torch.int32)
-    tw = torch.softmax(torch.randn(T, 2, generator=g), -1)
-    b13 = (torch.randn(E, n1, generator=g) * 0.05).bfloat16() if bias else None
-    b2 = (torch.randn(E, H, generator=g) * 0.05).bfloat16() if bias else None
-    return qe, x, tw, ids, b13, b2
+    return random_moe_case(scheme, activation, seed_name, E=E, H=H, I=I, T=T, bias=bias)
 
 
 def _run(qe, scheme, activation, x, tw, ids, cfg, *, emap=None, rw_in=False, b13=None, b2=None, debug=True):

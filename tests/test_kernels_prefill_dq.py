@@ -15,27 +15,15 @@ from emu_inductor.kernels import launch
 from emu_inductor.kernels.tiles import TileConfig
 from emu_inductor.ops.triton_impl import moe_triton
 from emu_inductor.reference import moe_emulated
-from emu_inductor.reference.activations import is_gated
 from emu_inductor.reference.modules import QuantizedExperts
 from emu_inductor.spec import OpSpec
+from helpers import random_moe_case
 
 E, T = 4, 9
 
 
 def _case(scheme, activation, H, I, name, rw=False):
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    n1 = 2 * I if is_gated(activation) else I
-    qe = QuantizedExperts.from_float((torch.randn(E, n1, H, generator=g) * 0.2).bfloat16(),
-                                     (torch.randn(E, H, I, generator=g) * 0.2).bfloat16(), scheme=scheme,
-                                     activation=activation)
-    if qe.a1_global_scale is not None:
-        qe.a1_global_scale.fill_(2688.0 / 4.0)
-        qe.a2_global_scale.fill_(2688.0 / 8.0)
-    x = torch.randn(T, H, generator=g).bfloat16()
-    k = 1 if rw else 2
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-    tw = torch.softmax(torch.randn(T, k, generator=g), -1)
-    return qe, x, tw, ids
+    return random_moe_case(scheme, activation, name, E=E, H=H, I=I, T=T, k=1 if rw else 2)[:4]
 
 
 def _run(qe, spec, x, tw, ids, cfg):
