@@ -109,7 +109,32 @@ def _print_schemes() -> None:
         print(f"{alias:30s} = {name}")
 
 
+def _interpret_if_cpu_demo(argv) -> None:
+    """A demo on the CPU runs the generated Triton kernels through Triton's interpreter, which
+    must be switched on before anything imports triton.language: @triton.jit decides
+    interpreted or compiled when a function is decorated (Triton's own tl.sum included), and
+    building the parser imports the reference, which imports triton.language through torch."""
+    import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "demo" not in args or os.environ.get("TRITON_INTERPRET"):
+        return
+    dev = None
+    for i, a in enumerate(args):
+        if a == "--device" and i + 1 < len(args):
+            dev = args[i + 1]
+        elif a.startswith("--device="):
+            dev = a.split("=", 1)[1]
+    if dev is None:
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cpu"):
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def main(argv=None) -> int:
+    _interpret_if_cpu_demo(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version (0) and usage errors (2)
@@ -123,12 +148,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .demo import DemoConfig, run_demo
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        # Run the generated Triton kernels on the CPU through Triton's interpreter.
+        # the generated Triton kernels run on the CPU through Triton's interpreter
+        # (switched on by _interpret_if_cpu_demo before triton.language was imported)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    from .demo import DemoConfig, run_demo
+
     try:
         cfg = DemoConfig(scheme=args.scheme, tokens=args.tokens, device=device, compile=not args.no_compile)
         result = run_demo(cfg)

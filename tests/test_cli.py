@@ -65,6 +65,19 @@ def test_tokens_error_in_a_real_process_has_no_traceback():
     assert "--tokens" in r.stderr and "-3" in r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU demo path (Triton interpreter)")
+def test_readme_demo_runs_in_a_fresh_process_on_the_cpu():
+    """The README's main job as a user runs it: a fresh process WITHOUT TRITON_INTERPRET set (the
+    suite sets it). The CLI must switch the interpreter on before anything imports
+    triton.language, or Triton's own jit functions (tl.sum) stay compiled and every interpreted
+    kernel that calls them fails ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "emu_inductor", "demo", "--tokens", "2"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "max |compiled - eager| = 0" in r.stdout, r.stdout[-2000:]
+
+
 def test_schemes_lists_every_alias(capsys):
     rc, out, _ = _run(["schemes"], capsys)
     assert rc == 0
