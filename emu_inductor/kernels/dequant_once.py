@@ -53,25 +53,31 @@ def _dq_budget(plan: MoEPlan, P: int) -> int:
     return P * max(plan.H, plan.N1) * 2
 
 
-def _dq_gemm(plan: MoEPlan, a: torch.Tensor, wts: GemmWeights, w2: bool, N: int, K: int, offs, wbuf, chunk: int,
-             cfg: TileConfig) -> torch.Tensor:
+def _launch_dequant(mod, kspec, wts: GemmWeights, w2: bool, K: int, r0: int, n: int, nout: int,
+                    out: torch.Tensor) -> None:
+    """out [E, n, K] = output rows r0 .. r0 + n of every expert's weight, decoded by
+    dequant_kernel (the GEMMs' tile functions; `nout` = the gate half's width for GEMM1's gate |
+    up order). 64 x 256 tiles: each program streams 8 KiB of packed codes out as 32 KiB of bf16."""
+    dev = out.device
+    BN, BK = 64, min(256, _np2(K))
+    w = wts.w
+    mod.dequant_kernel[(out.shape[0] * _cdiv(n, BN), _cdiv(K, BK))](
+        w, _scale_u8(wts.scale), wts.alpha if wts.alpha is not None else _dummy(dev), out, w.shape[1], K, n, r0,
+        nout, w.stride(0), w.stride(1), wts.scale.stride(0), wts.scale.stride(1), W2=w2,
+        EVEN_K=_even_k(K, BK), FASTDEC=_fast_decode(kspec, K, BK, dev), BN=BN, BK=BK,
+        **({} if interpreting() else {"num_warps": 4}))
+
+
+def _dq_gemm(plan: MoEPlan, a: torch.Tensor, wts: GemmWeights, w2: bool, N: int, K: int, offs, wbuf,
+             chunk: int) -> torch.Tensor:
     """a [P, K] @ every expert's dequantized weight^T by groups `offs`, chunk by chunk of
     output rows (dequant_kernel into `wbuf`, then torch._grouped_mm): [P, N] bf16."""
-    dev = a.device
     E = plan.E
-    out = None if chunk >= N else torch.empty((a.shape[0], N), dtype=a.dtype, device=dev)
-    # 64 x 256 tiles: each program streams 8 KiB of packed codes out as 32 KiB of bf16 rows
-    BN, BK = 64, min(256, _np2(K))
-    kspec = plan.kspec
-    scale = _scale_u8(wts.scale)
+    out = None if chunk >= N else torch.empty((a.shape[0], N), dtype=a.dtype, device=a.device)
     for r0 in range(0, N, chunk):
         n = min(chunk, N - r0)
         wd = wbuf[: E * n * K].view(E, n, K)
-        plan.mod.dequant_kernel[(E * _cdiv(n, BN), _cdiv(K, BK))](
-            wts.w, scale, wts.alpha if wts.alpha is not None else _dummy(dev), wd, wts.w.shape[1], K, n, r0,
-            plan.I, wts.w.stride(0), wts.w.stride(1), wts.scale.stride(0), wts.scale.stride(1), W2=w2,
-            EVEN_K=_even_k(K, BK), FASTDEC=_fast_decode(kspec, K, BK, dev), BN=BN, BK=BK,
-            **({} if interpreting() else {"num_warps": 4}))
+        _launch_dequant(plan.mod, plan.kspec, wts, w2, K, r0, n, plan.I, wd)
         c = torch._grouped_mm(a, wd.transpose(1, 2), offs=offs)
         if out is None:
             return c
@@ -95,10 +101,11 @@ def moe_run_dq(plan: MoEPlan, cfg: TileConfig, dbg: bool = False):
     src_row = sid // plan.top_k if a_index == 0 else sid
     a1 = a_src.index_select(0, torch.where(sid < R, src_row, 0))
     del a_src
-    chunk1 = _dq_chunk_rows(E, plan.H, plan.N1, _dq_budget(plan, P))
-    chunk2 = _dq_chunk_rows(E, plan.I, plan.H, _dq_budget(plan, P))
+    budget = _dq_budget(plan, P)
+    chunk1 = _dq_chunk_rows(E, plan.H, plan.N1, budget)
+    chunk2 = _dq_chunk_rows(E, plan.I, plan.H, budget)
     wbuf = torch.empty(max(E * chunk1 * plan.H, E * chunk2 * plan.I), dtype=plan.x.dtype, device=dev)
-    c1 = _dq_gemm(plan, a1, plan.w13, False, plan.N1, plan.H, offs, wbuf, chunk1, cfg)
+    c1 = _dq_gemm(plan, a1, plan.w13, False, plan.N1, plan.H, offs, wbuf, chunk1)
     ws = _moe_workspaces(plan, P, dbg, dummy)
     if dbg:
         ws.dbg_a.copy_(a1.float())
@@ -109,7 +116,7 @@ def moe_run_dq(plan: MoEPlan, cfg: TileConfig, dbg: bool = False):
         scales.amax2, plan.I, R, E, plan.N1, P, plan.N1, DEBUG=dbg, AMAX_OUT=False,
         SPLIT=1, BM=cfg.BM, BN=BN, **({} if interpreting() else {"num_warps": 4}))
     del c1
-    c2 = _dq_gemm(plan, ws.a2, plan.w2, True, plan.H, plan.I, offs, wbuf, chunk2, cfg)
+    c2 = _dq_gemm(plan, ws.a2, plan.w2, True, plan.H, plan.I, offs, wbuf, chunk2)
     del wbuf
     y = torch.empty((plan.T, plan.H), dtype=plan.x.dtype, device=dev)
     BH = min(1024, _np2(plan.H))
@@ -122,8 +129,6 @@ def moe_run_dq(plan: MoEPlan, cfg: TileConfig, dbg: bool = False):
     return _moe_debug_rows(plan, blocks, ws, y)
 
 
-
-
 # --- linear: F.linear -----------------------------------------------------------------------
 
 
@@ -132,8 +137,7 @@ def linear_dq(a, weights: GemmWeights, R, a_gs, spec: OpSpec, out, alpha_mode) -
     weight decoded by dequant_kernel (the GEMM's own tile function) in chunks of output rows,
     then F.linear -- the reference's own op on the same operands (bias on cuBLAS's fp32
     accumulator, one rounding)."""
-    w = weights.w
-    N, K = w.shape[1], a.shape[1]
+    N, K = weights.w.shape[1], a.shape[1]
     dev = a.device
     kspec = kernel_spec_for(spec, a.dtype, alpha2=alpha_mode, a1_static=a_gs is not None,
                             a2_static=a_gs is not None, device=dev)
@@ -149,16 +153,10 @@ def linear_dq(a, weights: GemmWeights, R, a_gs, spec: OpSpec, out, alpha_mode) -
             **({} if interpreting() else {"num_warps": 4}))
     chunk = _dq_chunk_rows(1, K, N, R * max(N, K) * 2)
     wbuf = torch.empty(chunk * K, dtype=a.dtype, device=dev)
-    BN, BK = 64, min(256, _np2(K))
-    scale = _scale_u8(weights.scale)
     for r0 in range(0, N, chunk):
         n = min(chunk, N - r0)
         wd = wbuf[: n * K].view(1, n, K)
-        mod.dequant_kernel[(_cdiv(n, BN), _cdiv(K, BK))](
-            w, scale, weights.alpha if weights.alpha is not None else dummy, wd, N, K, n, r0, N,
-            w.stride(0), w.stride(1), weights.scale.stride(0), weights.scale.stride(1), W2=True,
-            EVEN_K=_even_k(K, BK), FASTDEC=_fast_decode(kspec, K, BK, dev), BN=BN, BK=BK,
-            **({} if interpreting() else {"num_warps": 4}))
+        _launch_dequant(mod, kspec, weights, True, K, r0, n, N, wd)
         bias = weights.bias[r0:r0 + n] if weights.bias is not None else None
         if n == N:  # one chunk: the library's output is the result
             return torch.nn.functional.linear(aq, wd[0], bias)

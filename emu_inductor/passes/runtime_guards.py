@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch._inductor import pattern_matcher as pm
 
 from .recorder import count
@@ -196,8 +197,6 @@ def _table_node(graph: torch.fx.Graph, bits: list[int], device, fake_mode) -> to
     per element: seconds for a 512-entry table)."""
     gm = graph.owning_module
     if gm is not None:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         with unset_fake_temporarily():
             t = torch.tensor(bits, dtype=torch.int32, device=device)
         name = f"_mxemu_guard_table_{next(_table_ids)}"
