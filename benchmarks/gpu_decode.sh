@@ -69,6 +69,10 @@ case $what in
   sweep)   # the committed decode sweep (all shapes) and the corpus at a real shape
          TAILN=30 step kernels 240 python3 benchmarks/bench_moe_kernels.py --skip-check --decode --budget 210 --out "$OUT"
          step corpus 200 python3 benchmarks/bench_corpus.py --shape gpt_oss --entries gptoss_mxfp4_moe gptoss_mxfp4_linear --tokens 1 32 --out "$OUT" ;;
+  host)    # host time per call layer by layer (no CUDA graphs); the linear dq path at 2048 tokens (corpus, Qwen3 widths)
+         TAILN=80 step host 150 python3 benchmarks/host_breakdown.py --out "$OUT" ${HOST_TAG:+--tag $HOST_TAG}
+         TAILN=12 step corpus_dq ${CORPUS_LIMIT:-200} python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 2048 --iters 10 --tag t2048_dq \
+              --entries vllm_mxfp4_linear quark_mxfp4_linear resp_all_slots gptoss_mxfp4_linear vllm_nvfp4_linear --out "$OUT" ;;
   full)  step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          [ -n "${SKIP_VALUES:-}" ] || step values 75 python3 benchmarks/gpu_value_checks.py
          step quick 100 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"
