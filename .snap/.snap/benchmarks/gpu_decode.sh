@@ -80,6 +80,12 @@ case $what in
          TAILN=12 step corpus 170 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --tag t1_fastlaunch \
               --entries vllm_mxfp4_linear quark_mxfp4_linear resp_moe_chunk gptoss_mxfp4_moe --out "$OUT"
          step profile 110 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT" ;;
+  hostfix2) # the fast launch path keyed by call pattern: checks, host time per call, corpus at 1 token
+         step check 120 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         step values 130 python3 benchmarks/gpu_value_checks.py
+         TAILN=60 step host 150 python3 benchmarks/host_breakdown.py --out "$OUT" --tag _after2
+         TAILN=12 step corpus 170 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 --tag t1_fastlaunch2 \
+              --entries vllm_mxfp4_linear quark_mxfp4_linear resp_moe_chunk gptoss_mxfp4_moe --out "$OUT" ;;
   full)  step check 110 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          [ -n "${SKIP_VALUES:-}" ] || step values 75 python3 benchmarks/gpu_value_checks.py
          step quick 100 python3 benchmarks/bench_moe_kernels.py --quick --out "$OUT"

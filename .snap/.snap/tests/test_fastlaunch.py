@@ -154,3 +154,14 @@ def test_env_switch_turns_it_off(fast, monkeypatch):
     for _ in range(3):
         fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 1.5, BLOCK=16)
     assert len(jit.slow_calls) == 3
+
+
+def test_a_tensor_keyword_or_a_changed_argument_type_is_not_reused(fast):
+    jit = _Jit()
+    x = torch.zeros(64)
+    fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 1.5, BLOCK=16)
+    fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 1.5, BLOCK=torch.ones(1))  # never remembered by identity
+    fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 1.5, BLOCK=torch.ones(1))
+    assert len(jit.slow_calls) == 3 and fastlaunch.stats()["fallbacks"] == 2
+    fastlaunch.launch_kernel(jit, (1,), x, 3, True, 1.5, BLOCK=16)  # bool where an int was: another pattern
+    assert len(jit.slow_calls) == 4 and not _fast_launches(jit)

@@ -27,9 +27,20 @@ if bad == "topk_ids":
 g1 = ex.a1_global_scale.clone()
 if bad == "a1_global_scale":
     g1.fill_(float("nan"))
+spec = OpSpec.from_scheme("nvfp4_w4a4")
 y = moe_triton(x, ex.w13, ex.w13_scale, a13, ex.w2, ex.w2_scale, ex.w2_alpha, w, ids, g1, ex.a2_global_scale,
-               None, OpSpec.from_scheme("nvfp4_w4a4"))
+               None, spec)
 torch.cuda.synchronize()
+if bad == "w2_alpha_in_place":  # checked and remembered above; a later in-place change must be seen
+    a2 = ex.w2_alpha
+    a2[0] = -1.0
+    y = moe_triton(x, ex.w13, ex.w13_scale, a13, ex.w2, ex.w2_scale, a2, w, ids, g1, ex.a2_global_scale, None, spec)
+    torch.cuda.synchronize()
+if bad == "offs":  # grouped_mm's group ends must not decrease
+    offs = torch.tensor([3, 2], dtype=torch.int32, device="cuda")
+    a = torch.randn(4, ex.w13.shape[2] * 2, device="cuda").bfloat16()
+    y = torch.ops.mxemu.grouped_mm(a, ex.w13[:2], ex.w13_scale[:2], ex.w13_alpha[:2], offs, g1, spec.to_str())
+    torch.cuda.synchronize()
 print("FINISHED", float(y.float().abs().sum()))
 """
 
@@ -59,11 +70,11 @@ ok &= nosync
 print(f"{'no_host_sync':16s} rc={p.returncode} -> {'ok' if nosync else 'WRONG'}")
 if not nosync:
     print((p.stdout + p.stderr)[-1500:])
-for bad in ("none", "w13_alpha", "topk_ids", "a1_global_scale"):
+for bad in ("none", "w13_alpha", "topk_ids", "a1_global_scale", "w2_alpha_in_place", "offs"):
     p = subprocess.run([sys.executable, "-c", CASE.format(bad=bad)], capture_output=True, text=True, timeout=120)
     text = p.stdout + p.stderr
     finished = "FINISHED" in text
-    named = bad in text
+    named = bad.replace("_in_place", "") in text
     good = finished if bad == "none" else (not finished and named)
     ok &= good
     print(f"{bad:16s} rc={p.returncode} finished={finished} named={named} -> {'ok' if good else 'WRONG'}")

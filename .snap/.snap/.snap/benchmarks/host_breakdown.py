@@ -115,6 +115,9 @@ def bare_launches(group, log):
     for jit, grid, args, kw in log:
         name = jit.__name__
         row(group, f"{name}[grid](...) (Triton's JITFunction.run)", host_us(lambda: jit[grid](*args, **kw)))
+        from emu_inductor.kernels.fastlaunch import launch_kernel
+        row(group, f"{name} through kernels.fastlaunch.launch_kernel",
+            host_us(lambda: launch_kernel(jit, grid, *args, **kw)))
         try:
             kernel = jit.run(*args, grid=grid, warmup=False, **kw)
             dev = driver.active.get_current_device()

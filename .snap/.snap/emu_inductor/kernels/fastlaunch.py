@@ -25,6 +25,7 @@ and anything unexpected take Triton's own path every time.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import torch
@@ -50,20 +51,21 @@ def stats() -> dict:
 class _KernelTable:
     """The compiled kernels of one JITFunction by call key, and its signature facts."""
 
-    __slots__ = ("jit", "names", "index", "dns", "defaults", "entries")
+    __slots__ = ("jit", "names", "dns", "defaults", "layouts", "entries")
 
     def __init__(self, jit):
         self.jit = jit  # held: the table is found by id(jit), which must not be reused
         params = jit.params
         self.names = [p.name for p in params]
-        self.index = {p.name: i for i, p in enumerate(params)}
         self.dns = frozenset(i for i, p in enumerate(params) if p.do_not_specialize)
         self.defaults = [p.default if p.has_default else _MISSING for p in params]
+        self.layouts: dict = {}
         self.entries: dict = {}
 
 
 _MISSING = object()
 _TABLES: dict = {}
+_SIMPLE = frozenset({int, bool, str, float, type(None)})  # keyword values keyed by value
 
 
 def _int_type(v: int) -> str:
@@ -73,30 +75,52 @@ def _int_type(v: int) -> str:
     return "u64" if v >= 2 ** 63 else "i64"
 
 
-def _key_of(a, dns: bool):
-    if isinstance(a, _Tensor):
-        return (a.dtype, (a.data_ptr() & 15) == 0)
-    t = type(a)
-    if t is float:  # a runtime float is passed as fp32 whatever its value
-        return float
-    if dns and t is int:
-        return (int, _int_type(a))
-    return (t, a)
+def _getter(idx):
+    # a C-level picker of positions (operator.itemgetter returns a bare item for one index)
+    if not idx:
+        return lambda a: ()
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda a: (a[i],)
+    return operator.itemgetter(*idx)
+
+
+class _Layout:
+    """One call pattern (the positional arguments' exact types): which positions hold tensors
+    (keyed by dtype and 16-byte alignment), do_not_specialize ints (keyed by integer type),
+    floats (keyed by type: already in the pattern) and everything else (keyed by value)."""
+
+    __slots__ = ("tensors", "plain", "loose")
+
+    def __init__(self, types, dns):
+        tens = [i for i, t in enumerate(types) if issubclass(t, _Tensor)]
+        loose = [i for i, t in enumerate(types) if t is int and i in dns]
+        skip = set(tens) | set(loose) | {i for i, t in enumerate(types) if t is float}
+        self.tensors = _getter(tens)
+        self.plain = _getter([i for i in range(len(types)) if i not in skip])
+        self.loose = loose
 
 
 def _call_key(table: _KernelTable, grid, args, kwargs, device):
-    dns = table.dns
-    pos = tuple(_key_of(a, i in dns) for i, a in enumerate(args))
-    index = table.index
-    kw = tuple((k, _key_of(v, index.get(k, -1) in dns)) for k, v in kwargs.items())
-    return (grid, device, pos, kw)
+    """The call key (module docstring); None when a keyword value is not a plain constant."""
+    types = tuple(map(type, args))
+    lay = table.layouts.get(types)
+    if lay is None:
+        lay = table.layouts.setdefault(types, _Layout(types, table.dns))
+    kw = tuple(kwargs.items())
+    if not _SIMPLE.issuperset(map(type, kwargs.values())):
+        return None
+    flags = tuple([(t.dtype, not (t.data_ptr() & 15)) for t in lay.tensors(args)])
+    loose = tuple([_int_type(args[i]) for i in lay.loose]) if lay.loose else ()
+    return (grid, device, types, lay.plain(args), flags, loose, kw)
 
 
-def _ordered_args(table: _KernelTable, args, kwargs):
-    """The kernel's arguments in signature order (constexprs included, defaults applied),
-    as JITFunction.run hands them to the compiled launcher; None where one is missing."""
-    vals = list(args)
-    for i in range(len(args), len(table.names)):
+def _tail_args(table: _KernelTable, n_pos: int, kwargs):
+    """The parameters after the positional ones, as JITFunction.run binds them (keyword
+    values, else defaults); None where one is missing. Part of the call key, so a hit
+    reuses the tuple remembered with its kernel."""
+    vals = []
+    for i in range(n_pos, len(table.names)):
         name = table.names[i]
         if name in kwargs:
             vals.append(kwargs[name])
@@ -104,7 +128,7 @@ def _ordered_args(table: _KernelTable, args, kwargs):
             vals.append(table.defaults[i])
         else:
             return None
-    return vals
+    return tuple(vals)
 
 
 def _hooked(hook) -> bool:
@@ -145,27 +169,32 @@ def launch_kernel(jit, grid, *args, **kwargs) -> None:
         with _lock:
             table = _TABLES.setdefault(id(jit), _KernelTable(jit))
     device = drv.get_current_device()
-    key = _call_key(table, grid, args, kwargs, device) + (rt.debug, knobs.compilation.instrumentation_mode)
+    key = _call_key(table, grid, args, kwargs, device)
+    if key is None:
+        _STATS["fallbacks"] += 1
+        jit[grid](*args, **kwargs)
+        return
+    key += (rt.debug, knobs.compilation.instrumentation_mode)
     entry = table.entries.get(key)
     if entry is None:
         _STATS["misses"] += 1
         kernel = jit[grid](*args, **kwargs)  # compiles if needed; returns the CompiledKernel
         if hasattr(kernel, "result"):  # an async compile future
             kernel = kernel.result()
-        if kernel is None or _ordered_args(table, args, kwargs) is None or len(grid) > 3:
+        tail = _tail_args(table, len(args), kwargs)
+        if kernel is None or tail is None or len(grid) > 3:
             return
         kernel.run  # noqa: B018 -- loads the module and function handles now, not per call
         g = tuple(grid) + (1,) * (3 - len(grid))
         with _lock:
             if len(table.entries) >= _MAX_ENTRIES:
                 table.entries.clear()
-            table.entries[key] = (kernel, g)
+            table.entries[key] = (kernel, g, tail)
         return
     _STATS["hits"] += 1
-    kernel, g = entry
-    vals = _ordered_args(table, args, kwargs)
-    stream = drv.get_current_stream(device)
-    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *vals)
+    kernel, g, tail = entry
+    kernel.run(g[0], g[1], g[2], drv.get_current_stream(device), kernel.function, kernel.packed_metadata,
+               None, None, None, *args, *tail)
 
 
 def clear() -> None:

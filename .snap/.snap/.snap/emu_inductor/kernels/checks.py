@@ -10,7 +10,8 @@ fails the stream like `torch._assert_async` does: asynchronously, surfacing at t
 synchronising call, with the message naming the argument; CUDA graphs capture it.
 
 Slots: up to four float tensors (finite, > 0 and >= a lower bound) and two integer
-tensors (lo <= v < hi); an unused slot has n = 0.
+tensors (lo <= v < hi, optionally non-decreasing: grouped_mm's group ends); an unused
+slot has n = 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+
+from .fastlaunch import launch_kernel
 
 __all__ = ["FloatRule", "IntRule", "check_values"]
 
@@ -36,12 +39,14 @@ class FloatRule:
 
 @dataclasses.dataclass(frozen=True)
 class IntRule:
-    """`lo <= tensor < hi` elementwise; `message` names the argument."""
+    """`lo <= tensor < hi` elementwise (and, with `nondecreasing`, each element >= the one
+    before it in flat order); `message` names the argument."""
 
     tensor: torch.Tensor
     message: str
     lo: int
     hi: int
+    nondecreasing: bool = False
 
 
 @triton.jit(debug=True, do_not_specialize=["n0", "n1", "n2", "n3", "ni0", "ni1", "lo_i0", "hi_i0", "lo_i1",
@@ -49,7 +54,8 @@ class IntRule:
 def _check_values_kernel(f0, n0, lo0, f1, n1, lo1, f2, n2, lo2, f3, n3, lo3,
                          i0, ni0, lo_i0, hi_i0, i1, ni1, lo_i1, hi_i1,
                          M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
-                         MI0: tl.constexpr, MI1: tl.constexpr, BLOCK: tl.constexpr):
+                         MI0: tl.constexpr, MI1: tl.constexpr, MONO0: tl.constexpr, MONO1: tl.constexpr,
+                         BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     for start in range(0, n0, BLOCK):
         m = start + offs < n0
@@ -71,10 +77,18 @@ def _check_values_kernel(f0, n0, lo0, f1, n1, lo1, f2, n2, lo2, f3, n3, lo3,
         m = start + offs < ni0
         v = tl.load(i0 + start + offs, mask=m, other=lo_i0).to(tl.int64)
         tl.device_assert(((v >= lo_i0) & (v < hi_i0)) | ~m, MI0)
+        if MONO0:
+            pm = m & (start + offs > 0)
+            prev = tl.load(i0 + start + offs - 1, mask=pm, other=lo_i0).to(tl.int64)
+            tl.device_assert((v >= prev) | ~pm, MI0)
     for start in range(0, ni1, BLOCK):
         m = start + offs < ni1
         v = tl.load(i1 + start + offs, mask=m, other=lo_i1).to(tl.int64)
         tl.device_assert(((v >= lo_i1) & (v < hi_i1)) | ~m, MI1)
+        if MONO1:
+            pm = m & (start + offs > 0)
+            prev = tl.load(i1 + start + offs - 1, mask=pm, other=lo_i1).to(tl.int64)
+            tl.device_assert((v >= prev) | ~pm, MI1)
 
 
 _PLACEHOLDERS: dict = {}
@@ -111,14 +125,16 @@ def check_values(floats: Sequence[FloatRule] = (), ints: Sequence[IntRule] = (),
         else:
             fargs += [dummy_f, 0, 0.0]
             fmsgs.append("unused")
-    iargs, imsgs = [], []
+    iargs, imsgs, mono = [], [], []
     for j in range(2):
         if j < len(ints):
             r = ints[j]
             iargs += [r.tensor.reshape(-1).contiguous(), r.tensor.numel(), int(r.lo), int(r.hi)]
             imsgs.append(r.message)
+            mono.append(bool(r.nondecreasing))
         else:
             iargs += [dummy_i, 0, 0, 1]
             imsgs.append("unused")
-    _check_values_kernel[(1,)](*fargs, *iargs, M0=fmsgs[0], M1=fmsgs[1], M2=fmsgs[2], M3=fmsgs[3],
-                               MI0=imsgs[0], MI1=imsgs[1], BLOCK=128)
+            mono.append(False)
+    launch_kernel(_check_values_kernel, (1,), *fargs, *iargs, M0=fmsgs[0], M1=fmsgs[1], M2=fmsgs[2], M3=fmsgs[3],
+                  MI0=imsgs[0], MI1=imsgs[1], MONO0=mono[0], MONO1=mono[1], BLOCK=128)

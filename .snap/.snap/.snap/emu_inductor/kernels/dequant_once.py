@@ -16,6 +16,7 @@ import os
 import torch
 
 from ..spec.opspec import OpSpec
+from .fastlaunch import launch_kernel
 from .launch_common import (BlockRouting, GemmWeights, MoEPlan, _cdiv, _dummy, _even_k, _fast_decode,
     _kernel_scales, _moe_debug_rows, _moe_prequant, _moe_workspaces, _np2, _qdq_bk, _scale_u8, get_module,
     interpreting, kernel_spec_for, moe_align)
@@ -61,7 +62,7 @@ def _launch_dequant(mod, kspec, wts: GemmWeights, w2: bool, K: int, r0: int, n: 
     dev = out.device
     BN, BK = 64, min(256, _np2(K))
     w = wts.w
-    mod.dequant_kernel[(out.shape[0] * _cdiv(n, BN), _cdiv(K, BK))](
+    launch_kernel(mod.dequant_kernel, (out.shape[0] * _cdiv(n, BN), _cdiv(K, BK)),
         w, _scale_u8(wts.scale), wts.alpha if wts.alpha is not None else _dummy(dev), out, w.shape[1], K, n, r0,
         nout, w.stride(0), w.stride(1), wts.scale.stride(0), wts.scale.stride(1), W2=w2,
         EVEN_K=_even_k(K, BK), FASTDEC=_fast_decode(kspec, K, BK, dev), BN=BN, BK=BK,
@@ -111,7 +112,7 @@ def moe_run_dq(plan: MoEPlan, cfg: TileConfig, dbg: bool = False):
         ws.dbg_a.copy_(a1.float())
     del a1
     BN = 64
-    plan.mod.act_epilogue_kernel[(blocks.num_blocks, _cdiv(plan.I, BN))](
+    launch_kernel(plan.mod.act_epilogue_kernel, (blocks.num_blocks, _cdiv(plan.I, BN)),
         c1, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
         scales.amax2, plan.I, R, E, plan.N1, P, plan.N1, DEBUG=dbg, AMAX_OUT=False,
         SPLIT=1, BM=cfg.BM, BN=BN, **({} if interpreting() else {"num_warps": 4}))
@@ -120,7 +121,7 @@ def moe_run_dq(plan: MoEPlan, cfg: TileConfig, dbg: bool = False):
     del wbuf
     y = torch.empty((plan.T, plan.H), dtype=plan.x.dtype, device=dev)
     BH = min(1024, _np2(plan.H))
-    plan.mod.combine_kernel[(plan.T, _cdiv(plan.H, BH))](
+    launch_kernel(plan.mod.combine_kernel, (plan.T, _cdiv(plan.H, BH)),
         c2, blocks.pos_of_id, blocks.block_expert, plan.routing.topk_weights, dummy, y, plan.T, plan.H, P,
         TOPK=plan.top_k, SPLIT=1, HAS_BIAS=False, MUL_W=not plan.spec.router_weight_on_input, BM=cfg.BM, BH=BH,
         **({} if interpreting() else {"num_warps": 4}))
@@ -148,7 +149,7 @@ def linear_dq(a, weights: GemmWeights, R, a_gs, spec: OpSpec, out, alpha_mode) -
         aq = torch.empty_like(a)
         qbk = _qdq_bk(K, spec)
         gs = a_gs.reshape(1).to(torch.float32) if a_gs is not None else dummy
-        mod.prequant_kernel[(_cdiv(R, 16), _cdiv(K, qbk))](
+        launch_kernel(mod.prequant_kernel, (_cdiv(R, 16), _cdiv(K, qbk)),
             a, a.stride(0), dummy, gs, aq, aq.stride(0), R, K, TOPK=1, RW=False, BM=16, BK=qbk,
             **({} if interpreting() else {"num_warps": 4}))
     chunk = _dq_chunk_rows(1, K, N, R * max(N, K) * 2)

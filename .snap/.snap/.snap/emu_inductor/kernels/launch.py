@@ -21,6 +21,7 @@ from ..spec.activations import is_gated
 from ..spec.opspec import OpSpec
 from .autotune import select_config
 from .dequant_once import (dq_applies, linear_dq, linear_dq_applies, moe_run_dq)
+from .fastlaunch import launch_kernel
 from .kernel_spec import alpha_mode_of
 from .launch_common import (ActScales, BlockRouting, GemmWeights, KernelScales, MoEPlan, MoEWorkspaces,
     Routing, _cdiv, _dec_kw, _dummy, _even_k, _iota_i32, _k_per_split, _kernel_scales, _launch_kw,
@@ -76,13 +77,19 @@ def launch_moe(hidden_states, w13: GemmWeights, w2: GemmWeights, routing: Routin
     return run(config, debug)
 
 
+@functools.lru_cache(maxsize=256)
+def _kspec_digest(kspec) -> str:
+    # KernelSpec is frozen: its digest (JSON + sha256, ~20 us) is computed once, not per call
+    return kspec.digest()
+
+
 def _moe_config(plan: MoEPlan, run) -> TileConfig:
     rows_per_expert = plan.R / max(1, min(plan.E, plan.R))
     if plan.kspec.interpret:
         c1 = interpreter_config(plan.I, plan.H, rows_per_expert)
         c2 = interpreter_config(plan.H, plan.I, rows_per_expert)
         return TileConfig(c1.BM, max(c1.BN, 32), max(c1.BK, c2.BK), 4, 1)
-    key = (f"moe|{plan.kspec.digest()}|E{plan.E}|H{plan.H}|I{plan.I}|k{plan.top_k}|T{token_bucket(plan.T)}|"
+    key = (f"moe|{_kspec_digest(plan.kspec)}|E{plan.E}|H{plan.H}|I{plan.I}|k{plan.top_k}|T{token_bucket(plan.T)}|"
            f"{plan.reduction}|pq{int(plan.prequant)}")
     return select_config(key, plan.x.device, rows_per_expert, bench=_bencher(run), verify=_verifier(run))
 
@@ -124,7 +131,7 @@ def _moe_gemm1(plan: MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ker
     cnt, fuse = _split_counters(plan.x.device, grid1[0] * grid1[1]) if split > 1 else (_dummy(plan.x.device, torch.int32), False)
     bias = (w13.bias,) if w13.bias is not None else ()  # b1_ptr exists only in bias1 kernels
     amax_out = fp8 and not plan.kspec.a2_static
-    plan.mod.gemm_act_kernel[grid1 + (split,)](
+    launch_kernel(plan.mod.gemm_act_kernel, grid1 + (split,),
         a_src, a_src.stride(0), w1a, s1a, w13.alpha if w13.alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights, scales.gs1, scales.gs2, ws.a2,
         ws.a2.stride(0), ws.dbg_a, ws.dbg_c, scales.amax2, *bias, part, cnt,
@@ -135,7 +142,7 @@ def _moe_gemm1(plan: MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ker
         PREFETCH=bool(cfg.prefetch), **_dec_kw(plan.kspec, plan.H, cfg, plan.x.device), BM=cfg.BM,
         BN=cfg.BN, BK=cfg.BK, **_launch_kw(cfg), **_pdl_kw(plan.x.device))
     if split > 1 and not fuse:
-        plan.mod.act_epilogue_kernel[grid1](
+        launch_kernel(plan.mod.act_epilogue_kernel, grid1,
             part, blocks.sorted_ids, blocks.block_expert, scales.gs2, ws.a2, ws.a2.stride(0), ws.dbg_c,
             scales.amax2, *bias, plan.I, plan.R, plan.E, plan.N1, P, pw, DEBUG=dbg, AMAX_OUT=amax_out,
             SPLIT=split, BM=cfg.BM, BN=cfg.BN, **({} if interpreting() else {"num_warps": 4}),
@@ -171,7 +178,7 @@ def _moe_gemm2(plan: MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ker
     else:
         out = torch.zeros((plan.R, H), dtype=dtype, device=dev)
         store = 0
-    plan.mod.gemm_out_kernel[grid2 + (split,)](
+    launch_kernel(plan.mod.gemm_out_kernel, grid2 + (split,),
         ws.a2, ws.a2.stride(0), w2a, _scale_u8(w2.scale), w2.alpha if w2.alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, plan.routing.topk_weights,
         scales.gs2_static if scales.gs2_static is not None else scales.amax2,
@@ -188,7 +195,7 @@ def _moe_gemm2(plan: MoEPlan, cfg: TileConfig, blocks: BlockRouting, scales: Ker
     if fuse:
         return y
     BH = min(1024, _np2(H))
-    plan.mod.combine_kernel[(plan.T, _cdiv(H, BH))](
+    launch_kernel(plan.mod.combine_kernel, (plan.T, _cdiv(H, BH)),
         out, blocks.pos_of_id, blocks.block_expert, plan.routing.topk_weights,
         w2.bias if w2.bias is not None else dummy, y, plan.T, H, P, TOPK=plan.top_k, SPLIT=split,
         HAS_BIAS=w2.bias is not None, MUL_W=not plan.spec.router_weight_on_input, BM=cfg.BM, BH=BH,
@@ -281,7 +288,7 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
     split = _splits(cfg.split2, grid[0] * grid[1], K, cfg.BK, dev) if cfg.split2 != 0 else 1
     P = blocks.padded_rows
     part = torch.empty((split, P, N), dtype=torch.float32, device=dev) if split > 1 else out
-    mod.gemm_out_kernel[grid + (split,)](
+    launch_kernel(mod.gemm_out_kernel, grid + (split,),
         a, a.stride(0), w, _scale_u8(w_scale), w_alpha if w_alpha is not None else dummy,
         blocks.sorted_ids, blocks.block_expert, dummy, gs, bias if bias is not None else dummy,
         part, N if split > 1 else out.stride(0), dummy, _dummy(dev, torch.int32), dummy, N, K, R, E, N,
@@ -294,7 +301,7 @@ def _gemm_rows(a, weights: GemmWeights, blocks: BlockRouting, R, a_gs, spec: OpS
         # rows r < R: the row's padded position (pos_of_id), its block's expert for the bias;
         # a row of no group (grouped_mm rows past offs[-1]) has pos P and comes out zero
         BH = min(1024, _np2(N))
-        mod.combine_kernel[(R, _cdiv(N, BH))](
+        launch_kernel(mod.combine_kernel, (R, _cdiv(N, BH)),
             part, blocks.pos_of_id, blocks.block_expert, dummy, bias if bias is not None else dummy, out, R, N, P,
             TOPK=1, SPLIT=split, HAS_BIAS=bias is not None, MUL_W=False, BM=cfg.BM, BH=BH,
             **({} if interpreting() else {"num_warps": 4}))

@@ -29,6 +29,7 @@ import torch
 from ..formats import FORMATS
 from ..spec.opspec import OpSpec
 from .cache import load_module
+from .fastlaunch import launch_kernel
 from .kernel_spec import KernelSpec
 from .render import render
 from .render_helpers import fast_decode_supported
@@ -125,13 +126,13 @@ def _routing_launch(topk_ids, expert_map, E: int, BM: int):
 def _moe_align_triton(topk_ids, expert_map, E: int, BM: int, kernel: str = "sort"):
     outs, args, sort_kw, warps = _routing_launch(topk_ids, expert_map, E, BM)
     if kernel == "sort":
-        moe_align_sort_kernel[(1,)](*args, **sort_kw, **warps)
+        launch_kernel(moe_align_sort_kernel, (1,), *args, **sort_kw, **warps)
     else:
         R, BE = topk_ids.numel(), sort_kw["BE"]
         BR = max(16, min(_np2(R), 8192 // BE))
         BF = max(16, 8192 // BE)
-        moe_align_kernel[(1,)](*args, HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
-                               **({} if interpreting() else {"num_warps": _routing_warps(4)}))
+        launch_kernel(moe_align_kernel, (1,), *args, HAS_MAP=expert_map is not None, BM=BM, BR=BR, BE=BE, BF=BF,
+                      **({} if interpreting() else {"num_warps": _routing_warps(4)}))
     return outs
 
 
@@ -467,7 +468,7 @@ def _moe_prep(plan: MoEPlan, cfg: TileConfig, scales: KernelScales):
     a_src = torch.empty((M, H), dtype=x.dtype, device=x.device)
     outs, args, sort_kw, warps = _routing_launch(plan.routing.topk_ids, plan.routing.expert_map, plan.E, cfg.BM)
     nqk = _cdiv(H, qbk)
-    plan.mod.prep_kernel[(1 + _cdiv(M, 16) * nqk,)](
+    launch_kernel(plan.mod.prep_kernel, (1 + _cdiv(M, 16) * nqk,),
         x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H, nqk, *args,
         TOPK=plan.top_k if rw else 1, RW=rw, BMQ=16, BKQ=qbk, **sort_kw, **warps, **_pdl_kw(x.device))
     return BlockRouting(*outs), a_src, 1 if rw else 0
@@ -479,7 +480,7 @@ def _moe_prequant(plan: MoEPlan, scales: KernelScales):
     x, H = plan.x, plan.H
     M, qbk, rw = _prequant_shape(plan)
     a_src = torch.empty((M, H), dtype=x.dtype, device=x.device)
-    plan.mod.prequant_kernel[(_cdiv(M, 16), _cdiv(H, qbk))](
+    launch_kernel(plan.mod.prequant_kernel, (_cdiv(M, 16), _cdiv(H, qbk)),
         x, x.stride(0), plan.routing.topk_weights, scales.gs1, a_src, a_src.stride(0), M, H,
         TOPK=plan.top_k if rw else 1, RW=rw, BM=16, BK=qbk, **({} if interpreting() else {"num_warps": 4}))
     return a_src, 1 if rw else 0

@@ -17,6 +17,16 @@ Two kinds of checks:
                later without a device-to-host sync and are captured by CUDA graphs. Skipped while the
                passes trace patterns on example tensors and under `is_compiling()` (the
                fake implementations never see values).
+
+Scales and expert maps are module buffers that a decode step passes unchanged on every
+call; re-checking them cost one launch per linear and most of the MoE check's arguments
+(benchmarks/results/host_breakdown_h200.json). A tensor whose values were checked is
+remembered with its version counter and address (`_CHECKED`): it is checked again only
+after an in-place change (`copy_`, `fill_`, `load_state_dict`, ... bump the version) or
+when another tensor object is passed. A failed check fails the stream, so no later call
+relies on a bad remembered value. Writes through `.data` bypass the version counter;
+EMU_INDUCTOR_VALUE_CHECK_MEMO=0 checks every call. Per-call values (expert ids, group
+ends) are always checked.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..formats import FORMATS, MIN_GLOBAL_SCALE
 from ..reference.moe import check_act_scale, check_bias, check_moe_args
@@ -202,6 +213,40 @@ def _act_scale_rule(name: str, g: Optional[torch.Tensor], spec: OpSpec):
     return FloatRule(g, f"{name}: expected finite positive scales")
 
 
+_CHECKED = WeakIdKeyDictionary()  # tensor -> (version, address) when its values were checked
+
+
+def _stamp(t: torch.Tensor):
+    try:
+        return (t._version, t.data_ptr())
+    except RuntimeError:  # an inference tensor has no version counter: never remembered
+        return None
+
+
+def _memo_on() -> bool:
+    return os.environ.get("EMU_INDUCTOR_VALUE_CHECK_MEMO", "1") != "0"
+
+
+def _unchecked(t: Optional[torch.Tensor]) -> bool:
+    """`t` is given and its current values were not checked before (module docstring)."""
+    if t is None:
+        return False
+    if not _memo_on():
+        return True
+    st = _CHECKED.get(t)
+    return st is None or st != _stamp(t)
+
+
+def _remember(*ts: Optional[torch.Tensor]) -> None:
+    if not _memo_on():
+        return
+    for t in ts:
+        if t is not None:
+            st = _stamp(t)
+            if st is not None:
+                _CHECKED[t] = st
+
+
 def _one_launch(device: torch.device) -> bool:
     """Value checks on a CUDA device run as one Triton launch (kernels.checks) instead of
     ~5 torch launches per argument; EMU_INDUCTOR_VALUE_CHECKS=torch keeps the latter."""
@@ -217,14 +262,17 @@ def check_moe_values(topk_ids, w13, w13_alpha, w2_alpha, a1_gs, a2_gs, expert_ma
     if _one_launch(topk_ids.device):
         from ..kernels.checks import FloatRule, IntRule, check_values
 
+        # the scales and the expert map only when not checked before (_CHECKED); the ids always
         floats = [FloatRule(a, f"{n}: expected finite positive scales") for n, a in
-                  (("w13_alpha", w13_alpha), ("w2_alpha", w2_alpha)) if a is not None]
-        floats += [r for r in (_act_scale_rule("a1_global_scale", a1_gs, spec),
-                               _act_scale_rule("a2_global_scale", a2_gs, spec)) if r is not None]
+                  (("w13_alpha", w13_alpha), ("w2_alpha", w2_alpha)) if _unchecked(a)]
+        floats += [r for r in (_act_scale_rule("a1_global_scale", a1_gs, spec) if _unchecked(a1_gs) else None,
+                               _act_scale_rule("a2_global_scale", a2_gs, spec) if _unchecked(a2_gs) else None)
+                   if r is not None]
         ints = [IntRule(topk_ids, f"topk_ids: expected ids in [0, {n_global - 1}]", 0, n_global)]
-        if expert_map is not None:
+        if _unchecked(expert_map):
             ints.append(IntRule(expert_map, f"expert_map: expected -1 or 0..{E - 1}", -1, E))
         check_values(floats, ints)
+        _remember(w13_alpha, w2_alpha, a1_gs, a2_gs, expert_map)
         return
     _positive_scale("w13_alpha", w13_alpha)
     _positive_scale("w2_alpha", w2_alpha)
@@ -244,9 +292,11 @@ def check_linear_values(alpha, input_global_scale, spec: OpSpec) -> None:
     if dev is not None and _one_launch(dev):
         from ..kernels.checks import FloatRule, check_values
 
-        floats = [FloatRule(alpha, "alpha: expected finite positive scales")] if alpha is not None else []
-        r = _act_scale_rule("input_global_scale", input_global_scale, spec)
+        # constant scales: checked once per value (_CHECKED), so a decode step launches nothing
+        floats = [FloatRule(alpha, "alpha: expected finite positive scales")] if _unchecked(alpha) else []
+        r = _act_scale_rule("input_global_scale", input_global_scale, spec) if _unchecked(input_global_scale) else None
         check_values(floats + ([r] if r is not None else []))
+        _remember(alpha, input_global_scale)
         return
     _positive_scale("alpha", alpha)
     _act_scale_values("input_global_scale", input_global_scale, spec)
@@ -254,6 +304,18 @@ def check_linear_values(alpha, input_global_scale, spec: OpSpec) -> None:
 
 def check_grouped_mm_values(w_alpha, offs, a_global_scale, spec: OpSpec) -> None:
     if not _values_checkable():
+        return
+    if _one_launch(offs.device):
+        from ..kernels.checks import FloatRule, IntRule, check_values
+
+        floats = [FloatRule(w_alpha, "w_alpha: expected finite positive scales")] if _unchecked(w_alpha) else []
+        r = _act_scale_rule("a_global_scale", a_global_scale, spec) if _unchecked(a_global_scale) else None
+        # group ends: non-negative and non-decreasing (both backends find a row's group by
+        # binary search, which is meaningless on unsorted ends)
+        ints = [IntRule(offs, "offs: expected non-negative, non-decreasing group ends", 0, 2 ** 62,
+                        nondecreasing=True)]
+        check_values(floats + ([r] if r is not None else []), ints)
+        _remember(w_alpha, a_global_scale)
         return
     _positive_scale("w_alpha", w_alpha)
     _act_scale_values("a_global_scale", a_global_scale, spec)
