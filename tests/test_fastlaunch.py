@@ -165,3 +165,11 @@ def test_a_tensor_keyword_or_a_changed_argument_type_is_not_reused(fast):
     assert len(jit.slow_calls) == 3 and fastlaunch.stats()["fallbacks"] == 2
     fastlaunch.launch_kernel(jit, (1,), x, 3, True, 1.5, BLOCK=16)  # bool where an int was: another pattern
     assert len(jit.slow_calls) == 4 and not _fast_launches(jit)
+
+
+def test_a_callable_grid_takes_tritons_path(fast):
+    jit = _Jit()
+    x = torch.zeros(64)
+    for _ in range(2):
+        fastlaunch.launch_kernel(jit, lambda meta: (1,), x, 3, 32, 1.5, BLOCK=16)
+    assert len(jit.slow_calls) == 2 and fastlaunch.stats()["fallbacks"] == 2

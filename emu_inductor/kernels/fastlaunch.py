@@ -164,6 +164,10 @@ def launch_kernel(jit, grid, *args, **kwargs) -> None:
         _STATS["fallbacks"] += 1
         jit[grid](*args, **kwargs)
         return
+    if type(grid) is not tuple or len(grid) > 3:  # a callable grid (or a list): Triton's path
+        _STATS["fallbacks"] += 1
+        jit[grid](*args, **kwargs)
+        return
     table = _TABLES.get(id(jit))
     if table is None:
         with _lock:
@@ -182,7 +186,7 @@ def launch_kernel(jit, grid, *args, **kwargs) -> None:
         if hasattr(kernel, "result"):  # an async compile future
             kernel = kernel.result()
         tail = _tail_args(table, len(args), kwargs)
-        if kernel is None or tail is None or len(grid) > 3:
+        if kernel is None or tail is None:
             return
         kernel.run  # noqa: B018 -- loads the module and function handles now, not per call
         g = tuple(grid) + (1,) * (3 - len(grid))
