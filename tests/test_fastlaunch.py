@@ -14,8 +14,9 @@ from emu_inductor.kernels import fastlaunch
 
 
 class _Param:
-    def __init__(self, name, dns=False, default=None, has_default=False):
+    def __init__(self, name, dns=False, default=None, has_default=False, constexpr=False):
         self.name, self.do_not_specialize, self.default, self.has_default = name, dns, default, has_default
+        self.is_constexpr = constexpr
 
 
 class _Kernel:
@@ -35,7 +36,7 @@ class _Jit:
 
     def __init__(self):
         self.params = [_Param("x_ptr"), _Param("T", dns=True), _Param("N"), _Param("f"),
-                       _Param("BLOCK"), _Param("FLAG", default=False, has_default=True)]
+                       _Param("BLOCK", constexpr=True), _Param("FLAG", default=False, has_default=True, constexpr=True)]
         self.slow_calls, self.kernels = [], {}
 
     def _spec(self, args, kw):
@@ -173,3 +174,13 @@ def test_a_callable_grid_takes_tritons_path(fast):
     for _ in range(2):
         fastlaunch.launch_kernel(jit, lambda meta: (1,), x, 3, 32, 1.5, BLOCK=16)
     assert len(jit.slow_calls) == 2 and fastlaunch.stats()["fallbacks"] == 2
+
+
+def test_a_positional_constexpr_float_is_keyed_by_value(fast):
+    jit = _Jit()
+    x = torch.zeros(64)
+    fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 1.5, 0.25)  # BLOCK passed positionally, a float
+    fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 1.5, 0.5)
+    assert len(jit.slow_calls) == 2 and not _fast_launches(jit)
+    fastlaunch.launch_kernel(jit, (1,), x, 3, 32, 2.5, 0.5)  # the runtime float f may change
+    assert len(jit.slow_calls) == 2 and len(_fast_launches(jit)) == 1
