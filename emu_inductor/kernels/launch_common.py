@@ -334,6 +334,15 @@ class GemmWeights:
     alpha: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
 
+    def __post_init__(self):
+        # The kernels take the leading strides but read the packed axis (and a block's
+        # scales) with unit stride: a transposed view (a K-major leaf handed over as
+        # [N, K/2]; Inductor may lay a clone out like its input) is copied here.
+        for f in ("w", "scale"):
+            t = getattr(self, f)
+            if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+                object.__setattr__(self, f, t.contiguous())
+
 
 @dataclasses.dataclass(frozen=True)
 class Routing:

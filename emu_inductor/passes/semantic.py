@@ -232,11 +232,18 @@ def _lead_n(anchor) -> tuple:
     return shp[:-2] + shp[-1:]
 
 
-def _canonical(graph, node, lead_n):
+def _canonical(graph, node, lead_n, kmajor=False):
     """The leaf as [.., N, last]: the recogniser proved that its elements, in row-major
     order, are the packed codes / block scales (gpt-oss's [E, N, G, 16] blocks, experts
-    stored 2-d as [E*N, K/2]); a reshape hands the kernels that layout."""
+    stored 2-d as [E*N, K/2]); a reshape hands the kernels that layout. A K-major leaf
+    [.., last, N] is handed over transposed, a view: the kernels' launcher copies a
+    packed axis without unit stride (`GemmWeights`), once per call (Inductor's freezing
+    would fold a copy made here just as well, but without it a copy here is made as
+    well as the launcher's: Inductor lays a clone out like its input)."""
     v = _val(node)
+    if kmajor:
+        perm = list(range(v.dim() - 2)) + [v.dim() - 1, v.dim() - 2]
+        return _call(graph, aten.permute.default, (node, perm), v.mT)
     if tuple(v.shape[:-1]) == tuple(lead_n):
         return node
     shape = list(lead_n) + [v.numel() // math.prod(lead_n)]
@@ -248,8 +255,9 @@ def _operands(graph, w: WeightVerdict, act: Optional[ActVerdict], a_node, anchor
     fmt = FORMATS[w.variant.fmt]
     lead_n = _lead_n(anchor)
     with graph.inserting_before(anchor):
-        codes = _as_dtype(graph, _canonical(graph, w.codes, lead_n), torch.uint8)
-        scale = _as_dtype(graph, _canonical(graph, w.scale, lead_n), fmt.scale.storage_dtype)
+        # bytes viewed first: a K-major leaf is copied as uint8 (float8 copies may not lower)
+        codes = _canonical(graph, _as_dtype(graph, w.codes, torch.uint8), lead_n, w.kmajor[0])
+        scale = _canonical(graph, _as_dtype(graph, w.scale, fmt.scale.storage_dtype), lead_n, w.kmajor[1])
         alpha = w.alpha
         if alpha is not None and _val(alpha).dim() > 1:
             av = _val(alpha)

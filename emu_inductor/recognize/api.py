@@ -49,7 +49,7 @@ def _abstract(v, cone):
     if isinstance(v, WeightVerdict):
         return ("w", v.variant, _node_index(cone, v.codes), _node_index(cone, v.scale), _node_index(cone, v.alpha),
                 v.transpose, v.out_dtype, tuple((_node_index(cone, g.node), g.values, g.what) for g in v.guards),
-                v.equivalent, v.separated)
+                v.equivalent, v.separated, v.kmajor)
     return ("a", v.variant, _node_index(cone, v.global_scale),
             tuple((_node_index(cone, g.node), g.values, g.what) for g in v.guards), v.equivalent, v.separated,
             v.global_value)
@@ -59,10 +59,10 @@ def _concrete(entry, cone, gemm, side, post=()):
     if entry[0] == "rej":
         return Rejection(side, gemm, entry[1], cached=True)
     if entry[0] == "w":
-        _, var, c, s, a, tr, dt, guards, eq, sep = entry
+        _, var, c, s, a, tr, dt, guards, eq, sep, km = entry
         return WeightVerdict(var, _node_at(cone, c), _node_at(cone, s), _node_at(cone, a), tr, dt,
                              tuple(Guard(_node_at(cone, n), vals, what) for n, vals, what in guards), eq, sep,
-                             cached=True)
+                             cached=True, kmajor=km)
     _, var, gs, guards, eq, sep, gv = entry
     return ActVerdict(var, cone.x, _node_at(cone, gs), cone.output, post,
                       tuple(Guard(_node_at(cone, n), vals, what) for n, vals, what in guards), eq, sep, cached=True,

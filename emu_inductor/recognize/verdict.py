@@ -45,6 +45,8 @@ class WeightVerdict:
     alpha is the float scale node (None if the variant has none): a graph input, or a
     node computed from one (e.g. 1/weight_global_scale) that the cone reads.
     transpose: the operand is the dequantized [.., N, K] tensor transposed (.mT).
+    kmajor: (codes, scale) each stored K-major, [.., K*bits/8, N] / [.., K/block, N]:
+    the canonical tensor is that leaf transposed (.mT).
     """
 
     variant: WeightVariant
@@ -59,6 +61,7 @@ class WeightVerdict:
     seconds: float = 0.0
     cached: bool = False
     key: str = ""
+    kmajor: tuple = (False, False)
 
     @property
     def kernel_supported(self) -> bool:
@@ -69,7 +72,8 @@ class WeightVerdict:
         return self.variant.unsupported_reason()
 
     def reference(self, codes, scale, alpha=None) -> torch.Tensor:
-        """The GEMM operand this verdict says the cone computes, from real leaf tensors."""
+        """The GEMM operand this verdict says the cone computes, from the canonical
+        [.., N, K*bits/8] / [.., N, K/block] tensors (a K-major leaf transposed)."""
         out = self.variant.reference(codes, scale, alpha, self.out_dtype)
         return out.mT if self.transpose else out
 

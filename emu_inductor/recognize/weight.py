@@ -74,6 +74,8 @@ class _Hyp:
         j = self.offsets[leaf]
         if j is None:
             return real
+        if isinstance(j, KMajor):
+            return list(canonical[:-2]) + [canonical[-1], canonical[-2]]
         if isinstance(j, _Flat):
             return real[:j.dim] + [math.prod(canonical[:-1])] + real[j.dim + 1:]
         nl = len(canonical) - 1  # lead dims + N
@@ -81,8 +83,15 @@ class _Hyp:
 
     def leaf_args(self, codes, scale) -> list:
         """Probe tensors in canonical shapes -> the leaves' shapes and dtypes."""
-        return [codes.reshape(self.leaf_shape(self.codes, codes.shape)).view(_val(self.codes).dtype),
-                scale.reshape(self.leaf_shape(self.scale, scale.shape)).view(_val(self.scale).dtype)]
+        return [self._as_leaf(self.codes, codes), self._as_leaf(self.scale, scale)]
+
+    def _as_leaf(self, leaf, t):
+        if self.kmajor(leaf):  # the packed axis is the leaf's dim -2
+            return t.mT.contiguous().view(_val(leaf).dtype)
+        return t.reshape(self.leaf_shape(leaf, t.shape)).view(_val(leaf).dtype)
+
+    def kmajor(self, leaf) -> bool:
+        return isinstance(self.offsets[leaf], KMajor)
 
 
 def _alpha_candidates(cone: Cone, alpha_leaves: list, lead, n_rows) -> list:
@@ -130,6 +139,20 @@ class _Flat:
     dim: int
 
 
+@dataclasses.dataclass(frozen=True)
+class KMajor:
+    """A leaf holding the canonical [*lead, N, last] with its last two dims swapped
+    ([*lead, last, N]: packed along K, as `x @ W[K, N]` code keeps it): the probes are
+    written transposed, and the fused op is handed the leaf transposed back."""
+
+
+def _kmajor_last(shp, lead, N):
+    """last when a leaf of shape `shp` is exactly [*lead, last, N] (a K-major leaf)."""
+    if shp is None or len(shp) != len(lead) + 2 or tuple(shp[:-2]) != tuple(lead) or shp[-1] != N:
+        return None
+    return shp[-2]
+
+
 def _layout(shp, lead, N):
     """(last, offset) when a leaf of shape `shp` can hold [*lead, N, last] row-major: offset j
     when shp is (1,)*j + lead + (N,) + trailing (its leading dims resize with the cone's),
@@ -164,6 +187,7 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
     # (leaf, bits or block, offset); leaves in the canonical shape first, reshaped ones after
     codes_c, scale_c, alpha_c, tables, others = [], [], [], [], []
     codes_r, scale_r = [], []
+    codes_k, scale_k = [], []  # K-major leaves [.., K*bits/8, N] / [.., K/block, N]
     for leaf in cone.leaves:
         v = _val(leaf) if leaf.op != "get_attr" else known_value(leaf, values)
         shp = _shape(leaf) if leaf.op != "get_attr" else (tuple(v.shape) if isinstance(v, torch.Tensor) else None)
@@ -175,6 +199,11 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
                 continue
             return [], f"leaf {leaf.name} is not a tensor"
         lay = _layout(shp, lead, N) if v.dtype in _ONE_BYTE and shp is not None else None
+        kl = _kmajor_last(shp, lead, N) if v.dtype in _ONE_BYTE else None
+        if kl and (kl * 8) % K == 0 and (kl * 8) // K in (4, 6, 8):
+            codes_k.append((leaf, (kl * 8) // K, KMajor()))
+        if kl and K % kl == 0 and K // kl in (16, 32):
+            scale_k.append((leaf, K // kl, KMajor()))
         if lay is not None:
             last, j = lay
             exact = j == 0 and len(shp) == len(lead) + 2
@@ -198,8 +227,9 @@ def _hypotheses(gemm: Node, cone: Cone, values) -> tuple[list, Optional[str]]:
             tables.append(leaf)
             continue
         others.append(leaf)
-    codes_c += codes_r
-    scale_c += scale_r
+    # K-major before a reshape as a whole: both fit a [K/2, N] leaf, only one can be right
+    codes_c += codes_k + codes_r
+    scale_c += scale_k + scale_r
     if not codes_c:
         return [], (f"no leaf looks like packed codes [{', '.join(map(str, lead + (N,)))}, K*bits/8] for K={K} "
                     f"(or holds as many bytes in that order; leaves: {_leaf_list(cone.leaves)})")
@@ -231,7 +261,9 @@ def _factor_map(h: _Hyp, lead) -> dict:
     fmap = {}
     for leaf in (h.codes, h.scale):
         j = h.offsets[leaf]
-        if isinstance(j, _Flat):  # one dim, the factors its digits, outer first
+        if isinstance(j, KMajor):  # [*lead, last, N]
+            fmap[leaf] = {i: f"lead{i}" for i in range(nl)} | {nl + 1: "rows"}
+        elif isinstance(j, _Flat):  # one dim, the factors its digits, outer first
             fmap[leaf] = {j.dim: tuple((f"lead{i}", lead[i]) for i in range(nl)) + (("rows", h.cshape[-2]),)}
         else:
             fmap[leaf] = {j + i: f"lead{i}" for i in range(nl)} | {j + nl: "rows"}
@@ -535,7 +567,8 @@ def recognize_weight_uncached(gemm: Node, cone: Cone, *, values=None, budget_byt
                 return WeightVerdict(chosen, h.codes, h.scale, h.alpha if chosen.alpha_order != "none" else None,
                                      transpose, out_dtype, h.guards,
                                      tuple(v.name for v in alive if v is not chosen),
-                                     tuple((v.name, t) for v, t in separated[:8]))
+                                     tuple((v.name, t) for v, t in separated[:8]),
+                                     kmajor=(h.kmajor(h.codes), h.kmajor(h.scale)))
             ambiguous = ambiguous or alive
         elif separated:
             if closest is None:
