@@ -33,13 +33,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch._dynamo.utils import counters
 from torch._inductor import config, list_mode_options
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.virtualized import V
 
 from . import _compat
 from ._logging import get_logger
-from .passes import MxemuPass, cache_replay, chain_passes, registry, strip_mxemu_passes
+from .passes import (MxemuPass, cache_replay, chain_passes, describe_error, note, registry,
+                     strip_mxemu_passes)
 from .passes.timings import CompileReport, compile_report, compile_timer
 
 log = get_logger("backend")
@@ -143,8 +145,25 @@ class MxemuBackend:
         # small inputs from them (a module-global LUT Dynamo lifted to a graph input,
         # recognize/leaves.py); every value a proof relies on is asserted at run time
         with cache_replay(), compile_timer(), V.set_real_inputs(example_inputs):
-            return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
-                              config_patches=patches)
+            try:
+                return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
+                                  config_patches=patches)
+            except Exception as e:
+                strict = {**self.options, **_split_options(options)[0]}.get("strict")
+                if strict:
+                    raise
+                # Inductor failed on a graph our pass may have rewritten (a node that
+                # lowers nowhere, a layout a kernel does not take): compile the graph as
+                # stock Inductor would rather than fail the user's compile. An error of
+                # the user's own graph fails this second compile the same way.
+                stock = dict(patches)
+                stock["post_grad_custom_pre_pass"] = strip_mxemu_passes(patches["post_grad_custom_pre_pass"])
+                why = describe_error(e)
+                log.warning("emu_inductor: Inductor failed on the mxemu-rewritten graph; compiling it "
+                            "without the mxemu pass (mxemu.strict=True re-raises): %s", why)
+                note(f"compile fell back to stock Inductor: {why}")
+                counters["mxemu"]["compile_fallbacks"] += 1
+        return compile_fx(gm, example_inputs, inner_compile=_inner_compile, config_patches=stock)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()``; mirrors the inductor backend's reset."""

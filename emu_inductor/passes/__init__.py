@@ -43,6 +43,7 @@ from .matching import (
     register_shape_agnostic_replacement,
     shape_agnostic_pattern,
 )
+from .guards import describe_error
 from .mxemu_pass import MxemuPass
 from .recorder import (
     CandidateRecord,
@@ -50,6 +51,7 @@ from .recorder import (
     GraphRecord,
     cache_replay,
     fusion_counts,
+    note,
     record_candidate,
     recording,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "cache_replay",
     "chain_passes",
     "current_options",
+    "describe_error",
     "fusion_counts",
     "fwd_only_post_grad",
     "get_option",
@@ -85,6 +88,7 @@ __all__ = [
     "known_true",
     "load_builtin_families",
     "meta_val",
+    "note",
     "pass_uuid_files",
     "record_candidate",
     "recording",
