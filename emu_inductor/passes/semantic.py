@@ -26,7 +26,8 @@ from torch._inductor import pattern_matcher as pm
 
 from .. import ops  # noqa: F401  (registers mxemu::linear, which the "linear_qdq" rule anchors on)
 from ..formats import FORMATS
-from ..recognize import ActVerdict, Rejection, WeightVerdict, recognize_activation, recognize_weight
+from ..recognize import (ActVerdict, Rejection, WeightVerdict, feeds_only_asserts, recognize_activation,
+                         recognize_weight)
 from ..recognize import operands as operands_of
 from ..spec import OpSpec, is_compatible
 from .guards import register_family_pattern
@@ -133,7 +134,8 @@ def outside_user(sources, end, allowed):
         if n is end:
             continue
         for u in n.users:
-            if u not in inside and u not in allowed:
+            # a check (F.one_hot's bounds assert) reads the decode but is not a second use
+            if u not in inside and u not in allowed and not feeds_only_asserts(u):
                 return u
     return None
 

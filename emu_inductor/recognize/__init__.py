@@ -37,6 +37,7 @@ codegen or backend. docs/recognize.md explains probes, the soundness argument an
 """
 
 from .api import CACHE, recognize_activation, recognize_weight
+from .asserts import assertion_only, feeds_only_asserts
 from .candidates import gemm_nodes, operands
 from .variants import NO_ACT, ActVariant, WeightVariant, act_variants, weight_variants
 from .verdict import ActVerdict, Guard, Rejection, WeightVerdict
@@ -44,4 +45,5 @@ from .verdict import ActVerdict, Guard, Rejection, WeightVerdict
 __all__ = [
     "recognize_weight", "recognize_activation", "gemm_nodes", "operands", "CACHE", "WeightVerdict", "ActVerdict",
     "Rejection", "Guard", "WeightVariant", "ActVariant", "NO_ACT", "act_variants", "weight_variants",
+    "assertion_only", "feeds_only_asserts",
 ]

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
+from .asserts import assertion_only
 from .moe_region import GemmSite, MoeRegion, Region, cone, find_first_gemm, is_size_query
 from .shapes import hint
 
@@ -46,9 +47,6 @@ __all__ = ["find_loop_moe_region", "loop_routing", "assertion_only", "is_loop_ro
 _SEARCH = 600
 #: [T, k] float candidates tried as the router weights, nearest the combine first
 _TW_TRIES = 8
-_ASSERTS = tuple(getattr(torch.ops.aten, n).default for n in ("_assert_scalar", "sym_constrain_range",
-                                                                "sym_constrain_range_for_size")
-                 if hasattr(torch.ops.aten, n))
 
 
 def _val(n):
@@ -116,17 +114,6 @@ def loop_routing(site: GemmSite, sites: dict) -> Optional[Node]:
         if not any(o in up for o in cands if o is not c):
             return c
     return None
-
-
-def assertion_only(graph) -> set:
-    """Nodes whose value flows only into run-time assertions (and the assertions)."""
-    out = set()
-    for n in reversed(list(graph.nodes)):
-        if n.op != "call_function":
-            continue
-        if n.target in _ASSERTS or (n.users and all(u in out for u in n.users)):
-            out.add(n)
-    return out
 
 
 def _ancestors(n: Node, sites: dict, limit: int) -> list:

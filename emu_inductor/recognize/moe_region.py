@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
+from .asserts import feeds_only_asserts
 from .shapes import concrete_shape
 
 __all__ = ["GemmSite", "Region", "MoeRegion", "find_first_gemm", "find_moe_regions", "live_nodes", "cone",
@@ -254,7 +255,7 @@ def _used_outside(region: Region, keep: Node, live: set) -> Optional[str]:
         if n is keep:
             continue
         for u in n.users:
-            if u not in inside and u in live and not is_size_query(u):
+            if u not in inside and u in live and not is_size_query(u) and not feeds_only_asserts(u):
                 return f"{n.name} (inside the MoE) is also used by {u.name}"
     return None
 

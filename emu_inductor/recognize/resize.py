@@ -362,6 +362,12 @@ def plan(nodes: list[Node], output: Node, leaf_factors: dict[Node, dict[int, str
                 info[node] = dict(xi)
             elif name == "aten.searchsorted":
                 info[node] = dict(info.get(node.args[1], {}))
+            elif kind == "contraction":  # a table look-up (structure._contraction_ok): rows carried
+                if info.get(node.args[1], {}):
+                    raise _Lost("in a matrix product's table operand")
+                if any(d == len(xs) - 1 for d, _, _ in xi.values()):
+                    raise _Lost("contracted over")
+                info[node] = dict(xi)
             elif kind == "reduction":
                 nd = len(xs)
                 dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")

@@ -2,9 +2,10 @@
 
 Evaluation on probes shows that a cone agrees with a known variant on the probes. The
 structural check is what lets that stand for every input: a weight cone built only from
-elementwise ops, views and look-ups in small constant tables computes each output element
-from a fixed tuple of leaf elements (its code byte, its block's scale byte, its expert's
-scale), so probes covering every byte value at every position under every scale byte
+elementwise ops, views and look-ups in small constant tables (a gather, or a product /
+sum with a constant table over a one-hot dim: `one_hot(code).float() @ LUT`) computes each
+output element from a fixed tuple of leaf elements (its code byte, its block's scale
+byte, its expert's scale), so probes covering every byte value at every position under every scale byte
 cover its whole domain. An activation cone may also reduce, but only over the last dim
 (a block made by a reshape, or a small table dim) or over the whole tensor (per-tensor
 scale). Anything data-dependent (sorting, random numbers, nonzero, data-indexed gathers
@@ -38,6 +39,7 @@ __all__ = [
     "WRITES",
     "REDUCTIONS",
     "TABLE_LOOKUPS",
+    "CONTRACTIONS",
     "SYMBOLIC",
     "op_kind",
     "check_weight_cone",
@@ -95,6 +97,10 @@ REDUCTIONS = frozenset({
 TABLE_LOOKUPS = frozenset({"aten.index", "aten.embedding", "aten.take", "aten.bucketize",
                            "aten.searchsorted", "aten.gather", "aten.index_select"})
 
+#: Matrix products: allowed where one operand is a small constant table and the other's
+#: contracted dim is a table dim (`_contraction_ok`): `one_hot(code).float() @ LUT`.
+CONTRACTIONS = frozenset({"aten.mm", "aten.bmm"})
+
 #: Integer shape arithmetic on SymInts (dynamic shapes).
 SYMBOLIC = frozenset({"aten.sym_size", "aten.sym_numel", "aten.sym_stride"})
 _PY_OPS = {operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv, operator.neg,
@@ -120,7 +126,8 @@ def packet_name(target) -> str:
 
 
 def op_kind(node: Node) -> str:
-    """elementwise | layout | constructor | alloc | write | reduction | lookup | symbolic | getitem | other."""
+    """elementwise | layout | constructor | alloc | write | reduction | lookup | contraction |
+    symbolic | getitem | other."""
     if node.op != "call_function":
         return node.op
     t = node.target
@@ -131,7 +138,8 @@ def op_kind(node: Node) -> str:
     name = packet_name(t)
     for kind, names in (("elementwise", ELEMENTWISE), ("layout", LAYOUT), ("constructor", CONSTRUCTORS),
                         ("alloc", ALLOCATIONS), ("write", WRITES),
-                        ("reduction", REDUCTIONS), ("lookup", TABLE_LOOKUPS), ("symbolic", SYMBOLIC)):
+                        ("reduction", REDUCTIONS), ("lookup", TABLE_LOOKUPS), ("contraction", CONTRACTIONS),
+                        ("symbolic", SYMBOLIC)):
         if name in names:
             return kind
     return "other"
@@ -209,6 +217,64 @@ def _lookup_ok(node: Node, constant: set[Node]) -> Optional[str]:
             f"constant tables or constant-index gathers are allowed")
 
 
+def _table_dim(n, d: int, constant: set[Node], depth: int = 0) -> bool:
+    """True when dim `d` (negative, counted from the right as broadcasting aligns) of `n`
+    is a table dim: every value along it comes from constants, or from data broadcast
+    along it (size 1 there). The one-hot axis of `code.unsqueeze(-1) == arange(16)` is
+    one: reducing over it reads one code per output element."""
+    if n in constant or not isinstance(n, Node):
+        return True
+    v = _val(n)
+    if not isinstance(v, torch.Tensor):
+        return True
+    if -d > v.dim():
+        return True  # the dim does not exist here: broadcast
+    size = v.shape[d]
+    if isinstance(size, int) and size == 1:
+        return True
+    if depth > 64 or n.op != "call_function":
+        return False
+    kind = op_kind(n)
+    if kind == "elementwise":
+        return all(_table_dim(a, d, constant, depth + 1) for a in _tensor_args(n))
+    name = packet_name(n.target)
+    if name in ("aten.reshape", "aten.view", "aten._unsafe_view", "aten.expand") and isinstance(n.args[0], Node):
+        src = _val(n.args[0])
+        if not isinstance(src, torch.Tensor):
+            return False
+        if name == "aten.expand" and (-d > src.dim() or src.shape[d] == 1):
+            return True
+        # the dims from d rightwards unchanged: the same values along d
+        if -d <= src.dim() and tuple(src.shape[d:]) == tuple(v.shape[d:]):
+            return _table_dim(n.args[0], d, constant, depth + 1)
+    return False
+
+
+def _contraction_ok(node: Node, constant: set[Node]) -> Optional[str]:
+    """mm / bmm computing a look-up: the second operand a small constant table, the first
+    operand's contracted dim a table dim (one code per output element)."""
+    a, t = node.args[0], node.args[1]
+    if t in constant and (table_elements(_val(t)) or MAX_LOOKUP + 1) <= MAX_LOOKUP and _table_dim(a, -1, constant):
+        return None
+    return (f"{packet_name(node.target)} ({node.name}) is a matrix product of data; only a product with a small "
+            f"constant table over a one-hot (table) dim is a look-up")
+
+
+def _weight_reduction_ok(node: Node, constant: set[Node]) -> Optional[str]:
+    """A weight cone may reduce only over table dims (`(one_hot(code) * LUT).sum(-1)`)."""
+    v = _val(node.args[0])
+    if not isinstance(v, torch.Tensor) or not v.dim():
+        return f"reduction {node.name} of a weight"
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return f"reduction {node.name} over the whole weight"
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    for d in dims:
+        if not _table_dim(node.args[0], (d % v.dim()) - v.dim(), constant):
+            return f"reduction {node.name} over dim {d} of the weight, which is not a table (one-hot) dim"
+    return None
+
+
 def _reduction_ok(node: Node) -> Optional[str]:
     v = _val(node.args[0])
     if not isinstance(v, torch.Tensor):
@@ -275,7 +341,11 @@ def _check(nodes, allowed_kinds, constant: set[Node], side: str, output: Optiona
             if why:
                 return why
         if kind == "reduction":
-            why = _reduction_ok(n)
+            why = _reduction_ok(n) if side == "activation" else _weight_reduction_ok(n, constant)
+            if why:
+                return why
+        if kind == "contraction":
+            why = _contraction_ok(n, constant)
             if why:
                 return why
         if packet_name(n.target) == "aten.index_put":
@@ -289,7 +359,8 @@ def _check(nodes, allowed_kinds, constant: set[Node], side: str, output: Optiona
     return None
 
 
-_WEIGHT_KINDS = {"elementwise", "layout", "constructor", "alloc", "write", "lookup", "getitem", "symbolic"}
+_WEIGHT_KINDS = {"elementwise", "layout", "constructor", "alloc", "write", "lookup", "contraction", "getitem",
+                 "symbolic", "reduction"}
 
 
 def check_weight_cone(nodes, constant: set[Node], output: Optional[Node] = None) -> Optional[str]:
@@ -300,4 +371,4 @@ def check_weight_cone(nodes, constant: set[Node], output: Optional[Node] = None)
 
 def check_activation_cone(nodes, constant: set[Node], output: Optional[Node] = None) -> Optional[str]:
     """None if the activation cone is elementwise/layout/block reductions only, else why not."""
-    return _check(nodes, _WEIGHT_KINDS | {"reduction"}, constant, "activation", output)
+    return _check(nodes, _WEIGHT_KINDS, constant, "activation", output)
