@@ -114,7 +114,7 @@ class CorpusEntry:
 
 MODULES = ("torchao_style", "compressed_tensors_style", "modelopt_style", "gptoss_style", "quark_style",
            "vllm_style", "microxcaling_style", "respellings", "near_misses", "redteam_moe",
-           "redteam_linear")
+           "redteam_linear", "redteam2")
 #: module -> ImportError text, for a library missing from this environment (all are in the
 #: `test` extras; test_corpus_eager.test_registry_metadata fails naming them)
 UNAVAILABLE: dict = {}
