@@ -33,6 +33,12 @@ case $what in
          step quick 240 python3 benchmarks/bench_moe_kernels.py --quick --schemes nvfp4_w4a4,w_mxfp4_a_mxfp4 --tag quick_nvfast --out "$OUT"
          step profile 120 python3 benchmarks/profile_decode.py --tokens 1,32 --out "$OUT"
          step prefill 150 python3 benchmarks/bench_moe_kernels.py --quick --prefill --configs 6,7,8,10 --tokens 2048,8192 --tag prefill_quick_nvfast --out "$OUT" ;;
+  redteam2)  # issue 8: kernel checks after the unit-stride copy in GemmWeights, then the red-team round 2
+         # entries that fuse since the eighth session (K-major leaves, one-hot decode, one-hot counts) at Qwen3 widths
+         step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
+         TAILN=40 step corpus 330 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 32 --iters 10 --tag rt2 \
+              --entries rt2_A_take_kmajor_mx_wonly rt2_E_kmajor_gather1d_nvfp4_wonly rt2_D_onehot_int_rne_nvfp4 \
+              rt2_F2_onehot_count_bmm_moe rt2_A6_nmajor_take_repeat_mx_wonly rt2_F3_indexadd_count_bmm_moe --out "$OUT" ;;
   checks)  # correctness of this session's kernel changes, then the quick bench and the layer profile
          step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          FUSED_REPS=10 step fused 75 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"
