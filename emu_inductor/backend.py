@@ -36,6 +36,7 @@ from typing import Any
 from torch._dynamo.utils import counters
 from torch._inductor import config, list_mode_options
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.exc import InductorError
 from torch._inductor.virtualized import V
 
 from . import _compat
@@ -148,7 +149,10 @@ class MxemuBackend:
             try:
                 return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
                                   config_patches=patches)
-            except Exception as e:
+            except InductorError as e:
+                # only Inductor's own compile errors: Dynamo / AOTAutograd steer with
+                # exceptions too (RestartAnalysis, TensorifyScalarRestartAnalysis), which
+                # must pass through untouched
                 strict = {**self.options, **_split_options(options)[0]}.get("strict")
                 if strict:
                     raise

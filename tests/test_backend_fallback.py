@@ -52,3 +52,19 @@ def test_inductor_failure_after_the_pass_falls_back_to_stock():
 def test_strict_reraises():
     with pytest.raises(Exception, match="transpose"):
         _compile(strict=True)
+
+
+def test_dynamo_control_flow_exceptions_pass_through():
+    """RestartAnalysis and its kin steer Dynamo / AOTAutograd (a symbolic float restarts
+    tracing): they are not compile failures and must reach their handler unchanged."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    from emu_inductor import backend as B
+
+    def raise_restart(*a, **k):
+        raise TensorifyScalarRestartAnalysis
+
+    counters.clear()
+    with mock.patch.object(B, "compile_fx", raise_restart), pytest.raises(TensorifyScalarRestartAnalysis):
+        B.MxemuBackend()(torch.fx.symbolic_trace(f), [torch.randn(2)])
+    assert counters["mxemu"]["compile_fallbacks"] == 0
