@@ -39,6 +39,9 @@ case $what in
          TAILN=40 step corpus 330 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 32 --iters 10 --tag rt2 \
               --entries rt2_A_take_kmajor_mx_wonly rt2_E_kmajor_gather1d_nvfp4_wonly rt2_D_onehot_int_rne_nvfp4 \
               rt2_F2_onehot_count_bmm_moe rt2_A6_nmajor_take_repeat_mx_wonly rt2_F3_indexadd_count_bmm_moe --out "$OUT" ;;
+  dynamic)  # issue 8: MoE layers compiled again for new token counts (automatic dynamic shapes) at Qwen3 widths
+         TAILN=60 step dynamic 300 python3 benchmarks/gpu_dynamic.py --shape qwen3 rt2_F3_indexadd_count_bmm_moe \
+              resp_moe_chunk rt2_F2_onehot_count_bmm_moe ;;
   checks)  # correctness of this session's kernel changes, then the quick bench and the layer profile
          step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          FUSED_REPS=10 step fused 75 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"

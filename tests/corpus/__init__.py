@@ -66,6 +66,8 @@ class WeightVariant:
     MX: "q*2^e" (exact). e8m0_byte255: the reader of byte 255 ("nan", "inf", or "ldexp":
     an exact 2^128 factor as torch.ldexp applies it, formats.E8M0_BYTE255); e8m0_byte0:
     the reader of byte 0 ("pow2" 2^-127, or "zero" as a bare exponent field gives it).
+    negzero: the reader's value of the FP4 -0 code 0x8: "keep" (-0, as the recipe decodes it) or
+    "positive" (+0: a one-hot or table product whose terms add a +0, ModelOpt's e2m1_values).
     """
 
     fmt: str
@@ -73,6 +75,7 @@ class WeightVariant:
     recipe: Optional[str] = None
     e8m0_byte255: str = "nan"
     e8m0_byte0: str = "pow2"
+    negzero: str = "keep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Variant:
             w += f" byte255={self.weight.e8m0_byte255}"
         if self.weight.e8m0_byte0 != "pow2":
             w += f" byte0={self.weight.e8m0_byte0}"
+        if self.weight.negzero != "keep":
+            w += " code0x8=+0"
         a = "w-only" if self.act is None else " ".join(f"{k}={v}" for k, v in self.act.items())
         return f"W[{w}] A[{a}]"
 

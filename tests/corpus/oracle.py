@@ -21,9 +21,22 @@ class MissingVariant(NotImplementedError):
     """The entry names a function emu_inductor.formats does not define (yet)."""
 
 
+def _negzero_as_zero(packed: torch.Tensor) -> torch.Tensor:
+    """Packed FP4 bytes with every 0x8 nibble (the -0 code) replaced by 0x0 (+0)."""
+    b = packed.view(torch.uint8)
+    lo, hi = b & 0x0F, b >> 4
+    lo = torch.where(lo == 8, torch.zeros_like(lo), lo)
+    hi = torch.where(hi == 8, torch.zeros_like(hi), hi)
+    return (lo | (hi << 4)).view(packed.dtype)
+
+
 def weight_reference(qt: QuantizedTensor, wv: WeightVariant, dtype: torch.dtype) -> torch.Tensor:
     """The stored weight dequantized by emu_inductor with the variant's product, in dtype."""
     fmt = qt.fmt
+    if wv.negzero == "positive":  # code 0x8 read as code 0x0 (+0), nothing else changes
+        qt = dataclasses.replace(qt, qdata=_negzero_as_zero(qt.qdata))
+    elif wv.negzero != "keep":
+        raise MissingVariant(f"negzero reader {wv.negzero!r}")
     if fmt.is_mx:
         opts = QDQOptions.resolve(fmt, "floor")  # the scale rule does not matter to dequant
         return dequantize(dataclasses.replace(qt, options=opts), dtype, e8m0_byte255=wv.e8m0_byte255,

@@ -169,8 +169,8 @@ class OneHotNVFP4(nn.Module):
     e4m3 via float8 buffer .float(), q * (s / g). Activations: blocks by reshape(..., -1, 16),
     amax by torch.linalg.vector_norm(ord=inf), s = e4m3(clamp(g * (amax * (1/6)))), y = x * (g/s)
     (0 if s == 0), E2M1 by integer RNE on the fp32 bits; F.linear on 3-d input."""
-    variant = Variant(WeightVariant("nvfp4", "q*(s/g)", recipe="vllm"), act={"fmt": "nvfp4", "recipe": "vllm"},
-                      act_global="static")
+    variant = Variant(WeightVariant("nvfp4", "q*(s/g)", recipe="vllm", negzero="positive"),
+                      act={"fmt": "nvfp4", "recipe": "vllm"}, act_global="static")
 
     def __init__(self, w, xc):
         super().__init__()
@@ -455,6 +455,8 @@ for _n, _c in (("K_tensordot_gemm_mx", TensordotMXFP4), ("L_mulsum_gemm_mx", Mul
 
 class OneHotNVFP4LutWeights(OneHotNVFP4):
     """D's activation QDQ (vector_norm amax, integer-bit RNE) with an ordinary LUT weight decode."""
+    variant = Variant(WeightVariant("nvfp4", "q*(s/g)", recipe="vllm"), act={"fmt": "nvfp4", "recipe": "vllm"},
+                      act_global="static")  # the table's entry 8 is -0.0: code 0x8 reads as -0
 
     def w(self, dtype):
         p = self.qw
@@ -615,9 +617,8 @@ ENTRIES = [
     _entry("B_staircase_intbits_mx", "linear", make_B, StaircaseMXFP4.__doc__, _LIN),
     _entry("C_bf16_qdq_e4m3bits_mx", "linear", make_C, BF16MXFP4.__doc__, _LIN),
     _entry("D_onehot_int_rne_nvfp4", "linear", make_D, OneHotNVFP4.__doc__,
-           _LIN + "; the one-hot product is a table look-up (tests/test_recognize_onehot.py)",
-           xfail={"weights_sign": "the one-hot product decodes code 0x8 as +0 (-0 * 1 plus +0 terms); the "
-                                  "entry's variant (recipe vllm) as -0; the recogniser names the '+0' reading"}),
+           _LIN + "; the one-hot product is a table look-up (tests/test_recognize_onehot.py); it reads "
+           "code 0x8 as +0 (-0 * 1 plus +0 terms), the variant says so"),
     _entry("D2_vecnorm_int_rne_nvfp4_lutw", "linear", LAYERS["D2_vecnorm_int_rne_nvfp4_lutw"],
            OneHotNVFP4LutWeights.__doc__, _LIN),
     _entry("H_floortie_floatpower_mx", "linear", make_H, FloorTieMXFP4.__doc__, _LIN),
