@@ -42,6 +42,11 @@ case $what in
   dynamic)  # issue 8: MoE layers compiled again for new token counts (automatic dynamic shapes) at Qwen3 widths
          TAILN=60 step dynamic 300 python3 benchmarks/gpu_dynamic.py --shape qwen3 rt2_F3_indexadd_count_bmm_moe \
               resp_moe_chunk rt2_F2_onehot_count_bmm_moe ;;
+  dynamic2)  # issue 8: after the "fp32" combine variant (bmm over the slots): the recompiles, then the corpus rows
+         TAILN=12 step dynamic 150 python3 benchmarks/gpu_dynamic.py --shape qwen3 --no-explain \
+              rt2_F3_indexadd_count_bmm_moe rt2_F2_onehot_count_bmm_moe
+         TAILN=12 step corpus 300 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 32 2048 --iters 10 \
+              --tag rt2_dyn --entries rt2_F2_onehot_count_bmm_moe rt2_F3_indexadd_count_bmm_moe --out "$OUT" ;;
   checks)  # correctness of this session's kernel changes, then the quick bench and the layer profile
          step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          FUSED_REPS=10 step fused 75 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"

@@ -82,6 +82,16 @@ class TitanStyleMoE(torch.nn.Module):
             back = torch.empty_like(y)
             back[order] = y
             return (back.view(T, self.k, H).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
+        if self.combine in ("reversed", "bmm"):  # fp32 sums in an order none of the exact variants has
+            back = torch.empty_like(y)
+            back[order] = y
+            p = back.view(T, self.k, H).float()
+            if self.combine == "bmm":  # a GEMM over the slots: the BLAS picks the order (and FMAs)
+                return torch.bmm(w.float().unsqueeze(1), p).squeeze(1).to(x.dtype)
+            acc = p[:, -1] * w[:, -1:]
+            for j in range(self.k - 2, -1, -1):
+                acc = acc + p[:, j] * w[:, j:j + 1]
+            return acc.to(x.dtype)
         if self.combine == "bf16_scatter_add":  # near miss: each product rounded, k-sum in bf16 (torchtitan)
             yw = (y.float() * w.reshape(-1)[order].unsqueeze(-1)).to(x.dtype)
             return torch.zeros_like(x).scatter_add_(0, tok.unsqueeze(-1).expand(-1, H), yw)
@@ -108,15 +118,17 @@ def _compile(model, x, dynamic=None):
     return compiled, out, captured[0], sink.candidates
 
 
-@pytest.mark.parametrize("combine,k", [("index_add", 2), ("view_sum", 3)])
+@pytest.mark.parametrize("combine,k", [("index_add", 2), ("view_sum", 3), ("reversed", 4), ("bmm", 8)])
 def test_titan_style_moe_becomes_one_mxemu_moe(combine, k):
-    model = TitanStyleMoE(combine, k=k)
+    model = TitanStyleMoE(combine, E=max(4, 2 * k), k=k)
     x = torch.randn(5, 64).to(torch.bfloat16)
     compiled, out, ops, records = _compile(model, x)
     assert ops.count("mxemu.moe.default") == 1, ops
     assert not any("grouped_mm" in o for o in ops), ops  # routing, both GEMMs and the combine are inside
     fused = [r for r in records if r.family == "semantic_moe" and r.fused]
     assert fused and "silu between the GEMMs" in fused[0].reason, [r.reason for r in records]
+    if combine == "reversed":  # a k-sum order of its own: proven within fp32 accumulation rounding
+        assert "fp32 accumulation rounding" in fused[0].reason, fused[0].reason
     with torch.no_grad():
         assert_within_accumulation(out, model(x), combine)
         x2 = torch.randn(5, 64).to(torch.bfloat16) * 3  # fresh inputs, same compiled graph

@@ -14,7 +14,8 @@ group ends are) and returns a `MoeVerdict` or a `Rejection`:
    with both GEMMs replaced by probe GEMMs (`moe_probes`) on probe routings (repeated
    experts in a token, empty experts, all rows on one expert, zero weights) and compared
    bit for bit with mxemu::moe's semantics run on the same probe GEMMs, for each k-sum
-   order in `COMBINE_ORDERS`.
+   order in `COMBINE_ORDERS` (the last, "fp32", within fp32 accumulation rounding: a
+   combine written as a GEMM over the slots, whose order the BLAS picks).
 Anything unproven is a `Rejection` whose reason names the probe that failed. Verdicts
 are cached by the structure of the cones (`cone_key`), so identical layers cost one
 evaluation.
@@ -33,7 +34,7 @@ from torch.fx import Node
 from ..reference.activations import ACTIVATIONS
 from .compare import difference
 from .extract import attr_value, real_mode
-from .moe_probes import (COMBINE_ORDERS, ProbeGemm, activation_probes, activation_routings, activation_width,
+from .moe_probes import (COMBINE_ORDERS, Fp32Sum, ProbeGemm, activation_probes, activation_routings, activation_width,
                          extract_with_gemms, reference_moe, routing_probes)
 from .moe_region import GemmSite, MoeRegion, find_moe_regions, live_nodes
 from .shapes import concrete_shape, hint
@@ -75,7 +76,9 @@ def _width(n) -> int:
     return hint(_val(n).shape[-1])
 
 
-def _fmt(t: torch.Tensor, i: int) -> str:
+def _fmt(t: "torch.Tensor | Fp32Sum", i: int) -> str:
+    if isinstance(t, Fp32Sum):
+        return f"{float(t.value.reshape(-1)[i]):.8g} +- fp32 accumulation rounding"
     v = t.reshape(-1)[i]
     return f"{float(v):.8g}"
 
@@ -164,7 +167,8 @@ def _prove_body(region: MoeRegion, activations: list, distinct: bool = False) ->
             for a in sorted({a for a, _ in alive}):
                 todo = [o for aa, o in alive if aa == a] if exact else ["sum"]
                 for o, ref in reference_moe(x, ids, w, a, p1, p2, todo).items():
-                    first_i, n = difference(y, ref) if exact else difference(_no_signed_zero(y), _no_signed_zero(ref))
+                    first_i, n = ref.difference(y) if isinstance(ref, Fp32Sum) else difference(y, ref) if exact \
+                        else difference(_no_signed_zero(y), _no_signed_zero(ref))
                     if first_i is None:
                         continue
                     tok = first_i // H

@@ -18,6 +18,12 @@ of the sorted rows (by expert, then slot); `view(T, k, H) * w` summed adds them 
 `torch.sum` does. These are the same sum up to fp32 reassociation (the accumulation
 contract the GEMMs already have) and, for an all-zero sum, the sign of zero; each is a
 named variant (`COMBINE_ORDERS`) and the body must equal one of them bit for bit.
+A combine written as a GEMM over the k slots (`torch.bmm(w[:, None], y.view(T, k, H))`,
+`einsum("tk,tkh->th")`, `matmul`) has no order of its own: the BLAS that runs it picks one
+(blocked, FMA), and it differs between CPU and GPU and with the shapes. The last variant,
+"fp32", accepts any fp32 sum: every value must be the output-dtype rounding of some s within
+the fp32 accumulation-order bound of the exact sum (|s - S| <= (k + 1) 2^-24 sum|p_j|), the
+contract the fused GEMMs have. A sum rounded per slot, or in bf16, lies far outside it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch.fx import Graph, GraphModule
 from ..reference.activations import ACTIVATIONS, is_gated
 from .shapes import hint
 
-__all__ = ["COMBINE_ORDERS", "ProbeGemm", "routing_probes", "activation_probes", "activation_routings",
+__all__ = ["COMBINE_ORDERS", "Fp32Sum", "ProbeGemm", "routing_probes", "activation_probes", "activation_routings",
            "reference_moe", "extract_with_gemms", "activation_width"]
 
 #: name -> what it sums like
@@ -38,7 +44,35 @@ COMBINE_ORDERS = {
     "sum": "torch.sum over the k slots (emu_inductor.reference.moe_emulated)",
     "experts": "one by one from +0 in (expert, slot) order (index_add_ / scatter_add_ over expert-sorted rows)",
     "slots": "one by one from +0 in slot order",
+    "fp32": "in fp32 in an order of its own (a GEMM over the k slots), within fp32 accumulation rounding",
 }
+
+
+class Fp32Sum:
+    """The "fp32" combine variant's reference: the exact sum S (fp64) of the weighted
+    products and the fp32 accumulation-order bound; a value y agrees when it is the
+    output-dtype rounding of some s in [S - bound, S + bound] (rounding is monotone, so:
+    dtype(S - bound) <= y <= dtype(S + bound))."""
+
+    def __init__(self, c3: torch.Tensor, w: torch.Tensor, dtype: torch.dtype):
+        p = c3.double() * w.double().unsqueeze(-1)  # exact: a 16-bit by 24-bit product
+        k = p.shape[1]
+        self.value = p.sum(dim=1)
+        bound = (k + 1) * 2.0 ** -24 * p.abs().sum(dim=1)
+        self.lo = (self.value - bound).to(dtype)
+        self.hi = (self.value + bound).to(dtype)
+        self.dtype = dtype
+
+    def numel(self) -> int:
+        return self.value.numel()
+
+    def difference(self, y: torch.Tensor) -> tuple:
+        """(flat index of the first value outside the bound or None, how many are)."""
+        if tuple(y.shape) != tuple(self.value.shape) or y.dtype != self.dtype:
+            return 0, max(y.numel(), self.value.numel())
+        ok = (y >= self.lo) & (y <= self.hi)  # NaN fails
+        bad = torch.nonzero(~ok.reshape(-1))
+        return (int(bad[0, 0]) if bad.numel() else None), int(bad.shape[0])
 
 
 class ProbeGemm:
@@ -190,6 +224,9 @@ def reference_moe(x, ids, w, activation: str, g1: ProbeGemm, g2: ProbeGemm, orde
     p = c3.reshape(T, k, -1).float() * w.float().unsqueeze(-1)
     out = {}
     for order in orders:
+        if order == "fp32":
+            out[order] = Fp32Sum(c3.reshape(T, k, -1), w, x.dtype)
+            continue
         if order == "sum":
             out[order] = p.sum(dim=1).to(x.dtype)
             continue
