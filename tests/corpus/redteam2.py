@@ -300,12 +300,17 @@ class BincountBmmMoE(RedTeamMoE):
     un-permute by index_put into an empty buffer, combine torch.bmm(w[T,1,k], y[T,k,H]) in fp32."""
     variant = MXFP4_W4A4
 
+    @staticmethod
+    def counts(flat):
+        """Rows per expert (the spelling F2 / F3 change)."""
+        return torch.bincount(flat, minlength=E)
+
     def forward(self, x):
         T = x.shape[0]
         w, ids = self.route(x)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        offs = torch.cumsum(self.counts(flat), 0).to(torch.int32)
         rows = x.repeat_interleave(TOP_K, dim=0)[order]
         w13 = self.deq("w13", x.dtype)
         w2 = self.deq("w2", x.dtype)
@@ -519,22 +524,9 @@ LAYERS["A6_nmajor_take_repeat_mx_wonly"] = lambda seed, dtype: (NMajorTakeRepeat
 class OneHotCountBmmMoE(BincountBmmMoE):
     """F with the counts by F.one_hot(flat, E).sum(0) instead of torch.bincount (no graph break)."""
 
-    def forward(self, x):
-        T = x.shape[0]
-        w, ids = self.route(x)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        offs = torch.cumsum(F.one_hot(flat, E).sum(0), 0).to(torch.int32)
-        rows = x.repeat_interleave(TOP_K, dim=0)[order]
-        w13 = self.deq("w13", x.dtype)
-        w2 = self.deq("w2", x.dtype)
-        c1 = torch._grouped_mm(self.act_qdq(rows), w13.transpose(-2, -1), offs=offs)
-        h = F.silu(c1[:, :I]) * c1[:, I:]
-        c3 = torch._grouped_mm(self.act_qdq(h), w2.transpose(-2, -1), offs=offs)
-        y = torch.empty_like(c3)
-        y[order] = c3
-        out = torch.bmm(w.float().unsqueeze(1), y.view(T, TOP_K, -1).float()).squeeze(1)
-        return out.to(x.dtype)
+    @staticmethod
+    def counts(flat):
+        return F.one_hot(flat, E).sum(0)
 
 
 LAYERS["F2_onehot_count_bmm_moe"] = make_moe(OneHotCountBmmMoE)
@@ -566,23 +558,9 @@ LAYERS["J2_eqmask_where_loop_bmm_moe"] = make_moe(EqMaskWhereLoopMoE)
 class IndexAddCountBmmMoE(BincountBmmMoE):
     """F2 with counts by zeros(E).index_add_(0, flat, ones) (isolates one_hot counting)."""
 
-    def forward(self, x):
-        T = x.shape[0]
-        w, ids = self.route(x)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(E, dtype=torch.int64, device=x.device).index_add_(0, flat, torch.ones_like(flat))
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        rows = x.repeat_interleave(TOP_K, dim=0)[order]
-        w13 = self.deq("w13", x.dtype)
-        w2 = self.deq("w2", x.dtype)
-        c1 = torch._grouped_mm(self.act_qdq(rows), w13.transpose(-2, -1), offs=offs)
-        h = F.silu(c1[:, :I]) * c1[:, I:]
-        c3 = torch._grouped_mm(self.act_qdq(h), w2.transpose(-2, -1), offs=offs)
-        y = torch.empty_like(c3)
-        y[order] = c3
-        out = torch.bmm(w.float().unsqueeze(1), y.view(T, TOP_K, -1).float()).squeeze(1)
-        return out.to(x.dtype)
+    @staticmethod
+    def counts(flat):
+        return torch.zeros(E, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 LAYERS["F3_indexadd_count_bmm_moe"] = make_moe(IndexAddCountBmmMoE)
