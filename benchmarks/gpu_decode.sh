@@ -47,6 +47,11 @@ case $what in
               rt2_F3_indexadd_count_bmm_moe rt2_F2_onehot_count_bmm_moe
          TAILN=12 step corpus 300 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 32 2048 --iters 10 \
               --tag rt2_dyn --entries rt2_F2_onehot_count_bmm_moe rt2_F3_indexadd_count_bmm_moe --out "$OUT" ;;
+  moecorpus)  # issue 8: every corpus MoE expected to fuse whole, at Qwen3 widths, 1 and 32 tokens
+         TAILN=20 step corpus 500 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 32 --iters 10 \
+              --tag moe --entries redteam_sort_searchsorted_moe redteam_bucketize_scatter_reduce_moe \
+              redteam_interleaved_index_copy_moe resp_moe_titan transformers_batched_mm_mxfp4_moe \
+              redteam_gather_codes_bmm_moe gptoss_mxfp4_moe --out "$OUT" ;;
   checks)  # correctness of this session's kernel changes, then the quick bench and the layer profile
          step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          FUSED_REPS=10 step fused 75 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"
