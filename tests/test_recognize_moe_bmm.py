@@ -127,12 +127,38 @@ class TransformersBatchedMM(GatherBmmMoE):
         return batched_mm_experts_forward(self, x, ids, w / w.sum(-1, keepdim=True))
 
 
+def _decomposed_ops(graph) -> list:
+    """Nodes of a post-grad graph whose op Inductor decomposes: stock Inductor never lowers
+    one (they are gone before the post-grad passes), and some have no lowering at all in
+    another torch (torch 2.11: aten.arange.start_step, which a rewrite once inserted and the
+    H200 compile refused: "both a fallback and a decomp for same op")."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = select_decomp_table()
+    sizes = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default)
+    return [str(n.target) for n in graph.nodes
+            if n.op == "call_function" and n.target in table and n.target not in sizes]  # size queries: not lowered
+
+
 def _compile(model, x, dynamic=None):
+    from emu_inductor.passes.mxemu_pass import MxemuPass
+
     counters.clear()
     torch._dynamo.reset()
-    with _compat.inductor_caches_disabled(), recording() as sink, torch.no_grad():
+    inserted = []
+    original = MxemuPass.__call__
+
+    def checked(self, graph):
+        before = set(_decomposed_ops(graph))
+        original(self, graph)
+        inserted.extend(o for o in _decomposed_ops(graph) if o not in before)
+
+    with _compat.inductor_caches_disabled(), recording() as sink, torch.no_grad(), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MxemuPass, "__call__", checked)
         compiled = torch.compile(model, backend="mxemu", dynamic=dynamic)
         out, code = run_and_get_code(compiled, x)
+    assert not inserted, f"the rewrites inserted ops Inductor decomposes: {inserted}"
     return compiled, out, "\n".join(code), sink.candidates
 
 

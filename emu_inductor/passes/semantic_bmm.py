@@ -179,13 +179,14 @@ def _replace(match) -> None:
         how = "one batch over one weight matrix: a dense GEMM"
     elif kind == "dense":
         rows = b(aten.reshape.default, a, [-1, K])
-        if isinstance(M, int):  # group ends M, 2M, .., E*M
-            m, end = M, E * M + 1
-        else:
-            m = b(aten.sym_size.int, a, 1)
-            end = b(operator.add, b(operator.mul, m, E), 1)
-        offs = b(aten.arange.start_step, m, end, m, dtype=torch.int32, layout=torch.strided, device=dev,
-                 pin_memory=False)
+        # group ends M, 2M, .., E*M
+        m = M if isinstance(M, int) else b(aten.sym_size.int, a, 1)
+        # prims.iota, not aten.arange: the post-grad graph is past decomposition, and torch
+        # 2.11's Inductor has no lowering for arange.start_step (only a decomposition): a
+        # rewritten graph holding one failed to compile on the H200 ("both a fallback and a
+        # decomp for same op"). iota has a lowering in every supported torch.
+        offs = b(torch.ops.prims.iota.default, E, start=m, step=m, dtype=torch.int32, device=dev,
+                 requires_grad=False)
         out = b(aten._grouped_mm.default, rows, stack, offs)
         new = b(aten.reshape.default, out, [E, -1, N])
         how = f"dense over {E} experts: batch e is expert e's group of {M} rows"

@@ -50,11 +50,17 @@ def _gather(n) -> Optional[tuple]:
 
 
 def _even_ends(offs) -> Optional[int]:
-    """M when `offs` is arange(M, B*M + 1, M) (B groups of M rows, M a literal), else None."""
-    if not isinstance(offs, torch.fx.Node) or offs.target is not aten.arange.start_step:
+    """M when `offs` is M, 2M, .., B*M (B groups of M rows, M a literal) as semantic_bmm
+    writes it (`prims.iota(B, start=M, step=M)`) or as `arange(M, B*M + 1, M)`, else None."""
+    if not isinstance(offs, torch.fx.Node):
         return None
-    start, end, step = offs.args[:3]
-    if not all(isinstance(v, int) for v in (start, end, step)) or start != step or step <= 0:
+    if offs.target is torch.ops.prims.iota.default:
+        start, step = offs.kwargs.get("start"), offs.kwargs.get("step")
+    elif offs.target is aten.arange.start_step:
+        start, _, step = offs.args[:3]
+    else:
+        return None
+    if not all(isinstance(v, int) for v in (start, step)) or start != step or step <= 0:
         return None
     return step
 
