@@ -52,6 +52,9 @@ case $what in
               --tag moe --entries redteam_sort_searchsorted_moe redteam_bucketize_scatter_reduce_moe \
               redteam_interleaved_index_copy_moe resp_moe_titan transformers_batched_mm_mxfp4_moe \
               redteam_gather_codes_bmm_moe gptoss_mxfp4_moe --out "$OUT" ;;
+  iota)  # the gathered-codes bmm MoE after the prims.iota group ends (it fell back to stock compile on torch 2.11)
+         TAILN=6 step corpus 140 python3 benchmarks/bench_corpus.py --shape qwen3 --tokens 1 --iters 10 \
+              --tag iota --entries redteam_gather_codes_bmm_moe --out "$OUT" ;;
   checks)  # correctness of this session's kernel changes, then the quick bench and the layer profile
          step check 100 python3 benchmarks/gpu_check.py "$OUT/gpu_check_$slug.json"
          FUSED_REPS=10 step fused 75 python3 benchmarks/gpu_fused_check.py "$OUT/gpu_fused_check_$slug.json"
